@@ -1,0 +1,344 @@
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
+use futures::StreamExt;
+use prost::{Message, Name};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::DeadLetters;
+use crate::envelope::{self, EventMeta};
+use crate::proto::Envelope;
+use crate::trace;
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// Worth another try later (a dependency was down): nak with backoff.
+    #[error("{0}")]
+    Retryable(String),
+    /// Will never succeed (invalid content): dead-letter now.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// One decoded message handed to a handler.
+#[derive(Debug)]
+pub struct Delivery<M> {
+    pub message: M,
+    pub meta: EventMeta,
+    pub subject: String,
+    pub stream_sequence: u64,
+    /// 1 on the first delivery.
+    pub delivered: i64,
+    pub occurred_at: Option<prost_types::Timestamp>,
+}
+
+/// Reacts to one message. Returning `Ok` means the effect is durable: the
+/// message is acked right after.
+pub trait Handler<M>: Send + Sync + 'static {
+    fn handle(&self, delivery: Delivery<M>) -> impl Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// A durable pull consumer and how to run it.
+#[derive(Clone, Debug)]
+pub struct ConsumerSpec {
+    pub stream: String,
+    pub durable: String,
+    pub filter_subjects: Vec<String>,
+    /// Messages with different subjects handled at once; one subject's
+    /// messages are always handled one after another, in stream order.
+    pub concurrency: usize,
+    /// Deliveries before a message is dead-lettered.
+    pub max_deliver: i64,
+    pub ack_wait: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub deliver_policy: DeliverPolicy,
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerSpec {
+    pub fn new(stream: &str, durable: &str) -> Self {
+        Self {
+            stream: stream.into(),
+            durable: durable.into(),
+            filter_subjects: Vec::new(),
+            concurrency: 16,
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            deliver_policy: DeliverPolicy::All,
+            max_ack_pending: 1024,
+        }
+    }
+
+    pub fn pull_config(&self) -> pull::Config {
+        pull::Config {
+            durable_name: Some(self.durable.clone()),
+            description: Some(format!("pushbus consumer {}", self.durable)),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            // One delivery more than our limit, so that a message whose
+            // handler hung or crashed on the last try still reaches us once
+            // and is dead-lettered instead of silently parked by the server.
+            max_deliver: self.max_deliver + 1,
+            filter_subjects: self.filter_subjects.clone(),
+            deliver_policy: self.deliver_policy,
+            max_ack_pending: self.max_ack_pending,
+            ..Default::default()
+        }
+    }
+
+    /// Nak delay before delivery `delivered + 1`: exponential, capped.
+    pub fn backoff(&self, delivered: i64) -> Duration {
+        let exp = delivered.clamp(1, 20) as u32 - 1;
+        self.backoff_base
+            .saturating_mul(2u32.saturating_pow(exp))
+            .min(self.backoff_max)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot create consumer {durable} on {stream}: {source}")]
+    Create {
+        stream: String,
+        durable: String,
+        source: jetstream::stream::ConsumerError,
+    },
+}
+
+/// Runs `handler` over the durable consumer until `shutdown`, then stops
+/// pulling, lets in-flight messages finish and returns.
+pub async fn run_consumer<M, H>(
+    js: jetstream::Context,
+    spec: ConsumerSpec,
+    handler: H,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumeError>
+where
+    M: Message + Name + Default + Send + 'static,
+    H: Handler<M>,
+{
+    let consumer = create(&js, &spec).await?;
+    let worker = Arc::new(Worker {
+        handler,
+        dead_letters: DeadLetters::new(js.clone(), &spec.durable),
+        spec: spec.clone(),
+        _message: std::marker::PhantomData::<fn() -> M>,
+    });
+    let lanes = spec.concurrency.max(1);
+    let mut senders = Vec::with_capacity(lanes);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..lanes {
+        // A lane holds one message waiting behind the one being handled, so
+        // few messages sit pulled-but-idle (their ack_wait is running).
+        let (tx, mut rx) = mpsc::channel::<jetstream::Message>(1);
+        senders.push(tx);
+        let worker = worker.clone();
+        tasks.spawn(async move {
+            while let Some(msg) = rx.recv().await {
+                worker.process(msg).await;
+            }
+        });
+    }
+
+    'pull: while !shutdown.is_cancelled() {
+        let mut messages = match consumer
+            .stream()
+            .max_messages_per_batch(lanes)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(err) => {
+                tracing::warn!(consumer = %spec.durable, error = %err, "cannot start pulling; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'pull,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break 'pull,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    let lane = lane_of(&msg.subject, lanes);
+                    tokio::select! {
+                        biased;
+                        sent = senders[lane].send(msg) => if sent.is_err() { break 'pull },
+                        _ = shutdown.cancelled() => break 'pull,
+                    }
+                }
+                Some(Err(err)) => {
+                    // Missed heartbeats and reconnects surface here; the
+                    // stream keeps going.
+                    tracing::warn!(consumer = %spec.durable, error = %err, "pull error");
+                }
+                None => continue 'pull,
+            }
+        }
+    }
+    // Messages pulled but not yet queued are left un-acked: the server hands
+    // them out again after ack_wait. Queued ones are finished here.
+    drop(senders);
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn create(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<jetstream::consumer::PullConsumer, ConsumeError> {
+    js.create_consumer_on_stream(spec.pull_config(), &spec.stream)
+        .await
+        .map_err(|source| ConsumeError::Create {
+            stream: spec.stream.clone(),
+            durable: spec.durable.clone(),
+            source,
+        })
+}
+
+/// Same subject, same lane: that is what keeps per-key order.
+fn lane_of(subject: &str, lanes: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    subject.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+struct Worker<M, H> {
+    handler: H,
+    dead_letters: DeadLetters,
+    spec: ConsumerSpec,
+    _message: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M, H> Worker<M, H>
+where
+    M: Message + Name + Default + Send + 'static,
+    H: Handler<M>,
+{
+    async fn process(&self, msg: jetstream::Message) {
+        let (stream_sequence, delivered) = match msg.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(err) => {
+                tracing::warn!(consumer = %self.spec.durable, error = %err, "message without JetStream metadata dropped");
+                return;
+            }
+        };
+        let env: Envelope = match envelope::decode(&msg.payload) {
+            Ok(env) => env,
+            Err(err) => return self.dead_letter(&msg, err.kind(), &err.to_string()).await,
+        };
+        let span = tracing::info_span!(
+            "handle",
+            consumer = %self.spec.durable,
+            event_id = %env.event_id,
+            correlation_id = %env.correlation_id,
+            subject = %msg.subject,
+            stream_sequence,
+            delivered,
+        );
+        trace::continue_trace(&span, msg.headers.as_ref());
+        self.process_envelope(msg, env, stream_sequence, delivered)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_envelope(&self, msg: jetstream::Message, env: Envelope, stream_sequence: u64, delivered: i64) {
+        let message = match envelope::open::<M>(&env) {
+            Ok(m) => m,
+            Err(err) => return self.dead_letter(&msg, err.kind(), &err.to_string()).await,
+        };
+        if delivered > self.spec.max_deliver {
+            return self
+                .dead_letter(&msg, "max_deliveries", "handler did not finish within ack_wait")
+                .await;
+        }
+        let delivery = Delivery {
+            message,
+            meta: EventMeta::from(&env),
+            subject: msg.subject.to_string(),
+            stream_sequence,
+            delivered,
+            occurred_at: env.occurred_at,
+        };
+        let started = Instant::now();
+        let result = self.handler.handle(delivery).await;
+        metrics::histogram!("pushbus_handle_seconds", "consumer" => self.spec.durable.clone())
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(()) => {
+                if let Err(err) = msg.double_ack().await {
+                    // The effect is done; a redelivery is absorbed by dedup IDs.
+                    tracing::warn!(error = %err, "ack not confirmed; message may be redelivered");
+                }
+                "ok"
+            }
+            Err(HandleError::Retryable(reason)) if delivered < self.spec.max_deliver => {
+                let delay = self.spec.backoff(delivered);
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
+                if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
+                }
+                "retry"
+            }
+            Err(HandleError::Retryable(reason)) => {
+                self.dead_letter(&msg, "max_deliveries", &reason).await;
+                "dead_letter"
+            }
+            Err(HandleError::Permanent(reason)) => {
+                self.dead_letter(&msg, "permanent", &reason).await;
+                "dead_letter"
+            }
+        };
+        metrics::counter!("pushbus_messages_total", "consumer" => self.spec.durable.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    async fn dead_letter(&self, msg: &jetstream::Message, kind: &str, detail: &str) {
+        let reason = format!("{kind}: {detail}");
+        tracing::error!(consumer = %self.spec.durable, subject = %msg.subject, %reason, "dead-lettering message");
+        match self.dead_letters.send(msg, &reason).await {
+            Ok(()) => {
+                if let Err(err) = msg.double_ack_with(AckKind::Term).await {
+                    tracing::warn!(error = %err, "term not confirmed; message may come back and be dead-lettered again (deduplicated)");
+                }
+            }
+            Err(err) => {
+                // Never drop it: try again later.
+                tracing::error!(error = %err, "dead-letter publish failed; will retry");
+                let _ = msg.ack_with(AckKind::Nak(Some(self.spec.backoff_max))).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let spec = ConsumerSpec::new("S", "c");
+        assert_eq!(spec.backoff(1), Duration::from_millis(200));
+        assert_eq!(spec.backoff(2), Duration::from_millis(400));
+        assert_eq!(spec.backoff(3), Duration::from_millis(800));
+        assert_eq!(spec.backoff(50), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn lanes_are_stable() {
+        assert_eq!(lane_of("pushbus.push.1", 8), lane_of("pushbus.push.1", 8));
+        assert!(lane_of("x", 3) < 3);
+    }
+}

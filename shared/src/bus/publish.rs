@@ -1,0 +1,125 @@
+use std::time::Instant;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage, publish::PublishAck};
+use prost::{Message, Name};
+
+use crate::envelope::{self, EventMeta};
+use crate::names::headers;
+use crate::proto::Source;
+use crate::trace;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot publish event {event_id} to {subject}: {source}")]
+    Send {
+        event_id: String,
+        subject: String,
+        source: jetstream::context::PublishError,
+    },
+    #[error("no publish ack for event {event_id}: {source}")]
+    Ack {
+        event_id: String,
+        source: jetstream::context::PublishError,
+    },
+}
+
+impl PublishError {
+    /// The message is larger than the server's `max_payload`; retrying the
+    /// same bytes cannot succeed.
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, Self::Send { source, .. }
+            if source.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded)
+    }
+}
+
+/// Publishes protobuf messages in envelopes to JetStream.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    source: Source,
+}
+
+/// A publish that was sent; its ack has not been awaited yet. Awaiting acks
+/// of several sends together pipelines them.
+pub struct PendingAck {
+    event_id: String,
+    started: Instant,
+    fut: PublishAckFuture,
+}
+
+impl PendingAck {
+    pub async fn wait(self) -> Result<PublishAck, PublishError> {
+        let ack = self.fut.await.map_err(|source| PublishError::Ack {
+            event_id: self.event_id.clone(),
+            source,
+        })?;
+        metrics::histogram!("pushbus_publish_ack_seconds").record(self.started.elapsed().as_secs_f64());
+        if ack.duplicate {
+            metrics::counter!("pushbus_publish_duplicates_total").increment(1);
+            tracing::debug!(event_id = %self.event_id, "duplicate publish dropped by the stream");
+        }
+        Ok(ack)
+    }
+}
+
+impl Publisher {
+    pub fn new(js: jetstream::Context, source: Source) -> Self {
+        Self { js, source }
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+
+    /// Publishes and waits for the stream's ack: `Ok` means stored (or a
+    /// duplicate of something stored).
+    pub async fn publish<M: Message + Name>(
+        &self,
+        subject: String,
+        msg: &M,
+        meta: &EventMeta,
+    ) -> Result<PublishAck, PublishError> {
+        self.send(subject, msg, meta).await?.wait().await
+    }
+
+    /// Sends without waiting for the ack.
+    pub async fn send<M: Message + Name>(
+        &self,
+        subject: String,
+        msg: &M,
+        meta: &EventMeta,
+    ) -> Result<PendingAck, PublishError> {
+        let mut map = HeaderMap::new();
+        map.insert(headers::CORRELATION_ID, meta.correlation_id.as_str());
+        if !meta.causation_id.is_empty() {
+            map.insert(headers::CAUSATION_ID, meta.causation_id.as_str());
+        }
+        map.insert(headers::EVENT_TYPE, M::full_name().as_str());
+        let trace = trace::inject_current(&mut map);
+        let env = envelope::seal(msg, meta, &self.source, trace);
+        let publish = PublishMessage::build()
+            .message_id(&meta.event_id)
+            .headers(map)
+            .payload(env.encode_to_vec().into());
+        let started = Instant::now();
+        let fut = self
+            .js
+            .send_publish(subject.clone(), publish)
+            .await
+            .map_err(|source| PublishError::Send {
+                event_id: meta.event_id.clone(),
+                subject,
+                source,
+            })?;
+        Ok(PendingAck {
+            event_id: meta.event_id.clone(),
+            started,
+            fut,
+        })
+    }
+}

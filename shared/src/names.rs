@@ -1,0 +1,94 @@
+//! The stable names users see in the `nats` CLI. Changing one is a breaking
+//! change for deployed systems: the README lists them all.
+
+/// Every push, one subject per project: `pushbus.push.<project_id>`.
+pub const STREAM_PUSHES: &str = "PUSHBUS_PUSHES";
+pub const SUBJECTS_PUSHES: &str = "pushbus.push.>";
+
+/// Pokes for agents, one subject per agent: `pushbus.poke.<agent_id>`.
+pub const STREAM_POKES: &str = "PUSHBUS_POKES";
+pub const SUBJECTS_POKES: &str = "pushbus.poke.>";
+
+/// Poison messages, one subject per consumer that gave up: `pushbus.dlq.<consumer>`.
+pub const STREAM_DLQ: &str = "PUSHBUS_DLQ";
+pub const SUBJECTS_DLQ: &str = "pushbus.dlq.>";
+
+/// Geo secondaries' progress reports: `pushbus.geo.status.<node_id>`.
+pub const STREAM_GEO_STATUS: &str = "PUSHBUS_GEO_STATUS";
+pub const SUBJECTS_GEO_STATUS: &str = "pushbus.geo.status.>";
+
+/// Core NATS request/reply (no stream): `pushbus.geo.lag.<node_id>`.
+pub const SUBJECTS_GEO_LAG: &str = "pushbus.geo.lag.*";
+
+/// KV bucket: agent ID -> `AgentConfig`.
+pub const BUCKET_AGENTS: &str = "pushbus-agents";
+/// KV bucket: node ID -> `GeoNode`.
+pub const BUCKET_GEO_NODES: &str = "pushbus-geo-nodes";
+
+/// Durable consumer names (one per service that consumes a stream).
+pub const CONSUMER_FILTER: &str = "filter";
+pub const CONSUMER_NOTIFIER: &str = "gitops-notifier";
+
+/// Queue group of replication-lag responders.
+pub const QUEUE_REPLICATION_LAG: &str = "replication-lag";
+
+/// NATS headers set on every pushbus message (case-sensitive, one spelling).
+pub mod headers {
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    pub const CORRELATION_ID: &str = "Pushbus-Correlation-Id";
+    pub const CAUSATION_ID: &str = "Pushbus-Causation-Id";
+    pub const EVENT_TYPE: &str = "Pushbus-Type";
+    pub const TRACEPARENT: &str = "traceparent";
+    pub const TRACESTATE: &str = "tracestate";
+    /// Dead-letter annotations.
+    pub const DLQ_REASON: &str = "Pushbus-Dlq-Reason";
+    pub const DLQ_STREAM: &str = "Pushbus-Dlq-Stream";
+    pub const DLQ_SUBJECT: &str = "Pushbus-Dlq-Subject";
+    pub const DLQ_SEQUENCE: &str = "Pushbus-Dlq-Sequence";
+    pub const DLQ_CONSUMER: &str = "Pushbus-Dlq-Consumer";
+    pub const DLQ_DELIVERED: &str = "Pushbus-Dlq-Delivered";
+}
+
+pub fn push_subject(project_id: i64) -> String {
+    format!("pushbus.push.{project_id}")
+}
+
+pub fn poke_subject(agent_id: &str) -> String {
+    format!("pushbus.poke.{agent_id}")
+}
+
+pub fn dlq_subject(consumer: &str) -> String {
+    format!("pushbus.dlq.{consumer}")
+}
+
+pub fn geo_lag_subject(node_id: &str) -> String {
+    format!("pushbus.geo.lag.{node_id}")
+}
+
+pub fn geo_status_subject(node_id: &str) -> String {
+    format!("pushbus.geo.status.{node_id}")
+}
+
+/// Identifiers that become subject tokens and KV keys (agent IDs, node IDs)
+/// must be a single, wildcard-free token: `[A-Za-z0-9_-]{1,128}`.
+pub fn is_valid_token(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(is_valid_token("agent-1_a"));
+        for bad in ["", "a.b", "a*", ">", "a b", "ä"] {
+            assert!(!is_valid_token(bad), "{bad:?}");
+        }
+        assert!(!is_valid_token(&"x".repeat(129)));
+    }
+}

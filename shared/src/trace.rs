@@ -1,0 +1,64 @@
+//! W3C trace context across NATS: inject from the current span on publish,
+//! extract and continue on consume. async-nats has nothing built in.
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::names::headers;
+use crate::proto::TraceContext;
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        // Propagator keys are lowercase ("traceparent"), our chosen spelling.
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec![headers::TRACEPARENT, headers::TRACESTATE]
+    }
+}
+
+/// Writes the current span's trace context into `headers` and returns it for
+/// the envelope. Returns `None` when there is no active trace (no
+/// OpenTelemetry layer installed), in which case nothing is written.
+pub fn inject_current(map: &mut HeaderMap) -> Option<TraceContext> {
+    let cx = tracing::Span::current().context();
+    let mut carrier = HeaderMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut carrier));
+    let traceparent = carrier.get(headers::TRACEPARENT)?.as_str().to_owned();
+    let tracestate = carrier
+        .get(headers::TRACESTATE)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    map.insert(headers::TRACEPARENT, traceparent.as_str());
+    if !tracestate.is_empty() {
+        map.insert(headers::TRACESTATE, tracestate.as_str());
+    }
+    Some(TraceContext {
+        traceparent,
+        tracestate,
+    })
+}
+
+/// Makes `span` a child of the trace carried in `map`, if any.
+pub fn continue_trace(span: &tracing::Span, map: Option<&HeaderMap>) {
+    let Some(map) = map else { return };
+    if map.get(headers::TRACEPARENT).is_none() {
+        return;
+    }
+    let cx = TraceContextPropagator::new().extract(&HeaderExtractor(map));
+    // Fails only when the span is disabled; nothing to continue then.
+    let _ = span.set_parent(cx);
+}
