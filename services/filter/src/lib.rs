@@ -1,1 +1,147 @@
+//! filter: turns each push into pokes for exactly the agents that watch the
+//! pushed project, refs and paths.
 
+pub mod agent;
+pub mod index;
+pub mod registry;
+
+use std::future::Future;
+
+use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
+use pushbus_shared::proto::{AgentPoke, GitPushEvent};
+use pushbus_shared::topology::{self, Topology};
+use pushbus_shared::{EventMeta, ServiceContext, names};
+use tokio_util::sync::CancellationToken;
+
+pub use registry::{RegistryError, put_agent};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Projects whose pushes are matched in parallel (one project's pushes
+    /// are always handled in order).
+    #[arg(long = "filter-concurrency", env = "PUSHBUS_FILTER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { concurrency: 16 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Consume(#[from] bus::ConsumeError),
+    #[error("cannot open the agent registry: {0}")]
+    Registry(String),
+}
+
+pub fn consumer_spec(config: &Config) -> ConsumerSpec {
+    let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, names::CONSUMER_FILTER);
+    spec.concurrency = config.concurrency;
+    spec
+}
+
+pub fn topology(config: &Config) -> Topology {
+    Topology {
+        streams: vec![topology::pushes_stream(), topology::pokes_stream(), topology::dlq_stream()],
+        buckets: vec![topology::agents_bucket()],
+        consumers: vec![(names::STREAM_PUSHES.into(), consumer_spec(config).pull_config())],
+    }
+}
+
+pub async fn run(
+    ctx: ServiceContext,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let token = CancellationToken::new();
+    tokio::spawn({
+        let token = token.clone();
+        async move {
+            shutdown.await;
+            token.cancel();
+        }
+    });
+    topology(&config).ensure(&ctx.js).await?;
+    let kv = ctx
+        .js
+        .get_key_value(names::BUCKET_AGENTS)
+        .await
+        .map_err(|e| Error::Registry(e.to_string()))?;
+
+    // Phase one: the whole registry, before a single push is matched.
+    let index = registry::SharedIndex::default();
+    let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
+    let sync = tokio::spawn(registry::sync(kv, index.clone(), loaded_tx, token.clone()));
+    tokio::select! {
+        _ = token.cancelled() => {}
+        _ = loaded.wait_for(|l| *l) => {}
+    }
+    if !token.is_cancelled() {
+        ctx.ready.set(true);
+        // Phase two: pushes.
+        let handler = PushHandler {
+            index,
+            publisher: ctx.publisher.clone(),
+        };
+        bus::run_consumer(ctx.js.clone(), consumer_spec(&config), handler, token.clone()).await?;
+    }
+    ctx.ready.set(false);
+    token.cancel();
+    let _ = sync.await;
+    ctx.drain().await;
+    Ok(())
+}
+
+struct PushHandler {
+    index: registry::SharedIndex,
+    publisher: pushbus_shared::bus::Publisher,
+}
+
+impl Handler<GitPushEvent> for PushHandler {
+    async fn handle(&self, d: Delivery<GitPushEvent>) -> Result<(), HandleError> {
+        let push = &d.message;
+        metrics::counter!("pushbus_filter_pushes_total").increment(1);
+        let matches = registry::read(&self.index).matches(push);
+        if matches.is_empty() {
+            metrics::counter!("pushbus_filter_pushes_unmatched_total").increment(1);
+            tracing::debug!(project_id = push.project_id, "push matches no agent");
+            return Ok(());
+        }
+        let mut pending = Vec::with_capacity(matches.len());
+        for m in &matches {
+            let change = &push.changes[m.change];
+            let poke = AgentPoke {
+                agent_id: m.agent_id.to_string(),
+                project_id: push.project_id,
+                project_path: push.project_path.clone(),
+                r#ref: change.r#ref.clone(),
+                ref_kind: change.ref_kind,
+                change_kind: change.change_kind,
+                forced: change.forced,
+                old_sha: change.old_sha.clone(),
+                new_sha: change.new_sha.clone(),
+                push_event_id: d.meta.event_id.clone(),
+            };
+            // Derived from the push ID + agent + ref: a redelivered push
+            // republishes the same IDs and the stream drops the copies.
+            let meta = EventMeta::derived_from(&d.meta, &[&m.agent_id, &change.r#ref]);
+            let sent = self
+                .publisher
+                .send(names::poke_subject(&m.agent_id), &poke, &meta)
+                .await
+                .map_err(|e| HandleError::Retryable(e.to_string()))?;
+            pending.push(sent);
+        }
+        for p in pending {
+            p.wait().await.map_err(|e| HandleError::Retryable(e.to_string()))?;
+        }
+        metrics::counter!("pushbus_filter_pokes_total").increment(matches.len() as u64);
+        tracing::info!(pokes = matches.len(), project_id = push.project_id, "push matched");
+        Ok(())
+    }
+}

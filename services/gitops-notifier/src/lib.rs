@@ -1,1 +1,133 @@
+//! gitops-notifier: delivers pokes to connected agents so their polling
+//! loops poll now (SSE and gRPC streaming on one port).
 
+pub mod auth;
+pub mod grpc;
+pub mod hub;
+pub mod sse;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use async_nats::jetstream::kv::Store;
+use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
+use pushbus_shared::proto::git_ops_notifier_server::GitOpsNotifierServer;
+use pushbus_shared::proto::{AgentPoke, WatchEvent, watch_event::Event};
+use pushbus_shared::topology::{self, Topology};
+use pushbus_shared::{ServiceContext, names};
+use tokio_util::sync::CancellationToken;
+
+pub use hub::Hub;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Address for agents: SSE at /v1/agents/{id}/pokes and gRPC
+    /// pushbus.v1.GitOpsNotifier/Watch.
+    #[arg(long = "notifier-listen", env = "PUSHBUS_NOTIFIER_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Consume(#[from] bus::ConsumeError),
+    #[error("cannot open the agent registry: {0}")]
+    Registry(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Hub,
+    pub agents: Store,
+}
+
+pub fn consumer_spec() -> ConsumerSpec {
+    ConsumerSpec::new(names::STREAM_POKES, names::CONSUMER_NOTIFIER)
+}
+
+pub fn topology() -> Topology {
+    Topology {
+        streams: vec![topology::pokes_stream(), topology::dlq_stream()],
+        buckets: vec![topology::agents_bucket()],
+        consumers: vec![(names::STREAM_POKES.into(), consumer_spec().pull_config())],
+    }
+}
+
+pub async fn run(
+    ctx: ServiceContext,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let token = CancellationToken::new();
+    tokio::spawn({
+        let token = token.clone();
+        async move {
+            shutdown.await;
+            token.cancel();
+        }
+    });
+    topology().ensure(&ctx.js).await?;
+    let agents = ctx
+        .js
+        .get_key_value(names::BUCKET_AGENTS)
+        .await
+        .map_err(|e| Error::Registry(e.to_string()))?;
+    let state = AppState {
+        hub: Hub::default(),
+        agents,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let grpc = tonic::service::Routes::new(GitOpsNotifierServer::new(grpc::WatchService { state: state.clone() }))
+        .into_axum_router();
+    let app = sse::router(state.clone()).merge(grpc);
+    let server = tokio::spawn({
+        let token = token.clone();
+        async move { axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await }
+    });
+    tracing::info!(listen = %config.listen, "agents may connect");
+
+    let consumer = tokio::spawn(bus::run_consumer(
+        ctx.js.clone(),
+        consumer_spec(),
+        PokeHandler { hub: state.hub.clone() },
+        token.clone(),
+    ));
+    ctx.ready.set(true);
+    let consumed = consumer.await;
+    token.cancel();
+    ctx.ready.set(false);
+    let _ = server.await;
+    ctx.drain().await;
+    match consumed {
+        Ok(result) => result.map_err(Error::from),
+        Err(join) => Err(Error::Registry(join.to_string())),
+    }
+}
+
+struct PokeHandler {
+    hub: Hub,
+}
+
+impl Handler<AgentPoke> for PokeHandler {
+    async fn handle(&self, d: Delivery<AgentPoke>) -> Result<(), HandleError> {
+        let agent_id = d.message.agent_id.clone();
+        let event = WatchEvent {
+            event_id: d.meta.event_id.clone(),
+            correlation_id: d.meta.correlation_id.clone(),
+            event: Some(Event::Poke(d.message)),
+        };
+        let connections = self.hub.deliver(&agent_id, &event);
+        metrics::counter!("pushbus_notifier_pokes_total").increment(1);
+        tracing::info!(%agent_id, connections, "poke delivered");
+        Ok(())
+    }
+}

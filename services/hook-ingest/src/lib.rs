@@ -1,1 +1,109 @@
+//! hook-ingest: the one door into pushbus. Receives post-receive
+//! notifications, validates them, stores a `GitPushEvent` durably and answers
+//! the pusher.
 
+pub mod changes;
+pub mod hook;
+pub mod http;
+pub mod ingest;
+pub mod lag;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pushbus_shared::ServiceContext;
+use pushbus_shared::topology::{self, Topology};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Address of the GitLab-compatible internal API.
+    #[arg(long = "ingest-listen", env = "PUSHBUS_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// File holding the GitLab shell shared secret; without it the endpoint
+    /// accepts unauthenticated calls (local use only).
+    #[arg(long = "ingest-secret-file", env = "PUSHBUS_INGEST_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Largest accepted request body.
+    #[arg(long = "ingest-max-body-bytes", env = "PUSHBUS_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// How long a Geo push may wait for its replication-lag message.
+    #[arg(long = "ingest-lag-budget-ms", env = "PUSHBUS_INGEST_LAG_BUDGET_MS", default_value_t = 250)]
+    pub lag_budget_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error("cannot read the shared secret file {path}: {source}")]
+    Secret { path: PathBuf, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+pub fn topology() -> Topology {
+    Topology {
+        streams: vec![topology::pushes_stream()],
+        ..Default::default()
+    }
+}
+
+pub async fn run(
+    ctx: ServiceContext,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let secret = match &config.secret_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|source| Error::Secret {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        None => {
+            tracing::warn!("no --ingest-secret-file: post_receive accepts unauthenticated calls");
+            None
+        }
+    };
+    topology().ensure(&ctx.js).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let state = http::HttpState {
+        ingest: ingest::Ingest {
+            publisher: ctx.publisher.clone(),
+            client: ctx.client.clone(),
+            lag_budget: Duration::from_millis(config.lag_budget_ms),
+        },
+        secret,
+    };
+    let app = http::router(state, config.max_body_bytes);
+    let token = CancellationToken::new();
+    ctx.ready.set(true);
+    tracing::info!(listen = %config.listen, "accepting post-receive notifications");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown({
+            let token = token.clone();
+            async move {
+                shutdown.await;
+                token.cancel();
+            }
+        })
+        .await;
+    ctx.ready.set(false);
+    // In-flight requests have finished (graceful shutdown); their publishes
+    // were acked before they answered.
+    ctx.drain().await;
+    served.map_err(Error::Serve)
+}

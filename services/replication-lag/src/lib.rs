@@ -1,1 +1,210 @@
+//! replication-lag: answers "how far behind is the Geo secondary this push
+//! came through", keyed by the push's own node ID and correlation ID, never
+//! by actor and repository.
+//!
+//! State lives in the streams, not in memory: a node's position is its last
+//! `ReplicationStatus` in `PUSHBUS_GEO_STATUS`, and its lag is the age of the
+//! oldest push in `PUSHBUS_PUSHES` it has not applied yet.
 
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, kv::Store};
+use futures::StreamExt;
+use prost::Message;
+use pushbus_shared::proto::{GeoNode, HookMessage, LagReply, LagRequest, NodeHealth, ReplicationStatus};
+use pushbus_shared::topology::{self, Topology};
+use pushbus_shared::{ServiceContext, envelope, names};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Config {
+    /// Lag below this many seconds is not worth telling the pusher.
+    #[arg(long = "lag-threshold-seconds", env = "PUSHBUS_LAG_THRESHOLD_SECONDS", default_value_t = 1.0)]
+    pub threshold_seconds: f64,
+    /// A secondary silent for this long is reported unhealthy.
+    #[arg(long = "lag-unhealthy-after-seconds", env = "PUSHBUS_LAG_UNHEALTHY_AFTER_SECONDS", default_value_t = 60)]
+    pub unhealthy_after_seconds: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            threshold_seconds: 1.0,
+            unhealthy_after_seconds: 60,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error("cannot open {what}: {detail}")]
+    Open { what: &'static str, detail: String },
+}
+
+pub fn topology() -> Topology {
+    Topology {
+        streams: vec![topology::pushes_stream(), topology::geo_status_stream()],
+        buckets: vec![topology::geo_nodes_bucket()],
+        consumers: Vec::new(),
+    }
+}
+
+#[derive(Clone)]
+struct Lag {
+    nodes: Store,
+    pushes: jetstream::stream::Stream,
+    statuses: jetstream::stream::Stream,
+    config: Config,
+}
+
+pub async fn run(
+    ctx: ServiceContext,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    topology().ensure(&ctx.js).await?;
+    let open = |what: &'static str| move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
+        what,
+        detail: e.to_string(),
+    };
+    let lag = Lag {
+        nodes: ctx.js.get_key_value(names::BUCKET_GEO_NODES).await.map_err(|e| open("geo nodes")(e.into()))?,
+        pushes: ctx.js.get_stream(names::STREAM_PUSHES).await.map_err(|e| open("pushes")(e.into()))?,
+        statuses: ctx.js.get_stream(names::STREAM_GEO_STATUS).await.map_err(|e| open("geo status")(e.into()))?,
+        config,
+    };
+    let mut requests = ctx
+        .client
+        .queue_subscribe(names::SUBJECTS_GEO_LAG, names::QUEUE_REPLICATION_LAG.into())
+        .await
+        .map_err(|e| open("lag subscription")(e.into()))?;
+    ctx.ready.set(true);
+    tokio::pin!(shutdown);
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        let msg = tokio::select! {
+            _ = &mut shutdown => break,
+            msg = requests.next() => match msg { Some(m) => m, None => break },
+        };
+        let (lag, client) = (lag.clone(), ctx.client.clone());
+        in_flight.spawn(async move {
+            let Some(reply_to) = msg.reply.clone() else { return };
+            match LagRequest::decode(msg.payload.as_ref()) {
+                Ok(req) if envelope::is_valid_correlation_id(&req.correlation_id) => {
+                    let reply = lag.answer(req).await;
+                    if let Err(err) = client.publish(reply_to, reply.encode_to_vec().into()).await {
+                        tracing::warn!(error = %err, "cannot send lag reply");
+                    }
+                }
+                Ok(req) => tracing::warn!(correlation_id = %req.correlation_id, "lag request with malformed correlation ID ignored"),
+                Err(err) => tracing::warn!(error = %err, "undecodable lag request ignored"),
+            }
+        });
+        while in_flight.try_join_next().is_some() {}
+    }
+    ctx.ready.set(false);
+    while in_flight.join_next().await.is_some() {}
+    ctx.drain().await;
+    Ok(())
+}
+
+impl Lag {
+    async fn answer(&self, req: LagRequest) -> LagReply {
+        let span = tracing::info_span!("lag", correlation_id = %req.correlation_id, geo_node_id = %req.geo_node_id);
+        let _enter = span.enter();
+        let mut reply = LagReply {
+            correlation_id: req.correlation_id.clone(),
+            geo_node_id: req.geo_node_id.clone(),
+            health: NodeHealth::UnknownNode as i32,
+            ..Default::default()
+        };
+        let node = match self.node(&req.geo_node_id).await {
+            Some(n) => n,
+            None => {
+                tracing::warn!("lag asked for an unknown Geo node");
+                return reply;
+            }
+        };
+        if node.primary {
+            reply.health = NodeHealth::Healthy as i32;
+            reply.lag_seconds = Some(0.0);
+            return reply;
+        }
+        let status = self.last_status(&node.node_id).await;
+        let now = SystemTime::now();
+        let silent_for = status
+            .as_ref()
+            .and_then(|s| s.reported_at.and_then(|t| SystemTime::try_from(t).ok()))
+            .map(|t| now.duration_since(t).unwrap_or_default());
+        let unhealthy_after = Duration::from_secs(self.config.unhealthy_after_seconds);
+        let (Some(status), Some(silent_for)) = (status, silent_for) else {
+            return self.unhealthy(reply, &node, "has not reported its replication status");
+        };
+        if silent_for > unhealthy_after {
+            let why = format!("has not reported for {} seconds", silent_for.as_secs());
+            return self.unhealthy(reply, &node, &why);
+        }
+        let lag = self.oldest_unapplied_age(status.applied_sequence, now).await + status.db_lag_seconds.unwrap_or(0.0);
+        reply.health = NodeHealth::Healthy as i32;
+        reply.lag_seconds = Some(lag);
+        if lag >= self.config.threshold_seconds {
+            reply.messages.push(HookMessage {
+                r#type: "basic".into(),
+                message: format!("Current replication lag: {} seconds", lag.round() as i64),
+            });
+        }
+        reply
+    }
+
+    fn unhealthy(&self, mut reply: LagReply, node: &GeoNode, why: &str) -> LagReply {
+        reply.health = NodeHealth::Unhealthy as i32;
+        let name = if node.name.is_empty() { &node.node_id } else { &node.name };
+        reply.messages.push(HookMessage {
+            r#type: "alert".into(),
+            message: format!("Geo secondary {name} is unhealthy: it {why}; replication lag unknown"),
+        });
+        reply
+    }
+
+    async fn node(&self, node_id: &str) -> Option<GeoNode> {
+        if !names::is_valid_token(node_id) {
+            return None;
+        }
+        let bytes = self.nodes.get(node_id).await.ok()??;
+        GeoNode::decode(bytes.as_ref()).ok()
+    }
+
+    async fn last_status(&self, node_id: &str) -> Option<ReplicationStatus> {
+        let msg = self
+            .statuses
+            .get_last_raw_message_by_subject(&names::geo_status_subject(node_id))
+            .await
+            .ok()?;
+        let env = envelope::decode(&msg.payload).ok()?;
+        envelope::open::<ReplicationStatus>(&env).ok()
+    }
+
+    /// Seconds since the first push after `applied` was stored; 0 when the
+    /// node has applied everything.
+    async fn oldest_unapplied_age(&self, applied: u64, now: SystemTime) -> f64 {
+        let Ok(info) = self.pushes.get_info().await else { return 0.0 };
+        let state = info.state;
+        if applied >= state.last_sequence {
+            return 0.0;
+        }
+        let next = (applied + 1).max(state.first_sequence);
+        match self.pushes.get_raw_message(next).await {
+            Ok(msg) => {
+                let stored = msg.time.unix_timestamp_nanos() as f64 / 1e9;
+                let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                (now - stored).max(0.0)
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, sequence = next, "cannot read the oldest unapplied push");
+                0.0
+            }
+        }
+    }
+}

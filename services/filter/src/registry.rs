@@ -1,0 +1,128 @@
+//! The agent registry: the `pushbus-agents` KV bucket, loaded whole before
+//! any push is matched, then kept current from the bucket's watch.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::{Entry, Operation, Store};
+use futures::StreamExt;
+use prost::Message;
+use pushbus_shared::proto::AgentConfig;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent;
+use crate::index::Index;
+
+pub type SharedIndex = Arc<RwLock<Index>>;
+
+/// Keeps `index` in step with the bucket until `shutdown`. `loaded` turns
+/// true once the first full load is in the index (and stays true across
+/// reloads: the old index keeps serving until the new one is complete).
+pub async fn sync(kv: Store, index: SharedIndex, loaded: watch::Sender<bool>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        match load(&kv).await {
+            Ok((fresh, watch, last_revision)) => {
+                metrics::gauge!("pushbus_filter_registry_agents").set(fresh.agent_count() as f64);
+                *write(&index) = fresh;
+                loaded.send_replace(true);
+                tracing::info!(last_revision, "agent registry loaded; following updates");
+                follow(watch, &index, &shutdown).await;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot load agent registry; retrying"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+type Watch = async_nats::jetstream::kv::Watch;
+
+/// Reads the final value of every key into a new index; returns it with the
+/// watch positioned right after the snapshot.
+async fn load(kv: &Store) -> Result<(Index, Watch, u64), async_nats::Error> {
+    let started = Instant::now();
+    let status = kv.status().await?;
+    let last = status.info.state.last_sequence;
+    let mut watch = kv.watch_with_history(">").await?;
+    let mut index = Index::default();
+    if status.info.state.messages > 0 {
+        while let Some(entry) = watch.next().await {
+            let entry = entry?;
+            let done = entry.delta == 0 || entry.revision >= last;
+            apply(&mut index, &entry);
+            if done {
+                break;
+            }
+        }
+    }
+    metrics::histogram!("pushbus_filter_index_build_seconds").record(started.elapsed().as_secs_f64());
+    Ok((index, watch, last))
+}
+
+async fn follow(mut watch: Watch, index: &SharedIndex, shutdown: &CancellationToken) {
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = watch.next() => next,
+        };
+        match next {
+            Some(Ok(entry)) => {
+                let mut idx = write(index);
+                apply(&mut idx, &entry);
+                metrics::gauge!("pushbus_filter_registry_agents").set(idx.agent_count() as f64);
+            }
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "agent registry watch failed; reloading");
+                return;
+            }
+            None => return,
+        }
+    }
+}
+
+fn apply(index: &mut Index, entry: &Entry) {
+    match entry.operation {
+        Operation::Delete | Operation::Purge => index.remove(&entry.key),
+        Operation::Put => match decode(entry) {
+            Ok(watches) => index.put(&entry.key, watches),
+            Err(reason) => {
+                // Never crash on a bad value; the agent is not matched until fixed.
+                tracing::error!(agent_id = %entry.key, revision = entry.revision, %reason, "invalid agent config in registry; agent disabled");
+                index.remove(&entry.key);
+            }
+        },
+    }
+}
+
+fn decode(entry: &Entry) -> Result<Vec<agent::CompiledWatch>, String> {
+    let cfg = AgentConfig::decode(entry.value.as_ref()).map_err(|e| format!("undecodable AgentConfig: {e}"))?;
+    if cfg.agent_id != entry.key {
+        return Err(format!("agent_id {:?} does not match its key", cfg.agent_id));
+    }
+    agent::compile(&cfg).map_err(|e| e.to_string())
+}
+
+pub fn write(index: &SharedIndex) -> std::sync::RwLockWriteGuard<'_, Index> {
+    index.write().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn read(index: &SharedIndex) -> std::sync::RwLockReadGuard<'_, Index> {
+    index.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Validates and stores an agent config (the `pushbus agents put` path).
+pub async fn put_agent(kv: &Store, cfg: &AgentConfig) -> Result<u64, RegistryError> {
+    agent::compile(cfg)?;
+    Ok(kv.put(&cfg.agent_id, cfg.encode_to_vec().into()).await.map_err(|e| RegistryError::Kv(e.to_string()))?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid agent config: {0}")]
+    Invalid(#[from] agent::AgentConfigError),
+    #[error("agent registry: {0}")]
+    Kv(String),
+}

@@ -1,0 +1,49 @@
+//! Agent authentication: the token's SHA-256 must equal the hash stored in
+//! the agent's registry entry.
+
+use async_nats::jetstream::kv::Store;
+use prost::Message;
+use pushbus_shared::names;
+use pushbus_shared::proto::AgentConfig;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown agent and wrong token look the same from outside.
+    #[error("unknown agent or invalid token")]
+    Denied,
+    #[error("agent registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub async fn authenticate(agents: &Store, agent_id: &str, token: Option<&str>) -> Result<(), AuthError> {
+    if !names::is_valid_token(agent_id) {
+        return Err(AuthError::Denied);
+    }
+    let entry = agents
+        .get(agent_id)
+        .await
+        .map_err(|e| AuthError::Unavailable(e.to_string()))?
+        .ok_or(AuthError::Denied)?;
+    let cfg = AgentConfig::decode(entry.as_ref()).map_err(|_| AuthError::Denied)?;
+    if cfg.token_sha256.is_empty() {
+        // An agent registered without a token is open (local development).
+        return Ok(());
+    }
+    let given = token.ok_or(AuthError::Denied)?;
+    let digest = hex::encode(Sha256::digest(given.as_bytes()));
+    if constant_time_eq(digest.as_bytes(), cfg.token_sha256.to_ascii_lowercase().as_bytes()) {
+        Ok(())
+    } else {
+        Err(AuthError::Denied)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// "Bearer <token>" -> "<token>".
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    value?.strip_prefix("Bearer ").map(str::trim)
+}

@@ -1,0 +1,37 @@
+//! `pushbus.v1.GitOpsNotifier/Watch`: the same pokes over gRPC server streaming.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use pushbus_shared::proto::git_ops_notifier_server::GitOpsNotifier;
+use pushbus_shared::proto::{WatchEvent, WatchRequest};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::AppState;
+use crate::auth::{self, AuthError};
+
+pub struct WatchService {
+    pub state: AppState,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl GitOpsNotifier for WatchService {
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let token = auth::bearer(req.metadata().get("authorization").and_then(|v| v.to_str().ok())).map(str::to_owned);
+        let agent_id = req.into_inner().agent_id;
+        auth::authenticate(&self.state.agents, &agent_id, token.as_deref())
+            .await
+            .map_err(|err| match err {
+                AuthError::Denied => Status::unauthenticated(err.to_string()),
+                AuthError::Unavailable(_) => Status::unavailable(err.to_string()),
+            })?;
+        tracing::info!(%agent_id, "agent connected over gRPC");
+        let events = ReceiverStream::new(self.state.hub.connect(&agent_id)).map(Ok);
+        Ok(Response::new(Box::pin(events)))
+    }
+}

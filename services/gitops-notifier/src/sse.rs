@@ -1,0 +1,92 @@
+//! `GET /v1/agents/{agent_id}/pokes`: pokes as Server-Sent Events, for agents
+//! and for `curl -N`.
+
+use std::convert::Infallible;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router, routing::get};
+use futures::StreamExt;
+use pushbus_shared::proto::{ChangeKind, RefKind, WatchEvent, notifier_status::State as NotifierState, watch_event::Event};
+use serde_json::json;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::AppState;
+use crate::auth::{self, AuthError};
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/agents/{agent_id}/pokes", get(pokes))
+        .with_state(state)
+}
+
+async fn pokes(State(st): State<AppState>, Path(agent_id): Path<String>, headers: HeaderMap) -> Response {
+    let token = auth::bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+    if let Err(err) = auth::authenticate(&st.agents, &agent_id, token).await {
+        let status = match err {
+            AuthError::Denied => StatusCode::UNAUTHORIZED,
+            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        tracing::info!(%agent_id, error = %err, "SSE watch refused");
+        return (status, Json(json!({ "error": err.to_string() }))).into_response();
+    }
+    tracing::info!(%agent_id, "agent connected over SSE");
+    let events = ReceiverStream::new(st.hub.connect(&agent_id)).map(|ev| Ok::<_, Infallible>(to_sse(&ev)));
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn to_sse(ev: &WatchEvent) -> SseEvent {
+    match &ev.event {
+        Some(Event::Poke(p)) => SseEvent::default()
+            .event("poke")
+            .id(ev.event_id.clone())
+            .data(
+                json!({
+                    "event_id": ev.event_id,
+                    "correlation_id": ev.correlation_id,
+                    "agent_id": p.agent_id,
+                    "project_id": p.project_id,
+                    "project_path": p.project_path,
+                    "ref": p.r#ref,
+                    "ref_kind": ref_kind_name(p.ref_kind),
+                    "change": change_name(p.change_kind),
+                    "forced": p.forced,
+                    "old_sha": p.old_sha,
+                    "new_sha": p.new_sha,
+                    "push_event_id": p.push_event_id,
+                })
+                .to_string(),
+            ),
+        Some(Event::Status(s)) => {
+            let state = match NotifierState::try_from(s.state) {
+                Ok(NotifierState::Live) => "live",
+                Ok(NotifierState::Degraded) => "degraded",
+                _ => "unknown",
+            };
+            SseEvent::default()
+                .event("status")
+                .data(json!({ "state": state, "detail": s.detail }).to_string())
+        }
+        None => SseEvent::default().comment("empty"),
+    }
+}
+
+fn ref_kind_name(k: i32) -> &'static str {
+    match RefKind::try_from(k) {
+        Ok(RefKind::Branch) => "branch",
+        Ok(RefKind::Tag) => "tag",
+        Ok(RefKind::Other) => "other",
+        _ => "unknown",
+    }
+}
+
+fn change_name(k: i32) -> &'static str {
+    match ChangeKind::try_from(k) {
+        Ok(ChangeKind::Create) => "create",
+        Ok(ChangeKind::Update) => "update",
+        Ok(ChangeKind::Delete) => "delete",
+        _ => "unknown",
+    }
+}

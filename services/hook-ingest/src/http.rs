@@ -1,0 +1,217 @@
+//! GitLab-compatible `POST /api/v4/internal/post_receive`.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use pushbus_shared::envelope;
+use pushbus_shared::proto::{HookMessage, RepositoryKind};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::changes::{self, Invalid};
+use crate::ingest::{Ingest, IngestError, Push};
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub ingest: Ingest,
+    /// The GitLab shell secret; `None` disables authentication (local use).
+    pub secret: Option<String>,
+}
+
+pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/api/v4/internal/post_receive", post(post_receive))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// A refusal: status plus `{"error": ..., "field": ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    error: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+            field: field.map(str::to_owned),
+        }
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, e.reason, Some(&e.field))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        tracing::warn!(status = self.status.as_u16(), error = %self.error, field = ?self.field, "post_receive refused");
+        (self.status, axum::Json(json!({ "error": self.error, "field": self.field }))).into_response()
+    }
+}
+
+#[derive(Deserialize)]
+struct Body {
+    gl_repository: Option<String>,
+    identifier: Option<String>,
+    changes: Option<String>,
+    #[serde(default)]
+    push_options: Vec<String>,
+    #[serde(default)]
+    geo_node_id: Option<serde_json::Value>,
+    /// Not sent by Gitaly; pushbus' own hook sends it so filters can match by path.
+    #[serde(default)]
+    gl_project_path: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default)]
+    secret_token: Option<String>,
+}
+
+async fn post_receive(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), None))?;
+    let parsed: Body = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"), None))?;
+    authenticate(&st, &headers, parsed.secret_token.as_deref())?;
+    let correlation_id = correlation_id(&headers);
+    let push = to_push(parsed)?;
+    let span = tracing::info_span!("post_receive", %correlation_id, project_id = push.project_id);
+    let accepted = st.ingest.accept(push, correlation_id).instrument(span).await.map_err(|e| match e {
+        IngestError::Unavailable(reason) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason, None),
+    })?;
+    let body = json!({
+        "reference_counter_decreased": true,
+        "messages": accepted.messages.iter().map(message_json).collect::<Vec<_>>(),
+        "correlation_id": accepted.correlation_id,
+        "event_ids": accepted.event_ids,
+    });
+    let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&accepted.correlation_id) {
+        resp.headers_mut().insert("x-correlation-id", v);
+    }
+    Ok(resp)
+}
+
+fn message_json(m: &HookMessage) -> serde_json::Value {
+    json!({ "type": m.r#type, "message": m.message })
+}
+
+/// Legacy shared-secret auth: the base64 secret in `Gitlab-Shared-Secret`,
+/// or the secret itself as `secret_token`.
+fn authenticate(st: &HttpState, headers: &HeaderMap, secret_token: Option<&str>) -> Result<(), ApiError> {
+    let Some(secret) = &st.secret else { return Ok(()) };
+    let from_header = headers
+        .get("gitlab-shared-secret")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
+        .is_some_and(|decoded| constant_time_eq(decoded.trim_ascii(), secret.as_bytes()));
+    let from_param = secret_token.is_some_and(|t| constant_time_eq(t.as_bytes(), secret.as_bytes()));
+    if from_header || from_param {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid shared secret", None))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// From `X-Correlation-Id` or `X-Request-Id` when well-formed, else new.
+pub fn correlation_id(headers: &HeaderMap) -> String {
+    ["x-correlation-id", "x-request-id"]
+        .iter()
+        .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .find(|v| envelope::is_valid_correlation_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(envelope::new_correlation_id)
+}
+
+fn to_push(b: Body) -> Result<Push, ApiError> {
+    let missing = |f: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("{f} is required"), Some(f));
+    let gl_repository = b.gl_repository.ok_or_else(|| missing("gl_repository"))?;
+    let (repository_kind, project_id) = parse_gl_repository(&gl_repository)?;
+    let identifier = b.identifier.ok_or_else(|| missing("identifier"))?;
+    check_identifier(&identifier)?;
+    let changes = changes::parse_changes(&b.changes.ok_or_else(|| missing("changes"))?)?;
+    let geo_node_id = match b.geo_node_id {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(_) => return Err(Invalid::new("geo_node_id", "must be a string or a number").into()),
+    };
+    if let Some(node) = &geo_node_id {
+        if !pushbus_shared::names::is_valid_token(node) {
+            return Err(Invalid::new("geo_node_id", "must match [A-Za-z0-9_-]{1,128}").into());
+        }
+    }
+    for (i, o) in b.push_options.iter().enumerate() {
+        if o.len() > 4096 || o.chars().any(char::is_control) {
+            return Err(Invalid::new(format!("push_options[{i}]"), "too long or has control characters").into());
+        }
+    }
+    let project_path = b.gl_project_path.unwrap_or_default();
+    if project_path.len() > 1024 || project_path.chars().any(char::is_control) {
+        return Err(Invalid::new("gl_project_path", "too long or has control characters").into());
+    }
+    Ok(Push {
+        project_id,
+        project_path,
+        repository_kind,
+        changes,
+        actor: identifier,
+        protocol: b.protocol.unwrap_or_else(|| "http".into()),
+        push_options: b.push_options,
+        geo_node_id,
+    })
+}
+
+/// `project-<id>`, `wiki-<id>`, `snippet-<id>`, `group-<id>`, `design-<id>`.
+fn parse_gl_repository(s: &str) -> Result<(RepositoryKind, i64), ApiError> {
+    let bad = || ApiError::from(Invalid::new("gl_repository", "expected project-<id>, wiki-<id>, snippet-<id>, group-<id> or design-<id>"));
+    let (kind, id) = s.split_once('-').ok_or_else(bad)?;
+    let kind = match kind {
+        "project" => RepositoryKind::Project,
+        "wiki" => RepositoryKind::Wiki,
+        "snippet" => RepositoryKind::Snippet,
+        "group" => RepositoryKind::Group,
+        "design" => RepositoryKind::Design,
+        _ => return Err(bad()),
+    };
+    let id: i64 = id.parse().map_err(|_| bad())?;
+    if id <= 0 {
+        return Err(Invalid::new("gl_repository", "the ID must be positive").into());
+    }
+    Ok((kind, id))
+}
+
+/// `user-<id>`, `key-<id>` or `username-<name>`.
+fn check_identifier(s: &str) -> Result<(), ApiError> {
+    let ok = match s.split_once('-') {
+        Some(("user" | "key", id)) => id.parse::<i64>().is_ok_and(|n| n > 0),
+        Some(("username", name)) => {
+            !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_alphanumeric() || "-_.".contains(c))
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Invalid::new("identifier", "expected user-<id>, key-<id> or username-<name>").into())
+    }
+}

@@ -1,0 +1,190 @@
+//! Accepting a validated push: publish it durably (split when large), then
+//! gather the messages for the pusher.
+
+use std::time::Duration;
+
+use prost::Message;
+use pushbus_shared::bus::Publisher;
+use pushbus_shared::proto::{GitPushEvent, HookMessage, RefChange, RepositoryKind};
+use pushbus_shared::{EventMeta, names};
+
+use crate::lag;
+
+/// A push that passed validation.
+#[derive(Clone, Debug, Default)]
+pub struct Push {
+    pub project_id: i64,
+    pub project_path: String,
+    pub repository_kind: RepositoryKind,
+    pub changes: Vec<RefChange>,
+    pub actor: String,
+    pub protocol: String,
+    pub push_options: Vec<String>,
+    pub geo_node_id: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Accepted {
+    pub correlation_id: String,
+    pub event_ids: Vec<String>,
+    pub messages: Vec<HookMessage>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The push was not stored; the caller must answer 503 / UNAVAILABLE.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Room left for headers and the envelope around a part's payload.
+const ENVELOPE_MARGIN: usize = 8 * 1024;
+
+#[derive(Clone)]
+pub struct Ingest {
+    pub publisher: Publisher,
+    pub client: async_nats::Client,
+    pub lag_budget: Duration,
+}
+
+impl Ingest {
+    pub async fn accept(&self, push: Push, correlation_id: String) -> Result<Accepted, IngestError> {
+        let max_payload = self.client.server_info().max_payload.max(64 * 1024);
+        let parts = split(&push, max_payload - ENVELOPE_MARGIN);
+        let part_count = parts.len() as u32;
+        let subject = names::push_subject(push.project_id);
+        let mut pending = Vec::with_capacity(parts.len());
+        let mut event_ids = Vec::with_capacity(parts.len());
+        for (i, changes) in parts.into_iter().enumerate() {
+            let part = i as u32 + 1;
+            let identity = identity(&push, &changes, &correlation_id, part);
+            let identity: Vec<&str> = identity.iter().map(String::as_str).collect();
+            let meta = EventMeta::deterministic(&correlation_id, &identity);
+            let event = GitPushEvent {
+                project_id: push.project_id,
+                project_path: push.project_path.clone(),
+                repository_kind: push.repository_kind as i32,
+                changes,
+                actor: push.actor.clone(),
+                protocol: push.protocol.clone(),
+                push_options: push.push_options.clone(),
+                geo_node_id: push.geo_node_id.clone(),
+                part,
+                part_count,
+            };
+            let sent = self
+                .publisher
+                .send(subject.clone(), &event, &meta)
+                .await
+                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            event_ids.push(meta.event_id);
+            pending.push(sent);
+        }
+        for p in pending {
+            p.wait().await.map_err(|e| IngestError::Unavailable(e.to_string()))?;
+        }
+        metrics::counter!("pushbus_ingest_pushes_total").increment(1);
+        tracing::info!(project_id = push.project_id, parts = part_count, refs = push.changes.len(), "push stored");
+        let messages = match &push.geo_node_id {
+            Some(node) => lag::messages(&self.client, node, &correlation_id, push.project_id, self.lag_budget).await,
+            None => Vec::new(),
+        };
+        Ok(Accepted {
+            correlation_id,
+            event_ids,
+            messages,
+        })
+    }
+}
+
+/// What makes a push part the same push on a retry: project, its changes,
+/// the correlation ID and the part number.
+fn identity(push: &Push, changes: &[RefChange], correlation_id: &str, part: u32) -> Vec<String> {
+    let mut lines = String::new();
+    for c in changes {
+        lines.push_str(&c.old_sha);
+        lines.push(' ');
+        lines.push_str(&c.new_sha);
+        lines.push(' ');
+        lines.push_str(&c.r#ref);
+        lines.push('\n');
+    }
+    vec![
+        push.project_id.to_string(),
+        lines,
+        correlation_id.to_owned(),
+        part.to_string(),
+    ]
+}
+
+/// Splits the changes into parts whose encoded events stay under `budget`.
+pub fn split(push: &Push, budget: usize) -> Vec<Vec<RefChange>> {
+    let base = GitPushEvent {
+        project_path: push.project_path.clone(),
+        actor: push.actor.clone(),
+        protocol: push.protocol.clone(),
+        push_options: push.push_options.clone(),
+        geo_node_id: push.geo_node_id.clone(),
+        project_id: push.project_id,
+        part: u32::MAX,
+        part_count: u32::MAX,
+        ..Default::default()
+    }
+    .encoded_len();
+    let mut parts = Vec::new();
+    let mut current = Vec::new();
+    let mut size = base;
+    for c in &push.changes {
+        // Field tag + length prefix + message.
+        let len = c.encoded_len() + 1 + prost::length_delimiter_len(c.encoded_len());
+        if !current.is_empty() && size + len > budget {
+            parts.push(std::mem::take(&mut current));
+            size = base;
+        }
+        size += len;
+        current.push(c.clone());
+    }
+    parts.push(current);
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_large_pushes_under_budget_without_loss() {
+        let changes: Vec<RefChange> = (0..20_000)
+            .map(|i| RefChange {
+                old_sha: "0".repeat(40),
+                new_sha: "a".repeat(40),
+                r#ref: format!("refs/tags/v{i}"),
+                ..Default::default()
+            })
+            .collect();
+        let push = Push {
+            project_id: 1,
+            changes: changes.clone(),
+            ..Default::default()
+        };
+        let parts = split(&push, 256 * 1024);
+        assert!(parts.len() > 1);
+        let total: Vec<RefChange> = parts.iter().flatten().cloned().collect();
+        assert_eq!(total, changes);
+        for p in &parts {
+            let ev = GitPushEvent {
+                project_id: 1,
+                changes: p.clone(),
+                part: 1,
+                part_count: parts.len() as u32,
+                ..Default::default()
+            };
+            assert!(ev.encoded_len() <= 256 * 1024);
+        }
+        let small = Push {
+            changes: changes[..3].to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(split(&small, 256 * 1024).len(), 1);
+    }
+}

@@ -1,0 +1,277 @@
+//! Static checks of docker-compose.yml and the Dockerfile against the
+//! `pushbus` CLI. Docker cannot run here, so instead of starting the stack
+//! these tests make sure it cannot drift from the binary's services and flags.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+use serde_yaml::{Mapping, Value};
+
+/// The services `pushbus run` accepts, each a compose service of that name.
+const SERVICES: [&str; 4] = [
+    "hook-ingest",
+    "filter",
+    "gitops-notifier",
+    "replication-lag",
+];
+
+/// Listen addresses that must be reachable from outside their container.
+const PUBLIC_LISTEN: [(&str, &str); 2] = [
+    ("hook-ingest", "PUSHBUS_INGEST_LISTEN"),
+    ("gitops-notifier", "PUSHBUS_NOTIFIER_LISTEN"),
+];
+
+fn repo_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The `services` of docker-compose.yml, with `<<:` merge keys applied.
+fn compose_services() -> Mapping {
+    let mut doc: Value = serde_yaml::from_str(&repo_file("docker-compose.yml"))
+        .expect("docker-compose.yml is not valid YAML");
+    doc.apply_merge()
+        .expect("docker-compose.yml: bad `<<:` merge key");
+    doc.get("services")
+        .and_then(Value::as_mapping)
+        .expect("docker-compose.yml has no `services` mapping")
+        .clone()
+}
+
+fn service<'a>(services: &'a Mapping, name: &str) -> &'a Value {
+    services
+        .get(name)
+        .unwrap_or_else(|| panic!("docker-compose.yml has no service `{name}`"))
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => String::new(),
+        other => panic!("expected a scalar, got {other:?}"),
+    }
+}
+
+/// A service's `environment`, in either the mapping or the `KEY=VALUE` list form.
+fn environment(svc: &Value) -> Vec<(String, String)> {
+    match svc.get("environment") {
+        None => Vec::new(),
+        Some(Value::Mapping(m)) => m.iter().map(|(k, v)| (scalar(k), scalar(v))).collect(),
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|item| {
+                let item = scalar(item);
+                let (k, v) = item.split_once('=').unwrap_or((&item, ""));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect(),
+        Some(other) => panic!("`environment` must be a mapping or a list, got {other:?}"),
+    }
+}
+
+/// Container ports of a service's `ports`, short ("8080:8080", "127.0.0.1:80:8080/tcp")
+/// or long (`target:`) syntax.
+fn container_ports(svc: &Value) -> Vec<u16> {
+    let Some(ports) = svc.get("ports") else {
+        return Vec::new();
+    };
+    let ports = ports.as_sequence().expect("`ports` must be a list");
+    ports
+        .iter()
+        .map(|p| {
+            let spec = match p.get("target") {
+                Some(target) => scalar(target),
+                None => scalar(p),
+            };
+            let port = spec.rsplit(':').next().unwrap_or_default();
+            let port = port.split('/').next().unwrap_or_default();
+            port.parse()
+                .unwrap_or_else(|_| panic!("cannot read the container port of `{spec}`"))
+        })
+        .collect()
+}
+
+/// True when `word` occurs in `text` on its own, not as part of a longer
+/// name (`filter` in `--filter-concurrency`, `PUSHBUS_X` in `PUSHBUS_X_Y`).
+fn contains_word(text: &str, word: &str) -> bool {
+    let part_of_name = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    text.match_indices(word).any(|(i, _)| {
+        !text[..i].ends_with(part_of_name) && !text[i + word.len()..].starts_with(part_of_name)
+    })
+}
+
+/// `pushbus run --help`, run without any `PUSHBUS_*` variables of ours.
+fn run_help() -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pushbus"));
+    cmd.args(["run", "--help"]);
+    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PUSHBUS_")) {
+        cmd.env_remove(key);
+    }
+    let out = cmd.output().expect("running `pushbus run --help`");
+    assert!(
+        out.status.success(),
+        "`pushbus run --help` failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("`pushbus run --help` printed invalid UTF-8")
+}
+
+#[test]
+fn compose_runs_each_service_pushbus_run_accepts() {
+    let services = compose_services();
+    let help = run_help();
+
+    let mut names: Vec<String> = services.keys().map(scalar).collect();
+    names.sort();
+    let mut expected: Vec<String> = ["nats", "nats-box"]
+        .iter()
+        .chain(&SERVICES)
+        .map(|s| s.to_string())
+        .collect();
+    expected.sort();
+    assert_eq!(
+        names, expected,
+        "docker-compose.yml must hold nats, nats-box and exactly the four pushbus services"
+    );
+
+    for name in SERVICES {
+        assert!(
+            contains_word(&help, name),
+            "`pushbus run --help` does not list the service `{name}` that docker-compose.yml runs:\n{help}"
+        );
+        let command = service(&services, name)
+            .get("command")
+            .and_then(Value::as_sequence)
+            .unwrap_or_else(|| panic!("compose service `{name}` needs `command` as a list"));
+        let command: Vec<String> = command.iter().map(scalar).collect();
+        assert_eq!(
+            command,
+            ["run", name],
+            "compose service `{name}` must run `pushbus run {name}`"
+        );
+    }
+}
+
+#[test]
+fn compose_env_vars_are_pushbus_flags_and_image_is_the_dockerfile() {
+    let services = compose_services();
+    let help = run_help();
+
+    for (name, svc) in &services {
+        for (key, _) in environment(svc)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("PUSHBUS_"))
+        {
+            assert!(
+                contains_word(&help, &key),
+                "compose service `{}` sets {key}, which is not a flag of `pushbus run` (not in its --help):\n{help}",
+                scalar(name)
+            );
+        }
+    }
+
+    let dockerfile = repo_file("Dockerfile");
+    assert!(
+        contains_word(&dockerfile, "--bin pushbus"),
+        "the Dockerfile must `cargo build --bin pushbus`"
+    );
+    assert!(
+        dockerfile.contains(r#"ENTRYPOINT ["pushbus"]"#),
+        r#"the Dockerfile must have ENTRYPOINT ["pushbus"], compose commands are `run <service>`"#
+    );
+
+    let image = service(&services, SERVICES[0]).get("image").cloned();
+    for name in SERVICES {
+        let svc = service(&services, name);
+        let context = match svc.get("build") {
+            Some(Value::Mapping(b)) => {
+                assert!(
+                    b.get("dockerfile")
+                        .is_none_or(|d| scalar(d) == "Dockerfile"),
+                    "compose service `{name}` must build from the root Dockerfile"
+                );
+                b.get("context").map(scalar)
+            }
+            other => other.map(scalar),
+        };
+        assert!(
+            matches!(context.as_deref(), Some("." | "./")),
+            "compose service `{name}` must build the root Dockerfile (`build: .`), got {context:?}"
+        );
+        assert_eq!(
+            svc.get("image").cloned(),
+            image,
+            "compose service `{name}` must use the same image as the others"
+        );
+    }
+}
+
+#[test]
+fn compose_listen_addresses_bind_all_interfaces_and_are_published() {
+    let services = compose_services();
+
+    for name in SERVICES {
+        let svc = service(&services, name);
+        let env = environment(svc);
+        for required in ["PUSHBUS_NATS_URL", "PUSHBUS_OPS_LISTEN"] {
+            assert!(
+                env.iter().any(|(k, _)| k == required),
+                "compose service `{name}` must set {required}"
+            );
+        }
+
+        let mut listen_ports = Vec::new();
+        for (key, value) in env.iter().filter(|(k, _)| k.ends_with("_LISTEN")) {
+            let addr: SocketAddr = value.parse().unwrap_or_else(|_| {
+                panic!("compose service `{name}`: {key}={value} is not an ip:port")
+            });
+            assert!(
+                addr.ip().is_unspecified(),
+                "compose service `{name}`: {key}={value} must bind 0.0.0.0 to be reachable in a container"
+            );
+            listen_ports.push((key.as_str(), addr.port()));
+        }
+
+        let published = container_ports(svc);
+        for port in &published {
+            assert!(
+                listen_ports.iter().any(|(_, p)| p == port),
+                "compose service `{name}` publishes container port {port}, but listens on {listen_ports:?}"
+            );
+        }
+        for (_, key) in PUBLIC_LISTEN.iter().filter(|(svc, _)| *svc == name) {
+            let (_, port) = listen_ports
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("compose service `{name}` must set {key}"));
+            assert!(
+                published.contains(port),
+                "compose service `{name}` listens on {port} ({key}) but does not publish it: {published:?}"
+            );
+        }
+    }
+
+    let nats_url = environment(service(&services, "nats-box"))
+        .into_iter()
+        .find(|(k, _)| k == "NATS_URL")
+        .map(|(_, v)| v);
+    assert_eq!(
+        nats_url.as_deref(),
+        Some("nats://nats:4222"),
+        "nats-box must point NATS_URL at the nats service"
+    );
+    for name in SERVICES {
+        let url = environment(service(&services, name))
+            .into_iter()
+            .find(|(k, _)| k == "PUSHBUS_NATS_URL")
+            .map(|(_, v)| v);
+        assert_eq!(
+            url, nats_url,
+            "compose service `{name}` must use the same NATS as nats-box"
+        );
+    }
+}
