@@ -1,1 +1,83 @@
-fn main() {}
+//! `pushbus`: runs any set of services in one process, and carries the
+//! operator commands (setup, agents, the post-receive hook).
+
+mod agents;
+mod embedded;
+mod run;
+
+use clap::{Parser, Subcommand};
+use pushbus_shared::service::NatsArgs;
+
+#[derive(Parser)]
+#[command(name = "pushbus", version, about = "Git push notifications over NATS JetStream")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run services in this process: `all` or a comma-separated list of
+    /// hook-ingest, filter, gitops-notifier, replication-lag.
+    Run(Box<run::RunArgs>),
+    /// Create or update every stream, KV bucket and consumer, then exit.
+    Setup {
+        #[command(flatten)]
+        nats: NatsArgs,
+    },
+    /// Manage agent registrations (KV bucket pushbus-agents).
+    Agents {
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(subcommand)]
+        command: agents::AgentsCommand,
+    },
+    /// Git hook commands, run by a bare repository.
+    Hook {
+        #[command(subcommand)]
+        command: HookCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum HookCommand {
+    /// Forward git's post-receive input to hook-ingest; prints the messages
+    /// for the pusher on stderr. Always exits 0: a push is never failed.
+    PostReceive(pushbus_hook_ingest::hook::HookArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run::run(*args).await,
+        Command::Setup { nats } => {
+            let client = async_nats::connect(nats.url()).await?;
+            let js = async_nats::jetstream::new(client);
+            run::full_topology().ensure(&js).await?;
+            eprintln!("pushbus topology is in place on {}", nats.url());
+            Ok(())
+        }
+        Command::Agents { nats, command } => agents::run(&nats, command).await,
+        Command::Hook {
+            command: HookCommand::PostReceive(args),
+        } => {
+            post_receive(args).await;
+            Ok(())
+        }
+    }
+}
+
+async fn post_receive(args: pushbus_hook_ingest::hook::HookArgs) {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = String::new();
+    if let Err(err) = tokio::io::stdin().read_to_string(&mut stdin).await {
+        eprintln!("pushbus: cannot read the hook's input: {err}");
+        return;
+    }
+    let env = std::env::vars().collect();
+    let outcome = pushbus_hook_ingest::hook::post_receive(&args, &stdin, &env).await;
+    for line in outcome.lines {
+        eprintln!("{line}");
+    }
+}

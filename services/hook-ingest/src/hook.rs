@@ -83,6 +83,9 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         Ok(Ok((status, json))) if status.is_success() => {
             outcome.delivered = true;
             outcome.lines = render_messages(&json);
+            // Lets the pusher quote one ID that every service's logs carry.
+            let id = json.get("correlation_id").and_then(|c| c.as_str()).unwrap_or(&correlation_id);
+            outcome.lines.push(format!("pushbus: push announced, correlation ID {id}"));
         }
         Ok(Ok((status, json))) => {
             let error = json.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
