@@ -1,1 +1,4 @@
+mod bus;
 mod compose;
+mod e2e;
+mod support;

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 pub use registry::{RegistryError, put_agent};
 
 #[derive(clap::Args, Clone, Debug)]
+#[group(id = "filter")]
 pub struct Config {
     /// Projects whose pushes are matched in parallel (one project's pushes
     /// are always handled in order).

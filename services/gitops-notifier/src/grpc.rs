@@ -31,7 +31,9 @@ impl GitOpsNotifier for WatchService {
                 AuthError::Unavailable(_) => Status::unavailable(err.to_string()),
             })?;
         tracing::info!(%agent_id, "agent connected over gRPC");
-        let events = ReceiverStream::new(self.state.hub.connect(&agent_id)).map(Ok);
+        let events = ReceiverStream::new(self.state.hub.connect(&agent_id))
+            .map(Ok)
+            .take_until(self.state.shutdown.clone().cancelled_owned());
         Ok(Response::new(Box::pin(events)))
     }
 }

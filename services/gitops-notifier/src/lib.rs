@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 pub use hub::Hub;
 
 #[derive(clap::Args, Clone, Debug)]
+#[group(id = "notifier")]
 pub struct Config {
     /// Address for agents: SSE at /v1/agents/{id}/pokes and gRPC
     /// pushbus.v1.GitOpsNotifier/Watch.
-    #[arg(long = "notifier-listen", env = "PUSHBUS_NOTIFIER_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(id = "notifier_listen", long = "notifier-listen", env = "PUSHBUS_NOTIFIER_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
 }
 
@@ -43,6 +44,8 @@ pub enum Error {
 pub struct AppState {
     pub hub: Hub,
     pub agents: Store,
+    /// Ends every agent stream on shutdown, so the server can finish.
+    pub shutdown: CancellationToken,
 }
 
 pub fn consumer_spec() -> ConsumerSpec {
@@ -79,6 +82,7 @@ pub async fn run(
     let state = AppState {
         hub: Hub::default(),
         agents,
+        shutdown: token.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

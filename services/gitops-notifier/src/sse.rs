@@ -33,7 +33,9 @@ async fn pokes(State(st): State<AppState>, Path(agent_id): Path<String>, headers
         return (status, Json(json!({ "error": err.to_string() }))).into_response();
     }
     tracing::info!(%agent_id, "agent connected over SSE");
-    let events = ReceiverStream::new(st.hub.connect(&agent_id)).map(|ev| Ok::<_, Infallible>(to_sse(&ev)));
+    let events = ReceiverStream::new(st.hub.connect(&agent_id))
+        .map(|ev| Ok::<_, Infallible>(to_sse(&ev)))
+        .take_until(st.shutdown.clone().cancelled_owned());
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 

@@ -18,9 +18,10 @@ use pushbus_shared::topology::{self, Topology};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Clone, Debug)]
+#[group(id = "ingest")]
 pub struct Config {
     /// Address of the GitLab-compatible internal API.
-    #[arg(long = "ingest-listen", env = "PUSHBUS_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(id = "ingest_listen", long = "ingest-listen", env = "PUSHBUS_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// File holding the GitLab shell shared secret; without it the endpoint
     /// accepts unauthenticated calls (local use only).

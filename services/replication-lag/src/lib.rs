@@ -17,6 +17,7 @@ use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, envelope, names};
 
 #[derive(clap::Args, Clone, Debug)]
+#[group(id = "lag")]
 pub struct Config {
     /// Lag below this many seconds is not worth telling the pusher.
     #[arg(long = "lag-threshold-seconds", env = "PUSHBUS_LAG_THRESHOLD_SECONDS", default_value_t = 1.0)]

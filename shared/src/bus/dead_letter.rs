@@ -49,8 +49,8 @@ impl DeadLetters {
         let id = format!("dlq:{}:{}:{}", self.consumer, stream, seq);
         let subject = names::dlq_subject(&self.consumer);
         let publish = PublishMessage::build()
-            .message_id(&id)
             .headers(map)
+            .message_id(&id)
             .payload(msg.payload.clone());
         let fut = self
             .js

@@ -103,8 +103,8 @@ impl Publisher {
         let trace = trace::inject_current(&mut map);
         let env = envelope::seal(msg, meta, &self.source, trace);
         let publish = PublishMessage::build()
-            .message_id(&meta.event_id)
             .headers(map)
+            .message_id(&meta.event_id)
             .payload(env.encode_to_vec().into());
         let started = Instant::now();
         let fut = self

@@ -1,0 +1,211 @@
+//! The shared bus layer against a real nats-server.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher, run_consumer};
+use pushbus_shared::names::{self, headers};
+use pushbus_shared::proto::{GitPushEvent, Source};
+use pushbus_shared::testkit::{self, NatsServer};
+use pushbus_shared::topology::{self, Topology};
+use pushbus_shared::EventMeta;
+use tokio_util::sync::CancellationToken;
+
+async fn setup(nats: &NatsServer) -> (jetstream::Context, Publisher) {
+    let js = jetstream::new(testkit::client(nats).await);
+    Topology {
+        streams: vec![topology::pushes_stream(), topology::dlq_stream()],
+        ..Default::default()
+    }
+    .ensure(&js)
+    .await
+    .unwrap();
+    let publisher = Publisher::new(js.clone(), Source { service: "test".into(), ..Default::default() });
+    (js, publisher)
+}
+
+fn push(project_id: i64, n: u32) -> GitPushEvent {
+    GitPushEvent { project_id, part: n, ..Default::default() }
+}
+
+fn spec() -> ConsumerSpec {
+    let mut s = ConsumerSpec::new(names::STREAM_PUSHES, "test");
+    s.backoff_base = Duration::from_millis(10);
+    s.backoff_max = Duration::from_millis(50);
+    s.max_deliver = 3;
+    s.concurrency = 4;
+    s
+}
+
+/// Records every delivery; fails according to `fail`.
+#[derive(Clone)]
+struct Recorder {
+    seen: Arc<Mutex<Vec<(i64, u32, i64)>>>,
+    fail: Arc<dyn Fn(&Delivery<GitPushEvent>) -> Option<HandleError> + Send + Sync>,
+    in_flight: Arc<Mutex<(usize, usize)>>,
+    delay: Duration,
+}
+
+impl Recorder {
+    fn new(fail: impl Fn(&Delivery<GitPushEvent>) -> Option<HandleError> + Send + Sync + 'static) -> Self {
+        Self { seen: Default::default(), fail: Arc::new(fail), in_flight: Default::default(), delay: Duration::ZERO }
+    }
+    fn seen(&self) -> Vec<(i64, u32, i64)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Handler<GitPushEvent> for Recorder {
+    async fn handle(&self, d: Delivery<GitPushEvent>) -> Result<(), HandleError> {
+        {
+            let mut f = self.in_flight.lock().unwrap();
+            f.0 += 1;
+            f.1 = f.1.max(f.0);
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay * (d.message.part % 3)).await;
+        }
+        self.in_flight.lock().unwrap().0 -= 1;
+        self.seen.lock().unwrap().push((d.message.project_id, d.message.part, d.delivered));
+        match (self.fail)(&d) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
+    js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
+}
+
+#[tokio::test]
+async fn republished_event_id_is_dropped_by_the_stream() {
+    let nats = NatsServer::start();
+    let (js, publisher) = setup(&nats).await;
+    let meta = EventMeta::deterministic("c1", &["same push"]);
+    let first = publisher.publish(names::push_subject(1), &push(1, 1), &meta).await.unwrap();
+    let again = publisher.publish(names::push_subject(1), &push(1, 1), &meta).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(again.duplicate);
+    assert_eq!(stream_messages(&js, names::STREAM_PUSHES).await, 1);
+}
+
+#[tokio::test]
+async fn retryable_error_is_redelivered_then_acked() {
+    let nats = NatsServer::start();
+    let (js, publisher) = setup(&nats).await;
+    let rec = Recorder::new(|d| (d.delivered == 1).then(|| HandleError::Retryable("dependency down".into())));
+    let token = CancellationToken::new();
+    let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
+    publisher.publish(names::push_subject(5), &push(5, 1), &EventMeta::fresh("c")).await.unwrap();
+    wait_for("second delivery", || rec.seen().len() == 2).await;
+    assert_eq!(rec.seen(), vec![(5, 1, 1), (5, 1, 2)]);
+    token.cancel();
+    task.await.unwrap().unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer =
+        js.get_consumer_from_stream("test", names::STREAM_PUSHES).await.unwrap();
+    let info = consumer.info().await.unwrap();
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_pending, 0);
+    assert_eq!(stream_messages(&js, names::STREAM_DLQ).await, 0);
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
+    let nats = NatsServer::start();
+    let (js, publisher) = setup(&nats).await;
+    // Project 3 always fails (retryable), project 4 fails permanently.
+    let rec = Recorder::new(|d| match d.message.project_id {
+        3 => Some(HandleError::Retryable("still down".into())),
+        4 => Some(HandleError::Permanent("invalid".into())),
+        _ => None,
+    });
+    let token = CancellationToken::new();
+    let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
+    let client = testkit::client(&nats).await;
+    // Undecodable bytes on the same subject as good messages.
+    js.publish(names::push_subject(1), "not protobuf \u{ff}".into()).await.unwrap().await.unwrap();
+    client.flush().await.unwrap();
+    publisher.publish(names::push_subject(1), &push(1, 1), &EventMeta::fresh("c")).await.unwrap();
+    publisher.publish(names::push_subject(3), &push(3, 1), &EventMeta::fresh("c")).await.unwrap();
+    publisher.publish(names::push_subject(4), &push(4, 1), &EventMeta::fresh("c")).await.unwrap();
+    publisher.publish(names::push_subject(1), &push(1, 2), &EventMeta::fresh("c")).await.unwrap();
+
+    wait_for("three dead letters", || {
+        let seen = rec.seen();
+        seen.iter().filter(|s| s.0 == 3).count() == 3 && seen.iter().any(|s| s.0 == 1 && s.1 == 2)
+    })
+    .await;
+    let mut dlq_count = 0;
+    for _ in 0..100 {
+        dlq_count = stream_messages(&js, names::STREAM_DLQ).await;
+        if dlq_count == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(dlq_count, 3);
+    let dlq = js.get_stream(names::STREAM_DLQ).await.unwrap();
+    let mut reasons = Vec::new();
+    for seq in 1..=3 {
+        let m = dlq.get_raw_message(seq).await.unwrap();
+        assert_eq!(m.headers.get(headers::DLQ_STREAM).unwrap().as_str(), names::STREAM_PUSHES);
+        assert_eq!(m.headers.get(headers::DLQ_CONSUMER).unwrap().as_str(), "test");
+        reasons.push(m.headers.get(headers::DLQ_REASON).unwrap().as_str().to_owned());
+    }
+    reasons.sort();
+    assert!(reasons[0].starts_with("max_deliveries: still down"), "{reasons:?}");
+    assert!(reasons[1].starts_with("permanent: invalid"), "{reasons:?}");
+    assert!(reasons[2].starts_with("undecodable_envelope"), "{reasons:?}");
+    // Good messages of the poisoned subject were handled, in order.
+    let ones: Vec<u32> = rec.seen().iter().filter(|s| s.0 == 1).map(|s| s.1).collect();
+    assert_eq!(ones, vec![1, 2]);
+    token.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_in_order_different_keys_in_parallel() {
+    let nats = NatsServer::start();
+    let (js, publisher) = setup(&nats).await;
+    let mut rec = Recorder::new(|_| None);
+    rec.delay = Duration::from_millis(2);
+    let token = CancellationToken::new();
+    let mut s = spec();
+    s.concurrency = 8;
+    let task = tokio::spawn(run_consumer(js.clone(), s, rec.clone(), token.clone()));
+    let mut pending = Vec::new();
+    for n in 1..=40u32 {
+        for project in 1..=8i64 {
+            let sent = publisher.send(names::push_subject(project), &push(project, n), &EventMeta::fresh("c")).await.unwrap();
+            pending.push(sent);
+        }
+    }
+    for p in pending {
+        p.wait().await.unwrap();
+    }
+    wait_for("all 320 handled", || rec.seen().len() == 320).await;
+    let mut per_key: HashMap<i64, Vec<u32>> = HashMap::new();
+    for (project, n, _) in rec.seen() {
+        per_key.entry(project).or_default().push(n);
+    }
+    for (project, ns) in per_key {
+        assert_eq!(ns, (1..=40).collect::<Vec<_>>(), "project {project} out of order");
+    }
+    let max_parallel = rec.in_flight.lock().unwrap().1;
+    assert!(max_parallel > 1, "keys were never handled in parallel");
+    token.cancel();
+    task.await.unwrap().unwrap();
+}

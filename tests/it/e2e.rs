@@ -1,0 +1,162 @@
+//! A real `git push` travels the whole pipeline to a connected agent.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use pushbus_shared::testkit::NatsServer;
+
+use crate::support::{SseReader, Stack};
+
+const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
+
+fn git(dir: &Path, args: &[&str]) -> std::process::Output {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .output()
+        .expect("run git");
+    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn agents_put(nats_url: &str, dir: &Path, yaml: &str) {
+    let file = dir.join("agent.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = Command::new(PUSHBUS)
+        .args(["agents", "--nats-url", nats_url, "put", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "agents put: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_push_reaches_connected_agent_with_its_correlation_id() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    agents_put(
+        &nats.url(),
+        tmp.path(),
+        "agent_id: agent-1\ntoken: s3cret\nwatches:\n  - project_id: 42\n    refs: any_branch\n  - project_id: 7\n    refs: any_branch\n",
+    );
+    let stack = Stack::start(&nats.url()).await;
+
+    // A wrong token is refused; the right one streams.
+    let url = format!("http://{}/v1/agents/agent-1/pokes", stack.notifier);
+    assert_eq!(SseReader::connect(&url, Some("wrong")).await.status(), 401);
+    let mut sse = SseReader::new(SseReader::connect(&url, Some("s3cret")).await);
+    let (event, _) = sse.next_event(Duration::from_secs(10)).await.expect("status event");
+    assert_eq!(event, "status");
+
+    // A bare repository whose post-receive hook calls the stack.
+    let bare = tmp.path().join("repo.git");
+    git(tmp.path(), &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(&bare, &["config", "pushbus.projectId", "42"]);
+    git(&bare, &["config", "pushbus.projectPath", "group/project"]);
+    let hook = bare.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n", stack.ingest),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+
+    let work = tmp.path().join("work");
+    git(tmp.path(), &["clone", "-q", bare.to_str().unwrap(), work.to_str().unwrap()]);
+    std::fs::write(work.join("README"), "hello\n").unwrap();
+    git(&work, &["add", "README"]);
+    git(&work, &["commit", "-q", "-m", "first"]);
+    let sha = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap().trim().to_owned();
+    let push = git(&work, &["push", "origin", "HEAD:refs/heads/main"]);
+    let output = String::from_utf8_lossy(&push.stderr).to_string();
+    let correlation_id = output
+        .lines()
+        .find_map(|l| l.split("correlation ID ").nth(1))
+        .unwrap_or_else(|| panic!("no correlation ID in push output:\n{output}"))
+        .trim()
+        .to_owned();
+    assert!(output.contains("remote: pushbus: push announced"), "{output}");
+
+    let (event, data) = sse.next_event(Duration::from_secs(15)).await.expect("poke within 15s");
+    assert_eq!(event, "poke");
+    let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(poke["agent_id"], "agent-1");
+    assert_eq!(poke["project_id"], 42);
+    assert_eq!(poke["project_path"], "group/project");
+    assert_eq!(poke["ref"], "refs/heads/main");
+    assert_eq!(poke["change"], "create");
+    assert_eq!(poke["new_sha"], sha.as_str());
+    assert_eq!(poke["correlation_id"], correlation_id.as_str());
+
+    // A push to a project the agent does not watch pokes nobody.
+    let body = serde_json::json!({
+        "gl_repository": "project-99",
+        "identifier": "user-1",
+        "changes": format!("{} {} refs/heads/main", "0".repeat(40), "b".repeat(40)),
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/api/v4/internal/post_receive", stack.ingest))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // ...and the agent's next poke is for its own next push, not that one.
+    let body = serde_json::json!({
+        "gl_repository": "project-7",
+        "identifier": "key-3",
+        "changes": format!("{} {} refs/heads/dev", "0".repeat(40), "c".repeat(40)),
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/api/v4/internal/post_receive", stack.ingest))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (_, data) = sse.next_event(Duration::from_secs(15)).await.expect("second poke");
+    let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(poke["project_id"], 7);
+    assert_eq!(poke["new_sha"], "c".repeat(40));
+
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_notifications_are_refused_with_field_and_nothing_published() {
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let url = format!("http://{}/api/v4/internal/post_receive", stack.ingest);
+    let z = "0".repeat(40);
+    let a = "a".repeat(40);
+    let cases = [
+        (serde_json::json!({"identifier": "user-1", "changes": format!("{z} {a} refs/heads/x")}), 400, Some("gl_repository")),
+        (serde_json::json!({"gl_repository": "project-0", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/x")}), 422, Some("gl_repository")),
+        (serde_json::json!({"gl_repository": "project-1", "identifier": "bob", "changes": format!("{z} {a} refs/heads/x")}), 422, Some("identifier")),
+        (serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} xyz refs/heads/x")}), 422, Some("changes[0].new_sha")),
+        (serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/..")}), 422, Some("changes[0].ref")),
+        (serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {} refs/heads/x", "b".repeat(64))}), 422, Some("changes[0].new_sha")),
+    ];
+    let client = reqwest::Client::new();
+    for (body, status, field) in cases {
+        let resp = client.post(&url).json(&body).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{body}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(json["field"].as_str(), field, "{body}");
+        assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    let resp = client.post(&url).body("{not json").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = client.post(&url).body(vec![b' '; 9 * 1024 * 1024]).send().await.unwrap();
+    assert_eq!(resp.status(), 413);
+
+    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(&nats).await);
+    let mut stream = js.get_stream(pushbus_shared::names::STREAM_PUSHES).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0, "a refused push was published");
+    stack.stop().await;
+}

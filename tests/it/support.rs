@@ -1,0 +1,131 @@
+//! Running pushbus services in-process against a test nats-server.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use pushbus_shared::service::{self, Launcher};
+use pushbus_shared::testkit::free_port;
+use tokio_util::sync::CancellationToken;
+
+pub struct Stack {
+    pub ingest: SocketAddr,
+    pub notifier: SocketAddr,
+    pub ops: SocketAddr,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), service::HostError>>,
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl Stack {
+    /// Starts all four services and waits until /readyz says ready.
+    pub async fn start(nats_url: &str) -> Stack {
+        let (ingest, notifier, ops) = (local(free_port()), local(free_port()), local(free_port()));
+        let ingest_cfg = pushbus_hook_ingest::Config {
+            listen: ingest,
+            secret_file: None,
+            max_body_bytes: 8 * 1024 * 1024,
+            lag_budget_ms: 250,
+        };
+        let notifier_cfg = pushbus_gitops_notifier::Config { listen: notifier };
+        let launchers = vec![
+            Launcher::new("hook-ingest", move |ctx, t| pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())),
+            Launcher::new("filter", move |ctx, t| {
+                pushbus_filter::run(ctx, pushbus_filter::Config::default(), t.cancelled_owned())
+            }),
+            Launcher::new("gitops-notifier", move |ctx, t| {
+                pushbus_gitops_notifier::run(ctx, notifier_cfg, t.cancelled_owned())
+            }),
+            Launcher::new("replication-lag", move |ctx, t| {
+                pushbus_replication_lag::run(ctx, pushbus_replication_lag::Config::default(), t.cancelled_owned())
+            }),
+        ];
+        let token = CancellationToken::new();
+        let url = nats_url.to_owned();
+        let task = tokio::spawn({
+            let token = token.clone();
+            async move { service::host(&url, ops, launchers, token.cancelled_owned()).await }
+        });
+        let stack = Stack {
+            ingest,
+            notifier,
+            ops,
+            token,
+            task,
+        };
+        stack.wait_ready().await;
+        stack
+    }
+
+    async fn wait_ready(&self) {
+        let url = format!("http://{}/readyz", self.ops);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "stack not ready within 30s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Graceful stop; fails the test if any service failed.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("stack did not stop within 30s")
+            .expect("host task panicked");
+        result.expect("a service failed");
+    }
+}
+
+/// Reads Server-Sent Events: (event name, data).
+pub struct SseReader {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl SseReader {
+    pub async fn connect(url: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = reqwest::Client::new().get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("SSE request")
+    }
+
+    pub fn new(resp: reqwest::Response) -> Self {
+        Self {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    pub async fn next_event(&mut self, within: Duration) -> Option<(String, String)> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut event, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if event.is_empty() {
+                    continue; // keep-alive comment
+                }
+                return Some((event, data));
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk()).await.ok()?.ok()??;
+            self.buf.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
