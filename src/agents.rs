@@ -7,7 +7,9 @@ use anyhow::{Context, bail};
 use futures::TryStreamExt;
 use prost::Message;
 use pushbus_shared::names;
-use pushbus_shared::proto::{AgentConfig, RefSelector, Watch, WatchKind, Webhook, ref_selector::Kind};
+use pushbus_shared::proto::{
+    AgentConfig, RefSelector, Watch, WatchKind, Webhook, ref_selector::Kind,
+};
 use pushbus_shared::service::NatsArgs;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -95,7 +97,9 @@ impl AgentFile {
                 let kind = match w.kind.as_str() {
                     "gitops" => WatchKind::Gitops,
                     "configuration" => WatchKind::Configuration,
-                    other => bail!("watches[{i}].kind: unknown kind {other:?} (gitops or configuration)"),
+                    other => {
+                        bail!("watches[{i}].kind: unknown kind {other:?} (gitops or configuration)")
+                    }
                 };
                 let (sel, pattern) = match w.refs {
                     RefsFile::AnyBranch => (Kind::AnyBranch, String::new()),
@@ -131,7 +135,8 @@ impl AgentFile {
 }
 
 pub fn parse_file(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let file: AgentFile = if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
     } else {
@@ -148,9 +153,13 @@ pub async fn run(nats: &NatsArgs, command: AgentsCommand) -> anyhow::Result<()> 
         AgentsCommand::Put { file } => Some(parse_file(file)?),
         _ => None,
     };
-    let client = async_nats::connect(nats.url()).await.with_context(|| format!("connecting to {}", nats.url()))?;
+    let client = async_nats::connect(nats.url())
+        .await
+        .with_context(|| format!("connecting to {}", nats.url()))?;
     let js = async_nats::jetstream::new(client);
-    let kv = js.create_or_update_key_value(pushbus_shared::topology::agents_bucket()).await?;
+    let kv = js
+        .create_or_update_key_value(pushbus_shared::topology::agents_bucket())
+        .await?;
     match command {
         AgentsCommand::Put { .. } => {
             let cfg = parsed.context("parsed above")?;
@@ -158,7 +167,10 @@ pub async fn run(nats: &NatsArgs, command: AgentsCommand) -> anyhow::Result<()> 
             eprintln!("agent {} stored (revision {revision})", cfg.agent_id);
         }
         AgentsCommand::Get { agent_id } => {
-            let bytes = kv.get(&agent_id).await?.with_context(|| format!("no agent {agent_id:?}"))?;
+            let bytes = kv
+                .get(&agent_id)
+                .await?
+                .with_context(|| format!("no agent {agent_id:?}"))?;
             let cfg = AgentConfig::decode(bytes.as_ref())?;
             print!("{}", serde_yaml::to_string(&to_file(cfg))?);
         }

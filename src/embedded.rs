@@ -10,10 +10,18 @@ use anyhow::{Context, bail};
 #[derive(clap::Args, Clone, Debug)]
 pub struct EmbeddedArgs {
     /// Port of the embedded nats-server (used only without --nats-url).
-    #[arg(long = "embedded-nats-port", env = "PUSHBUS_EMBEDDED_NATS_PORT", default_value_t = 14222)]
+    #[arg(
+        long = "embedded-nats-port",
+        env = "PUSHBUS_EMBEDDED_NATS_PORT",
+        default_value_t = 14222
+    )]
     pub port: u16,
     /// JetStream store of the embedded nats-server.
-    #[arg(long = "embedded-nats-dir", env = "PUSHBUS_EMBEDDED_NATS_DIR", default_value = ".pushbus/nats")]
+    #[arg(
+        long = "embedded-nats-dir",
+        env = "PUSHBUS_EMBEDDED_NATS_DIR",
+        default_value = ".pushbus/nats"
+    )]
     pub dir: PathBuf,
 }
 
@@ -42,7 +50,8 @@ pub fn start(args: &EmbeddedArgs) -> anyhow::Result<Embedded> {
     let bin = std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("nats-server"));
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("creating {}", args.dir.display()))?;
     let child = Command::new(&bin)
         .args(["-js", "-a", "127.0.0.1", "-p"])
         .arg(args.port.to_string())
@@ -58,14 +67,23 @@ pub fn start(args: &EmbeddedArgs) -> anyhow::Result<Embedded> {
                 bin.display()
             )
         })?;
-    let mut server = Embedded { child, port: args.port };
+    let mut server = Embedded {
+        child,
+        port: args.port,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", args.port)).is_err() {
         if let Ok(Some(status)) = server.child.try_wait() {
-            bail!("embedded nats-server exited with {status} (is port {} taken?)", args.port);
+            bail!(
+                "embedded nats-server exited with {status} (is port {} taken?)",
+                args.port
+            );
         }
         if Instant::now() > deadline {
-            bail!("embedded nats-server did not listen on port {} within 20s", args.port);
+            bail!(
+                "embedded nats-server did not listen on port {} within 20s",
+                args.port
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use pushbus_shared::service::NatsArgs;
 
 #[derive(Parser)]
-#[command(name = "pushbus", version, about = "Git push notifications over NATS JetStream")]
+#[command(
+    name = "pushbus",
+    version,
+    about = "Git push notifications over NATS JetStream"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -4,7 +4,12 @@ use anyhow::{Context, bail};
 use pushbus_shared::service::{self, Launcher, NatsArgs, OpsArgs};
 use pushbus_shared::topology::Topology;
 
-pub const SERVICES: [&str; 4] = ["hook-ingest", "filter", "gitops-notifier", "replication-lag"];
+pub const SERVICES: [&str; 4] = [
+    "hook-ingest",
+    "filter",
+    "gitops-notifier",
+    "replication-lag",
+];
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -38,11 +43,17 @@ pub fn parse_services(list: &str) -> anyhow::Result<Vec<&'static str>> {
         match SERVICES.iter().find(|s| **s == name) {
             Some(s) if !chosen.contains(s) => chosen.push(*s),
             Some(_) => {}
-            None => bail!("unknown service {name:?}; expected all or some of {}", SERVICES.join(", ")),
+            None => bail!(
+                "unknown service {name:?}; expected all or some of {}",
+                SERVICES.join(", ")
+            ),
         }
     }
     if chosen.is_empty() {
-        bail!("no service named; expected all or some of {}", SERVICES.join(", "));
+        bail!(
+            "no service named; expected all or some of {}",
+            SERVICES.join(", ")
+        );
     }
     Ok(chosen)
 }
@@ -54,7 +65,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (url, _embedded) = match &args.nats.nats_url {
         Some(url) => (url.clone(), None),
         None => {
-            let server = crate::embedded::start(&args.embedded).context("starting the embedded nats-server")?;
+            let server = crate::embedded::start(&args.embedded)
+                .context("starting the embedded nats-server")?;
             (server.url(), Some(server))
         }
     };
@@ -63,24 +75,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         launchers.push(match name {
             "hook-ingest" => {
                 let c = args.ingest.clone();
-                Launcher::new(name, move |ctx, t| pushbus_hook_ingest::run(ctx, c, t.cancelled_owned()))
+                Launcher::new(name, move |ctx, t| {
+                    pushbus_hook_ingest::run(ctx, c, t.cancelled_owned())
+                })
             }
             "filter" => {
                 let c = args.filter.clone();
-                Launcher::new(name, move |ctx, t| pushbus_filter::run(ctx, c, t.cancelled_owned()))
+                Launcher::new(name, move |ctx, t| {
+                    pushbus_filter::run(ctx, c, t.cancelled_owned())
+                })
             }
             "gitops-notifier" => {
                 let c = args.notifier.clone();
-                Launcher::new(name, move |ctx, t| pushbus_gitops_notifier::run(ctx, c, t.cancelled_owned()))
+                Launcher::new(name, move |ctx, t| {
+                    pushbus_gitops_notifier::run(ctx, c, t.cancelled_owned())
+                })
             }
             _ => {
                 let c = args.lag.clone();
-                Launcher::new(name, move |ctx, t| pushbus_replication_lag::run(ctx, c, t.cancelled_owned()))
+                Launcher::new(name, move |ctx, t| {
+                    pushbus_replication_lag::run(ctx, c, t.cancelled_owned())
+                })
             }
         });
     }
     tracing::info!(nats = %url, "pushbus starting");
-    service::host(&url, args.ops.ops_listen, launchers, service::shutdown_signal()).await?;
+    service::host(
+        &url,
+        args.ops.ops_listen,
+        launchers,
+        service::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -99,7 +125,10 @@ mod tests {
     #[test]
     fn service_lists() {
         assert_eq!(parse_services("all").unwrap(), SERVICES.to_vec());
-        assert_eq!(parse_services("filter, hook-ingest").unwrap(), vec!["filter", "hook-ingest"]);
+        assert_eq!(
+            parse_services("filter, hook-ingest").unwrap(),
+            vec!["filter", "hook-ingest"]
+        );
         assert!(parse_services("filter,bogus").is_err());
         assert!(parse_services("").is_err());
     }

@@ -201,7 +201,10 @@ mod tests {
         assert_ne!(a.event_id, b.event_id);
         assert_eq!(a.causation_id, parent.event_id);
         assert_eq!(a.correlation_id, "c");
-        assert_ne!(derived_event_id(&["ab", "c"]), derived_event_id(&["a", "bc"]));
+        assert_ne!(
+            derived_event_id(&["ab", "c"]),
+            derived_event_id(&["a", "bc"])
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@ impl ReadyFlag {
     }
 
     pub fn is_ready(&self) -> bool {
-        lock(&self.components).get(&self.name).copied().unwrap_or(false)
+        lock(&self.components)
+            .get(&self.name)
+            .copied()
+            .unwrap_or(false)
     }
 }
 

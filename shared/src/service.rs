@@ -30,7 +30,11 @@ impl NatsArgs {
 #[derive(clap::Args, Clone, Debug)]
 pub struct OpsArgs {
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long = "ops-listen", env = "PUSHBUS_OPS_LISTEN", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long = "ops-listen",
+        env = "PUSHBUS_OPS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
     pub ops_listen: SocketAddr,
     /// Log as JSON lines instead of human-readable text.
     #[arg(long = "log-json", env = "PUSHBUS_LOG_JSON")]
@@ -101,7 +105,11 @@ impl Launcher {
         Self {
             name,
             start: Box::new(move |ctx, token| {
-                Box::pin(async move { start(ctx, token).await.map_err(|e| Box::new(e) as ServiceError) })
+                Box::pin(async move {
+                    start(ctx, token)
+                        .await
+                        .map_err(|e| Box::new(e) as ServiceError)
+                })
             }),
         }
     }
@@ -110,9 +118,15 @@ impl Launcher {
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("cannot listen for ops on {addr}: {source}")]
-    OpsListen { addr: SocketAddr, source: std::io::Error },
+    OpsListen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("service {name} failed: {source}")]
-    Service { name: &'static str, source: ServiceError },
+    Service {
+        name: &'static str,
+        source: ServiceError,
+    },
 }
 
 /// Runs `services` in this process until `shutdown` resolves or one of them
@@ -127,7 +141,10 @@ pub async fn host(
     let token = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(ops_listen)
         .await
-        .map_err(|source| HostError::OpsListen { addr: ops_listen, source })?;
+        .map_err(|source| HostError::OpsListen {
+            addr: ops_listen,
+            source,
+        })?;
     let ops_token = token.clone();
     let ops_server = tokio::spawn({
         let app = ops::router(readiness.clone());
@@ -146,7 +163,9 @@ pub async fn host(
         running.spawn(async move {
             let name = launcher.name;
             let client_name = format!("pushbus-{name}");
-            let Some(client) = bus::connect(&url, &client_name, token.clone().cancelled_owned()).await else {
+            let Some(client) =
+                bus::connect(&url, &client_name, token.clone().cancelled_owned()).await
+            else {
                 return (name, Ok(()));
             };
             tracing::info!(service = name, "starting");
@@ -174,7 +193,9 @@ pub async fn host(
     failure.map_or(Ok(()), Err)
 }
 
-fn check(joined: Result<(&'static str, Result<(), ServiceError>), tokio::task::JoinError>) -> Option<HostError> {
+fn check(
+    joined: Result<(&'static str, Result<(), ServiceError>), tokio::task::JoinError>,
+) -> Option<HostError> {
     match joined {
         Ok((name, Ok(()))) => {
             tracing::info!(service = name, "stopped");

@@ -18,7 +18,11 @@ pub fn init(service: &'static str, json: bool) {
     // A second init (tests running several services) keeps the first one.
     let _ = if json {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_current_span(true))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true),
+            )
             .try_init()
     } else {
         registry.with(tracing_subscriber::fmt::layer()).try_init()

@@ -16,7 +16,10 @@ pub fn nats_server_bin() -> Result<PathBuf, String> {
         return if p.is_file() {
             Ok(p)
         } else {
-            Err(format!("NATS_SERVER_BIN={} is not a file; {INSTALL_HINT}", p.display()))
+            Err(format!(
+                "NATS_SERVER_BIN={} is not a file; {INSTALL_HINT}",
+                p.display()
+            ))
         };
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
@@ -87,7 +90,10 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("nats-server did not listen on port {} within 20s", self.port);
+        panic!(
+            "nats-server did not listen on port {} within 20s",
+            self.port
+        );
     }
 
     /// Graceful stop (SIGTERM), as an operator would.
@@ -139,5 +145,7 @@ impl Drop for NatsServer {
 
 /// A client connected to `server`, panicking on failure (tests only).
 pub async fn client(server: &NatsServer) -> async_nats::Client {
-    async_nats::connect(server.url()).await.expect("connect to test nats-server")
+    async_nats::connect(server.url())
+        .await
+        .expect("connect to test nats-server")
 }

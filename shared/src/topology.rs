@@ -86,7 +86,12 @@ impl Topology {
     }
 }
 
-fn limits_stream(name: &str, subjects: &str, description: &str, max_age: Duration) -> stream::Config {
+fn limits_stream(
+    name: &str,
+    subjects: &str,
+    description: &str,
+    max_age: Duration,
+) -> stream::Config {
     stream::Config {
         name: name.into(),
         subjects: vec![subjects.into()],

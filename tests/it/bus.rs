@@ -5,12 +5,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use pushbus_shared::EventMeta;
 use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher, run_consumer};
 use pushbus_shared::names::{self, headers};
 use pushbus_shared::proto::{GitPushEvent, Source};
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::topology::{self, Topology};
-use pushbus_shared::EventMeta;
 use tokio_util::sync::CancellationToken;
 
 async fn setup(nats: &NatsServer) -> (jetstream::Context, Publisher) {
@@ -22,12 +22,22 @@ async fn setup(nats: &NatsServer) -> (jetstream::Context, Publisher) {
     .ensure(&js)
     .await
     .unwrap();
-    let publisher = Publisher::new(js.clone(), Source { service: "test".into(), ..Default::default() });
+    let publisher = Publisher::new(
+        js.clone(),
+        Source {
+            service: "test".into(),
+            ..Default::default()
+        },
+    );
     (js, publisher)
 }
 
 fn push(project_id: i64, n: u32) -> GitPushEvent {
-    GitPushEvent { project_id, part: n, ..Default::default() }
+    GitPushEvent {
+        project_id,
+        part: n,
+        ..Default::default()
+    }
 }
 
 fn spec() -> ConsumerSpec {
@@ -40,17 +50,26 @@ fn spec() -> ConsumerSpec {
 }
 
 /// Records every delivery; fails according to `fail`.
+type FailWhen = dyn Fn(&Delivery<GitPushEvent>) -> Option<HandleError> + Send + Sync;
+
 #[derive(Clone)]
 struct Recorder {
     seen: Arc<Mutex<Vec<(i64, u32, i64)>>>,
-    fail: Arc<dyn Fn(&Delivery<GitPushEvent>) -> Option<HandleError> + Send + Sync>,
+    fail: Arc<FailWhen>,
     in_flight: Arc<Mutex<(usize, usize)>>,
     delay: Duration,
 }
 
 impl Recorder {
-    fn new(fail: impl Fn(&Delivery<GitPushEvent>) -> Option<HandleError> + Send + Sync + 'static) -> Self {
-        Self { seen: Default::default(), fail: Arc::new(fail), in_flight: Default::default(), delay: Duration::ZERO }
+    fn new(
+        fail: impl Fn(&Delivery<GitPushEvent>) -> Option<HandleError> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            seen: Default::default(),
+            fail: Arc::new(fail),
+            in_flight: Default::default(),
+            delay: Duration::ZERO,
+        }
     }
     fn seen(&self) -> Vec<(i64, u32, i64)> {
         self.seen.lock().unwrap().clone()
@@ -68,7 +87,10 @@ impl Handler<GitPushEvent> for Recorder {
             tokio::time::sleep(self.delay * (d.message.part % 3)).await;
         }
         self.in_flight.lock().unwrap().0 -= 1;
-        self.seen.lock().unwrap().push((d.message.project_id, d.message.part, d.delivered));
+        self.seen
+            .lock()
+            .unwrap()
+            .push((d.message.project_id, d.message.part, d.delivered));
         match (self.fail)(&d) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -87,7 +109,14 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
-    js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
+    js.get_stream(name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
 }
 
 #[tokio::test]
@@ -95,8 +124,14 @@ async fn republished_event_id_is_dropped_by_the_stream() {
     let nats = NatsServer::start();
     let (js, publisher) = setup(&nats).await;
     let meta = EventMeta::deterministic("c1", &["same push"]);
-    let first = publisher.publish(names::push_subject(1), &push(1, 1), &meta).await.unwrap();
-    let again = publisher.publish(names::push_subject(1), &push(1, 1), &meta).await.unwrap();
+    let first = publisher
+        .publish(names::push_subject(1), &push(1, 1), &meta)
+        .await
+        .unwrap();
+    let again = publisher
+        .publish(names::push_subject(1), &push(1, 1), &meta)
+        .await
+        .unwrap();
     assert!(!first.duplicate);
     assert!(again.duplicate);
     assert_eq!(stream_messages(&js, names::STREAM_PUSHES).await, 1);
@@ -106,16 +141,23 @@ async fn republished_event_id_is_dropped_by_the_stream() {
 async fn retryable_error_is_redelivered_then_acked() {
     let nats = NatsServer::start();
     let (js, publisher) = setup(&nats).await;
-    let rec = Recorder::new(|d| (d.delivered == 1).then(|| HandleError::Retryable("dependency down".into())));
+    let rec = Recorder::new(|d| {
+        (d.delivered == 1).then(|| HandleError::Retryable("dependency down".into()))
+    });
     let token = CancellationToken::new();
     let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
-    publisher.publish(names::push_subject(5), &push(5, 1), &EventMeta::fresh("c")).await.unwrap();
+    publisher
+        .publish(names::push_subject(5), &push(5, 1), &EventMeta::fresh("c"))
+        .await
+        .unwrap();
     wait_for("second delivery", || rec.seen().len() == 2).await;
     assert_eq!(rec.seen(), vec![(5, 1, 1), (5, 1, 2)]);
     token.cancel();
     task.await.unwrap().unwrap();
-    let mut consumer: jetstream::consumer::PullConsumer =
-        js.get_consumer_from_stream("test", names::STREAM_PUSHES).await.unwrap();
+    let mut consumer: jetstream::consumer::PullConsumer = js
+        .get_consumer_from_stream("test", names::STREAM_PUSHES)
+        .await
+        .unwrap();
     let info = consumer.info().await.unwrap();
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_pending, 0);
@@ -136,12 +178,28 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
     let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
     let client = testkit::client(&nats).await;
     // Undecodable bytes on the same subject as good messages.
-    js.publish(names::push_subject(1), "not protobuf \u{ff}".into()).await.unwrap().await.unwrap();
+    js.publish(names::push_subject(1), "not protobuf \u{ff}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     client.flush().await.unwrap();
-    publisher.publish(names::push_subject(1), &push(1, 1), &EventMeta::fresh("c")).await.unwrap();
-    publisher.publish(names::push_subject(3), &push(3, 1), &EventMeta::fresh("c")).await.unwrap();
-    publisher.publish(names::push_subject(4), &push(4, 1), &EventMeta::fresh("c")).await.unwrap();
-    publisher.publish(names::push_subject(1), &push(1, 2), &EventMeta::fresh("c")).await.unwrap();
+    publisher
+        .publish(names::push_subject(1), &push(1, 1), &EventMeta::fresh("c"))
+        .await
+        .unwrap();
+    publisher
+        .publish(names::push_subject(3), &push(3, 1), &EventMeta::fresh("c"))
+        .await
+        .unwrap();
+    publisher
+        .publish(names::push_subject(4), &push(4, 1), &EventMeta::fresh("c"))
+        .await
+        .unwrap();
+    publisher
+        .publish(names::push_subject(1), &push(1, 2), &EventMeta::fresh("c"))
+        .await
+        .unwrap();
 
     wait_for("three dead letters", || {
         let seen = rec.seen();
@@ -161,16 +219,39 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
     let mut reasons = Vec::new();
     for seq in 1..=3 {
         let m = dlq.get_raw_message(seq).await.unwrap();
-        assert_eq!(m.headers.get(headers::DLQ_STREAM).unwrap().as_str(), names::STREAM_PUSHES);
-        assert_eq!(m.headers.get(headers::DLQ_CONSUMER).unwrap().as_str(), "test");
-        reasons.push(m.headers.get(headers::DLQ_REASON).unwrap().as_str().to_owned());
+        assert_eq!(
+            m.headers.get(headers::DLQ_STREAM).unwrap().as_str(),
+            names::STREAM_PUSHES
+        );
+        assert_eq!(
+            m.headers.get(headers::DLQ_CONSUMER).unwrap().as_str(),
+            "test"
+        );
+        reasons.push(
+            m.headers
+                .get(headers::DLQ_REASON)
+                .unwrap()
+                .as_str()
+                .to_owned(),
+        );
     }
     reasons.sort();
-    assert!(reasons[0].starts_with("max_deliveries: still down"), "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("max_deliveries: still down"),
+        "{reasons:?}"
+    );
     assert!(reasons[1].starts_with("permanent: invalid"), "{reasons:?}");
-    assert!(reasons[2].starts_with("undecodable_envelope"), "{reasons:?}");
+    assert!(
+        reasons[2].starts_with("undecodable_envelope"),
+        "{reasons:?}"
+    );
     // Good messages of the poisoned subject were handled, in order.
-    let ones: Vec<u32> = rec.seen().iter().filter(|s| s.0 == 1).map(|s| s.1).collect();
+    let ones: Vec<u32> = rec
+        .seen()
+        .iter()
+        .filter(|s| s.0 == 1)
+        .map(|s| s.1)
+        .collect();
     assert_eq!(ones, vec![1, 2]);
     token.cancel();
     task.await.unwrap().unwrap();
@@ -189,7 +270,14 @@ async fn one_key_in_order_different_keys_in_parallel() {
     let mut pending = Vec::new();
     for n in 1..=40u32 {
         for project in 1..=8i64 {
-            let sent = publisher.send(names::push_subject(project), &push(project, n), &EventMeta::fresh("c")).await.unwrap();
+            let sent = publisher
+                .send(
+                    names::push_subject(project),
+                    &push(project, n),
+                    &EventMeta::fresh("c"),
+                )
+                .await
+                .unwrap();
             pending.push(sent);
         }
     }
@@ -202,7 +290,11 @@ async fn one_key_in_order_different_keys_in_parallel() {
         per_key.entry(project).or_default().push(n);
     }
     for (project, ns) in per_key {
-        assert_eq!(ns, (1..=40).collect::<Vec<_>>(), "project {project} out of order");
+        assert_eq!(
+            ns,
+            (1..=40).collect::<Vec<_>>(),
+            "project {project} out of order"
+        );
     }
     let max_parallel = rec.in_flight.lock().unwrap().1;
     assert!(max_parallel > 1, "keys were never handled in parallel");

@@ -20,7 +20,11 @@ fn git(dir: &Path, args: &[&str]) -> std::process::Output {
         .env("GIT_COMMITTER_EMAIL", "test@example.com")
         .output()
         .expect("run git");
-    assert!(out.status.success(), "git {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -32,7 +36,11 @@ fn agents_put(nats_url: &str, dir: &Path, yaml: &str) {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(out.status.success(), "agents put: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "agents put: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,28 +58,48 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
     let url = format!("http://{}/v1/agents/agent-1/pokes", stack.notifier);
     assert_eq!(SseReader::connect(&url, Some("wrong")).await.status(), 401);
     let mut sse = SseReader::new(SseReader::connect(&url, Some("s3cret")).await);
-    let (event, _) = sse.next_event(Duration::from_secs(10)).await.expect("status event");
+    let (event, _) = sse
+        .next_event(Duration::from_secs(10))
+        .await
+        .expect("status event");
     assert_eq!(event, "status");
 
     // A bare repository whose post-receive hook calls the stack.
     let bare = tmp.path().join("repo.git");
-    git(tmp.path(), &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &["init", "--bare", "-q", bare.to_str().unwrap()],
+    );
     git(&bare, &["config", "pushbus.projectId", "42"]);
     git(&bare, &["config", "pushbus.projectPath", "group/project"]);
     let hook = bare.join("hooks/post-receive");
     std::fs::write(
         &hook,
-        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n", stack.ingest),
+        format!(
+            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n",
+            stack.ingest
+        ),
     )
     .unwrap();
     Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
 
     let work = tmp.path().join("work");
-    git(tmp.path(), &["clone", "-q", bare.to_str().unwrap(), work.to_str().unwrap()]);
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
     std::fs::write(work.join("README"), "hello\n").unwrap();
     git(&work, &["add", "README"]);
     git(&work, &["commit", "-q", "-m", "first"]);
-    let sha = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap().trim().to_owned();
+    let sha = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout)
+        .unwrap()
+        .trim()
+        .to_owned();
     let push = git(&work, &["push", "origin", "HEAD:refs/heads/main"]);
     let output = String::from_utf8_lossy(&push.stderr).to_string();
     let correlation_id = output
@@ -80,9 +108,15 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
         .unwrap_or_else(|| panic!("no correlation ID in push output:\n{output}"))
         .trim()
         .to_owned();
-    assert!(output.contains("remote: pushbus: push announced"), "{output}");
+    assert!(
+        output.contains("remote: pushbus: push announced"),
+        "{output}"
+    );
 
-    let (event, data) = sse.next_event(Duration::from_secs(15)).await.expect("poke within 15s");
+    let (event, data) = sse
+        .next_event(Duration::from_secs(15))
+        .await
+        .expect("poke within 15s");
     assert_eq!(event, "poke");
     let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
     assert_eq!(poke["agent_id"], "agent-1");
@@ -100,7 +134,10 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
         "changes": format!("{} {} refs/heads/main", "0".repeat(40), "b".repeat(40)),
     });
     let resp = reqwest::Client::new()
-        .post(format!("http://{}/api/v4/internal/post_receive", stack.ingest))
+        .post(format!(
+            "http://{}/api/v4/internal/post_receive",
+            stack.ingest
+        ))
         .json(&body)
         .send()
         .await
@@ -113,13 +150,19 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
         "changes": format!("{} {} refs/heads/dev", "0".repeat(40), "c".repeat(40)),
     });
     let resp = reqwest::Client::new()
-        .post(format!("http://{}/api/v4/internal/post_receive", stack.ingest))
+        .post(format!(
+            "http://{}/api/v4/internal/post_receive",
+            stack.ingest
+        ))
         .json(&body)
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let (_, data) = sse.next_event(Duration::from_secs(15)).await.expect("second poke");
+    let (_, data) = sse
+        .next_event(Duration::from_secs(15))
+        .await
+        .expect("second poke");
     let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
     assert_eq!(poke["project_id"], 7);
     assert_eq!(poke["new_sha"], "c".repeat(40));
@@ -135,12 +178,36 @@ async fn malformed_notifications_are_refused_with_field_and_nothing_published() 
     let z = "0".repeat(40);
     let a = "a".repeat(40);
     let cases = [
-        (serde_json::json!({"identifier": "user-1", "changes": format!("{z} {a} refs/heads/x")}), 400, Some("gl_repository")),
-        (serde_json::json!({"gl_repository": "project-0", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/x")}), 422, Some("gl_repository")),
-        (serde_json::json!({"gl_repository": "project-1", "identifier": "bob", "changes": format!("{z} {a} refs/heads/x")}), 422, Some("identifier")),
-        (serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} xyz refs/heads/x")}), 422, Some("changes[0].new_sha")),
-        (serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/..")}), 422, Some("changes[0].ref")),
-        (serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {} refs/heads/x", "b".repeat(64))}), 422, Some("changes[0].new_sha")),
+        (
+            serde_json::json!({"identifier": "user-1", "changes": format!("{z} {a} refs/heads/x")}),
+            400,
+            Some("gl_repository"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-0", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/x")}),
+            422,
+            Some("gl_repository"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-1", "identifier": "bob", "changes": format!("{z} {a} refs/heads/x")}),
+            422,
+            Some("identifier"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} xyz refs/heads/x")}),
+            422,
+            Some("changes[0].new_sha"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/..")}),
+            422,
+            Some("changes[0].ref"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {} refs/heads/x", "b".repeat(64))}),
+            422,
+            Some("changes[0].new_sha"),
+        ),
     ];
     let client = reqwest::Client::new();
     for (body, status, field) in cases {
@@ -152,11 +219,23 @@ async fn malformed_notifications_are_refused_with_field_and_nothing_published() 
     }
     let resp = client.post(&url).body("{not json").send().await.unwrap();
     assert_eq!(resp.status(), 400);
-    let resp = client.post(&url).body(vec![b' '; 9 * 1024 * 1024]).send().await.unwrap();
+    let resp = client
+        .post(&url)
+        .body(vec![b' '; 9 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 413);
 
     let js = async_nats::jetstream::new(pushbus_shared::testkit::client(&nats).await);
-    let mut stream = js.get_stream(pushbus_shared::names::STREAM_PUSHES).await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.messages, 0, "a refused push was published");
+    let mut stream = js
+        .get_stream(pushbus_shared::names::STREAM_PUSHES)
+        .await
+        .unwrap();
+    assert_eq!(
+        stream.info().await.unwrap().state.messages,
+        0,
+        "a refused push was published"
+    );
     stack.stop().await;
 }

@@ -31,7 +31,9 @@ impl Stack {
         };
         let notifier_cfg = pushbus_gitops_notifier::Config { listen: notifier };
         let launchers = vec![
-            Launcher::new("hook-ingest", move |ctx, t| pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())),
+            Launcher::new("hook-ingest", move |ctx, t| {
+                pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())
+            }),
             Launcher::new("filter", move |ctx, t| {
                 pushbus_filter::run(ctx, pushbus_filter::Config::default(), t.cancelled_owned())
             }),
@@ -39,7 +41,11 @@ impl Stack {
                 pushbus_gitops_notifier::run(ctx, notifier_cfg, t.cancelled_owned())
             }),
             Launcher::new("replication-lag", move |ctx, t| {
-                pushbus_replication_lag::run(ctx, pushbus_replication_lag::Config::default(), t.cancelled_owned())
+                pushbus_replication_lag::run(
+                    ctx,
+                    pushbus_replication_lag::Config::default(),
+                    t.cancelled_owned(),
+                )
             }),
         ];
         let token = CancellationToken::new();
@@ -63,10 +69,10 @@ impl Stack {
         let url = format!("http://{}/readyz", self.ops);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(r) = reqwest::get(&url).await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = reqwest::get(&url).await
+                && r.status().is_success()
+            {
+                return;
             }
             assert!(Instant::now() < deadline, "stack not ready within 30s");
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -124,7 +130,10 @@ impl SseReader {
                 }
                 return Some((event, data));
             }
-            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk()).await.ok()?.ok()??;
+            let chunk = tokio::time::timeout_at(deadline, self.resp.chunk())
+                .await
+                .ok()?
+                .ok()??;
             self.buf.push_str(&String::from_utf8_lossy(&chunk));
         }
     }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use pushbus_shared::names;
-use pushbus_shared::proto::{AgentConfig, RefKind, RefSelector, Watch, WatchKind, ref_selector::Kind};
+use pushbus_shared::proto::{
+    AgentConfig, RefKind, RefSelector, Watch, WatchKind, ref_selector::Kind,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AgentConfigError {
@@ -67,7 +69,11 @@ pub fn compile(cfg: &AgentConfig) -> Result<Vec<CompiledWatch>, AgentConfigError
         .collect()
 }
 
-fn compile_watch(i: usize, agent_id: &Arc<str>, w: &Watch) -> Result<CompiledWatch, AgentConfigError> {
+fn compile_watch(
+    i: usize,
+    agent_id: &Arc<str>,
+    w: &Watch,
+) -> Result<CompiledWatch, AgentConfigError> {
     let project = match (w.project_id, w.project_path.trim()) {
         (id, "") if id > 0 => ProjectKey::Id(id),
         (0, path) if !path.is_empty() => ProjectKey::Path(path.to_owned()),
@@ -86,7 +92,10 @@ fn compile_watch(i: usize, agent_id: &Arc<str>, w: &Watch) -> Result<CompiledWat
         for (j, p) in paths.iter().enumerate() {
             set.add(glob(p).map_err(|e| AgentConfigError::PathGlob(i, j, e))?);
         }
-        Some(set.build().map_err(|e| AgentConfigError::PathGlob(i, 0, e.to_string()))?)
+        Some(
+            set.build()
+                .map_err(|e| AgentConfigError::PathGlob(i, 0, e.to_string()))?,
+        )
     };
     Ok(CompiledWatch {
         agent_id: agent_id.clone(),
@@ -107,7 +116,11 @@ fn compile_refs(i: usize, sel: Option<&RefSelector>) -> Result<RefMatcher, Agent
             Ok(pattern.to_owned())
         }
     };
-    let compiled = |p: String| glob(&p).map(|g| g.compile_matcher()).map_err(|e| AgentConfigError::Pattern(i, e));
+    let compiled = |p: String| {
+        glob(&p)
+            .map(|g| g.compile_matcher())
+            .map_err(|e| AgentConfigError::Pattern(i, e))
+    };
     Ok(match kind {
         Kind::Unspecified => return Err(AgentConfigError::SelectorKind(i)),
         Kind::AnyBranch => RefMatcher::AnyBranch,

@@ -34,7 +34,10 @@ impl Index {
         let mut projects = HashSet::new();
         for w in watches {
             projects.insert(w.project.clone());
-            self.by_project.entry(w.project.clone()).or_default().push(w);
+            self.by_project
+                .entry(w.project.clone())
+                .or_default()
+                .push(w);
         }
         self.agents.insert(id, projects);
     }
@@ -58,7 +61,10 @@ impl Index {
     pub fn matches(&self, push: &GitPushEvent) -> Vec<Match> {
         let by_id = self.by_project.get(&ProjectKey::Id(push.project_id));
         let by_path = (!push.project_path.is_empty())
-            .then(|| self.by_project.get(&ProjectKey::Path(push.project_path.clone())))
+            .then(|| {
+                self.by_project
+                    .get(&ProjectKey::Path(push.project_path.clone()))
+            })
             .flatten();
         let candidates: Vec<&CompiledWatch> = by_id.into_iter().chain(by_path).flatten().collect();
         if candidates.is_empty() {
@@ -86,5 +92,7 @@ impl Index {
 }
 
 fn known_paths(change: &RefChange) -> Option<&[String]> {
-    change.paths_known.then_some(change.changed_paths.as_slice())
+    change
+        .paths_known
+        .then_some(change.changed_paths.as_slice())
 }

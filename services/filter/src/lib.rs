@@ -20,7 +20,11 @@ pub use registry::{RegistryError, put_agent};
 pub struct Config {
     /// Projects whose pushes are matched in parallel (one project's pushes
     /// are always handled in order).
-    #[arg(long = "filter-concurrency", env = "PUSHBUS_FILTER_CONCURRENCY", default_value_t = 16)]
+    #[arg(
+        long = "filter-concurrency",
+        env = "PUSHBUS_FILTER_CONCURRENCY",
+        default_value_t = 16
+    )]
     pub concurrency: usize,
 }
 
@@ -48,9 +52,16 @@ pub fn consumer_spec(config: &Config) -> ConsumerSpec {
 
 pub fn topology(config: &Config) -> Topology {
     Topology {
-        streams: vec![topology::pushes_stream(), topology::pokes_stream(), topology::dlq_stream()],
+        streams: vec![
+            topology::pushes_stream(),
+            topology::pokes_stream(),
+            topology::dlq_stream(),
+        ],
         buckets: vec![topology::agents_bucket()],
-        consumers: vec![(names::STREAM_PUSHES.into(), consumer_spec(config).pull_config())],
+        consumers: vec![(
+            names::STREAM_PUSHES.into(),
+            consumer_spec(config).pull_config(),
+        )],
     }
 }
 
@@ -89,7 +100,13 @@ pub async fn run(
             index,
             publisher: ctx.publisher.clone(),
         };
-        bus::run_consumer(ctx.js.clone(), consumer_spec(&config), handler, token.clone()).await?;
+        bus::run_consumer(
+            ctx.js.clone(),
+            consumer_spec(&config),
+            handler,
+            token.clone(),
+        )
+        .await?;
     }
     ctx.ready.set(false);
     token.cancel();
@@ -139,10 +156,16 @@ impl Handler<GitPushEvent> for PushHandler {
             pending.push(sent);
         }
         for p in pending {
-            p.wait().await.map_err(|e| HandleError::Retryable(e.to_string()))?;
+            p.wait()
+                .await
+                .map_err(|e| HandleError::Retryable(e.to_string()))?;
         }
         metrics::counter!("pushbus_filter_pokes_total").increment(matches.len() as u64);
-        tracing::info!(pokes = matches.len(), project_id = push.project_id, "push matched");
+        tracing::info!(
+            pokes = matches.len(),
+            project_id = push.project_id,
+            "push matched"
+        );
         Ok(())
     }
 }

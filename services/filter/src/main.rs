@@ -18,7 +18,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     pushbus_shared::telemetry::init("filter", cli.ops.log_json);
     let config = cli.filter;
-    let launcher = Launcher::new("filter", move |ctx, token| pushbus_filter::run(ctx, config, token.cancelled_owned()));
-    service::host(cli.nats.url(), cli.ops.ops_listen, vec![launcher], service::shutdown_signal()).await?;
+    let launcher = Launcher::new("filter", move |ctx, token| {
+        pushbus_filter::run(ctx, config, token.cancelled_owned())
+    });
+    service::host(
+        cli.nats.url(),
+        cli.ops.ops_listen,
+        vec![launcher],
+        service::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -19,7 +19,12 @@ pub type SharedIndex = Arc<RwLock<Index>>;
 /// Keeps `index` in step with the bucket until `shutdown`. `loaded` turns
 /// true once the first full load is in the index (and stays true across
 /// reloads: the old index keeps serving until the new one is complete).
-pub async fn sync(kv: Store, index: SharedIndex, loaded: watch::Sender<bool>, shutdown: CancellationToken) {
+pub async fn sync(
+    kv: Store,
+    index: SharedIndex,
+    loaded: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
     while !shutdown.is_cancelled() {
         match load(&kv).await {
             Ok((fresh, watch, last_revision)) => {
@@ -58,7 +63,8 @@ async fn load(kv: &Store) -> Result<(Index, Watch, u64), async_nats::Error> {
             }
         }
     }
-    metrics::histogram!("pushbus_filter_index_build_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("pushbus_filter_index_build_seconds")
+        .record(started.elapsed().as_secs_f64());
     Ok((index, watch, last))
 }
 
@@ -98,9 +104,13 @@ fn apply(index: &mut Index, entry: &Entry) {
 }
 
 fn decode(entry: &Entry) -> Result<Vec<agent::CompiledWatch>, String> {
-    let cfg = AgentConfig::decode(entry.value.as_ref()).map_err(|e| format!("undecodable AgentConfig: {e}"))?;
+    let cfg = AgentConfig::decode(entry.value.as_ref())
+        .map_err(|e| format!("undecodable AgentConfig: {e}"))?;
     if cfg.agent_id != entry.key {
-        return Err(format!("agent_id {:?} does not match its key", cfg.agent_id));
+        return Err(format!(
+            "agent_id {:?} does not match its key",
+            cfg.agent_id
+        ));
     }
     agent::compile(&cfg).map_err(|e| e.to_string())
 }
@@ -116,7 +126,9 @@ pub fn read(index: &SharedIndex) -> std::sync::RwLockReadGuard<'_, Index> {
 /// Validates and stores an agent config (the `pushbus agents put` path).
 pub async fn put_agent(kv: &Store, cfg: &AgentConfig) -> Result<u64, RegistryError> {
     agent::compile(cfg)?;
-    Ok(kv.put(&cfg.agent_id, cfg.encode_to_vec().into()).await.map_err(|e| RegistryError::Kv(e.to_string()))?)
+    kv.put(&cfg.agent_id, cfg.encode_to_vec().into())
+        .await
+        .map_err(|e| RegistryError::Kv(e.to_string()))
 }
 
 #[derive(Debug, thiserror::Error)]

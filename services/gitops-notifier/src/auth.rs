@@ -16,7 +16,11 @@ pub enum AuthError {
     Unavailable(String),
 }
 
-pub async fn authenticate(agents: &Store, agent_id: &str, token: Option<&str>) -> Result<(), AuthError> {
+pub async fn authenticate(
+    agents: &Store,
+    agent_id: &str,
+    token: Option<&str>,
+) -> Result<(), AuthError> {
     if !names::is_valid_token(agent_id) {
         return Err(AuthError::Denied);
     }
@@ -32,7 +36,10 @@ pub async fn authenticate(agents: &Store, agent_id: &str, token: Option<&str>) -
     }
     let given = token.ok_or(AuthError::Denied)?;
     let digest = hex::encode(Sha256::digest(given.as_bytes()));
-    if constant_time_eq(digest.as_bytes(), cfg.token_sha256.to_ascii_lowercase().as_bytes()) {
+    if constant_time_eq(
+        digest.as_bytes(),
+        cfg.token_sha256.to_ascii_lowercase().as_bytes(),
+    ) {
         Ok(())
     } else {
         Err(AuthError::Denied)

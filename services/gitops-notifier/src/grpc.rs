@@ -22,7 +22,12 @@ impl GitOpsNotifier for WatchService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let token = auth::bearer(req.metadata().get("authorization").and_then(|v| v.to_str().ok())).map(str::to_owned);
+        let token = auth::bearer(
+            req.metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map(str::to_owned);
         let agent_id = req.into_inner().agent_id;
         auth::authenticate(&self.state.agents, &agent_id, token.as_deref())
             .await

@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use pushbus_shared::proto::{NotifierStatus, WatchEvent, notifier_status::State, watch_event::Event};
+use pushbus_shared::proto::{
+    NotifierStatus, WatchEvent, notifier_status::State, watch_event::Event,
+};
 use tokio::sync::mpsc;
 
 /// Pokes buffered per connection before a slow reader starts losing them.

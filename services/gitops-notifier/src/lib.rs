@@ -24,7 +24,12 @@ pub use hub::Hub;
 pub struct Config {
     /// Address for agents: SSE at /v1/agents/{id}/pokes and gRPC
     /// pushbus.v1.GitOpsNotifier/Watch.
-    #[arg(id = "notifier_listen", long = "notifier-listen", env = "PUSHBUS_NOTIFIER_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(
+        id = "notifier_listen",
+        long = "notifier-listen",
+        env = "PUSHBUS_NOTIFIER_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
     pub listen: SocketAddr,
 }
 
@@ -37,7 +42,10 @@ pub enum Error {
     #[error("cannot open the agent registry: {0}")]
     Registry(String),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Clone)]
@@ -90,19 +98,27 @@ pub async fn run(
             addr: config.listen,
             source,
         })?;
-    let grpc = tonic::service::Routes::new(GitOpsNotifierServer::new(grpc::WatchService { state: state.clone() }))
-        .into_axum_router();
+    let grpc = tonic::service::Routes::new(GitOpsNotifierServer::new(grpc::WatchService {
+        state: state.clone(),
+    }))
+    .into_axum_router();
     let app = sse::router(state.clone()).merge(grpc);
     let server = tokio::spawn({
         let token = token.clone();
-        async move { axum::serve(listener, app).with_graceful_shutdown(token.cancelled_owned()).await }
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+        }
     });
     tracing::info!(listen = %config.listen, "agents may connect");
 
     let consumer = tokio::spawn(bus::run_consumer(
         ctx.js.clone(),
         consumer_spec(),
-        PokeHandler { hub: state.hub.clone() },
+        PokeHandler {
+            hub: state.hub.clone(),
+        },
         token.clone(),
     ));
     ctx.ready.set(true);

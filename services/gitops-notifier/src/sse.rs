@@ -9,7 +9,9 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, routing::get};
 use futures::StreamExt;
-use pushbus_shared::proto::{ChangeKind, RefKind, WatchEvent, notifier_status::State as NotifierState, watch_event::Event};
+use pushbus_shared::proto::{
+    ChangeKind, RefKind, WatchEvent, notifier_status::State as NotifierState, watch_event::Event,
+};
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -22,8 +24,16 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn pokes(State(st): State<AppState>, Path(agent_id): Path<String>, headers: HeaderMap) -> Response {
-    let token = auth::bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+async fn pokes(
+    State(st): State<AppState>,
+    Path(agent_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let token = auth::bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
     if let Err(err) = auth::authenticate(&st.agents, &agent_id, token).await {
         let status = match err {
             AuthError::Denied => StatusCode::UNAUTHORIZED,
@@ -36,7 +46,9 @@ async fn pokes(State(st): State<AppState>, Path(agent_id): Path<String>, headers
     let events = ReceiverStream::new(st.hub.connect(&agent_id))
         .map(|ev| Ok::<_, Infallible>(to_sse(&ev)))
         .take_until(st.shutdown.clone().cancelled_owned());
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 fn to_sse(ev: &WatchEvent) -> SseEvent {

@@ -35,7 +35,10 @@ pub fn parse_changes(text: &str) -> Result<Vec<RefChange>, Invalid> {
             let mut parts = line.split(' ');
             match (parts.next(), parts.next(), parts.next(), parts.next()) {
                 (Some(old), Some(new), Some(r), None) => Ok((old, new, r)),
-                _ => Err(Invalid::new(format!("changes[{i}]"), "expected \"<old-sha> <new-sha> <ref>\"")),
+                _ => Err(Invalid::new(
+                    format!("changes[{i}]"),
+                    "expected \"<old-sha> <new-sha> <ref>\"",
+                )),
             }
         })
         .map(|parsed| parsed.map(|(o, n, r)| (o.to_owned(), n.to_owned(), r.to_owned())))
@@ -63,7 +66,10 @@ pub fn validate(mut changes: Vec<RefChange>) -> Result<Vec<RefChange>, Invalid> 
     if changes.len() > MAX_REFS_PER_PUSH {
         return Err(Invalid::new(
             "changes",
-            format!("{} refs exceed the limit of {MAX_REFS_PER_PUSH}", changes.len()),
+            format!(
+                "{} refs exceed the limit of {MAX_REFS_PER_PUSH}",
+                changes.len()
+            ),
         ));
     }
     let hash_len = changes[0].old_sha.len();
@@ -82,7 +88,12 @@ pub fn validate(mut changes: Vec<RefChange>) -> Result<Vec<RefChange>, Invalid> 
         let old_zero = is_zero(&c.old_sha);
         let new_zero = is_zero(&c.new_sha);
         c.change_kind = match (old_zero, new_zero) {
-            (true, true) => return Err(Invalid::new(format!("changes[{i}]"), "old and new SHA are both zero")),
+            (true, true) => {
+                return Err(Invalid::new(
+                    format!("changes[{i}]"),
+                    "old and new SHA are both zero",
+                ));
+            }
             (true, false) => ChangeKind::Create,
             (false, true) => ChangeKind::Delete,
             (false, false) => ChangeKind::Update,
@@ -130,7 +141,9 @@ pub fn check_ref_format(r: &str) -> Result<(), &'static str> {
     if r.contains("..") || r.contains("//") || r.contains("@{") || r == "@" {
         return Err("must not contain '..', '//' or '@{'");
     }
-    if r.chars().any(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\')) {
+    if r.chars()
+        .any(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\'))
+    {
         return Err("must not contain control characters, space, ~ ^ : ? * [ or \\");
     }
     for component in r.split('/') {
@@ -157,7 +170,8 @@ mod tests {
 
     #[test]
     fn parses_and_classifies() {
-        let text = format!("{A} {B} refs/heads/main\n{Z} {B} refs/tags/v1.0\n{A} {Z} refs/heads/gone\n");
+        let text =
+            format!("{A} {B} refs/heads/main\n{Z} {B} refs/tags/v1.0\n{A} {Z} refs/heads/gone\n");
         let c = parse_changes(&text).unwrap();
         assert_eq!(c.len(), 3);
         assert_eq!(c[0].change_kind, ChangeKind::Update as i32);
@@ -190,7 +204,12 @@ mod tests {
 
     #[test]
     fn accepts_odd_but_valid_refs() {
-        for r in ["refs/heads/feature/ünïcödé", "refs/heads/a-b_c+d", "refs/merge-requests/1/head", "refs/tags/v1.2.3-rc.1"] {
+        for r in [
+            "refs/heads/feature/ünïcödé",
+            "refs/heads/a-b_c+d",
+            "refs/merge-requests/1/head",
+            "refs/tags/v1.2.3-rc.1",
+        ] {
             assert_eq!(check_ref_format(r), Ok(()), "{r}");
         }
     }

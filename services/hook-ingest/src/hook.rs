@@ -11,7 +11,11 @@ use serde_json::json;
 #[derive(clap::Args, Clone, Debug)]
 pub struct HookArgs {
     /// Base URL of hook-ingest.
-    #[arg(long = "ingest-url", env = "PUSHBUS_INGEST_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long = "ingest-url",
+        env = "PUSHBUS_INGEST_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub ingest_url: String,
     /// Project ID; default: git config pushbus.projectId of the repository.
     #[arg(long = "project-id", env = "PUSHBUS_PROJECT_ID")]
@@ -20,7 +24,11 @@ pub struct HookArgs {
     #[arg(long = "project-path", env = "PUSHBUS_PROJECT_PATH")]
     pub project_path: Option<String>,
     /// Give up on hook-ingest after this long.
-    #[arg(long = "timeout-ms", env = "PUSHBUS_HOOK_TIMEOUT_MS", default_value_t = 3000)]
+    #[arg(
+        long = "timeout-ms",
+        env = "PUSHBUS_HOOK_TIMEOUT_MS",
+        default_value_t = 3000
+    )]
     pub timeout_ms: u64,
 }
 
@@ -45,12 +53,14 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
     };
     let project_id = match args.project_id {
         Some(id) => Some(id),
-        None => git_config("pushbus.projectId").await.and_then(|v| v.parse().ok()),
+        None => git_config("pushbus.projectId")
+            .await
+            .and_then(|v| v.parse().ok()),
     };
     let Some(project_id) = project_id else {
-        outcome
-            .lines
-            .push("pushbus: no project ID (set git config pushbus.projectId); push not announced".into());
+        outcome.lines.push(
+            "pushbus: no project ID (set git config pushbus.projectId); push not announced".into(),
+        );
         return outcome;
     };
     let project_path = match &args.project_path {
@@ -65,7 +75,10 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         "push_options": push_options(env),
         "protocol": env.get("GL_PROTOCOL").cloned().unwrap_or_else(|| "hook".into()),
     });
-    let url = format!("{}/api/v4/internal/post_receive", args.ingest_url.trim_end_matches('/'));
+    let url = format!(
+        "{}/api/v4/internal/post_receive",
+        args.ingest_url.trim_end_matches('/')
+    );
     let timeout = Duration::from_millis(args.timeout_ms);
     let sent = async {
         let client = reqwest::Client::builder().timeout(timeout).build()?;
@@ -84,24 +97,52 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
             outcome.delivered = true;
             outcome.lines = render_messages(&json);
             // Lets the pusher quote one ID that every service's logs carry.
-            let id = json.get("correlation_id").and_then(|c| c.as_str()).unwrap_or(&correlation_id);
-            outcome.lines.push(format!("pushbus: push announced, correlation ID {id}"));
+            let id = json
+                .get("correlation_id")
+                .and_then(|c| c.as_str())
+                .unwrap_or(&correlation_id);
+            outcome
+                .lines
+                .push(format!("pushbus: push announced, correlation ID {id}"));
         }
         Ok(Ok((status, json))) => {
-            let error = json.get("error").and_then(|e| e.as_str()).unwrap_or("unknown error");
-            outcome.lines.push(format!("pushbus: push not announced ({status}): {error}"));
+            let error = json
+                .get("error")
+                .and_then(|e| e.as_str())
+                .unwrap_or("unknown error");
+            outcome
+                .lines
+                .push(format!("pushbus: push not announced ({status}): {error}"));
         }
-        Ok(Err(err)) => outcome.lines.push(format!("pushbus: push not announced: {err}")),
-        Err(_) => outcome.lines.push("pushbus: push not announced: hook-ingest timed out".into()),
+        Ok(Err(err)) => outcome
+            .lines
+            .push(format!("pushbus: push not announced: {err}")),
+        Err(_) => outcome
+            .lines
+            .push("pushbus: push not announced: hook-ingest timed out".into()),
     }
     outcome
 }
 
 /// Alerts first, boxed in `=` lines, then basic messages (as Gitaly prints them).
 fn render_messages(json: &serde_json::Value) -> Vec<String> {
-    let messages = json.get("messages").and_then(|m| m.as_array()).cloned().unwrap_or_default();
-    let text = |m: &serde_json::Value| m.get("message").and_then(|s| s.as_str()).unwrap_or("").to_owned();
-    let kind = |m: &serde_json::Value| m.get("type").and_then(|s| s.as_str()).unwrap_or("basic").to_owned();
+    let messages = json
+        .get("messages")
+        .and_then(|m| m.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let text = |m: &serde_json::Value| {
+        m.get("message")
+            .and_then(|s| s.as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let kind = |m: &serde_json::Value| {
+        m.get("type")
+            .and_then(|s| s.as_str())
+            .unwrap_or("basic")
+            .to_owned()
+    };
     let mut lines = Vec::new();
     for m in messages.iter().filter(|m| kind(m) == "alert") {
         let bar = "=".repeat(72);
@@ -124,7 +165,10 @@ fn actor(env: &HashMap<String, String>) -> String {
         .chars()
         .filter(|c| c.is_alphanumeric() || "-_.".contains(*c))
         .collect();
-    format!("username-{}", if user.is_empty() { "unknown" } else { &user })
+    format!(
+        "username-{}",
+        if user.is_empty() { "unknown" } else { &user }
+    )
 }
 
 fn push_options(env: &HashMap<String, String>) -> Vec<String> {

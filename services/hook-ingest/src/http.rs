@@ -57,7 +57,11 @@ impl From<Invalid> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         tracing::warn!(status = self.status.as_u16(), error = %self.error, field = ?self.field, "post_receive refused");
-        (self.status, axum::Json(json!({ "error": self.error, "field": self.field }))).into_response()
+        (
+            self.status,
+            axum::Json(json!({ "error": self.error, "field": self.field })),
+        )
+            .into_response()
     }
 }
 
@@ -85,15 +89,27 @@ async fn post_receive(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), None))?;
-    let parsed: Body = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"), None))?;
+    let parsed: Body = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {e}"),
+            None,
+        )
+    })?;
     authenticate(&st, &headers, parsed.secret_token.as_deref())?;
     let correlation_id = correlation_id(&headers);
     let push = to_push(parsed)?;
     let span = tracing::info_span!("post_receive", %correlation_id, project_id = push.project_id);
-    let accepted = st.ingest.accept(push, correlation_id).instrument(span).await.map_err(|e| match e {
-        IngestError::Unavailable(reason) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason, None),
-    })?;
+    let accepted = st
+        .ingest
+        .accept(push, correlation_id)
+        .instrument(span)
+        .await
+        .map_err(|e| match e {
+            IngestError::Unavailable(reason) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason, None)
+            }
+        })?;
     let body = json!({
         "reference_counter_decreased": true,
         "messages": accepted.messages.iter().map(message_json).collect::<Vec<_>>(),
@@ -113,18 +129,33 @@ fn message_json(m: &HookMessage) -> serde_json::Value {
 
 /// Legacy shared-secret auth: the base64 secret in `Gitlab-Shared-Secret`,
 /// or the secret itself as `secret_token`.
-fn authenticate(st: &HttpState, headers: &HeaderMap, secret_token: Option<&str>) -> Result<(), ApiError> {
-    let Some(secret) = &st.secret else { return Ok(()) };
+fn authenticate(
+    st: &HttpState,
+    headers: &HeaderMap,
+    secret_token: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(secret) = &st.secret else {
+        return Ok(());
+    };
     let from_header = headers
         .get("gitlab-shared-secret")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v.trim()).ok())
+        .and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        })
         .is_some_and(|decoded| constant_time_eq(decoded.trim_ascii(), secret.as_bytes()));
-    let from_param = secret_token.is_some_and(|t| constant_time_eq(t.as_bytes(), secret.as_bytes()));
+    let from_param =
+        secret_token.is_some_and(|t| constant_time_eq(t.as_bytes(), secret.as_bytes()));
     if from_header || from_param {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid shared secret", None))
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid shared secret",
+            None,
+        ))
     }
 }
 
@@ -143,7 +174,8 @@ pub fn correlation_id(headers: &HeaderMap) -> String {
 }
 
 fn to_push(b: Body) -> Result<Push, ApiError> {
-    let missing = |f: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("{f} is required"), Some(f));
+    let missing =
+        |f: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("{f} is required"), Some(f));
     let gl_repository = b.gl_repository.ok_or_else(|| missing("gl_repository"))?;
     let (repository_kind, project_id) = parse_gl_repository(&gl_repository)?;
     let identifier = b.identifier.ok_or_else(|| missing("identifier"))?;
@@ -155,14 +187,18 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
         Some(serde_json::Value::String(s)) => Some(s),
         Some(_) => return Err(Invalid::new("geo_node_id", "must be a string or a number").into()),
     };
-    if let Some(node) = &geo_node_id {
-        if !pushbus_shared::names::is_valid_token(node) {
-            return Err(Invalid::new("geo_node_id", "must match [A-Za-z0-9_-]{1,128}").into());
-        }
+    if let Some(node) = &geo_node_id
+        && !pushbus_shared::names::is_valid_token(node)
+    {
+        return Err(Invalid::new("geo_node_id", "must match [A-Za-z0-9_-]{1,128}").into());
     }
     for (i, o) in b.push_options.iter().enumerate() {
         if o.len() > 4096 || o.chars().any(char::is_control) {
-            return Err(Invalid::new(format!("push_options[{i}]"), "too long or has control characters").into());
+            return Err(Invalid::new(
+                format!("push_options[{i}]"),
+                "too long or has control characters",
+            )
+            .into());
         }
     }
     let project_path = b.gl_project_path.unwrap_or_default();
@@ -183,7 +219,12 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
 
 /// `project-<id>`, `wiki-<id>`, `snippet-<id>`, `group-<id>`, `design-<id>`.
 fn parse_gl_repository(s: &str) -> Result<(RepositoryKind, i64), ApiError> {
-    let bad = || ApiError::from(Invalid::new("gl_repository", "expected project-<id>, wiki-<id>, snippet-<id>, group-<id> or design-<id>"));
+    let bad = || {
+        ApiError::from(Invalid::new(
+            "gl_repository",
+            "expected project-<id>, wiki-<id>, snippet-<id>, group-<id> or design-<id>",
+        ))
+    };
     let (kind, id) = s.split_once('-').ok_or_else(bad)?;
     let kind = match kind {
         "project" => RepositoryKind::Project,
@@ -205,13 +246,21 @@ fn check_identifier(s: &str) -> Result<(), ApiError> {
     let ok = match s.split_once('-') {
         Some(("user" | "key", id)) => id.parse::<i64>().is_ok_and(|n| n > 0),
         Some(("username", name)) => {
-            !name.is_empty() && name.len() <= 255 && name.chars().all(|c| c.is_alphanumeric() || "-_.".contains(c))
+            !name.is_empty()
+                && name.len() <= 255
+                && name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || "-_.".contains(c))
         }
         _ => false,
     };
     if ok {
         Ok(())
     } else {
-        Err(Invalid::new("identifier", "expected user-<id>, key-<id> or username-<name>").into())
+        Err(Invalid::new(
+            "identifier",
+            "expected user-<id>, key-<id> or username-<name>",
+        )
+        .into())
     }
 }

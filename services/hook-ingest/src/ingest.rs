@@ -48,7 +48,11 @@ pub struct Ingest {
 }
 
 impl Ingest {
-    pub async fn accept(&self, push: Push, correlation_id: String) -> Result<Accepted, IngestError> {
+    pub async fn accept(
+        &self,
+        push: Push,
+        correlation_id: String,
+    ) -> Result<Accepted, IngestError> {
         let max_payload = self.client.server_info().max_payload.max(64 * 1024);
         let parts = split(&push, max_payload - ENVELOPE_MARGIN);
         let part_count = parts.len() as u32;
@@ -81,12 +85,28 @@ impl Ingest {
             pending.push(sent);
         }
         for p in pending {
-            p.wait().await.map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            p.wait()
+                .await
+                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
         }
         metrics::counter!("pushbus_ingest_pushes_total").increment(1);
-        tracing::info!(project_id = push.project_id, parts = part_count, refs = push.changes.len(), "push stored");
+        tracing::info!(
+            project_id = push.project_id,
+            parts = part_count,
+            refs = push.changes.len(),
+            "push stored"
+        );
         let messages = match &push.geo_node_id {
-            Some(node) => lag::messages(&self.client, node, &correlation_id, push.project_id, self.lag_budget).await,
+            Some(node) => {
+                lag::messages(
+                    &self.client,
+                    node,
+                    &correlation_id,
+                    push.project_id,
+                    self.lag_budget,
+                )
+                .await
+            }
             None => Vec::new(),
         };
         Ok(Accepted {

@@ -40,7 +40,11 @@ pub async fn messages(
         }
         Err(_) => {
             metrics::counter!("pushbus_ingest_lag_timeouts_total").increment(1);
-            tracing::warn!(geo_node_id = node, budget_ms = budget.as_millis() as u64, "no lag message: budget exhausted");
+            tracing::warn!(
+                geo_node_id = node,
+                budget_ms = budget.as_millis() as u64,
+                "no lag message: budget exhausted"
+            );
             Vec::new()
         }
     }

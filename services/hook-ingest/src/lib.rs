@@ -21,7 +21,12 @@ use tokio_util::sync::CancellationToken;
 #[group(id = "ingest")]
 pub struct Config {
     /// Address of the GitLab-compatible internal API.
-    #[arg(id = "ingest_listen", long = "ingest-listen", env = "PUSHBUS_INGEST_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        id = "ingest_listen",
+        long = "ingest-listen",
+        env = "PUSHBUS_INGEST_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
     /// File holding the GitLab shell shared secret; without it the endpoint
     /// accepts unauthenticated calls (local use only).
@@ -31,7 +36,11 @@ pub struct Config {
     #[arg(long = "ingest-max-body-bytes", env = "PUSHBUS_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_body_bytes: usize,
     /// How long a Geo push may wait for its replication-lag message.
-    #[arg(long = "ingest-lag-budget-ms", env = "PUSHBUS_INGEST_LAG_BUDGET_MS", default_value_t = 250)]
+    #[arg(
+        long = "ingest-lag-budget-ms",
+        env = "PUSHBUS_INGEST_LAG_BUDGET_MS",
+        default_value_t = 250
+    )]
     pub lag_budget_ms: u64,
 }
 
@@ -40,9 +49,15 @@ pub enum Error {
     #[error(transparent)]
     Topology(#[from] topology::TopologyError),
     #[error("cannot read the shared secret file {path}: {source}")]
-    Secret { path: PathBuf, source: std::io::Error },
+    Secret {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }

@@ -21,6 +21,12 @@ async fn main() -> anyhow::Result<()> {
     let launcher = Launcher::new("hook-ingest", move |ctx, token| {
         pushbus_hook_ingest::run(ctx, config, token.cancelled_owned())
     });
-    service::host(cli.nats.url(), cli.ops.ops_listen, vec![launcher], service::shutdown_signal()).await?;
+    service::host(
+        cli.nats.url(),
+        cli.ops.ops_listen,
+        vec![launcher],
+        service::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 use async_nats::jetstream::{self, kv::Store};
 use futures::StreamExt;
 use prost::Message;
-use pushbus_shared::proto::{GeoNode, HookMessage, LagReply, LagRequest, NodeHealth, ReplicationStatus};
+use pushbus_shared::proto::{
+    GeoNode, HookMessage, LagReply, LagRequest, NodeHealth, ReplicationStatus,
+};
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, envelope, names};
 
@@ -20,10 +22,18 @@ use pushbus_shared::{ServiceContext, envelope, names};
 #[group(id = "lag")]
 pub struct Config {
     /// Lag below this many seconds is not worth telling the pusher.
-    #[arg(long = "lag-threshold-seconds", env = "PUSHBUS_LAG_THRESHOLD_SECONDS", default_value_t = 1.0)]
+    #[arg(
+        long = "lag-threshold-seconds",
+        env = "PUSHBUS_LAG_THRESHOLD_SECONDS",
+        default_value_t = 1.0
+    )]
     pub threshold_seconds: f64,
     /// A secondary silent for this long is reported unhealthy.
-    #[arg(long = "lag-unhealthy-after-seconds", env = "PUSHBUS_LAG_UNHEALTHY_AFTER_SECONDS", default_value_t = 60)]
+    #[arg(
+        long = "lag-unhealthy-after-seconds",
+        env = "PUSHBUS_LAG_UNHEALTHY_AFTER_SECONDS",
+        default_value_t = 60
+    )]
     pub unhealthy_after_seconds: u64,
 }
 
@@ -66,14 +76,28 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     topology().ensure(&ctx.js).await?;
-    let open = |what: &'static str| move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
-        what,
-        detail: e.to_string(),
+    let open = |what: &'static str| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
+            what,
+            detail: e.to_string(),
+        }
     };
     let lag = Lag {
-        nodes: ctx.js.get_key_value(names::BUCKET_GEO_NODES).await.map_err(|e| open("geo nodes")(e.into()))?,
-        pushes: ctx.js.get_stream(names::STREAM_PUSHES).await.map_err(|e| open("pushes")(e.into()))?,
-        statuses: ctx.js.get_stream(names::STREAM_GEO_STATUS).await.map_err(|e| open("geo status")(e.into()))?,
+        nodes: ctx
+            .js
+            .get_key_value(names::BUCKET_GEO_NODES)
+            .await
+            .map_err(|e| open("geo nodes")(e.into()))?,
+        pushes: ctx
+            .js
+            .get_stream(names::STREAM_PUSHES)
+            .await
+            .map_err(|e| open("pushes")(e.into()))?,
+        statuses: ctx
+            .js
+            .get_stream(names::STREAM_GEO_STATUS)
+            .await
+            .map_err(|e| open("geo status")(e.into()))?,
         config,
     };
     let mut requests = ctx
@@ -147,7 +171,10 @@ impl Lag {
             let why = format!("has not reported for {} seconds", silent_for.as_secs());
             return self.unhealthy(reply, &node, &why);
         }
-        let lag = self.oldest_unapplied_age(status.applied_sequence, now).await + status.db_lag_seconds.unwrap_or(0.0);
+        let lag = self
+            .oldest_unapplied_age(status.applied_sequence, now)
+            .await
+            + status.db_lag_seconds.unwrap_or(0.0);
         reply.health = NodeHealth::Healthy as i32;
         reply.lag_seconds = Some(lag);
         if lag >= self.config.threshold_seconds {
@@ -161,10 +188,16 @@ impl Lag {
 
     fn unhealthy(&self, mut reply: LagReply, node: &GeoNode, why: &str) -> LagReply {
         reply.health = NodeHealth::Unhealthy as i32;
-        let name = if node.name.is_empty() { &node.node_id } else { &node.name };
+        let name = if node.name.is_empty() {
+            &node.node_id
+        } else {
+            &node.name
+        };
         reply.messages.push(HookMessage {
             r#type: "alert".into(),
-            message: format!("Geo secondary {name} is unhealthy: it {why}; replication lag unknown"),
+            message: format!(
+                "Geo secondary {name} is unhealthy: it {why}; replication lag unknown"
+            ),
         });
         reply
     }
@@ -190,7 +223,9 @@ impl Lag {
     /// Seconds since the first push after `applied` was stored; 0 when the
     /// node has applied everything.
     async fn oldest_unapplied_age(&self, applied: u64, now: SystemTime) -> f64 {
-        let Ok(info) = self.pushes.get_info().await else { return 0.0 };
+        let Ok(info) = self.pushes.get_info().await else {
+            return 0.0;
+        };
         let state = info.state;
         if applied >= state.last_sequence {
             return 0.0;
@@ -199,7 +234,10 @@ impl Lag {
         match self.pushes.get_raw_message(next).await {
             Ok(msg) => {
                 let stored = msg.time.unix_timestamp_nanos() as f64 / 1e9;
-                let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+                let now = now
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64();
                 (now - stored).max(0.0)
             }
             Err(err) => {

@@ -21,6 +21,12 @@ async fn main() -> anyhow::Result<()> {
     let launcher = Launcher::new("replication-lag", move |ctx, token| {
         pushbus_replication_lag::run(ctx, config, token.cancelled_owned())
     });
-    service::host(cli.nats.url(), cli.ops.ops_listen, vec![launcher], service::shutdown_signal()).await?;
+    service::host(
+        cli.nats.url(),
+        cli.ops.ops_listen,
+        vec![launcher],
+        service::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

@@ -41,7 +41,8 @@ pub struct Delivery<M> {
 /// Reacts to one message. Returning `Ok` means the effect is durable: the
 /// message is acked right after.
 pub trait Handler<M>: Send + Sync + 'static {
-    fn handle(&self, delivery: Delivery<M>) -> impl Future<Output = Result<(), HandleError>> + Send;
+    fn handle(&self, delivery: Delivery<M>)
+    -> impl Future<Output = Result<(), HandleError>> + Send;
 }
 
 /// A durable pull consumer and how to run it.
@@ -198,7 +199,10 @@ where
     Ok(())
 }
 
-async fn create(js: &jetstream::Context, spec: &ConsumerSpec) -> Result<jetstream::consumer::PullConsumer, ConsumeError> {
+async fn create(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+) -> Result<jetstream::consumer::PullConsumer, ConsumeError> {
     js.create_consumer_on_stream(spec.pull_config(), &spec.stream)
         .await
         .map_err(|source| ConsumeError::Create {
@@ -254,14 +258,24 @@ where
             .await
     }
 
-    async fn process_envelope(&self, msg: jetstream::Message, env: Envelope, stream_sequence: u64, delivered: i64) {
+    async fn process_envelope(
+        &self,
+        msg: jetstream::Message,
+        env: Envelope,
+        stream_sequence: u64,
+        delivered: i64,
+    ) {
         let message = match envelope::open::<M>(&env) {
             Ok(m) => m,
             Err(err) => return self.dead_letter(&msg, err.kind(), &err.to_string()).await,
         };
         if delivered > self.spec.max_deliver {
             return self
-                .dead_letter(&msg, "max_deliveries", "handler did not finish within ack_wait")
+                .dead_letter(
+                    &msg,
+                    "max_deliveries",
+                    "handler did not finish within ack_wait",
+                )
                 .await;
         }
         let delivery = Delivery {
@@ -317,7 +331,9 @@ where
             Err(err) => {
                 // Never drop it: try again later.
                 tracing::error!(error = %err, "dead-letter publish failed; will retry");
-                let _ = msg.ack_with(AckKind::Nak(Some(self.spec.backoff_max))).await;
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(self.spec.backoff_max)))
+                    .await;
             }
         }
     }

