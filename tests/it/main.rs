@@ -1,4 +1,5 @@
 mod bus;
 mod compose;
 mod e2e;
+mod lag;
 mod support;

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use pushbus_shared::proto::{GitPushEvent, RefChange, RefKind};
+use pushbus_shared::proto::{GitPushEvent, RefChange, RefKind, RepositoryKind};
 
 use crate::agent::{CompiledWatch, ProjectKey};
 
@@ -59,6 +59,14 @@ impl Index {
     /// One match per (agent, ref change) whatever how many of the agent's
     /// watches match it, in change order.
     pub fn matches(&self, push: &GitPushEvent) -> Vec<Match> {
+        // Wikis, snippets, groups and designs are other repositories than the
+        // project one agents watch; only project pushes (and unlabelled ones) match.
+        if !matches!(
+            RepositoryKind::try_from(push.repository_kind),
+            Ok(RepositoryKind::Project | RepositoryKind::Unspecified)
+        ) {
+            return Vec::new();
+        }
         let by_id = self.by_project.get(&ProjectKey::Id(push.project_id));
         let by_path = (!push.project_path.is_empty())
             .then(|| {
@@ -95,4 +103,180 @@ fn known_paths(change: &RefChange) -> Option<&[String]> {
     change
         .paths_known
         .then_some(change.changed_paths.as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::compile;
+    use pushbus_shared::proto::{
+        AgentConfig, RefSelector, RepositoryKind, Watch, WatchKind, ref_selector::Kind,
+    };
+
+    fn agent(id: &str, kind: Kind, pattern: &str, paths: &[&str]) -> AgentConfig {
+        AgentConfig {
+            agent_id: id.into(),
+            watches: vec![Watch {
+                project_id: 1,
+                refs: Some(RefSelector {
+                    kind: kind as i32,
+                    pattern: pattern.into(),
+                }),
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+                kind: WatchKind::Gitops as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn push(r: &str, paths: Option<&[&str]>) -> GitPushEvent {
+        GitPushEvent {
+            project_id: 1,
+            repository_kind: RepositoryKind::Project as i32,
+            changes: vec![RefChange {
+                r#ref: r.into(),
+                ref_kind: if r.starts_with("refs/tags/") {
+                    RefKind::Tag
+                } else {
+                    RefKind::Branch
+                } as i32,
+                changed_paths: paths
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect(),
+                paths_known: paths.is_some(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selector_and_path_table() {
+        type Case<'a> = (
+            Kind,
+            &'a str,
+            &'a [&'a str],
+            &'a str,
+            Option<&'a [&'a str]>,
+            bool,
+        );
+        let cases: &[Case] = &[
+            (Kind::AnyBranch, "", &[], "refs/heads/main", None, true),
+            (Kind::AnyBranch, "", &[], "refs/tags/v1", None, false),
+            (Kind::Branch, "main", &[], "refs/heads/main", None, true),
+            (Kind::Branch, "main", &[], "refs/heads/main2", None, false),
+            (Kind::Branch, "fé/ünï", &[], "refs/heads/fé/ünï", None, true),
+            (Kind::Tag, "v1", &[], "refs/tags/v1", None, true),
+            (Kind::Tag, "v1", &[], "refs/heads/v1", None, false),
+            (
+                Kind::BranchGlob,
+                "release/*",
+                &[],
+                "refs/heads/release/1.0",
+                None,
+                true,
+            ),
+            (
+                Kind::BranchGlob,
+                "release/*",
+                &[],
+                "refs/heads/release/a/b",
+                None,
+                false,
+            ),
+            (Kind::TagGlob, "v*", &[], "refs/tags/v2.0-rc.1", None, true),
+            (Kind::TagGlob, "v*", &[], "refs/heads/v2", None, false),
+            (Kind::AnyTag, "", &[], "refs/tags/x", None, true),
+            (
+                Kind::AnyRef,
+                "",
+                &[],
+                "refs/merge-requests/1/head",
+                None,
+                true,
+            ),
+            (
+                Kind::AnyBranch,
+                "",
+                &["deploy/**"],
+                "refs/heads/main",
+                Some(&["deploy/a/b.yaml"]),
+                true,
+            ),
+            (
+                Kind::AnyBranch,
+                "",
+                &["deploy/**"],
+                "refs/heads/main",
+                Some(&["src/main.rs"]),
+                false,
+            ),
+            // Unknown paths never mean "no".
+            (
+                Kind::AnyBranch,
+                "",
+                &["deploy/**"],
+                "refs/heads/main",
+                None,
+                true,
+            ),
+            (
+                Kind::AnyBranch,
+                "",
+                &["clusters/prod/*.yaml"],
+                "refs/heads/main",
+                Some(&["clusters/prod/a/b.yaml"]),
+                false,
+            ),
+        ];
+        for (kind, pattern, paths, r, changed, want) in cases {
+            let cfg = agent("a", *kind, pattern, paths);
+            let mut index = Index::default();
+            index.put("a", compile(&cfg).unwrap());
+            let got = !index.matches(&push(r, *changed)).is_empty();
+            assert_eq!(
+                got, *want,
+                "{kind:?} {pattern:?} {paths:?} vs {r} {changed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn replacing_and_removing_agents() {
+        let mut index = Index::default();
+        index.put(
+            "a",
+            compile(&agent("a", Kind::Branch, "main", &[])).unwrap(),
+        );
+        index.put("b", compile(&agent("b", Kind::AnyBranch, "", &[])).unwrap());
+        assert_eq!(index.matches(&push("refs/heads/main", None)).len(), 2);
+        index.put("a", compile(&agent("a", Kind::Branch, "dev", &[])).unwrap());
+        assert_eq!(index.matches(&push("refs/heads/main", None)).len(), 1);
+        index.remove("b");
+        assert!(index.matches(&push("refs/heads/main", None)).is_empty());
+        assert_eq!(index.agent_count(), 1);
+        // Snippet and wiki pushes carry other IDs than projects' and never match.
+        let mut snippet = push("refs/heads/dev", None);
+        snippet.repository_kind = RepositoryKind::Snippet as i32;
+        assert!(index.matches(&snippet).is_empty());
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        assert!(compile(&agent("a.b", Kind::AnyBranch, "", &[])).is_err());
+        assert!(compile(&agent("a", Kind::Unspecified, "", &[])).is_err());
+        assert!(compile(&agent("a", Kind::Branch, "", &[])).is_err());
+        assert!(compile(&agent("a", Kind::BranchGlob, "a[", &[])).is_err());
+        assert!(compile(&agent("a", Kind::AnyBranch, "", &["a{"])).is_err());
+        assert!(
+            compile(&AgentConfig {
+                agent_id: "a".into(),
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
 }
