@@ -301,3 +301,42 @@ async fn one_key_in_order_different_keys_in_parallel() {
     token.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn stored_events_survive_a_killed_and_restarted_server() {
+    let mut nats = NatsServer::start();
+    let (_, publisher) = setup(&nats).await;
+    let ack = publisher
+        .publish(names::push_subject(9), &push(9, 1), &EventMeta::fresh("c"))
+        .await
+        .unwrap();
+    nats.kill();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", nats.port())).is_err(),
+        "server still up after kill"
+    );
+    nats.start_again();
+    let js = jetstream::new(testkit::client(&nats).await);
+    let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();
+    let stored = stream.get_raw_message(ack.sequence).await.unwrap();
+    let env = pushbus_shared::envelope::decode(&stored.payload).unwrap();
+    let event: GitPushEvent = pushbus_shared::envelope::open(&env).unwrap();
+    assert_eq!(event.project_id, 9);
+    assert_eq!(
+        stored
+            .headers
+            .get(headers::CORRELATION_ID)
+            .unwrap()
+            .as_str(),
+        "c"
+    );
+    nats.restart();
+    assert_eq!(
+        stream_messages(
+            &jetstream::new(testkit::client(&nats).await),
+            names::STREAM_PUSHES
+        )
+        .await,
+        1
+    );
+}
