@@ -212,6 +212,35 @@ fn check(
     }
 }
 
+/// A token cancelled when `shutdown` resolves, to fan one shutdown out to
+/// a service's tasks.
+pub fn cancel_on(shutdown: impl Future<Output = ()> + Send + 'static) -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        cancel.cancel();
+    });
+    token
+}
+
+/// The whole `main` of a single-service binary after parsing its flags.
+pub async fn run_single(
+    name: &'static str,
+    nats: &NatsArgs,
+    ops: &OpsArgs,
+    launcher: Launcher,
+) -> Result<(), HostError> {
+    crate::telemetry::init(name, ops.log_json);
+    host(
+        nats.url(),
+        ops.ops_listen,
+        vec![launcher],
+        shutdown_signal(),
+    )
+    .await
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

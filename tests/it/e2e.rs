@@ -133,15 +133,7 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
         "identifier": "user-1",
         "changes": format!("{} {} refs/heads/main", "0".repeat(40), "b".repeat(40)),
     });
-    let resp = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v4/internal/post_receive",
-            stack.ingest
-        ))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = stack.post_receive(&body, &[]).await;
     assert_eq!(resp.status(), 200);
     // ...and the agent's next poke is for its own next push, not that one.
     let body = serde_json::json!({
@@ -149,15 +141,7 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
         "identifier": "key-3",
         "changes": format!("{} {} refs/heads/dev", "0".repeat(40), "c".repeat(40)),
     });
-    let resp = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v4/internal/post_receive",
-            stack.ingest
-        ))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = stack.post_receive(&body, &[]).await;
     assert_eq!(resp.status(), 200);
     let (_, data) = sse
         .next_event(Duration::from_secs(15))

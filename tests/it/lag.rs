@@ -17,15 +17,7 @@ async fn post(stack: &Stack, geo_node_id: Option<&str>) -> serde_json::Value {
         "changes": format!("{} {} refs/heads/main", "1".repeat(40), "2".repeat(40)),
         "geo_node_id": geo_node_id,
     });
-    let resp = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v4/internal/post_receive",
-            stack.ingest
-        ))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = stack.post_receive(&body, &[]).await;
     assert_eq!(resp.status(), 200);
     resp.json().await.unwrap()
 }
@@ -149,16 +141,9 @@ async fn grpc_watcher_receives_pokes() {
         "identifier": "user-2",
         "changes": format!("{} {} refs/tags/v1.0", "0".repeat(40), "d".repeat(40)),
     });
-    let resp = reqwest::Client::new()
-        .post(format!(
-            "http://{}/api/v4/internal/post_receive",
-            stack.ingest
-        ))
-        .header("x-request-id", "req-123")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let resp = stack
+        .post_receive(&body, &[("x-request-id", "req-123")])
+        .await;
     assert_eq!(resp.status(), 200);
     let ev = tokio::time::timeout(Duration::from_secs(15), stream.message())
         .await

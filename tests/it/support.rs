@@ -138,3 +138,23 @@ impl SseReader {
         }
     }
 }
+
+impl Stack {
+    /// POSTs a post_receive body (plus headers) to hook-ingest.
+    pub async fn post_receive(
+        &self,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = reqwest::Client::new()
+            .post(format!(
+                "http://{}/api/v4/internal/post_receive",
+                self.ingest
+            ))
+            .json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.expect("post_receive request")
+    }
+}

@@ -11,7 +11,6 @@ use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
 use pushbus_shared::proto::{AgentPoke, GitPushEvent};
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{EventMeta, ServiceContext, names};
-use tokio_util::sync::CancellationToken;
 
 pub use registry::{RegistryError, put_agent};
 
@@ -70,14 +69,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let token = CancellationToken::new();
-    tokio::spawn({
-        let token = token.clone();
-        async move {
-            shutdown.await;
-            token.cancel();
-        }
-    });
+    let token = pushbus_shared::service::cancel_on(shutdown);
     topology(&config).ensure(&ctx.js).await?;
     let kv = ctx
         .js

@@ -16,17 +16,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    pushbus_shared::telemetry::init("filter", cli.ops.log_json);
     let config = cli.filter;
     let launcher = Launcher::new("filter", move |ctx, token| {
         pushbus_filter::run(ctx, config, token.cancelled_owned())
     });
-    service::host(
-        cli.nats.url(),
-        cli.ops.ops_listen,
-        vec![launcher],
-        service::shutdown_signal(),
-    )
-    .await?;
+    service::run_single("filter", &cli.nats, &cli.ops, launcher).await?;
     Ok(())
 }

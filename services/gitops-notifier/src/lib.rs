@@ -73,14 +73,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let token = CancellationToken::new();
-    tokio::spawn({
-        let token = token.clone();
-        async move {
-            shutdown.await;
-            token.cancel();
-        }
-    });
+    let token = pushbus_shared::service::cancel_on(shutdown);
     topology().ensure(&ctx.js).await?;
     let agents = ctx
         .js

@@ -16,17 +16,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    pushbus_shared::telemetry::init("gitops-notifier", cli.ops.log_json);
     let config = cli.notifier;
     let launcher = Launcher::new("gitops-notifier", move |ctx, token| {
         pushbus_gitops_notifier::run(ctx, config, token.cancelled_owned())
     });
-    service::host(
-        cli.nats.url(),
-        cli.ops.ops_listen,
-        vec![launcher],
-        service::shutdown_signal(),
-    )
-    .await?;
+    service::run_single("gitops-notifier", &cli.nats, &cli.ops, launcher).await?;
     Ok(())
 }

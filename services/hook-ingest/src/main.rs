@@ -16,17 +16,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    pushbus_shared::telemetry::init("hook-ingest", cli.ops.log_json);
     let config = cli.ingest;
     let launcher = Launcher::new("hook-ingest", move |ctx, token| {
         pushbus_hook_ingest::run(ctx, config, token.cancelled_owned())
     });
-    service::host(
-        cli.nats.url(),
-        cli.ops.ops_listen,
-        vec![launcher],
-        service::shutdown_signal(),
-    )
-    .await?;
+    service::run_single("hook-ingest", &cli.nats, &cli.ops, launcher).await?;
     Ok(())
 }

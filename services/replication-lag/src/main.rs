@@ -16,17 +16,10 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    pushbus_shared::telemetry::init("replication-lag", cli.ops.log_json);
     let config = cli.lag;
     let launcher = Launcher::new("replication-lag", move |ctx, token| {
         pushbus_replication_lag::run(ctx, config, token.cancelled_owned())
     });
-    service::host(
-        cli.nats.url(),
-        cli.ops.ops_listen,
-        vec![launcher],
-        service::shutdown_signal(),
-    )
-    .await?;
+    service::run_single("replication-lag", &cli.nats, &cli.ops, launcher).await?;
     Ok(())
 }
