@@ -62,3 +62,44 @@ pub fn continue_trace(span: &tracing::Span, map: Option<&HeaderMap>) {
     // Fails only when the span is disabled; nothing to continue then.
     let _ = span.set_parent(cx);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[test]
+    fn consumer_span_continues_the_publishers_trace() {
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let publish = tracing::info_span!("publish");
+            let mut map = HeaderMap::new();
+            let injected = publish
+                .in_scope(|| inject_current(&mut map))
+                .expect("a trace context");
+            let publisher_trace = publish.context().span().span_context().trace_id();
+            assert!(injected.traceparent.contains(&publisher_trace.to_string()));
+            assert_eq!(
+                map.get(headers::TRACEPARENT).unwrap().as_str(),
+                injected.traceparent
+            );
+
+            let consume = tracing::info_span!("handle");
+            continue_trace(&consume, Some(&map));
+            assert_eq!(
+                consume.context().span().span_context().trace_id(),
+                publisher_trace
+            );
+        });
+    }
+
+    #[test]
+    fn nothing_injected_without_a_trace() {
+        let mut map = HeaderMap::new();
+        assert!(inject_current(&mut map).is_none());
+        assert!(map.get(headers::TRACEPARENT).is_none());
+    }
+}
