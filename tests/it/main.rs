@@ -1,5 +1,6 @@
 mod bus;
 mod compose;
 mod e2e;
+mod ingest;
 mod lag;
 mod support;

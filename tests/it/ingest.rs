@@ -1,0 +1,88 @@
+//! hook-ingest: idempotency and large pushes, against a real stack.
+
+use std::collections::HashSet;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use pushbus_shared::names;
+use pushbus_shared::proto::GitPushEvent;
+use pushbus_shared::testkit::{self, NatsServer};
+
+use crate::support::Stack;
+
+/// Every GitPushEvent stored so far.
+async fn stored_pushes(nats: &NatsServer) -> Vec<GitPushEvent> {
+    let js = jetstream::new(testkit::client(nats).await);
+    let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();
+    let count = stream.get_info().await.unwrap().state.messages as usize;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap().take(count);
+    let mut out = Vec::new();
+    while let Some(m) = messages.next().await {
+        let env = pushbus_shared::envelope::decode(&m.unwrap().payload).unwrap();
+        out.push(pushbus_shared::envelope::open(&env).unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_notification_twice_is_one_event() {
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let body = serde_json::json!({
+        "gl_repository": "project-5",
+        "identifier": "user-1",
+        "changes": format!("{} {} refs/heads/main\n", "1".repeat(40), "2".repeat(40)),
+    });
+    let first = stack
+        .post_receive(&body, &[("x-request-id", "retry-1")])
+        .await;
+    assert_eq!(first.headers()["x-correlation-id"], "retry-1");
+    let first: serde_json::Value = first.json().await.unwrap();
+    let second: serde_json::Value = stack
+        .post_receive(&body, &[("x-request-id", "retry-1")])
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["event_ids"], second["event_ids"]);
+    // A different request is a different push.
+    let other = stack
+        .post_receive(&body, &[("x-request-id", "retry-2")])
+        .await;
+    assert_eq!(other.status(), 200);
+    assert_eq!(stored_pushes(&nats).await.len(), 2);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_20000_tag_mirror_push_arrives_complete_in_parts() {
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let new = "e".repeat(40);
+    let changes: String = (0..20_000)
+        .map(|i| format!("{} {new} refs/tags/mirror/v{i}\n", "0".repeat(40)))
+        .collect();
+    let body = serde_json::json!({ "gl_repository": "project-8", "identifier": "user-1", "changes": changes });
+    let resp = stack.post_receive(&body, &[]).await;
+    assert_eq!(resp.status(), 200);
+    let pushes = stored_pushes(&nats).await;
+    assert!(
+        pushes.len() > 1,
+        "a 20,000-tag push should not fit one message"
+    );
+    let count = pushes[0].part_count as usize;
+    assert_eq!(pushes.len(), count);
+    let parts: HashSet<u32> = pushes.iter().map(|p| p.part).collect();
+    assert_eq!(parts, (1..=count as u32).collect());
+    let refs: HashSet<String> = pushes
+        .iter()
+        .flat_map(|p| p.changes.iter().map(|c| c.r#ref.clone()))
+        .collect();
+    assert_eq!(refs.len(), 20_000);
+    assert!(refs.contains("refs/tags/mirror/v19999"));
+    stack.stop().await;
+}
