@@ -86,3 +86,56 @@ async fn a_20000_tag_mirror_push_arrives_complete_in_parts() {
     assert!(refs.contains("refs/tags/mirror/v19999"));
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gitlab_authentication_jwt_and_legacy_secret() {
+    use base64::Engine;
+    use pushbus_hook_ingest::auth::sign_jwt;
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join(".gitlab_shell_secret");
+    std::fs::write(&secret_file, "0123456789abcdef\n").unwrap();
+    let stack = Stack::start_with_secret(&nats.url(), Some(secret_file)).await;
+    let body = serde_json::json!({
+        "gl_repository": "project-5",
+        "identifier": "user-1",
+        "changes": format!("{} {} refs/heads/main\n", "1".repeat(40), "2".repeat(40)),
+    });
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let good = sign_jwt(b"0123456789abcdef", now);
+    let expired = sign_jwt(b"0123456789abcdef", now - 600);
+    let forged = sign_jwt(b"wrong", now);
+    let legacy = base64::engine::general_purpose::STANDARD.encode("0123456789abcdef");
+    let refused: [&[(&str, &str)]; 4] = [
+        &[],
+        &[("gitlab-shell-api-request", &expired)],
+        &[("gitlab-shell-api-request", &forged)],
+        &[("gitlab-shared-secret", "d3Jvbmc=")],
+    ];
+    for headers in refused {
+        let resp = stack.post_receive(&body, headers).await;
+        assert_eq!(resp.status(), 401, "{headers:?}");
+        let json: serde_json::Value = resp.json().await.unwrap();
+        assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()));
+    }
+    assert!(
+        stored_pushes(&nats).await.is_empty(),
+        "a refused push was published"
+    );
+    let accepted: [&[(&str, &str)]; 2] = [
+        &[("gitlab-shell-api-request", &good), ("x-request-id", "a1")],
+        &[("gitlab-shared-secret", &legacy), ("x-request-id", "a2")],
+    ];
+    for headers in accepted {
+        assert_eq!(
+            stack.post_receive(&body, headers).await.status(),
+            200,
+            "{headers:?}"
+        );
+    }
+    assert_eq!(stored_pushes(&nats).await.len(), 2);
+    stack.stop().await;
+}

@@ -22,10 +22,18 @@ fn local(port: u16) -> SocketAddr {
 impl Stack {
     /// Starts all four services and waits until /readyz says ready.
     pub async fn start(nats_url: &str) -> Stack {
+        Self::start_with_secret(nats_url, None).await
+    }
+
+    /// Same, with hook-ingest authenticating against `secret_file`.
+    pub async fn start_with_secret(
+        nats_url: &str,
+        secret_file: Option<std::path::PathBuf>,
+    ) -> Stack {
         let (ingest, notifier, ops) = (local(free_port()), local(free_port()), local(free_port()));
         let ingest_cfg = pushbus_hook_ingest::Config {
             listen: ingest,
-            secret_file: None,
+            secret_file,
             max_body_bytes: 8 * 1024 * 1024,
             lag_budget_ms: 250,
         };

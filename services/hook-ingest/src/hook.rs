@@ -30,6 +30,9 @@ pub struct HookArgs {
         default_value_t = 3000
     )]
     pub timeout_ms: u64,
+    /// GitLab shell secret file; when given, calls carry a signed JWT.
+    #[arg(long = "secret-file", env = "PUSHBUS_HOOK_SECRET_FILE")]
+    pub secret_file: Option<std::path::PathBuf>,
 }
 
 /// What the hook tells the pusher (each entry is one `remote:` line).
@@ -80,14 +83,32 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         args.ingest_url.trim_end_matches('/')
     );
     let timeout = Duration::from_millis(args.timeout_ms);
+    let secret = match &args.secret_file {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(s) => Some(s.trim().to_owned()),
+            Err(err) => {
+                outcome.lines.push(format!(
+                    "pushbus: cannot read {}: {err}; push not announced",
+                    path.display()
+                ));
+                return outcome;
+            }
+        },
+        None => None,
+    };
     let sent = async {
         let client = reqwest::Client::builder().timeout(timeout).build()?;
-        let resp = client
+        let mut req = client
             .post(&url)
             .header("x-correlation-id", &correlation_id)
-            .json(&body)
-            .send()
-            .await?;
+            .json(&body);
+        if let Some(secret) = &secret {
+            req = req.header(
+                crate::auth::JWT_HEADER,
+                crate::auth::sign_jwt(secret.as_bytes(), now_unix()),
+            );
+        }
+        let resp = req.send().await?;
         let status = resp.status();
         let json: serde_json::Value = resp.json().await?;
         Ok::<_, reqwest::Error>((status, json))
@@ -189,4 +210,10 @@ async fn git_config(key: &str) -> Option<String> {
         .ok()?;
     let value = String::from_utf8(out.stdout).ok()?.trim().to_owned();
     (out.status.success() && !value.is_empty()).then_some(value)
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }

@@ -6,13 +6,13 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use base64::Engine;
 use pushbus_shared::envelope;
 use pushbus_shared::proto::{HookMessage, RepositoryKind};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::Instrument;
 
+use crate::auth;
 use crate::changes::{self, Invalid};
 use crate::ingest::{Ingest, IngestError, Push};
 
@@ -127,8 +127,6 @@ fn message_json(m: &HookMessage) -> serde_json::Value {
     json!({ "type": m.r#type, "message": m.message })
 }
 
-/// Legacy shared-secret auth: the base64 secret in `Gitlab-Shared-Secret`,
-/// or the secret itself as `secret_token`.
 fn authenticate(
     st: &HttpState,
     headers: &HeaderMap,
@@ -137,30 +135,21 @@ fn authenticate(
     let Some(secret) = &st.secret else {
         return Ok(());
     };
-    let from_header = headers
-        .get("gitlab-shared-secret")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            base64::engine::general_purpose::STANDARD
-                .decode(v.trim())
-                .ok()
-        })
-        .is_some_and(|decoded| constant_time_eq(decoded.trim_ascii(), secret.as_bytes()));
-    let from_param =
-        secret_token.is_some_and(|t| constant_time_eq(t.as_bytes(), secret.as_bytes()));
-    if from_header || from_param {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or invalid shared secret",
-            None,
-        ))
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let header = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    let creds = auth::Credentials {
+        jwt: header(auth::JWT_HEADER),
+        legacy_header: header(auth::LEGACY_HEADER),
+        secret_token,
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    auth::check(secret, &creds, now)
+        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), None))
 }
 
 /// From `X-Correlation-Id` or `X-Request-Id` when well-formed, else new.

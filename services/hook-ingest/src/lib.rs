@@ -2,6 +2,7 @@
 //! notifications, validates them, stores a `GitPushEvent` durably and answers
 //! the pusher.
 
+pub mod auth;
 pub mod changes;
 pub mod hook;
 pub mod http;
