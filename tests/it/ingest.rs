@@ -139,3 +139,63 @@ async fn gitlab_authentication_jwt_and_legacy_secret() {
     assert_eq!(stored_pushes(&nats).await.len(), 2);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_notify_git_push_stores_the_event_and_refuses_bad_input() {
+    use pushbus_shared::proto::hook_ingest_client::HookIngestClient;
+    use pushbus_shared::proto::{NotifyGitPushRequest, RefChange};
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let mut client = HookIngestClient::connect(format!("http://{}", stack.ingest))
+        .await
+        .unwrap();
+    let change = |new: &str, r: &str| RefChange {
+        old_sha: "1".repeat(40),
+        new_sha: new.into(),
+        r#ref: r.into(),
+        ..Default::default()
+    };
+    let mut req = tonic::Request::new(NotifyGitPushRequest {
+        project_id: 12,
+        project_path: "group/svc".into(),
+        changes: vec![change(&"2".repeat(40), "refs/heads/main")],
+        actor: "user-9".into(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-correlation-id", "grpc-corr-1".parse().unwrap());
+    let resp = client.notify_git_push(req).await.unwrap().into_inner();
+    assert_eq!(resp.correlation_id, "grpc-corr-1");
+    assert_eq!(resp.event_ids.len(), 1);
+
+    let bad = [
+        NotifyGitPushRequest {
+            project_id: 0,
+            changes: vec![change(&"2".repeat(40), "refs/heads/main")],
+            ..Default::default()
+        },
+        NotifyGitPushRequest {
+            project_id: 12,
+            changes: vec![change("zz", "refs/heads/main")],
+            ..Default::default()
+        },
+        NotifyGitPushRequest {
+            project_id: 12,
+            changes: vec![change(&"2".repeat(40), "refs/heads/a..b")],
+            ..Default::default()
+        },
+        NotifyGitPushRequest {
+            project_id: 12,
+            ..Default::default()
+        },
+    ];
+    for r in bad {
+        let status = client.notify_git_push(r.clone()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{r:?}");
+    }
+    let stored = stored_pushes(&nats).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].project_id, 12);
+    assert_eq!(stored[0].actor, "user-9");
+    stack.stop().await;
+}

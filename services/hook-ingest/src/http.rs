@@ -168,7 +168,6 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
     let gl_repository = b.gl_repository.ok_or_else(|| missing("gl_repository"))?;
     let (repository_kind, project_id) = parse_gl_repository(&gl_repository)?;
     let identifier = b.identifier.ok_or_else(|| missing("identifier"))?;
-    check_identifier(&identifier)?;
     let changes = changes::parse_changes(&b.changes.ok_or_else(|| missing("changes"))?)?;
     let geo_node_id = match b.geo_node_id {
         None | Some(serde_json::Value::Null) => None,
@@ -176,25 +175,8 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
         Some(serde_json::Value::String(s)) => Some(s),
         Some(_) => return Err(Invalid::new("geo_node_id", "must be a string or a number").into()),
     };
-    if let Some(node) = &geo_node_id
-        && !pushbus_shared::names::is_valid_token(node)
-    {
-        return Err(Invalid::new("geo_node_id", "must match [A-Za-z0-9_-]{1,128}").into());
-    }
-    for (i, o) in b.push_options.iter().enumerate() {
-        if o.len() > 4096 || o.chars().any(char::is_control) {
-            return Err(Invalid::new(
-                format!("push_options[{i}]"),
-                "too long or has control characters",
-            )
-            .into());
-        }
-    }
     let project_path = b.gl_project_path.unwrap_or_default();
-    if project_path.len() > 1024 || project_path.chars().any(char::is_control) {
-        return Err(Invalid::new("gl_project_path", "too long or has control characters").into());
-    }
-    Ok(Push {
+    let push = Push {
         project_id,
         project_path,
         repository_kind,
@@ -203,7 +185,9 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
         protocol: b.protocol.unwrap_or_else(|| "http".into()),
         push_options: b.push_options,
         geo_node_id,
-    })
+    };
+    push.validate("gl_project_path")?;
+    Ok(push)
 }
 
 /// `project-<id>`, `wiki-<id>`, `snippet-<id>`, `group-<id>`, `design-<id>`.
@@ -228,28 +212,4 @@ fn parse_gl_repository(s: &str) -> Result<(RepositoryKind, i64), ApiError> {
         return Err(Invalid::new("gl_repository", "the ID must be positive").into());
     }
     Ok((kind, id))
-}
-
-/// `user-<id>`, `key-<id>` or `username-<name>`.
-fn check_identifier(s: &str) -> Result<(), ApiError> {
-    let ok = match s.split_once('-') {
-        Some(("user" | "key", id)) => id.parse::<i64>().is_ok_and(|n| n > 0),
-        Some(("username", name)) => {
-            !name.is_empty()
-                && name.len() <= 255
-                && name
-                    .chars()
-                    .all(|c| c.is_alphanumeric() || "-_.".contains(c))
-        }
-        _ => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(Invalid::new(
-            "identifier",
-            "expected user-<id>, key-<id> or username-<name>",
-        )
-        .into())
-    }
 }

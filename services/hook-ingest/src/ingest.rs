@@ -8,6 +8,7 @@ use pushbus_shared::bus::Publisher;
 use pushbus_shared::proto::{GitPushEvent, HookMessage, RefChange, RepositoryKind};
 use pushbus_shared::{EventMeta, names};
 
+use crate::changes::Invalid;
 use crate::lag;
 
 /// A push that passed validation.
@@ -21,6 +22,61 @@ pub struct Push {
     pub protocol: String,
     pub push_options: Vec<String>,
     pub geo_node_id: Option<String>,
+}
+
+impl Push {
+    /// Checks what every door must check beyond the ref changes themselves
+    /// (those are checked when parsed); `path_field` names the project path
+    /// as that door calls it.
+    pub fn validate(&self, path_field: &str) -> Result<(), Invalid> {
+        if self.project_id <= 0 {
+            return Err(Invalid::new("project_id", "must be positive"));
+        }
+        if !self.actor.is_empty() && !is_identifier(&self.actor) {
+            return Err(Invalid::new(
+                "identifier",
+                "expected user-<id>, key-<id> or username-<name>",
+            ));
+        }
+        if let Some(node) = &self.geo_node_id
+            && !names::is_valid_token(node)
+        {
+            return Err(Invalid::new(
+                "geo_node_id",
+                "must match [A-Za-z0-9_-]{1,128}",
+            ));
+        }
+        for (i, o) in self.push_options.iter().enumerate() {
+            if o.len() > 4096 || o.chars().any(char::is_control) {
+                return Err(Invalid::new(
+                    format!("push_options[{i}]"),
+                    "too long or has control characters",
+                ));
+            }
+        }
+        if self.project_path.len() > 1024 || self.project_path.chars().any(char::is_control) {
+            return Err(Invalid::new(
+                path_field,
+                "too long or has control characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `user-<id>`, `key-<id>` or `username-<name>`.
+fn is_identifier(s: &str) -> bool {
+    match s.split_once('-') {
+        Some(("user" | "key", id)) => id.parse::<i64>().is_ok_and(|n| n > 0),
+        Some(("username", name)) => {
+            !name.is_empty()
+                && name.len() <= 255
+                && name
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || "-_.".contains(c))
+        }
+        _ => false,
+    }
 }
 
 #[derive(Debug)]

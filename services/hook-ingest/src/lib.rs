@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod changes;
+pub mod grpc;
 pub mod hook;
 pub mod http;
 pub mod ingest;
@@ -105,7 +106,14 @@ pub async fn run(
         },
         secret,
     };
-    let app = http::router(state, config.max_body_bytes);
+    let grpc = tonic::service::Routes::new(
+        pushbus_shared::proto::hook_ingest_server::HookIngestServer::new(grpc::HookIngestService {
+            state: state.clone(),
+        }),
+    )
+    .into_axum_router();
+    // HTTP and gRPC (h2c) share one port.
+    let app = http::router(state, config.max_body_bytes).merge(grpc);
     let token = CancellationToken::new();
     ctx.ready.set(true);
     tracing::info!(listen = %config.listen, "accepting post-receive notifications");
