@@ -48,6 +48,8 @@ enum HookCommand {
     /// Forward git's post-receive input to hook-ingest; prints the messages
     /// for the pusher on stderr. Always exits 0: a push is never failed.
     PostReceive(pushbus_hook_ingest::hook::HookArgs),
+    /// Replay notifications spooled while hook-ingest was unreachable.
+    Flush(pushbus_hook_ingest::hook::HookArgs),
 }
 
 #[tokio::main]
@@ -67,6 +69,19 @@ async fn main() -> anyhow::Result<()> {
             command: HookCommand::PostReceive(args),
         } => {
             post_receive(args).await;
+            Ok(())
+        }
+        Command::Hook {
+            command: HookCommand::Flush(args),
+        } => {
+            let env = std::env::vars().collect();
+            let (delivered, left) = pushbus_hook_ingest::hook::flush(&args, &env)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            eprintln!("pushbus: {delivered} spooled notification(s) delivered, {left} left");
+            if left > 0 {
+                anyhow::bail!("hook-ingest still unreachable");
+            }
             Ok(())
         }
     }

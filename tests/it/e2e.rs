@@ -223,3 +223,78 @@ async fn malformed_notifications_are_refused_with_field_and_nothing_published() 
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_down_during_push_spools_and_flush_delivers_once() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let bare = tmp.path().join("repo.git");
+    git(
+        tmp.path(),
+        &["init", "--bare", "-q", bare.to_str().unwrap()],
+    );
+    git(&bare, &["config", "pushbus.projectId", "77"]);
+    let dead = format!("http://127.0.0.1:{}", pushbus_shared::testkit::free_port());
+    let hook = bare.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url {dead} --timeout-ms 500\n"
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let work = tmp.path().join("work");
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(work.join("f"), "x\n").unwrap();
+    git(&work, &["add", "f"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    // The push succeeds although nothing listens.
+    let push = git(&work, &["push", "origin", "HEAD:refs/heads/main"]);
+    let output = String::from_utf8_lossy(&push.stderr);
+    assert!(output.contains("notification spooled"), "{output}");
+    let spool = bare.join("pushbus-spool");
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 1);
+
+    let stack = Stack::start(&nats.url()).await;
+    let flush = |url: String| {
+        Command::new(PUSHBUS)
+            .args(["hook", "flush", "--ingest-url", &url])
+            .env("GIT_DIR", &bare)
+            .output()
+            .unwrap()
+    };
+    let out = flush(format!("http://{}", stack.ingest));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("1 spooled notification(s) delivered, 0 left")
+    );
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    // Flushing again sends nothing more; exactly one event is stored.
+    assert!(flush(format!("http://{}", stack.ingest)).status.success());
+    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(&nats).await);
+    let mut stream = js
+        .get_stream(pushbus_shared::names::STREAM_PUSHES)
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    let stored = stream.get_raw_message(1).await.unwrap();
+    let env = pushbus_shared::envelope::decode(&stored.payload).unwrap();
+    let event: pushbus_shared::proto::GitPushEvent = pushbus_shared::envelope::open(&env).unwrap();
+    assert_eq!(event.project_id, 77);
+    assert_eq!(event.changes[0].r#ref, "refs/heads/main");
+    stack.stop().await;
+}

@@ -1,8 +1,13 @@
 //! `pushbus hook post-receive`: the hook command a bare repository runs.
 //! It forwards git's ref updates to hook-ingest and returns the lines to
 //! show the pusher. It never fails the push and never waits past its timeout.
+//! When hook-ingest cannot be reached the notification is written to a spool
+//! directory and replayed by the next hook run or `pushbus hook flush`; the
+//! replay keeps the correlation ID, so a notification that did get stored
+//! before is dropped as a duplicate.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pushbus_shared::envelope;
@@ -32,7 +37,11 @@ pub struct HookArgs {
     pub timeout_ms: u64,
     /// GitLab shell secret file; when given, calls carry a signed JWT.
     #[arg(long = "secret-file", env = "PUSHBUS_HOOK_SECRET_FILE")]
-    pub secret_file: Option<std::path::PathBuf>,
+    pub secret_file: Option<PathBuf>,
+    /// Where undeliverable notifications wait; default: pushbus-spool in
+    /// the repository ($GIT_DIR).
+    #[arg(long = "spool-dir", env = "PUSHBUS_HOOK_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// What the hook tells the pusher (each entry is one `remote:` line).
@@ -41,6 +50,85 @@ pub struct Outcome {
     pub lines: Vec<String>,
     pub correlation_id: String,
     pub delivered: bool,
+    pub spooled: bool,
+    /// Earlier spooled notifications delivered by this run.
+    pub replayed: usize,
+}
+
+enum SendError {
+    /// hook-ingest answered with a refusal: retrying the same body is useless.
+    Refused(String),
+    /// Not stored (unreachable, timed out, 5xx): worth replaying later.
+    NotStored(String),
+}
+
+struct Sender {
+    url: String,
+    timeout: Duration,
+    secret: Option<String>,
+}
+
+impl Sender {
+    fn new(args: &HookArgs) -> Result<Self, String> {
+        let secret = match &args.secret_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(Self {
+            url: format!(
+                "{}/api/v4/internal/post_receive",
+                args.ingest_url.trim_end_matches('/')
+            ),
+            timeout: Duration::from_millis(args.timeout_ms),
+            secret,
+        })
+    }
+
+    async fn send(
+        &self,
+        body: &serde_json::Value,
+        correlation_id: &str,
+    ) -> Result<serde_json::Value, SendError> {
+        let sent = async {
+            let client = reqwest::Client::builder().timeout(self.timeout).build()?;
+            let mut req = client
+                .post(&self.url)
+                .header("x-correlation-id", correlation_id)
+                .json(body);
+            if let Some(secret) = &self.secret {
+                req = req.header(
+                    crate::auth::JWT_HEADER,
+                    crate::auth::sign_jwt(secret.as_bytes(), now_unix()),
+                );
+            }
+            let resp = req.send().await?;
+            let status = resp.status();
+            let json: serde_json::Value = resp.json().await.unwrap_or_default();
+            Ok::<_, reqwest::Error>((status, json))
+        };
+        match tokio::time::timeout(self.timeout, sent).await {
+            Ok(Ok((status, json))) if status.is_success() => Ok(json),
+            Ok(Ok((status, json))) => {
+                let error = json
+                    .get("error")
+                    .and_then(|e| e.as_str())
+                    .unwrap_or("no reason given");
+                let msg = format!("{status}: {error}");
+                if status.is_client_error() {
+                    Err(SendError::Refused(msg))
+                } else {
+                    Err(SendError::NotStored(msg))
+                }
+            }
+            Ok(Err(err)) => Err(SendError::NotStored(err.to_string())),
+            Err(_) => Err(SendError::NotStored("hook-ingest timed out".into())),
+        }
+    }
 }
 
 /// Runs the hook with git's stdin and the process environment.
@@ -54,6 +142,20 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         correlation_id: correlation_id.clone(),
         ..Default::default()
     };
+    let sender = match Sender::new(args) {
+        Ok(s) => s,
+        Err(e) => {
+            outcome
+                .lines
+                .push(format!("pushbus: {e}; push not announced"));
+            return outcome;
+        }
+    };
+    let spool = spool_dir(args, env);
+    // Older notifications first, so agents see pushes in order.
+    let (replayed, _) = flush_spool(&sender, &spool).await;
+    outcome.replayed = replayed;
+
     let project_id = match args.project_id {
         Some(id) => Some(id),
         None => git_config("pushbus.projectId")
@@ -78,43 +180,8 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         "push_options": push_options(env),
         "protocol": env.get("GL_PROTOCOL").cloned().unwrap_or_else(|| "hook".into()),
     });
-    let url = format!(
-        "{}/api/v4/internal/post_receive",
-        args.ingest_url.trim_end_matches('/')
-    );
-    let timeout = Duration::from_millis(args.timeout_ms);
-    let secret = match &args.secret_file {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(s) => Some(s.trim().to_owned()),
-            Err(err) => {
-                outcome.lines.push(format!(
-                    "pushbus: cannot read {}: {err}; push not announced",
-                    path.display()
-                ));
-                return outcome;
-            }
-        },
-        None => None,
-    };
-    let sent = async {
-        let client = reqwest::Client::builder().timeout(timeout).build()?;
-        let mut req = client
-            .post(&url)
-            .header("x-correlation-id", &correlation_id)
-            .json(&body);
-        if let Some(secret) = &secret {
-            req = req.header(
-                crate::auth::JWT_HEADER,
-                crate::auth::sign_jwt(secret.as_bytes(), now_unix()),
-            );
-        }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let json: serde_json::Value = resp.json().await?;
-        Ok::<_, reqwest::Error>((status, json))
-    };
-    match tokio::time::timeout(timeout, sent).await {
-        Ok(Ok((status, json))) if status.is_success() => {
+    match sender.send(&body, &correlation_id).await {
+        Ok(json) => {
             outcome.delivered = true;
             outcome.lines = render_messages(&json);
             // Lets the pusher quote one ID that every service's logs carry.
@@ -126,23 +193,90 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
                 .lines
                 .push(format!("pushbus: push announced, correlation ID {id}"));
         }
-        Ok(Ok((status, json))) => {
-            let error = json
-                .get("error")
-                .and_then(|e| e.as_str())
-                .unwrap_or("unknown error");
-            outcome
-                .lines
-                .push(format!("pushbus: push not announced ({status}): {error}"));
-        }
-        Ok(Err(err)) => outcome
+        Err(SendError::Refused(e)) => outcome
             .lines
-            .push(format!("pushbus: push not announced: {err}")),
-        Err(_) => outcome
-            .lines
-            .push("pushbus: push not announced: hook-ingest timed out".into()),
+            .push(format!("pushbus: push not announced ({e})")),
+        Err(SendError::NotStored(e)) => match write_spool(&spool, &correlation_id, &body) {
+            Ok(()) => {
+                outcome.spooled = true;
+                outcome.lines.push(format!(
+                    "pushbus: hook-ingest unavailable ({e}); notification spooled for replay"
+                ));
+            }
+            Err(io) => outcome.lines.push(format!(
+                "pushbus: push not announced ({e}) and not spooled ({io})"
+            )),
+        },
     }
     outcome
+}
+
+/// `pushbus hook flush`: replays spooled notifications; returns (delivered, left).
+pub async fn flush(
+    args: &HookArgs,
+    env: &HashMap<String, String>,
+) -> Result<(usize, usize), String> {
+    let sender = Sender::new(args)?;
+    Ok(flush_spool(&sender, &spool_dir(args, env)).await)
+}
+
+fn spool_dir(args: &HookArgs, env: &HashMap<String, String>) -> PathBuf {
+    args.spool_dir.clone().unwrap_or_else(|| {
+        env.get("GIT_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."))
+            .join("pushbus-spool")
+    })
+}
+
+fn write_spool(dir: &Path, correlation_id: &str, body: &serde_json::Value) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let entry = json!({ "correlation_id": correlation_id, "body": body });
+    // Write then rename: a crash never leaves a half-written entry.
+    let tmp = dir.join(format!(".{correlation_id}.tmp"));
+    std::fs::write(&tmp, entry.to_string())?;
+    std::fs::rename(&tmp, dir.join(format!("{correlation_id}.json")))
+}
+
+async fn flush_spool(sender: &Sender, dir: &Path) -> (usize, usize) {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect(),
+        Err(_) => return (0, 0),
+    };
+    // Correlation IDs are UUIDv7: name order is time order.
+    files.sort();
+    let mut delivered = 0;
+    for (i, path) in files.iter().enumerate() {
+        let entry: Option<serde_json::Value> = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let Some(entry) = entry else {
+            // Unreadable: set aside rather than block the spool forever.
+            let _ = std::fs::rename(path, path.with_extension("bad"));
+            continue;
+        };
+        let id = entry["correlation_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match sender.send(&entry["body"], &id).await {
+            Ok(_) => {
+                let _ = std::fs::remove_file(path);
+                delivered += 1;
+            }
+            // Refused content will never be accepted: drop it, say why.
+            Err(SendError::Refused(e)) => {
+                tracing::warn!(correlation_id = %id, error = %e, "spooled notification refused; dropped");
+                let _ = std::fs::remove_file(path);
+            }
+            // Still down: keep this and the rest for next time.
+            Err(SendError::NotStored(_)) => return (delivered, files.len() - i),
+        }
+    }
+    (delivered, 0)
 }
 
 /// Alerts first, boxed in `=` lines, then basic messages (as Gitaly prints them).
