@@ -298,3 +298,137 @@ async fn ingest_down_during_push_spools_and_flush_delivers_once() {
     assert_eq!(event.changes[0].r#ref, "refs/heads/main");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_tags_deletes_and_push_options_arrive_as_events() {
+    use pushbus_shared::proto::{ChangeKind, GitPushEvent, RefKind};
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let bare = tmp.path().join("repo.git");
+    git(
+        tmp.path(),
+        &["init", "--bare", "-q", bare.to_str().unwrap()],
+    );
+    git(&bare, &["config", "pushbus.projectId", "31"]);
+    git(&bare, &["config", "receive.advertisePushOptions", "true"]);
+    let hook = bare.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n",
+            stack.ingest
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let work = tmp.path().join("work");
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(work.join("f"), "x\n").unwrap();
+    git(&work, &["add", "f"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    git(&work, &["tag", "v1.0"]);
+    git(
+        &work,
+        &[
+            "push",
+            "-o",
+            "ci.skip",
+            "-o",
+            "deploy=prod",
+            "origin",
+            "HEAD:refs/heads/main",
+            "HEAD:refs/heads/tmp",
+            "refs/tags/v1.0",
+        ],
+    );
+    git(&work, &["push", "origin", ":refs/heads/tmp"]);
+
+    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(&nats).await);
+    let stream = js
+        .get_stream(pushbus_shared::names::STREAM_PUSHES)
+        .await
+        .unwrap();
+    let event = |seq| {
+        let stream = stream.clone();
+        async move {
+            let m = stream.get_raw_message(seq).await.unwrap();
+            let env = pushbus_shared::envelope::decode(&m.payload).unwrap();
+            pushbus_shared::envelope::open::<GitPushEvent>(&env).unwrap()
+        }
+    };
+    let first = event(1).await;
+    assert_eq!(first.project_id, 31);
+    assert_eq!(first.push_options, vec!["ci.skip", "deploy=prod"]);
+    let mut refs: Vec<(String, i32, i32)> = first
+        .changes
+        .iter()
+        .map(|c| (c.r#ref.clone(), c.ref_kind, c.change_kind))
+        .collect();
+    refs.sort();
+    assert_eq!(
+        refs,
+        vec![
+            (
+                "refs/heads/main".into(),
+                RefKind::Branch as i32,
+                ChangeKind::Create as i32
+            ),
+            (
+                "refs/heads/tmp".into(),
+                RefKind::Branch as i32,
+                ChangeKind::Create as i32
+            ),
+            (
+                "refs/tags/v1.0".into(),
+                RefKind::Tag as i32,
+                ChangeKind::Create as i32
+            ),
+        ]
+    );
+    let delete = event(2).await;
+    assert_eq!(delete.changes.len(), 1);
+    assert_eq!(delete.changes[0].r#ref, "refs/heads/tmp");
+    assert_eq!(delete.changes[0].change_kind, ChangeKind::Delete as i32);
+    assert!(delete.push_options.is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstream_down_means_503_with_a_reason() {
+    let mut nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    nats.kill();
+    let body = serde_json::json!({
+        "gl_repository": "project-4",
+        "identifier": "user-1",
+        "changes": format!("{} {} refs/heads/main", "1".repeat(40), "2".repeat(40)),
+    });
+    let resp = stack.post_receive(&body, &[]).await;
+    assert_eq!(resp.status(), 503);
+    let json: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        json["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{json}"
+    );
+    nats.start_again();
+    // Back up: the same service stores pushes again without a restart.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = stack.post_receive(&body, &[]).await.status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200);
+    stack.stop().await;
+}
