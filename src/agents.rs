@@ -51,6 +51,8 @@ pub struct WatchFile {
     pub project_id: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_path: Option<String>,
+    /// `any_branch`, or a one-key map such as `{branch: main}`.
+    #[serde(with = "serde_yaml::with::singleton_map")]
     pub refs: RefsFile,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
@@ -228,5 +230,37 @@ fn to_file(cfg: AgentConfig) -> AgentFile {
                 }
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_and_json_agent_files() {
+        let yaml = "agent_id: a\ntoken: t\nwatches:\n  - project_path: g/p\n    refs: {branch_glob: \"release/*\"}\n    paths: [\"deploy/**\"]\n  - project_id: 3\n    refs: any_tag\n    kind: configuration\n";
+        let file: AgentFile = serde_yaml::from_str(yaml).unwrap();
+        let cfg = file.into_config().unwrap();
+        assert_eq!(cfg.watches.len(), 2);
+        assert_eq!(cfg.token_sha256, hex::encode(Sha256::digest(b"t")));
+        pushbus_filter::agent::compile(&cfg).unwrap();
+        let json = r#"{"agent_id":"a","watches":[{"project_id":1,"refs":{"tag":"v1"}}]}"#;
+        let file: AgentFile = serde_json::from_str(json).unwrap();
+        assert_eq!(file.watches[0].refs, RefsFile::Tag("v1".into()));
+        // Round trip through the stored form.
+        let back = to_file(file.into_config().unwrap());
+        assert_eq!(back.watches[0].refs, RefsFile::Tag("v1".into()));
+        for bad in [
+            "agent_id: a\nwatches: []\n",
+            "agent_id: a\nwatches:\n  - project_id: 1\n    refs: {bogus: x}\n",
+        ] {
+            let parsed: Result<AgentFile, _> = serde_yaml::from_str(bad);
+            let ok = parsed
+                .ok()
+                .and_then(|f| f.into_config().ok())
+                .is_some_and(|c| pushbus_filter::agent::compile(&c).is_ok());
+            assert!(!ok, "accepted {bad:?}");
+        }
     }
 }

@@ -432,3 +432,78 @@ async fn jetstream_down_means_503_with_a_reason() {
     assert_eq!(status, 200);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_filtered_agent_is_poked_only_for_its_paths() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    agents_put(
+        &nats.url(),
+        tmp.path(),
+        "agent_id: deployer\nwatches:\n  - project_id: 55\n    refs:\n      branch: main\n    paths: [\"deploy/**\"]\n",
+    );
+    let stack = Stack::start(&nats.url()).await;
+    let url = format!("http://{}/v1/agents/deployer/pokes", stack.notifier);
+    let mut sse = SseReader::new(SseReader::connect(&url, None).await);
+    assert_eq!(
+        sse.next_event(Duration::from_secs(10)).await.unwrap().0,
+        "status"
+    );
+
+    let bare = tmp.path().join("repo.git");
+    git(
+        tmp.path(),
+        &["init", "--bare", "-q", bare.to_str().unwrap()],
+    );
+    git(&bare, &["config", "pushbus.projectId", "55"]);
+    let hook = bare.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n",
+            stack.ingest
+        ),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let work = tmp.path().join("work");
+    git(
+        tmp.path(),
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
+    let commit_push = |path: &str| {
+        let file = work.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, format!("{path}\n")).unwrap();
+        git(&work, &["add", "."]);
+        git(&work, &["commit", "-q", "-m", path]);
+        git(&work, &["push", "-q", "origin", "HEAD:refs/heads/main"]);
+        String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    // Creating the branch: paths unknown, so the agent is poked.
+    let created = commit_push("README");
+    let (_, data) = sse
+        .next_event(Duration::from_secs(15))
+        .await
+        .expect("poke for the create");
+    assert!(data.contains(&created), "{data}");
+    // An update outside deploy/ pokes nobody; the next poke is for deploy/.
+    commit_push("src/main.rs");
+    let deployed = commit_push("deploy/app.yaml");
+    let (_, data) = sse
+        .next_event(Duration::from_secs(15))
+        .await
+        .expect("poke for deploy/");
+    let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(poke["new_sha"], deployed.as_str());
+    assert_eq!(poke["change"], "update");
+    stack.stop().await;
+}

@@ -103,6 +103,45 @@ pub fn validate(mut changes: Vec<RefChange>) -> Result<Vec<RefChange>, Invalid> 
     Ok(changes)
 }
 
+pub const MAX_PATHS_PER_REF: usize = 10_000;
+
+/// Attaches known changed paths (ref -> paths) to their ref changes.
+pub fn attach_paths(
+    changes: &mut [RefChange],
+    mut paths: std::collections::HashMap<String, Vec<String>>,
+) -> Result<(), Invalid> {
+    for (i, c) in changes.iter_mut().enumerate() {
+        let Some(list) = paths.remove(&c.r#ref) else {
+            continue;
+        };
+        let field = || format!("pushbus_changed_paths[{}]", c.r#ref);
+        if list.len() > MAX_PATHS_PER_REF {
+            return Err(Invalid::new(
+                field(),
+                format!("more than {MAX_PATHS_PER_REF} paths"),
+            ));
+        }
+        if let Some(bad) = list
+            .iter()
+            .find(|p| p.is_empty() || p.len() > 4096 || p.chars().any(char::is_control))
+        {
+            return Err(Invalid::new(
+                field(),
+                format!("invalid path {bad:?} (changes[{i}])"),
+            ));
+        }
+        c.changed_paths = list;
+        c.paths_known = true;
+    }
+    match paths.keys().next() {
+        Some(r) => Err(Invalid::new(
+            format!("pushbus_changed_paths[{r}]"),
+            "names a ref not in changes",
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_sha(sha: &str) -> Result<(), &'static str> {
     if sha.len() != 40 && sha.len() != 64 {
         return Err("must be 40 (SHA-1) or 64 (SHA-256) hex digits");

@@ -179,6 +179,7 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         "changes": stdin,
         "push_options": push_options(env),
         "protocol": env.get("GL_PROTOCOL").cloned().unwrap_or_else(|| "hook".into()),
+        "pushbus_changed_paths": changed_paths(stdin).await,
     });
     match sender.send(&body, &correlation_id).await {
         Ok(json) => {
@@ -277,6 +278,47 @@ async fn flush_spool(sender: &Sender, dir: &Path) -> (usize, usize) {
         }
     }
     (delivered, 0)
+}
+
+/// Refs updated in one push whose paths are computed; beyond that, and for
+/// creates and deletes, paths stay unknown (which filters treat as "any").
+const PATHS_MAX_REFS: usize = 20;
+const PATHS_MAX_PER_REF: usize = 2_000;
+const PATHS_BUDGET: Duration = Duration::from_millis(1_000);
+
+/// Paths changed by each fast-forward or forced update, bounded in count
+/// and time so a huge push never stalls the pusher.
+async fn changed_paths(stdin: &str) -> HashMap<String, Vec<String>> {
+    let mut out = HashMap::new();
+    let deadline = tokio::time::Instant::now() + PATHS_BUDGET;
+    let updates = stdin.lines().filter_map(|l| {
+        let mut p = l.split(' ');
+        let (old, new, r) = (p.next()?, p.next()?, p.next()?);
+        let zero = |s: &str| s.bytes().all(|b| b == b'0');
+        (!zero(old) && !zero(new)).then(|| (old.to_owned(), new.to_owned(), r.to_owned()))
+    });
+    for (old, new, r) in updates.take(PATHS_MAX_REFS) {
+        let diff = tokio::process::Command::new("git")
+            .args(["diff", "--name-only", "-z", "--no-renames", &old, &new])
+            .kill_on_drop(true)
+            .output();
+        let Ok(Ok(o)) = tokio::time::timeout_at(deadline, diff).await else {
+            break;
+        };
+        if !o.status.success() {
+            continue;
+        }
+        let paths: Vec<String> = o
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|p| !p.is_empty())
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        if paths.len() <= PATHS_MAX_PER_REF {
+            out.insert(r, paths);
+        }
+    }
+    out
 }
 
 /// Alerts first, boxed in `=` lines, then basic messages (as Gitaly prints them).

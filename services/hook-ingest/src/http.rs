@@ -81,6 +81,9 @@ struct Body {
     protocol: Option<String>,
     #[serde(default)]
     secret_token: Option<String>,
+    /// pushbus' own hook: ref -> paths changed by that ref's update.
+    #[serde(default)]
+    pushbus_changed_paths: std::collections::HashMap<String, Vec<String>>,
 }
 
 async fn post_receive(
@@ -168,7 +171,8 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
     let gl_repository = b.gl_repository.ok_or_else(|| missing("gl_repository"))?;
     let (repository_kind, project_id) = parse_gl_repository(&gl_repository)?;
     let identifier = b.identifier.ok_or_else(|| missing("identifier"))?;
-    let changes = changes::parse_changes(&b.changes.ok_or_else(|| missing("changes"))?)?;
+    let mut changes = changes::parse_changes(&b.changes.ok_or_else(|| missing("changes"))?)?;
+    changes::attach_paths(&mut changes, b.pushbus_changed_paths)?;
     let geo_node_id = match b.geo_node_id {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::Number(n)) => Some(n.to_string()),
