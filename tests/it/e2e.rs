@@ -188,6 +188,26 @@ async fn malformed_notifications_are_refused_with_field_and_nothing_published() 
             Some("changes[0].ref"),
         ),
         (
+            serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/a\u{7}b")}),
+            422,
+            Some("changes[0].ref"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-1", "identifier": "user-1"}),
+            400,
+            Some("changes"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-1", "changes": format!("{z} {a} refs/heads/x")}),
+            400,
+            Some("identifier"),
+        ),
+        (
+            serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {a} refs/heads/x\n{a} {} refs/heads/y", "c".repeat(64))}),
+            422,
+            Some("changes[1].new_sha"),
+        ),
+        (
             serde_json::json!({"gl_repository": "project-1", "identifier": "user-1", "changes": format!("{z} {} refs/heads/x", "b".repeat(64))}),
             422,
             Some("changes[0].new_sha"),
