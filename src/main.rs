@@ -2,6 +2,7 @@
 //! operator commands (setup, agents, the post-receive hook).
 
 mod agents;
+mod bench;
 mod embedded;
 mod run;
 
@@ -36,11 +37,22 @@ enum Command {
         #[command(subcommand)]
         command: agents::AgentsCommand,
     },
+    /// Benchmarks that print our figures next to a baseline from the same run.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Git hook commands, run by a bare repository.
     Hook {
         #[command(subcommand)]
         command: HookCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// hook-ingest request -> durable ack, against raw JetStream publishes.
+    Ingest(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -65,6 +77,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Agents { nats, command } => agents::run(&nats, command).await,
+        Command::Bench {
+            command: BenchCommand::Ingest(args),
+        } => bench::ingest(args).await,
         Command::Hook {
             command: HookCommand::PostReceive(args),
         } => {
