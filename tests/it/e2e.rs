@@ -1,6 +1,6 @@
 //! A real `git push` travels the whole pipeline to a connected agent.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -26,6 +26,43 @@ fn git(dir: &Path, args: &[&str]) -> std::process::Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A bare repository for `project_id` whose post-receive hook runs
+/// `pushbus hook post-receive <hook_args>`, and a clone of it to push from.
+fn repo_with_hook(
+    dir: &Path,
+    project_id: i64,
+    hook_args: &str,
+    config: &[(&str, &str)],
+) -> (PathBuf, PathBuf) {
+    let bare = dir.join("repo.git");
+    git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(
+        &bare,
+        &["config", "pushbus.projectId", &project_id.to_string()],
+    );
+    for (k, v) in config {
+        git(&bare, &["config", k, v]);
+    }
+    let hook = bare.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive {hook_args}\n"),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let work = dir.join("work");
+    git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
+    (bare, work)
 }
 
 fn agents_put(nats_url: &str, dir: &Path, yaml: &str) {
@@ -65,33 +102,11 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
     assert_eq!(event, "status");
 
     // A bare repository whose post-receive hook calls the stack.
-    let bare = tmp.path().join("repo.git");
-    git(
+    let (_, work) = repo_with_hook(
         tmp.path(),
-        &["init", "--bare", "-q", bare.to_str().unwrap()],
-    );
-    git(&bare, &["config", "pushbus.projectId", "42"]);
-    git(&bare, &["config", "pushbus.projectPath", "group/project"]);
-    let hook = bare.join("hooks/post-receive");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n",
-            stack.ingest
-        ),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
-
-    let work = tmp.path().join("work");
-    git(
-        tmp.path(),
-        &[
-            "clone",
-            "-q",
-            bare.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
+        42,
+        &format!("--ingest-url http://{}", stack.ingest),
+        &[("pushbus.projectPath", "group/project")],
     );
     std::fs::write(work.join("README"), "hello\n").unwrap();
     git(&work, &["add", "README"]);
@@ -248,31 +263,12 @@ async fn malformed_notifications_are_refused_with_field_and_nothing_published() 
 async fn ingest_down_during_push_spools_and_flush_delivers_once() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
-    let bare = tmp.path().join("repo.git");
-    git(
-        tmp.path(),
-        &["init", "--bare", "-q", bare.to_str().unwrap()],
-    );
-    git(&bare, &["config", "pushbus.projectId", "77"]);
     let dead = format!("http://127.0.0.1:{}", pushbus_shared::testkit::free_port());
-    let hook = bare.join("hooks/post-receive");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url {dead} --timeout-ms 500\n"
-        ),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
-    let work = tmp.path().join("work");
-    git(
+    let (bare, work) = repo_with_hook(
         tmp.path(),
-        &[
-            "clone",
-            "-q",
-            bare.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
+        77,
+        &format!("--ingest-url {dead} --timeout-ms 500"),
+        &[],
     );
     std::fs::write(work.join("f"), "x\n").unwrap();
     git(&work, &["add", "f"]);
@@ -325,32 +321,11 @@ async fn branches_tags_deletes_and_push_options_arrive_as_events() {
     let nats = NatsServer::start();
     let stack = Stack::start(&nats.url()).await;
     let tmp = tempfile::tempdir().unwrap();
-    let bare = tmp.path().join("repo.git");
-    git(
+    let (_, work) = repo_with_hook(
         tmp.path(),
-        &["init", "--bare", "-q", bare.to_str().unwrap()],
-    );
-    git(&bare, &["config", "pushbus.projectId", "31"]);
-    git(&bare, &["config", "receive.advertisePushOptions", "true"]);
-    let hook = bare.join("hooks/post-receive");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n",
-            stack.ingest
-        ),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
-    let work = tmp.path().join("work");
-    git(
-        tmp.path(),
-        &[
-            "clone",
-            "-q",
-            bare.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
+        31,
+        &format!("--ingest-url http://{}", stack.ingest),
+        &[("receive.advertisePushOptions", "true")],
     );
     std::fs::write(work.join("f"), "x\n").unwrap();
     git(&work, &["add", "f"]);
@@ -470,31 +445,11 @@ async fn path_filtered_agent_is_poked_only_for_its_paths() {
         "status"
     );
 
-    let bare = tmp.path().join("repo.git");
-    git(
+    let (_, work) = repo_with_hook(
         tmp.path(),
-        &["init", "--bare", "-q", bare.to_str().unwrap()],
-    );
-    git(&bare, &["config", "pushbus.projectId", "55"]);
-    let hook = bare.join("hooks/post-receive");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nexec '{PUSHBUS}' hook post-receive --ingest-url http://{}\n",
-            stack.ingest
-        ),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
-    let work = tmp.path().join("work");
-    git(
-        tmp.path(),
-        &[
-            "clone",
-            "-q",
-            bare.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
+        55,
+        &format!("--ingest-url http://{}", stack.ingest),
+        &[],
     );
     let commit_push = |path: &str| {
         let file = work.join(path);
