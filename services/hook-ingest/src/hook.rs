@@ -133,9 +133,11 @@ impl Sender {
 
 /// Runs the hook with git's stdin and the process environment.
 pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -> Outcome {
-    let correlation_id = env
-        .get("PUSHBUS_CORRELATION_ID")
-        .filter(|c| envelope::is_valid_correlation_id(c))
+    // Ours first, then the one Gitaly/GitLab hooks carry.
+    let correlation_id = ["PUSHBUS_CORRELATION_ID", "CORRELATION_ID"]
+        .iter()
+        .filter_map(|k| env.get(*k))
+        .find(|c| envelope::is_valid_correlation_id(c))
         .cloned()
         .unwrap_or_else(envelope::new_correlation_id);
     let mut outcome = Outcome {
