@@ -2,30 +2,18 @@
 
 use std::collections::HashSet;
 
-use async_nats::jetstream;
-use futures::StreamExt;
 use pushbus_shared::names;
 use pushbus_shared::proto::GitPushEvent;
-use pushbus_shared::testkit::{self, NatsServer};
+use pushbus_shared::testkit::NatsServer;
 
-use crate::support::Stack;
+use crate::support::{Stack, stored_events};
 
-/// Every GitPushEvent stored so far.
 async fn stored_pushes(nats: &NatsServer) -> Vec<GitPushEvent> {
-    let js = jetstream::new(testkit::client(nats).await);
-    let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();
-    let count = stream.get_info().await.unwrap().state.messages as usize;
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+    stored_events(nats, names::STREAM_PUSHES)
         .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap().take(count);
-    let mut out = Vec::new();
-    while let Some(m) = messages.next().await {
-        let env = pushbus_shared::envelope::decode(&m.unwrap().payload).unwrap();
-        out.push(pushbus_shared::envelope::open(&env).unwrap());
-    }
-    out
+        .into_iter()
+        .map(|(_, e)| e)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 mod bus;
 mod compose;
 mod e2e;
+mod filter;
 mod ingest;
 mod lag;
 mod support;

@@ -166,3 +166,77 @@ impl Stack {
         req.send().await.expect("post_receive request")
     }
 }
+
+/// Every event of type `M` stored in `stream` so far, with its identity.
+pub async fn stored_events<M: prost::Message + prost::Name + Default>(
+    nats: &pushbus_shared::testkit::NatsServer,
+    stream: &str,
+) -> Vec<(pushbus_shared::EventMeta, M)> {
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(nats).await);
+    let stream = js.get_stream(stream).await.unwrap();
+    let count = stream.get_info().await.unwrap().state.messages as usize;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap().take(count);
+    let mut out = Vec::new();
+    while let Some(m) = messages.next().await {
+        let env = pushbus_shared::envelope::decode(&m.unwrap().payload).unwrap();
+        out.push((
+            pushbus_shared::EventMeta::from(&env),
+            pushbus_shared::envelope::open(&env).unwrap(),
+        ));
+    }
+    out
+}
+
+/// One filter replica, hosted like in production.
+pub struct Replica {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), service::HostError>>,
+}
+
+impl Replica {
+    pub async fn filter(nats_url: &str) -> Replica {
+        let ops = local(free_port());
+        let token = CancellationToken::new();
+        let url = nats_url.to_owned();
+        // A stopped replica's in-flight pushes come back after ack_wait;
+        // keep it short so tests see them.
+        let config = pushbus_filter::Config {
+            ack_wait_secs: 2,
+            ..Default::default()
+        };
+        let launcher = Launcher::new("filter", move |ctx, t| {
+            pushbus_filter::run(ctx, config, t.cancelled_owned())
+        });
+        let task = tokio::spawn({
+            let token = token.clone();
+            async move { service::host(&url, ops, vec![launcher], token.cancelled_owned()).await }
+        });
+        let ready = format!("http://{ops}/readyz");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reqwest::get(&ready)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "filter replica not ready within 30s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Replica { token, task }
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("replica did not stop")
+            .unwrap()
+            .expect("replica failed");
+    }
+}

@@ -25,11 +25,22 @@ pub struct Config {
         default_value_t = 16
     )]
     pub concurrency: usize,
+    /// Seconds before a push pulled by a replica that died is handed to
+    /// another one.
+    #[arg(
+        long = "filter-ack-wait-secs",
+        env = "PUSHBUS_FILTER_ACK_WAIT_SECS",
+        default_value_t = 30
+    )]
+    pub ack_wait_secs: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { concurrency: 16 }
+        Self {
+            concurrency: 16,
+            ack_wait_secs: 30,
+        }
     }
 }
 
@@ -46,6 +57,7 @@ pub enum Error {
 pub fn consumer_spec(config: &Config) -> ConsumerSpec {
     let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, names::CONSUMER_FILTER);
     spec.concurrency = config.concurrency;
+    spec.ack_wait = std::time::Duration::from_secs(config.ack_wait_secs.max(1));
     spec
 }
 

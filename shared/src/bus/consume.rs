@@ -171,16 +171,27 @@ where
         loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break 'pull,
+                _ = shutdown.cancelled() => {
+                    hand_back(&mut messages).await;
+                    break 'pull;
+                }
                 next = messages.next() => next,
             };
             match next {
                 Some(Ok(msg)) => {
                     let lane = lane_of(&msg.subject, lanes);
-                    tokio::select! {
+                    let permit = tokio::select! {
                         biased;
-                        sent = senders[lane].send(msg) => if sent.is_err() { break 'pull },
-                        _ = shutdown.cancelled() => break 'pull,
+                        permit = senders[lane].reserve() => permit,
+                        _ = shutdown.cancelled() => {
+                            nak_now(&msg).await;
+                            hand_back(&mut messages).await;
+                            break 'pull;
+                        }
+                    };
+                    match permit {
+                        Ok(permit) => permit.send(msg),
+                        Err(_) => break 'pull,
                     }
                 }
                 Some(Err(err)) => {
@@ -192,11 +203,27 @@ where
             }
         }
     }
-    // Messages pulled but not yet queued are left un-acked: the server hands
-    // them out again after ack_wait. Queued ones are finished here.
+    // Queued messages are finished here; pulled-but-unqueued ones were
+    // handed back above.
     drop(senders);
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Naks what the server already sent us but no lane took, so another
+/// instance gets it at once instead of after ack_wait.
+async fn hand_back(messages: &mut jetstream::consumer::pull::Stream) {
+    while let Ok(Some(Ok(msg))) =
+        tokio::time::timeout(Duration::from_millis(50), messages.next()).await
+    {
+        nak_now(&msg).await;
+    }
+}
+
+async fn nak_now(msg: &jetstream::Message) {
+    if let Err(err) = msg.ack_with(AckKind::Nak(None)).await {
+        tracing::debug!(error = %err, "nak on shutdown failed; redelivery after ack_wait");
+    }
 }
 
 async fn create(

@@ -1,0 +1,209 @@
+//! filter against a real nats-server: replicas and restarts never lose or
+//! double a poke.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use pushbus_shared::bus::Publisher;
+use pushbus_shared::proto::{
+    AgentConfig, AgentPoke, GitPushEvent, RefChange, RefSelector, Source, Watch, ref_selector::Kind,
+};
+use pushbus_shared::testkit::{self, NatsServer};
+use pushbus_shared::{EventMeta, names, topology};
+
+use crate::support::{Replica, stored_events};
+
+async fn register(nats: &NatsServer, agent_id: &str, projects: impl Iterator<Item = i64>) {
+    let js = async_nats::jetstream::new(testkit::client(nats).await);
+    let kv = js
+        .create_or_update_key_value(topology::agents_bucket())
+        .await
+        .unwrap();
+    let cfg = AgentConfig {
+        agent_id: agent_id.into(),
+        watches: projects
+            .map(|p| Watch {
+                project_id: p,
+                refs: Some(RefSelector {
+                    kind: Kind::AnyBranch as i32,
+                    pattern: String::new(),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+}
+
+/// Publishes pushes `range` (project = 1 + i % 20) and returns the poke IDs
+/// they must yield: agent-a watches every project, agent-b only project 1.
+async fn publish(publisher: &Publisher, range: std::ops::Range<u32>) -> HashSet<String> {
+    let mut expected = HashSet::new();
+    for i in range {
+        let project = 1 + (i % 20) as i64;
+        let push = GitPushEvent {
+            project_id: project,
+            changes: vec![RefChange {
+                old_sha: "1".repeat(40),
+                new_sha: format!("{i:040x}"),
+                r#ref: "refs/heads/main".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let meta = EventMeta::deterministic("c", &[&i.to_string()]);
+        publisher
+            .publish(names::push_subject(project), &push, &meta)
+            .await
+            .unwrap();
+        for agent in ["agent-a", "agent-b"] {
+            if agent == "agent-a" || project == 1 {
+                expected
+                    .insert(EventMeta::derived_from(&meta, &[agent, "refs/heads/main"]).event_id);
+            }
+        }
+    }
+    expected
+}
+
+async fn pokes_once(nats: &NatsServer, expected: &HashSet<String>) {
+    let mut ids = Vec::new();
+    for _ in 0..300 {
+        ids = stored_events::<AgentPoke>(nats, names::STREAM_POKES)
+            .await
+            .into_iter()
+            .map(|(m, _)| m.event_id)
+            .collect();
+        if ids.len() >= expected.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Settle: late duplicates would show up now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = stored_events::<AgentPoke>(nats, names::STREAM_POKES).await;
+    assert_eq!(again.len(), ids.len(), "pokes kept coming");
+    let unique: HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!(unique.len(), ids.len(), "duplicate pokes");
+    assert_eq!(&unique, expected, "missing or unexpected pokes");
+}
+
+async fn setup(nats: &NatsServer) -> Publisher {
+    register(nats, "agent-a", 1..=20).await;
+    register(nats, "agent-b", 1..=1).await;
+    let js = async_nats::jetstream::new(testkit::client(nats).await);
+    pushbus_filter::topology(&Default::default())
+        .ensure(&js)
+        .await
+        .unwrap();
+    Publisher::new(js, Source::default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_consumer_lose_and_double_nothing() {
+    let nats = NatsServer::start();
+    let publisher = setup(&nats).await;
+    let (r1, r2) = (
+        Replica::filter(&nats.url()).await,
+        Replica::filter(&nats.url()).await,
+    );
+    let expected = publish(&publisher, 0..200).await;
+    assert_eq!(expected.len(), 210);
+    pokes_once(&nats, &expected).await;
+    r1.stop().await;
+    r2.stop().await;
+}
+
+// Reproduces a bug found on 2026-11-23: in about half the runs the last push
+// pulled by the stopped replica (stream seq 100 here) ends up acked on the
+// consumer (ack floor 200, ack_pending 0, 1 redelivery, DLQ empty) while no
+// replica ever logs handling it, so its poke is missing. Run with
+// `cargo test --test it -- --ignored filter::restart`.
+#[ignore = "known bug: a push in flight at replica shutdown can be acked unhandled"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_mid_stream_yields_every_poke_exactly_once() {
+    let nats = NatsServer::start();
+    let publisher = setup(&nats).await;
+    let first = Replica::filter(&nats.url()).await;
+    let mut expected = publish(&publisher, 0..100).await;
+    first.stop().await;
+    // Pushes stored while no filter runs are handled after the restart.
+    expected.extend(publish(&publisher, 100..150).await);
+    let second = Replica::filter(&nats.url()).await;
+    expected.extend(publish(&publisher, 150..200).await);
+    pokes_once(&nats, &expected).await;
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_updates_apply_to_later_pushes() {
+    let nats = NatsServer::start();
+    let publisher = setup(&nats).await;
+    let replica = Replica::filter(&nats.url()).await;
+    let mut expected = publish(&publisher, 0..20).await;
+    pokes_once(&nats, &expected).await;
+    // agent-c appears while the filter runs; its watch applies to later pushes.
+    register(&nats, "agent-c", 1..=20).await;
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let kv = js.get_key_value(names::BUCKET_AGENTS).await.unwrap();
+    // The watch is asynchronous: wait until a probe push pokes agent-c.
+    let mut probe = 1000;
+    loop {
+        let meta = EventMeta::deterministic("probe", &[&probe.to_string()]);
+        let push = GitPushEvent {
+            project_id: 2,
+            changes: vec![RefChange {
+                old_sha: "1".repeat(40),
+                new_sha: "2".repeat(40),
+                r#ref: "refs/heads/main".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        publisher
+            .publish(names::push_subject(2), &push, &meta)
+            .await
+            .unwrap();
+        expected.insert(EventMeta::derived_from(&meta, &["agent-a", "refs/heads/main"]).event_id);
+        let c_id = EventMeta::derived_from(&meta, &["agent-c", "refs/heads/main"]).event_id;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let pokes = stored_events::<AgentPoke>(&nats, names::STREAM_POKES).await;
+        if pokes.iter().any(|(m, _)| m.event_id == c_id) {
+            expected.insert(c_id);
+            break;
+        }
+        probe += 1;
+        assert!(probe < 1050, "agent-c never matched");
+    }
+    // Deleting agent-b stops its pokes for later pushes.
+    kv.delete("agent-b").await.unwrap();
+    // KV watch updates land in milliseconds; a second is ample.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in publish(&publisher, 20..40).await {
+        expected.insert(id);
+    }
+    let c_expected: HashSet<String> = (20..40u32)
+        .map(|i| {
+            EventMeta::derived_from(
+                &EventMeta::deterministic("c", &[&i.to_string()]),
+                &["agent-c", "refs/heads/main"],
+            )
+            .event_id
+        })
+        .collect();
+    let b_later: HashSet<String> = (20..40u32)
+        .filter(|i| i % 20 == 0)
+        .map(|i| {
+            EventMeta::derived_from(
+                &EventMeta::deterministic("c", &[&i.to_string()]),
+                &["agent-b", "refs/heads/main"],
+            )
+            .event_id
+        })
+        .collect();
+    expected.extend(c_expected);
+    expected.retain(|id| !b_later.contains(id));
+    pokes_once(&nats, &expected).await;
+    replica.stop().await;
+}
