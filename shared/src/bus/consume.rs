@@ -171,10 +171,7 @@ where
         loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    hand_back(&mut messages).await;
-                    break 'pull;
-                }
+                _ = shutdown.cancelled() => break 'pull,
                 next = messages.next() => next,
             };
             match next {
@@ -183,11 +180,7 @@ where
                     let permit = tokio::select! {
                         biased;
                         permit = senders[lane].reserve() => permit,
-                        _ = shutdown.cancelled() => {
-                            nak_now(&msg).await;
-                            hand_back(&mut messages).await;
-                            break 'pull;
-                        }
+                        _ = shutdown.cancelled() => break 'pull,
                     };
                     match permit {
                         Ok(permit) => permit.send(msg),
@@ -203,27 +196,12 @@ where
             }
         }
     }
-    // Queued messages are finished here; pulled-but-unqueued ones were
-    // handed back above.
+    // Queued messages are finished here. Pulled-but-unqueued ones are left
+    // un-acked and come back after ack_wait: naking them on the way out lost
+    // messages under load (see tests/it/filter.rs restart test), so don't.
     drop(senders);
     while tasks.join_next().await.is_some() {}
     Ok(())
-}
-
-/// Naks what the server already sent us but no lane took, so another
-/// instance gets it at once instead of after ack_wait.
-async fn hand_back(messages: &mut jetstream::consumer::pull::Stream) {
-    while let Ok(Some(Ok(msg))) =
-        tokio::time::timeout(Duration::from_millis(50), messages.next()).await
-    {
-        nak_now(&msg).await;
-    }
-}
-
-async fn nak_now(msg: &jetstream::Message) {
-    if let Err(err) = msg.ack_with(AckKind::Nak(None)).await {
-        tracing::debug!(error = %err, "nak on shutdown failed; redelivery after ack_wait");
-    }
 }
 
 async fn create(
