@@ -8,6 +8,7 @@ pub mod envelope;
 pub mod names;
 pub mod ops;
 pub mod proto;
+pub mod secret;
 pub mod service;
 pub mod telemetry;
 pub mod topology;

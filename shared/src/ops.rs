@@ -44,13 +44,6 @@ impl ReadyFlag {
     pub fn set(&self, ready: bool) {
         lock(&self.components).insert(self.name.clone(), ready);
     }
-
-    pub fn is_ready(&self) -> bool {
-        lock(&self.components)
-            .get(&self.name)
-            .copied()
-            .unwrap_or(false)
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -5,6 +5,7 @@ use async_nats::jetstream::kv::Store;
 use prost::Message;
 use pushbus_shared::names;
 use pushbus_shared::proto::AgentConfig;
+use pushbus_shared::secret::constant_time_eq;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +45,6 @@ pub async fn authenticate(
     } else {
         Err(AuthError::Denied)
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// "Bearer <token>" -> "<token>".

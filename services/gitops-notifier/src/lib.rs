@@ -46,6 +46,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("poke consumer task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 #[derive(Clone)]
@@ -122,7 +124,7 @@ pub async fn run(
     ctx.drain().await;
     match consumed {
         Ok(result) => result.map_err(Error::from),
-        Err(join) => Err(Error::Registry(join.to_string())),
+        Err(join) => Err(Error::Task(join)),
     }
 }
 

@@ -6,6 +6,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
+use pushbus_shared::secret::constant_time_eq;
 use sha2::Sha256;
 
 pub const JWT_HEADER: &str = "gitlab-shell-api-request";
@@ -117,10 +118,6 @@ pub fn sign_jwt(secret: &[u8], now: i64) -> String {
     mac.update(format!("{h}.{p}").as_bytes());
     let s = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
     format!("{h}.{p}.{s}")
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

@@ -26,7 +26,9 @@ impl HookIngest for HookIngestService {
         if let Some(secret) = &self.state.secret {
             let given =
                 text("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned));
-            if given.as_deref() != Some(secret.as_str()) {
+            if !given.is_some_and(|g| {
+                pushbus_shared::secret::constant_time_eq(g.as_bytes(), secret.as_bytes())
+            }) {
                 tracing::warn!("NotifyGitPush refused: missing or invalid token");
                 return Err(Status::unauthenticated("missing or invalid token"));
             }

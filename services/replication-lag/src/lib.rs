@@ -17,6 +17,7 @@ use pushbus_shared::proto::{
 };
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, envelope, names};
+use tracing::Instrument;
 
 #[derive(clap::Args, Clone, Debug)]
 #[group(id = "lag")]
@@ -118,7 +119,8 @@ pub async fn run(
             let Some(reply_to) = msg.reply.clone() else { return };
             match LagRequest::decode(msg.payload.as_ref()) {
                 Ok(req) if envelope::is_valid_correlation_id(&req.correlation_id) => {
-                    let reply = lag.answer(req).await;
+                    let span = tracing::info_span!("lag", correlation_id = %req.correlation_id, geo_node_id = %req.geo_node_id);
+                    let reply = lag.answer(req).instrument(span).await;
                     if let Err(err) = client.publish(reply_to, reply.encode_to_vec().into()).await {
                         tracing::warn!(error = %err, "cannot send lag reply");
                     }
@@ -137,8 +139,6 @@ pub async fn run(
 
 impl Lag {
     async fn answer(&self, req: LagRequest) -> LagReply {
-        let span = tracing::info_span!("lag", correlation_id = %req.correlation_id, geo_node_id = %req.geo_node_id);
-        let _enter = span.enter();
         let mut reply = LagReply {
             correlation_id: req.correlation_id.clone(),
             geo_node_id: req.geo_node_id.clone(),
