@@ -20,6 +20,10 @@ pub const SUBJECTS_GEO_STATUS: &str = "pushbus.geo.status.>";
 /// Core NATS request/reply (no stream): `pushbus.geo.lag.<node_id>`.
 pub const SUBJECTS_GEO_LAG: &str = "pushbus.geo.lag.*";
 
+/// Core NATS request/reply (no stream), served by filter:
+/// `pushbus.api.agents.<put|get|delete|list>`.
+pub const SUBJECTS_AGENTS_API: &str = "pushbus.api.agents.*";
+
 /// KV bucket: agent ID -> `AgentConfig`.
 pub const BUCKET_AGENTS: &str = "pushbus-agents";
 /// KV bucket: node ID -> `GeoNode`.
@@ -29,6 +33,8 @@ pub const BUCKET_GEO_NODES: &str = "pushbus-geo-nodes";
 pub const CONSUMER_FILTER: &str = "filter";
 pub const CONSUMER_NOTIFIER: &str = "gitops-notifier";
 
+/// Queue group of the agent registry API responders (filter replicas).
+pub const QUEUE_FILTER: &str = "filter";
 /// Queue group of replication-lag responders.
 pub const QUEUE_REPLICATION_LAG: &str = "replication-lag";
 
@@ -63,6 +69,10 @@ pub fn dlq_subject(consumer: &str) -> String {
 
 pub fn geo_lag_subject(node_id: &str) -> String {
     format!("pushbus.geo.lag.{node_id}")
+}
+
+pub fn agents_api_subject(op: &str) -> String {
+    format!("pushbus.api.agents.{op}")
 }
 
 pub fn geo_status_subject(node_id: &str) -> String {

@@ -4,9 +4,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use prost::Message;
 use pushbus_shared::bus::Publisher;
 use pushbus_shared::proto::{
-    AgentConfig, AgentPoke, GitPushEvent, RefChange, RefSelector, Source, Watch, ref_selector::Kind,
+    AgentConfig, AgentPoke, AgentRegistryReply, AgentRegistryRequest, GitPushEvent, RefChange,
+    RefSelector, Source, Watch, ref_selector::Kind,
 };
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
@@ -202,5 +204,169 @@ async fn registry_updates_apply_to_later_pushes() {
     expected.extend(c_expected);
     expected.retain(|id| !b_later.contains(id));
     pokes_once(&nats, &expected).await;
+    replica.stop().await;
+}
+
+async fn registry_request(
+    client: &async_nats::Client,
+    op: &str,
+    req: &AgentRegistryRequest,
+) -> AgentRegistryReply {
+    let reply = client
+        .request(names::agents_api_subject(op), req.encode_to_vec().into())
+        .await
+        .unwrap();
+    AgentRegistryReply::decode(reply.payload.as_ref()).unwrap()
+}
+
+fn watcher(agent_id: &str, project_id: i64, paths: &[&str]) -> AgentConfig {
+    AgentConfig {
+        agent_id: agent_id.into(),
+        watches: vec![Watch {
+            project_id,
+            refs: Some(RefSelector {
+                kind: Kind::AnyBranch as i32,
+                pattern: String::new(),
+            }),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_request_api_validates_writes_and_applies() {
+    let nats = NatsServer::start();
+    let publisher = setup(&nats).await;
+    let replica = Replica::filter(&nats.url()).await;
+    let client = testkit::client(&nats).await;
+    let put = |cfg: AgentConfig, expected_revision: Option<u64>| AgentRegistryRequest {
+        agent: Some(cfg),
+        expected_revision,
+        ..Default::default()
+    };
+    let by_id = |id: &str| AgentRegistryRequest {
+        agent_id: id.into(),
+        ..Default::default()
+    };
+
+    // Protobuf: create, then replace at the right revision only.
+    let created = registry_request(&client, "put", &put(watcher("api-a", 7, &[]), Some(0))).await;
+    assert_eq!(created.error, "");
+    assert!(created.revision > 0);
+    let again = registry_request(&client, "put", &put(watcher("api-a", 7, &[]), Some(0))).await;
+    assert!(again.error.contains("cannot create"), "{}", again.error);
+    let stale = registry_request(
+        &client,
+        "put",
+        &put(watcher("api-a", 7, &[]), Some(created.revision + 100)),
+    )
+    .await;
+    assert!(stale.error.contains("cannot replace"), "{}", stale.error);
+    let replaced = registry_request(
+        &client,
+        "put",
+        &put(watcher("api-a", 7, &["deploy/**"]), Some(created.revision)),
+    )
+    .await;
+    assert_eq!(replaced.error, "");
+    let got = registry_request(&client, "get", &by_id("api-a")).await;
+    assert_eq!(got.revision, replaced.revision);
+    assert_eq!(got.agent.unwrap().watches[0].paths, vec!["deploy/**"]);
+
+    // Invalid configs and IDs are refused and nothing is written.
+    for (cfg, why) in [
+        (watcher("api-bad", 7, &["a{"]), "paths[0]"),
+        (watcher("api.bad", 7, &[]), "agent_id"),
+        (watcher("api-bad", 0, &[]), "project"),
+    ] {
+        let reply = registry_request(&client, "put", &put(cfg, None)).await;
+        assert!(reply.error.contains(why), "{why}: {}", reply.error);
+    }
+    let missing = registry_request(&client, "get", &by_id("api-bad")).await;
+    assert!(missing.error.contains("no agent"), "{}", missing.error);
+    let unknown = registry_request(&client, "frobnicate", &by_id("api-a")).await;
+    assert!(unknown.error.contains("unknown operation"));
+    let garbage = client
+        .request(names::agents_api_subject("put"), vec![0xff, 0x01].into())
+        .await
+        .unwrap();
+    let garbage = AgentRegistryReply::decode(garbage.payload.as_ref()).unwrap();
+    assert!(garbage.error.contains("undecodable"), "{}", garbage.error);
+
+    // JSON, as from `nats req`: the agent file format in, JSON out.
+    let json = |op: &str, body: &'static str| {
+        let client = client.clone();
+        let subject = names::agents_api_subject(op);
+        async move {
+            let reply = client.request(subject, body.into()).await.unwrap();
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).unwrap()
+        }
+    };
+    let stored = json(
+        "put",
+        r#"{"agent_id":"api-json","watches":[{"project_id":7,"refs":{"branch":"main"}}]}"#,
+    )
+    .await;
+    assert!(stored["revision"].as_u64().unwrap() > 0, "{stored}");
+    let bad = json("put", r#"{"agent_id":"api-json","watches":[]}"#).await;
+    assert!(
+        bad["error"].as_str().unwrap().contains("no watches"),
+        "{bad}"
+    );
+    let bad = json("put", r#"{"agent_id":"x","wat":1}"#).await;
+    assert!(bad["error"].as_str().unwrap().contains("JSON"), "{bad}");
+    let listed = json("list", "{}").await;
+    assert_eq!(
+        listed["agent_ids"],
+        serde_json::json!(["agent-a", "agent-b", "api-a", "api-json"])
+    );
+    let fetched = json("get", r#"{"agent_id":"api-json"}"#).await;
+    assert_eq!(fetched["agent"]["watches"][0]["refs"]["branch"], "main");
+
+    // Both registrations take effect: a push to project 7 touching deploy/
+    // pokes api-a and api-json, next to agent-a that watches every project
+    // (the filter's KV watch is asynchronous).
+    let mut probe = 0;
+    let want: HashSet<&str> = ["agent-a", "api-a", "api-json"].into();
+    loop {
+        let meta = EventMeta::deterministic("api", &[&probe.to_string()]);
+        let push = GitPushEvent {
+            project_id: 7,
+            changes: vec![RefChange {
+                old_sha: "1".repeat(40),
+                new_sha: "2".repeat(40),
+                r#ref: "refs/heads/main".into(),
+                changed_paths: vec!["deploy/app.yaml".into()],
+                paths_known: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        publisher
+            .publish(names::push_subject(7), &push, &meta)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let poked: HashSet<String> = stored_events::<AgentPoke>(&nats, names::STREAM_POKES)
+            .await
+            .into_iter()
+            .filter(|(_, m)| m.push_event_id == meta.event_id)
+            .map(|(_, m)| m.agent_id)
+            .collect();
+        if poked.iter().map(String::as_str).collect::<HashSet<_>>() == want {
+            break;
+        }
+        probe += 1;
+        assert!(probe < 50, "registered agents never poked: {poked:?}");
+    }
+
+    let deleted = registry_request(&client, "delete", &by_id("api-a")).await;
+    assert_eq!(deleted.error, "");
+    let gone = registry_request(&client, "get", &by_id("api-a")).await;
+    assert!(gone.error.contains("no agent"));
+    let twice = registry_request(&client, "delete", &by_id("api-a")).await;
+    assert!(twice.error.contains("no agent"));
     replica.stop().await;
 }

@@ -2,6 +2,8 @@
 //! pushed project, refs and paths.
 
 pub mod agent;
+pub mod api;
+pub mod file;
 pub mod index;
 pub mod registry;
 
@@ -89,6 +91,10 @@ pub async fn run(
         .await
         .map_err(|e| Error::Registry(e.to_string()))?;
 
+    // Registrations are accepted even while the index is still loading:
+    // they are KV writes, and the watch brings them into the index.
+    let api = tokio::spawn(api::serve(ctx.client.clone(), kv.clone(), token.clone()));
+
     // Phase one: the whole registry, before a single push is matched.
     let index = registry::SharedIndex::default();
     let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
@@ -115,6 +121,11 @@ pub async fn run(
     ctx.ready.set(false);
     token.cancel();
     let _ = sync.await;
+    match api.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "agent registry API could not subscribe"),
+        Err(e) => tracing::error!(error = %e, "agent registry API task failed"),
+    }
     ctx.drain().await;
     Ok(())
 }

@@ -1,0 +1,215 @@
+//! The agent file format (`agent.yaml` / `agent.json`): what operators
+//! write, what `pushbus agents get` prints, and the JSON form of the request
+//! API. Only its compiled `AgentConfig` is stored.
+
+use pushbus_shared::proto::{
+    AgentConfig, RefSelector, Watch, WatchKind, Webhook, ref_selector::Kind,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AgentFileError {
+    #[error("give token or token_sha256, not both")]
+    TokenTwice,
+    #[error("watches[{0}].kind: unknown kind {1:?} (gitops or configuration)")]
+    Kind(usize, String),
+    #[error("cannot parse agent {format}: {detail}")]
+    Parse {
+        format: &'static str,
+        detail: String,
+    },
+}
+
+/// The file format (`agent.yaml`).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub agent_id: String,
+    /// Plain token; only its SHA-256 is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token_sha256: String,
+    pub watches: Vec<WatchFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookFile>,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WatchFile {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_path: Option<String>,
+    /// `any_branch`, or a one-key map such as `{branch: main}`.
+    #[serde(with = "serde_yaml::with::singleton_map")]
+    pub refs: RefsFile,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default = "gitops")]
+    pub kind: String,
+}
+
+fn gitops() -> String {
+    "gitops".into()
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RefsFile {
+    AnyBranch,
+    AnyTag,
+    AnyRef,
+    Branch(String),
+    Tag(String),
+    BranchGlob(String),
+    TagGlob(String),
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    pub url: String,
+    #[serde(default)]
+    pub secret_token: String,
+}
+
+impl AgentFile {
+    pub fn into_config(self) -> Result<AgentConfig, AgentFileError> {
+        let token_sha256 = match (self.token, self.token_sha256) {
+            (Some(t), h) if h.is_empty() => hex::encode(Sha256::digest(t.as_bytes())),
+            (None, h) => h,
+            (Some(_), _) => return Err(AgentFileError::TokenTwice),
+        };
+        let watches = self
+            .watches
+            .into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let kind = match w.kind.as_str() {
+                    "gitops" => WatchKind::Gitops,
+                    "configuration" => WatchKind::Configuration,
+                    other => return Err(AgentFileError::Kind(i, other.to_owned())),
+                };
+                let (sel, pattern) = match w.refs {
+                    RefsFile::AnyBranch => (Kind::AnyBranch, String::new()),
+                    RefsFile::AnyTag => (Kind::AnyTag, String::new()),
+                    RefsFile::AnyRef => (Kind::AnyRef, String::new()),
+                    RefsFile::Branch(p) => (Kind::Branch, p),
+                    RefsFile::Tag(p) => (Kind::Tag, p),
+                    RefsFile::BranchGlob(p) => (Kind::BranchGlob, p),
+                    RefsFile::TagGlob(p) => (Kind::TagGlob, p),
+                };
+                Ok(Watch {
+                    project_id: w.project_id.unwrap_or(0),
+                    project_path: w.project_path.unwrap_or_default(),
+                    refs: Some(RefSelector {
+                        kind: sel as i32,
+                        pattern,
+                    }),
+                    paths: w.paths,
+                    kind: kind as i32,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(AgentConfig {
+            agent_id: self.agent_id,
+            watches,
+            webhook: self.webhook.map(|w| Webhook {
+                url: w.url,
+                secret_token: w.secret_token,
+            }),
+            token_sha256,
+        })
+    }
+}
+
+impl AgentFile {
+    pub fn from_json(text: &[u8]) -> Result<Self, AgentFileError> {
+        serde_json::from_slice(text).map_err(|e| AgentFileError::Parse {
+            format: "JSON",
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Self, AgentFileError> {
+        serde_yaml::from_str(text).map_err(|e| AgentFileError::Parse {
+            format: "YAML",
+            detail: e.to_string(),
+        })
+    }
+
+    /// The file form of a stored config (the token itself is never stored).
+    pub fn from_config(cfg: AgentConfig) -> AgentFile {
+        AgentFile {
+            agent_id: cfg.agent_id,
+            token: None,
+            token_sha256: cfg.token_sha256,
+            webhook: cfg.webhook.map(|w| WebhookFile {
+                url: w.url,
+                secret_token: w.secret_token,
+            }),
+            watches: cfg
+                .watches
+                .into_iter()
+                .map(|w| {
+                    let sel = w.refs.unwrap_or_default();
+                    let refs = match Kind::try_from(sel.kind).unwrap_or(Kind::Unspecified) {
+                        Kind::AnyTag => RefsFile::AnyTag,
+                        Kind::AnyRef => RefsFile::AnyRef,
+                        Kind::Branch => RefsFile::Branch(sel.pattern),
+                        Kind::Tag => RefsFile::Tag(sel.pattern),
+                        Kind::BranchGlob => RefsFile::BranchGlob(sel.pattern),
+                        Kind::TagGlob => RefsFile::TagGlob(sel.pattern),
+                        Kind::AnyBranch | Kind::Unspecified => RefsFile::AnyBranch,
+                    };
+                    WatchFile {
+                        project_id: (w.project_id > 0).then_some(w.project_id),
+                        project_path: (!w.project_path.is_empty()).then_some(w.project_path),
+                        refs,
+                        paths: w.paths,
+                        kind: if w.kind == WatchKind::Configuration as i32 {
+                            "configuration".into()
+                        } else {
+                            "gitops".into()
+                        },
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_and_json_agent_files() {
+        let yaml = "agent_id: a\ntoken: t\nwatches:\n  - project_path: g/p\n    refs: {branch_glob: \"release/*\"}\n    paths: [\"deploy/**\"]\n  - project_id: 3\n    refs: any_tag\n    kind: configuration\n";
+        let file: AgentFile = serde_yaml::from_str(yaml).unwrap();
+        let cfg = file.into_config().unwrap();
+        assert_eq!(cfg.watches.len(), 2);
+        assert_eq!(cfg.token_sha256, hex::encode(Sha256::digest(b"t")));
+        crate::agent::compile(&cfg).unwrap();
+        let json = r#"{"agent_id":"a","watches":[{"project_id":1,"refs":{"tag":"v1"}}]}"#;
+        let file: AgentFile = serde_json::from_str(json).unwrap();
+        assert_eq!(file.watches[0].refs, RefsFile::Tag("v1".into()));
+        // Round trip through the stored form.
+        let back = AgentFile::from_config(file.into_config().unwrap());
+        assert_eq!(back.watches[0].refs, RefsFile::Tag("v1".into()));
+        for bad in [
+            "agent_id: a\nwatches: []\n",
+            "agent_id: a\nwatches:\n  - project_id: 1\n    refs: {bogus: x}\n",
+        ] {
+            let parsed: Result<AgentFile, _> = serde_yaml::from_str(bad);
+            let ok = parsed
+                .ok()
+                .and_then(|f| f.into_config().ok())
+                .is_some_and(|c| crate::agent::compile(&c).is_ok());
+            assert!(!ok, "accepted {bad:?}");
+        }
+    }
+}
