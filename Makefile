@@ -30,9 +30,10 @@ lint:
 fmt:
 	cargo fmt --all
 
-## hook-ingest against raw JetStream publishes, same run (see BENCHMARKS.md).
+## Every benchmark, each against its baseline in the same run (see BENCHMARKS.md).
 bench: tools
 	cargo run --release --bin pushbus -- bench ingest
+	cargo run --release --bin pushbus -- bench filter
 
 ## Create every stream, KV bucket and consumer on PUSHBUS_NATS_URL.
 setup:

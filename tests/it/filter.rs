@@ -7,8 +7,8 @@ use std::time::Duration;
 use prost::Message;
 use pushbus_shared::bus::Publisher;
 use pushbus_shared::proto::{
-    AgentConfig, AgentPoke, AgentRegistryReply, AgentRegistryRequest, GitPushEvent, RefChange,
-    RefSelector, Source, Watch, ref_selector::Kind,
+    AgentConfig, AgentPoke, AgentRegistryReply, AgentRegistryRequest, ChangeKind, GitPushEvent,
+    RefChange, RefKind, RefSelector, Source, Watch, ref_selector::Kind,
 };
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
@@ -368,5 +368,116 @@ async fn registry_request_api_validates_writes_and_applies() {
     assert!(gone.error.contains("no agent"));
     let twice = registry_request(&client, "delete", &by_id("api-a")).await;
     assert!(twice.error.contains("no agent"));
+    replica.stop().await;
+}
+
+// A KV handle caches the bucket's state from when it was opened; the load
+// must read the server's current state, or a reload would stop early and
+// match pushes against a half-loaded registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_load_sees_agents_written_after_the_handle_was_opened() {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let early = js
+        .create_or_update_key_value(topology::agents_bucket())
+        .await
+        .unwrap();
+    for i in 0..50 {
+        register(&nats, &format!("late-{i}"), 1..=3).await;
+    }
+    let index = pushbus_filter::registry::snapshot(&early).await.unwrap();
+    assert_eq!(index.agent_count(), 50);
+    assert_eq!(index.watch_count(), 150);
+}
+
+// Tag pushes, branch deletes and force pushes poke too, and say which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_delete_and_force_pushes_poke_marked_as_such() {
+    let nats = NatsServer::start();
+    let publisher = setup(&nats).await;
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let kv = js.get_key_value(names::BUCKET_AGENTS).await.unwrap();
+    let mut cfg = watcher("any-ref", 30, &[]);
+    cfg.watches[0].refs = Some(RefSelector {
+        kind: Kind::AnyRef as i32,
+        pattern: String::new(),
+    });
+    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+    let replica = Replica::filter(&nats.url()).await;
+    let zeros = "0".repeat(40);
+    let change = |r: &str, kind: RefKind, change: ChangeKind, forced: bool| RefChange {
+        r#ref: r.into(),
+        ref_kind: kind as i32,
+        change_kind: change as i32,
+        forced,
+        old_sha: if change == ChangeKind::Create {
+            zeros.clone()
+        } else {
+            "1".repeat(40)
+        },
+        new_sha: if change == ChangeKind::Delete {
+            zeros.clone()
+        } else {
+            "2".repeat(40)
+        },
+        ..Default::default()
+    };
+    let push = GitPushEvent {
+        project_id: 30,
+        changes: vec![
+            change("refs/tags/v1", RefKind::Tag, ChangeKind::Create, false),
+            change("refs/heads/old", RefKind::Branch, ChangeKind::Delete, false),
+            change("refs/heads/main", RefKind::Branch, ChangeKind::Update, true),
+        ],
+        ..Default::default()
+    };
+    let meta = EventMeta::deterministic("kinds", &["1"]);
+    publisher
+        .publish(names::push_subject(30), &push, &meta)
+        .await
+        .unwrap();
+    let mut pokes = Vec::new();
+    for _ in 0..100 {
+        pokes = stored_events::<AgentPoke>(&nats, names::STREAM_POKES).await;
+        if pokes.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut got: Vec<(String, i32, i32, bool, String)> = pokes
+        .into_iter()
+        .map(|(m, p)| {
+            assert_eq!(m.correlation_id, meta.correlation_id);
+            assert_eq!(m.causation_id, meta.event_id);
+            (p.r#ref, p.ref_kind, p.change_kind, p.forced, p.new_sha)
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "refs/heads/main".into(),
+                RefKind::Branch as i32,
+                ChangeKind::Update as i32,
+                true,
+                "2".repeat(40)
+            ),
+            (
+                "refs/heads/old".into(),
+                RefKind::Branch as i32,
+                ChangeKind::Delete as i32,
+                false,
+                zeros.clone()
+            ),
+            (
+                "refs/tags/v1".into(),
+                RefKind::Tag as i32,
+                ChangeKind::Create as i32,
+                false,
+                "2".repeat(40)
+            ),
+        ]
+    );
     replica.stop().await;
 }

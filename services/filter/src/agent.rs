@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use crate::glob::Glob;
 use pushbus_shared::names;
 use pushbus_shared::proto::{
     AgentConfig, RefKind, RefSelector, Watch, WatchKind, ref_selector::Kind,
@@ -29,17 +29,24 @@ pub enum AgentConfigError {
 /// A watch ready to match: globs compiled once.
 #[derive(Debug, Clone)]
 pub struct CompiledWatch {
-    pub agent_id: Arc<str>,
     pub project: ProjectKey,
+    pub matcher: WatchMatcher,
+}
+
+/// What the index keeps per watch (the project is the index's key). Small
+/// on purpose: a registry of 100,000 agents holds a million of them.
+#[derive(Debug, Clone)]
+pub struct WatchMatcher {
+    pub agent_id: Arc<str>,
     refs: RefMatcher,
     /// None: any path.
-    paths: Option<GlobSet>,
+    paths: Option<Box<[Glob]>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ProjectKey {
     Id(i64),
-    Path(String),
+    Path(Box<str>),
 }
 
 #[derive(Debug, Clone)]
@@ -47,10 +54,10 @@ enum RefMatcher {
     AnyBranch,
     AnyTag,
     AnyRef,
-    Branch(String),
-    Tag(String),
-    BranchGlob(GlobMatcher),
-    TagGlob(GlobMatcher),
+    Branch(Arc<str>),
+    Tag(Arc<str>),
+    BranchGlob(Glob),
+    TagGlob(Glob),
 }
 
 /// Validates `cfg` and compiles its watches.
@@ -76,7 +83,7 @@ fn compile_watch(
 ) -> Result<CompiledWatch, AgentConfigError> {
     let project = match (w.project_id, w.project_path.trim()) {
         (id, "") if id > 0 => ProjectKey::Id(id),
-        (0, path) if !path.is_empty() => ProjectKey::Path(path.to_owned()),
+        (0, path) if !path.is_empty() => ProjectKey::Path(path.into()),
         _ => return Err(AgentConfigError::Project(i)),
     };
     let kind = WatchKind::try_from(w.kind).map_err(|_| AgentConfigError::WatchKind(i, w.kind))?;
@@ -88,20 +95,21 @@ fn compile_watch(
     let paths = if paths.is_empty() {
         None
     } else {
-        let mut set = GlobSetBuilder::new();
-        for (j, p) in paths.iter().enumerate() {
-            set.add(glob(p).map_err(|e| AgentConfigError::PathGlob(i, j, e))?);
-        }
         Some(
-            set.build()
-                .map_err(|e| AgentConfigError::PathGlob(i, 0, e.to_string()))?,
+            paths
+                .iter()
+                .enumerate()
+                .map(|(j, p)| Glob::new(p).map_err(|e| AgentConfigError::PathGlob(i, j, e)))
+                .collect::<Result<Box<[Glob]>, _>>()?,
         )
     };
     Ok(CompiledWatch {
-        agent_id: agent_id.clone(),
         project,
-        refs,
-        paths,
+        matcher: WatchMatcher {
+            agent_id: agent_id.clone(),
+            refs,
+            paths,
+        },
     })
 }
 
@@ -113,35 +121,31 @@ fn compile_refs(i: usize, sel: Option<&RefSelector>) -> Result<RefMatcher, Agent
         if pattern.is_empty() {
             Err(AgentConfigError::Pattern(i, "must not be empty".into()))
         } else {
-            Ok(pattern.to_owned())
+            Ok(pattern)
         }
     };
-    let compiled = |p: String| {
-        glob(&p)
-            .map(|g| g.compile_matcher())
-            .map_err(|e| AgentConfigError::Pattern(i, e))
-    };
+    let compiled = |p: &str| Glob::new(p).map_err(|e| AgentConfigError::Pattern(i, e));
     Ok(match kind {
         Kind::Unspecified => return Err(AgentConfigError::SelectorKind(i)),
         Kind::AnyBranch => RefMatcher::AnyBranch,
         Kind::AnyTag => RefMatcher::AnyTag,
         Kind::AnyRef => RefMatcher::AnyRef,
-        Kind::Branch => RefMatcher::Branch(need_pattern()?),
-        Kind::Tag => RefMatcher::Tag(need_pattern()?),
+        Kind::Branch => RefMatcher::Branch(need_pattern()?.into()),
+        Kind::Tag => RefMatcher::Tag(need_pattern()?.into()),
         Kind::BranchGlob => RefMatcher::BranchGlob(compiled(need_pattern()?)?),
         Kind::TagGlob => RefMatcher::TagGlob(compiled(need_pattern()?)?),
     })
 }
 
-/// `*` stays within one path segment; `**` crosses segments.
-fn glob(pattern: &str) -> Result<globset::Glob, String> {
-    GlobBuilder::new(pattern)
-        .literal_separator(true)
-        .build()
-        .map_err(|e| e.to_string())
-}
+impl WatchMatcher {
+    /// Shares exact branch and tag names with every other watch naming them
+    /// ("main" a million times is one string).
+    pub fn intern(&mut self, strings: &mut Interner) {
+        if let RefMatcher::Branch(name) | RefMatcher::Tag(name) = &mut self.refs {
+            *name = strings.get(name);
+        }
+    }
 
-impl CompiledWatch {
     pub fn matches_ref(&self, full_ref: &str, kind: RefKind) -> bool {
         let branch = full_ref.strip_prefix("refs/heads/");
         let tag = full_ref.strip_prefix("refs/tags/");
@@ -149,8 +153,8 @@ impl CompiledWatch {
             RefMatcher::AnyRef => true,
             RefMatcher::AnyBranch => kind == RefKind::Branch || branch.is_some(),
             RefMatcher::AnyTag => kind == RefKind::Tag || tag.is_some(),
-            RefMatcher::Branch(name) => branch == Some(name.as_str()),
-            RefMatcher::Tag(name) => tag == Some(name.as_str()),
+            RefMatcher::Branch(name) => branch == Some(&**name),
+            RefMatcher::Tag(name) => tag == Some(&**name),
             RefMatcher::BranchGlob(g) => branch.is_some_and(|b| g.is_match(b)),
             RefMatcher::TagGlob(g) => tag.is_some_and(|t| g.is_match(t)),
         }
@@ -161,7 +165,27 @@ impl CompiledWatch {
     pub fn matches_paths(&self, changed: Option<&[String]>) -> bool {
         match (&self.paths, changed) {
             (None, _) | (Some(_), None) => true,
-            (Some(set), Some(paths)) => paths.iter().any(|p| set.is_match(p)),
+            (Some(globs), Some(paths)) => paths.iter().any(|p| globs.iter().any(|g| g.is_match(p))),
         }
+    }
+}
+
+/// Interned strings, shared by every watch that names them.
+#[derive(Debug, Default)]
+pub struct Interner(std::collections::HashSet<Arc<str>>);
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.0.get(s) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = s.into();
+        self.0.insert(shared.clone());
+        shared
+    }
+
+    /// Forgets strings no watch uses any more.
+    pub fn sweep(&mut self) {
+        self.0.retain(|s| Arc::strong_count(s) > 1);
     }
 }

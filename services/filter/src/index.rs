@@ -6,13 +6,16 @@ use std::sync::Arc;
 
 use pushbus_shared::proto::{GitPushEvent, RefChange, RefKind, RepositoryKind};
 
-use crate::agent::{CompiledWatch, ProjectKey};
+use crate::agent::{CompiledWatch, Interner, ProjectKey, WatchMatcher};
 
 #[derive(Default, Debug)]
 pub struct Index {
-    by_project: HashMap<ProjectKey, Vec<CompiledWatch>>,
+    by_id: HashMap<i64, Vec<WatchMatcher>>,
+    by_path: HashMap<Box<str>, Vec<WatchMatcher>>,
     /// Agent -> the projects it has watches in (for replacing an agent).
-    agents: HashMap<Arc<str>, HashSet<ProjectKey>>,
+    agents: HashMap<Arc<str>, Box<[ProjectKey]>>,
+    strings: Interner,
+    removed_since_sweep: usize,
 }
 
 /// One poke to send: agent and the index of the ref change in the push.
@@ -27,32 +30,69 @@ impl Index {
         self.agents.len()
     }
 
+    pub fn watch_count(&self) -> usize {
+        self.watches().count()
+    }
+
+    /// Every watch with its project.
+    fn watches(&self) -> impl Iterator<Item = (ProjectRef<'_>, &WatchMatcher)> {
+        let by_id = self
+            .by_id
+            .iter()
+            .flat_map(|(id, ws)| ws.iter().map(|w| (ProjectRef::Id(*id), w)));
+        let by_path = self
+            .by_path
+            .iter()
+            .flat_map(|(p, ws)| ws.iter().map(|w| (ProjectRef::Path(p), w)));
+        by_id.chain(by_path)
+    }
+
+    /// Gives back the spare capacity of every list (after a full load).
+    pub fn shrink_to_fit(&mut self) {
+        self.by_id.values_mut().for_each(Vec::shrink_to_fit);
+        self.by_path.values_mut().for_each(Vec::shrink_to_fit);
+        self.by_id.shrink_to_fit();
+        self.by_path.shrink_to_fit();
+        self.agents.shrink_to_fit();
+    }
+
     /// Replaces everything `agent_id` watched with `watches`.
     pub fn put(&mut self, agent_id: &str, watches: Vec<CompiledWatch>) {
         self.remove(agent_id);
-        let id: Arc<str> = agent_id.into();
-        let mut projects = HashSet::new();
-        for w in watches {
-            projects.insert(w.project.clone());
-            self.by_project
-                .entry(w.project.clone())
-                .or_default()
-                .push(w);
+        let mut projects: Vec<ProjectKey> = Vec::new();
+        for CompiledWatch {
+            project,
+            mut matcher,
+        } in watches
+        {
+            matcher.intern(&mut self.strings);
+            match &project {
+                ProjectKey::Id(id) => self.by_id.entry(*id).or_default().push(matcher),
+                ProjectKey::Path(path) => {
+                    self.by_path.entry(path.clone()).or_default().push(matcher)
+                }
+            }
+            if !projects.contains(&project) {
+                projects.push(project);
+            }
         }
-        self.agents.insert(id, projects);
+        self.agents.insert(agent_id.into(), projects.into());
     }
 
     pub fn remove(&mut self, agent_id: &str) {
         let Some(projects) = self.agents.remove(agent_id) else {
             return;
         };
-        for p in projects {
-            if let Some(ws) = self.by_project.get_mut(&p) {
-                ws.retain(|w| &*w.agent_id != agent_id);
-                if ws.is_empty() {
-                    self.by_project.remove(&p);
-                }
+        for p in projects.iter() {
+            match p {
+                ProjectKey::Id(id) => retain_others(&mut self.by_id, id, agent_id),
+                ProjectKey::Path(path) => retain_others(&mut self.by_path, &**path, agent_id),
             }
+        }
+        self.removed_since_sweep += 1;
+        if self.removed_since_sweep >= 4096 {
+            self.strings.sweep();
+            self.removed_since_sweep = 0;
         }
     }
 
@@ -67,14 +107,11 @@ impl Index {
         ) {
             return Vec::new();
         }
-        let by_id = self.by_project.get(&ProjectKey::Id(push.project_id));
+        let by_id = self.by_id.get(&push.project_id);
         let by_path = (!push.project_path.is_empty())
-            .then(|| {
-                self.by_project
-                    .get(&ProjectKey::Path(push.project_path.clone()))
-            })
+            .then(|| self.by_path.get(push.project_path.as_str()))
             .flatten();
-        let candidates: Vec<&CompiledWatch> = by_id.into_iter().chain(by_path).flatten().collect();
+        let candidates: Vec<&WatchMatcher> = by_id.into_iter().chain(by_path).flatten().collect();
         if candidates.is_empty() {
             return Vec::new();
         }
@@ -96,6 +133,58 @@ impl Index {
             }
         }
         out
+    }
+}
+
+/// The naive baseline for benchmarks and cross-checks: every watch in the
+/// registry tried against every ref change. Same result as `Index::matches`
+/// (up to order), at a cost that grows with the registry.
+pub fn matches_by_scan(index: &Index, push: &GitPushEvent) -> Vec<Match> {
+    if !matches!(
+        RepositoryKind::try_from(push.repository_kind),
+        Ok(RepositoryKind::Project | RepositoryKind::Unspecified)
+    ) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut seen: HashSet<(&str, usize)> = HashSet::new();
+    for (i, change) in push.changes.iter().enumerate() {
+        let kind = RefKind::try_from(change.ref_kind).unwrap_or(RefKind::Unspecified);
+        for (project, w) in index.watches() {
+            let same_project = match project {
+                ProjectRef::Id(id) => id == push.project_id,
+                ProjectRef::Path(path) => *path == push.project_path,
+            };
+            if same_project
+                && w.matches_ref(&change.r#ref, kind)
+                && w.matches_paths(known_paths(change))
+                && seen.insert((&w.agent_id, i))
+            {
+                out.push(Match {
+                    agent_id: w.agent_id.clone(),
+                    change: i,
+                });
+            }
+        }
+    }
+    out
+}
+
+enum ProjectRef<'a> {
+    Id(i64),
+    Path(&'a str),
+}
+
+fn retain_others<K, Q>(map: &mut HashMap<K, Vec<WatchMatcher>>, key: &Q, agent_id: &str)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    if let Some(ws) = map.get_mut(key) {
+        ws.retain(|w| &*w.agent_id != agent_id);
+        if ws.is_empty() {
+            map.remove(key);
+        }
     }
 }
 
@@ -190,6 +279,57 @@ mod tests {
             (Kind::TagGlob, "v*", &[], "refs/tags/v2.0-rc.1", None, true),
             (Kind::TagGlob, "v*", &[], "refs/heads/v2", None, false),
             (Kind::AnyTag, "", &[], "refs/tags/x", None, true),
+            // Odd but valid ref names.
+            (Kind::Branch, "@", &[], "refs/heads/@", None, true),
+            (Kind::Branch, "-x", &[], "refs/heads/-x", None, true),
+            (
+                Kind::TagGlob,
+                "v*",
+                &[],
+                "refs/tags/v1.0+build.7",
+                None,
+                true,
+            ),
+            (
+                Kind::BranchGlob,
+                "日本/*",
+                &[],
+                "refs/heads/日本/ブランチ",
+                None,
+                true,
+            ),
+            (
+                Kind::BranchGlob,
+                "fix-?",
+                &[],
+                "refs/heads/fix-é",
+                None,
+                true,
+            ),
+            (
+                Kind::BranchGlob,
+                "fix-?",
+                &[],
+                "refs/heads/fix-ab",
+                None,
+                false,
+            ),
+            (
+                Kind::Branch,
+                "main",
+                &[],
+                "refs/heads/refs/heads/main",
+                None,
+                false,
+            ),
+            (
+                Kind::AnyBranch,
+                "",
+                &["ünï/**"],
+                "refs/heads/main",
+                Some(&["ünï/çødé.yaml"]),
+                true,
+            ),
             (
                 Kind::AnyRef,
                 "",

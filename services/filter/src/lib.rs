@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod file;
+pub mod glob;
 pub mod index;
 pub mod registry;
 

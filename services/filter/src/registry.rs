@@ -49,11 +49,13 @@ type Watch = async_nats::jetstream::kv::Watch;
 /// watch positioned right after the snapshot.
 async fn load(kv: &Store) -> Result<(Index, Watch, u64), async_nats::Error> {
     let started = Instant::now();
-    let status = kv.status().await?;
-    let last = status.info.state.last_sequence;
+    // Fresh from the server: `Store::status` returns the info cached when the
+    // handle was made, which would end a reload early (a half-loaded index).
+    let state = kv.stream.get_info().await?.state;
+    let last = state.last_sequence;
     let mut watch = kv.watch_with_history(">").await?;
     let mut index = Index::default();
-    if status.info.state.messages > 0 {
+    if state.messages > 0 {
         while let Some(entry) = watch.next().await {
             let entry = entry?;
             let done = entry.delta == 0 || entry.revision >= last;
@@ -63,9 +65,16 @@ async fn load(kv: &Store) -> Result<(Index, Watch, u64), async_nats::Error> {
             }
         }
     }
+    index.shrink_to_fit();
     metrics::histogram!("pushbus_filter_index_build_seconds")
         .record(started.elapsed().as_secs_f64());
     Ok((index, watch, last))
+}
+
+/// A one-off full load (benchmarks, tools): the index as the filter builds
+/// it on start-up.
+pub async fn snapshot(kv: &Store) -> Result<Index, async_nats::Error> {
+    Ok(load(kv).await?.0)
 }
 
 async fn follow(mut watch: Watch, index: &SharedIndex, shutdown: &CancellationToken) {

@@ -2,13 +2,12 @@
 //! a fixed concurrency, next to raw async-nats JetStream publishes of the
 //! same payload size measured in the same run.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hdrhistogram::Histogram;
 use pushbus_shared::service::{self, Launcher};
+
+use super::{Figures, drive, free_port};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -23,73 +22,9 @@ pub struct BenchArgs {
     quick: bool,
 }
 
-struct Figures {
-    rps: f64,
-    hist: Histogram<u64>,
-}
-
-impl Figures {
-    fn line(&self, name: &str) -> String {
-        let q = |p: f64| self.hist.value_at_quantile(p) as f64 / 1000.0;
-        format!(
-            "{name:<28} {:>9.0} req/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   max {:>6.2} ms",
-            self.rps,
-            q(0.5),
-            q(0.99),
-            q(0.999),
-            self.hist.max() as f64 / 1000.0
-        )
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Runs `op(i)` for i in 0..n with `concurrency` workers; latency in µs.
-async fn drive<F, Fut>(n: usize, concurrency: usize, op: F) -> anyhow::Result<Figures>
-where
-    F: Fn(usize) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
-{
-    let op = Arc::new(op);
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (op, next) = (op.clone(), next.clone());
-        workers.spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return Ok::<_, anyhow::Error>(hist);
-                }
-                let t = Instant::now();
-                op(i).await?;
-                hist.record(t.elapsed().as_micros().max(1) as u64)?;
-            }
-        });
-    }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    while let Some(h) = workers.join_next().await {
-        hist.add(h??)?;
-    }
-    Ok(Figures {
-        rps: n as f64 / started.elapsed().as_secs_f64(),
-        hist,
-    })
-}
-
 pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
     let n = if args.quick { 2_000 } else { args.requests };
-    let dir = std::env::temp_dir().join(format!("pushbus-bench-{}", std::process::id()));
-    let nats = crate::embedded::start(&crate::embedded::EmbeddedArgs {
-        port: free_port()?,
-        dir: dir.clone(),
-    })?;
+    let nats = super::Nats::start()?;
     let url = nats.url();
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -171,7 +106,6 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
     stop.cancel();
     let _ = host.await;
     drop(nats);
-    let _ = std::fs::remove_dir_all(&dir);
 
     println!(
         "hook-ingest benchmark: {n} requests per side, concurrency {}",
