@@ -6,6 +6,8 @@
 //! `ReplicationStatus` in `PUSHBUS_GEO_STATUS`, and its lag is the age of the
 //! oldest push in `PUSHBUS_PUSHES` it has not applied yet.
 
+pub mod nodes;
+
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
@@ -104,6 +106,12 @@ pub async fn run(
     let mut requests = ctx
         .client
         .queue_subscribe(names::SUBJECTS_GEO_LAG, names::QUEUE_REPLICATION_LAG.into())
+        .await
+        .map_err(|e| open("lag subscription")(e.into()))?;
+    // Ready only once the server has the subscription: a request right after
+    // /readyz (e.g. after a restart) must not meet "no responders".
+    ctx.client
+        .flush()
         .await
         .map_err(|e| open("lag subscription")(e.into()))?;
     ctx.ready.set(true);
