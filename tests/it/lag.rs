@@ -172,15 +172,23 @@ async fn report(
     applied: u64,
     db_lag: Option<f64>,
 ) {
-    let status = ReplicationStatus {
-        node_id: node.into(),
-        applied_sequence: applied,
-        reported_at: Some(SystemTime::now().into()),
-        db_lag_seconds: db_lag,
-    };
+    report_status(
+        js,
+        ReplicationStatus {
+            node_id: node.into(),
+            applied_sequence: applied,
+            reported_at: Some(SystemTime::now().into()),
+            db_lag_seconds: db_lag,
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
+async fn report_status(js: &async_nats::jetstream::Context, status: ReplicationStatus) {
     Publisher::new(js.clone(), Source::default())
         .publish(
-            names::geo_status_subject(node),
+            names::geo_status_subject(&status.node_id),
             &status,
             &EventMeta::fresh("geo"),
         )
@@ -200,8 +208,17 @@ async fn push(
     geo_node_id: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (serde_json::Value, Duration) {
+    push_to(stack, 3, geo_node_id, headers).await
+}
+
+async fn push_to(
+    stack: &Stack,
+    project_id: i64,
+    geo_node_id: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (serde_json::Value, Duration) {
     let body = serde_json::json!({
-        "gl_repository": "project-3",
+        "gl_repository": format!("project-{project_id}"),
         "identifier": "key-7",
         "changes": format!("{} {} refs/heads/main", "1".repeat(40), "2".repeat(40)),
         "geo_node_id": geo_node_id,
@@ -544,4 +561,33 @@ async fn geo_cli_manages_nodes_and_routes() {
     );
     let ttl = bucket.status().await.unwrap().max_age();
     assert_eq!(ttl, Duration::from_secs(routes::DEFAULT_TTL_SECS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_project_positions_judge_pushes_to_listed_projects() {
+    let nats = NatsServer::start();
+    let stack = Stack::start_with(&nats.url(), generous(5000)).await;
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    register(&js, "primary", &["eu"]).await;
+    // An old push to project 4 the secondary has not applied.
+    push_to(&stack, 4, None, &[]).await;
+    let mut status = ReplicationStatus {
+        node_id: "eu".into(),
+        applied_sequence: 0,
+        reported_at: Some(SystemTime::now().into()),
+        ..Default::default()
+    };
+    status
+        .project_applied_sequences
+        .insert(3, last_push_sequence(&js).await);
+    report_status(&js, status).await;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+
+    // Project 3 is caught up (its only unapplied push is the one just made) ...
+    let (reply, _) = push_to(&stack, 3, Some("eu"), &[]).await;
+    assert!(messages(&reply).is_empty(), "{reply}");
+    // ... project 4 is not listed: the whole-log position says it is behind.
+    let (reply, _) = push_to(&stack, 4, Some("eu"), &[]).await;
+    assert!(lag_seconds(&messages(&reply)) >= 2, "{reply}");
+    stack.stop().await;
 }
