@@ -391,6 +391,16 @@ async fn no_lag_message_but_200_in_time_without_an_answer() {
     assert!(mute.next().await.is_some(), "the mute listener was asked");
 
     let lag = Replica::replication_lag(&nats.url(), Default::default()).await;
+    // Routes are ignored unless hook-ingest runs with --ingest-geo-routes.
+    let bucket = js
+        .get_key_value(names::BUCKET_GEO_PUSH_ROUTES)
+        .await
+        .unwrap();
+    pushbus_hook_ingest::routes::store_route(&bucket, "gitlab:req/off", "eu")
+        .await
+        .unwrap();
+    let (reply, _) = push(&stack, None, &[("x-request-id", "gitlab:req/off")]).await;
+    assert!(messages(&reply).is_empty(), "{reply}");
     // Unknown node.
     let (reply, took) = push(&stack, Some("nowhere"), &[]).await;
     assert!(messages(&reply).is_empty(), "{reply}");
@@ -426,7 +436,11 @@ async fn correlation_id_routes_give_each_push_its_own_nodes_lag() {
     use pushbus_hook_ingest::routes;
     use pushbus_shared::proto::GitPushEvent;
     let nats = NatsServer::start();
-    let stack = Stack::start_with(&nats.url(), generous(5000)).await;
+    let opts = StackOptions {
+        geo_routes: true,
+        ..generous(5000)
+    };
+    let stack = Stack::start_with(&nats.url(), opts).await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
     register(&js, "primary", &["eu", "us"]).await;
     report(&js, "eu", u64::MAX, Some(12.0)).await;

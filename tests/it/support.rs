@@ -13,6 +13,8 @@ pub struct StackOptions {
     pub lag_budget_ms: u64,
     /// `None`: no replication-lag in this stack (run it as a `Replica`, or not at all).
     pub lag: Option<pushbus_replication_lag::Config>,
+    /// hook-ingest's `--ingest-geo-routes`.
+    pub geo_routes: bool,
 }
 
 impl Default for StackOptions {
@@ -21,6 +23,7 @@ impl Default for StackOptions {
             secret_file: None,
             lag_budget_ms: 250,
             lag: Some(Default::default()),
+            geo_routes: false,
         }
     }
 }
@@ -65,6 +68,7 @@ impl Stack {
             secret_file: opts.secret_file,
             max_body_bytes: 8 * 1024 * 1024,
             lag_budget_ms: opts.lag_budget_ms,
+            geo_routes: opts.geo_routes,
             routes: Default::default(),
         };
         let notifier_cfg = pushbus_gitops_notifier::Config { listen: notifier };

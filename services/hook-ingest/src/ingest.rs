@@ -104,8 +104,9 @@ pub struct Ingest {
     pub publisher: Publisher,
     pub client: async_nats::Client,
     pub lag_budget: Duration,
-    /// KV bucket pushbus-geo-push-routes (the correlation-ID cache variant).
-    pub routes: async_nats::jetstream::kv::Store,
+    /// KV bucket pushbus-geo-push-routes when the correlation-ID cache
+    /// variant is on (`--ingest-geo-routes`).
+    pub routes: Option<async_nats::jetstream::kv::Store>,
 }
 
 impl Ingest {
@@ -117,9 +118,12 @@ impl Ingest {
         // The route lookup and the lag request share one budget, so a Geo push
         // never waits longer than a push that named its node.
         let mut lag_budget = self.lag_budget;
-        if push.geo_node_id.is_none() && push.correlation_from_caller {
+        if let Some(bucket) = &self.routes
+            && push.geo_node_id.is_none()
+            && push.correlation_from_caller
+        {
             let started = tokio::time::Instant::now();
-            push.geo_node_id = routes::lookup(&self.routes, &correlation_id, lag_budget).await;
+            push.geo_node_id = routes::lookup(bucket, &correlation_id, lag_budget).await;
             lag_budget = lag_budget.saturating_sub(started.elapsed());
             if let Some(node) = &push.geo_node_id {
                 tracing::info!(geo_node_id = %node, "Geo node taken from the correlation-ID route");

@@ -45,6 +45,11 @@ pub struct Config {
         default_value_t = 250
     )]
     pub lag_budget_ms: u64,
+    /// Look up the Geo node of pushes that name none by their correlation ID
+    /// in pushbus-geo-push-routes (the front-end cache variant). Off by
+    /// default: it costs every such push a KV read before it is stored.
+    #[arg(long = "ingest-geo-routes", env = "PUSHBUS_INGEST_GEO_ROUTES")]
+    pub geo_routes: bool,
     #[command(flatten)]
     pub routes: routes::RouteTtlArgs,
 }
@@ -103,11 +108,16 @@ pub async fn run(
         }
     };
     topology_with(&config.routes).ensure(&ctx.js).await?;
-    let routes = ctx
-        .js
-        .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
-        .await
-        .map_err(|e| Error::Routes(e.to_string()))?;
+    let routes = if config.geo_routes {
+        let bucket = ctx
+            .js
+            .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
+            .await
+            .map_err(|e| Error::Routes(e.to_string()))?;
+        Some(bucket)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Listen {
