@@ -4,6 +4,7 @@
 mod agents;
 mod bench;
 mod embedded;
+mod geo;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Setup {
         #[command(flatten)]
         nats: NatsArgs,
+        #[command(flatten)]
+        routes: pushbus_hook_ingest::routes::RouteTtlArgs,
     },
     /// Manage agent registrations (KV bucket pushbus-agents).
     Agents {
@@ -36,6 +39,14 @@ enum Command {
         nats: NatsArgs,
         #[command(subcommand)]
         command: agents::AgentsCommand,
+    },
+    /// Manage Geo nodes (KV pushbus-geo-nodes) and correlation-ID routes
+    /// (KV pushbus-geo-push-routes).
+    Geo {
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(subcommand)]
+        command: geo::GeoCommand,
     },
     /// Benchmarks that print our figures next to a baseline from the same run.
     Bench {
@@ -72,14 +83,21 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run::run(*args).await,
-        Command::Setup { nats } => {
+        Command::Setup { nats, routes } => {
             let client = async_nats::connect(nats.url()).await?;
             let js = async_nats::jetstream::new(client);
-            run::full_topology().ensure(&js).await?;
+            // The configured route TTL, not the default, so setup and
+            // hook-ingest do not undo each other's bucket settings (merge
+            // keeps the first definition of a bucket).
+            pushbus_hook_ingest::topology_with(&routes)
+                .merge(run::full_topology())
+                .ensure(&js)
+                .await?;
             eprintln!("pushbus topology is in place on {}", nats.url());
             Ok(())
         }
         Command::Agents { nats, command } => agents::run(&nats, command).await,
+        Command::Geo { nats, command } => geo::run(&nats, command).await,
         Command::Bench { command } => {
             // Benchmarks print their own figures; the log shows warnings only.
             pushbus_shared::telemetry::init_with_default("pushbus-bench", false, "warn");

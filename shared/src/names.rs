@@ -28,6 +28,9 @@ pub const SUBJECTS_AGENTS_API: &str = "pushbus.api.agents.*";
 pub const BUCKET_AGENTS: &str = "pushbus-agents";
 /// KV bucket: node ID -> `GeoNode`.
 pub const BUCKET_GEO_NODES: &str = "pushbus-geo-nodes";
+/// KV bucket: hex(correlation ID) -> Geo node ID, with a TTL; for front ends
+/// that can only hand over a correlation ID.
+pub const BUCKET_GEO_PUSH_ROUTES: &str = "pushbus-geo-push-routes";
 
 /// Durable consumer names (one per service that consumes a stream).
 pub const CONSUMER_FILTER: &str = "filter";

@@ -162,3 +162,15 @@ pub fn geo_nodes_bucket() -> kv::Config {
         ..Default::default()
     }
 }
+
+/// Short-lived routes: an entry only has to outlive the push it names.
+pub fn geo_push_routes_bucket(ttl: Duration) -> kv::Config {
+    kv::Config {
+        bucket: names::BUCKET_GEO_PUSH_ROUTES.into(),
+        description: "pushbus: Geo node ID per push correlation ID (hex key)".into(),
+        history: 1,
+        max_age: ttl,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}

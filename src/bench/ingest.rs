@@ -33,6 +33,8 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
         secret_file: None,
         max_body_bytes: 8 << 20,
         lag_budget_ms: 250,
+        geo_routes: false,
+        routes: Default::default(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let host = tokio::spawn({

@@ -7,6 +7,27 @@ use pushbus_shared::service::{self, Launcher};
 use pushbus_shared::testkit::free_port;
 use tokio_util::sync::CancellationToken;
 
+/// What `Stack::start_with` varies.
+pub struct StackOptions {
+    pub secret_file: Option<std::path::PathBuf>,
+    pub lag_budget_ms: u64,
+    /// `None`: no replication-lag in this stack (run it as a `Replica`, or not at all).
+    pub lag: Option<pushbus_replication_lag::Config>,
+    /// hook-ingest's `--ingest-geo-routes`.
+    pub geo_routes: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            secret_file: None,
+            lag_budget_ms: 250,
+            lag: Some(Default::default()),
+            geo_routes: false,
+        }
+    }
+}
+
 pub struct Stack {
     pub ingest: SocketAddr,
     pub notifier: SocketAddr,
@@ -30,15 +51,28 @@ impl Stack {
         nats_url: &str,
         secret_file: Option<std::path::PathBuf>,
     ) -> Stack {
+        Self::start_with(
+            nats_url,
+            StackOptions {
+                secret_file,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn start_with(nats_url: &str, opts: StackOptions) -> Stack {
         let (ingest, notifier, ops) = (local(free_port()), local(free_port()), local(free_port()));
         let ingest_cfg = pushbus_hook_ingest::Config {
             listen: ingest,
-            secret_file,
+            secret_file: opts.secret_file,
             max_body_bytes: 8 * 1024 * 1024,
-            lag_budget_ms: 250,
+            lag_budget_ms: opts.lag_budget_ms,
+            geo_routes: opts.geo_routes,
+            routes: Default::default(),
         };
         let notifier_cfg = pushbus_gitops_notifier::Config { listen: notifier };
-        let launchers = vec![
+        let mut launchers = vec![
             Launcher::new("hook-ingest", move |ctx, t| {
                 pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())
             }),
@@ -48,14 +82,12 @@ impl Stack {
             Launcher::new("gitops-notifier", move |ctx, t| {
                 pushbus_gitops_notifier::run(ctx, notifier_cfg, t.cancelled_owned())
             }),
-            Launcher::new("replication-lag", move |ctx, t| {
-                pushbus_replication_lag::run(
-                    ctx,
-                    pushbus_replication_lag::Config::default(),
-                    t.cancelled_owned(),
-                )
-            }),
         ];
+        if let Some(lag_cfg) = opts.lag {
+            launchers.push(Launcher::new("replication-lag", move |ctx, t| {
+                pushbus_replication_lag::run(ctx, lag_cfg, t.cancelled_owned())
+            }));
+        }
         let token = CancellationToken::new();
         let url = nats_url.to_owned();
         let task = tokio::spawn({
@@ -200,9 +232,6 @@ pub struct Replica {
 
 impl Replica {
     pub async fn filter(nats_url: &str) -> Replica {
-        let ops = local(free_port());
-        let token = CancellationToken::new();
-        let url = nats_url.to_owned();
         // A stopped replica's in-flight pushes come back after ack_wait;
         // keep it short so tests see them.
         let config = pushbus_filter::Config {
@@ -212,6 +241,24 @@ impl Replica {
         let launcher = Launcher::new("filter", move |ctx, t| {
             pushbus_filter::run(ctx, config, t.cancelled_owned())
         });
+        Self::host(nats_url, launcher).await
+    }
+
+    /// One replication-lag instance in its own host (restart tests).
+    pub async fn replication_lag(
+        nats_url: &str,
+        config: pushbus_replication_lag::Config,
+    ) -> Replica {
+        let launcher = Launcher::new("replication-lag", move |ctx, t| {
+            pushbus_replication_lag::run(ctx, config, t.cancelled_owned())
+        });
+        Self::host(nats_url, launcher).await
+    }
+
+    async fn host(nats_url: &str, launcher: Launcher) -> Replica {
+        let ops = local(free_port());
+        let token = CancellationToken::new();
+        let url = nats_url.to_owned();
         let task = tokio::spawn({
             let token = token.clone();
             async move { service::host(&url, ops, vec![launcher], token.cancelled_owned()).await }
@@ -222,10 +269,7 @@ impl Replica {
             .await
             .is_ok_and(|r| r.status().is_success())
         {
-            assert!(
-                Instant::now() < deadline,
-                "filter replica not ready within 30s"
-            );
+            assert!(Instant::now() < deadline, "replica not ready within 30s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Replica { token, task }

@@ -33,11 +33,12 @@ impl HookIngest for HookIngestService {
                 return Err(Status::unauthenticated("missing or invalid token"));
             }
         }
-        let correlation_id = ["x-correlation-id", "x-request-id"]
+        let from_caller = ["x-correlation-id", "x-request-id"]
             .iter()
             .filter_map(|k| text(k))
-            .find(|v| envelope::is_valid_correlation_id(v))
-            .unwrap_or_else(envelope::new_correlation_id);
+            .find(|v| envelope::is_valid_correlation_id(v));
+        let correlation_from_caller = from_caller.is_some();
+        let correlation_id = from_caller.unwrap_or_else(envelope::new_correlation_id);
         let r = req.into_inner();
         let invalid = |e: changes::Invalid| {
             tracing::warn!(field = %e.field, reason = %e.reason, "NotifyGitPush refused");
@@ -56,6 +57,7 @@ impl HookIngest for HookIngestService {
             },
             push_options: r.push_options,
             geo_node_id: r.geo_node_id,
+            correlation_from_caller,
         };
         push.validate("project_path").map_err(invalid)?;
         let span =

@@ -100,8 +100,12 @@ async fn post_receive(
         )
     })?;
     authenticate(&st, &headers, parsed.secret_token.as_deref())?;
-    let correlation_id = correlation_id(&headers);
-    let push = to_push(parsed)?;
+    let (correlation_id, from_caller) = match caller_correlation_id(&headers) {
+        Some(id) => (id, true),
+        None => (envelope::new_correlation_id(), false),
+    };
+    let mut push = to_push(parsed)?;
+    push.correlation_from_caller = from_caller;
     let span = tracing::info_span!("post_receive", %correlation_id, project_id = push.project_id);
     let accepted = st
         .ingest
@@ -157,12 +161,17 @@ fn authenticate(
 
 /// From `X-Correlation-Id` or `X-Request-Id` when well-formed, else new.
 pub fn correlation_id(headers: &HeaderMap) -> String {
+    caller_correlation_id(headers).unwrap_or_else(envelope::new_correlation_id)
+}
+
+/// The caller's well-formed `X-Correlation-Id` or `X-Request-Id`, if any; a
+/// malformed one is ignored (and a fresh ID minted by the caller of this).
+pub fn caller_correlation_id(headers: &HeaderMap) -> Option<String> {
     ["x-correlation-id", "x-request-id"]
         .iter()
         .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
         .find(|v| envelope::is_valid_correlation_id(v))
         .map(str::to_owned)
-        .unwrap_or_else(envelope::new_correlation_id)
 }
 
 fn to_push(b: Body) -> Result<Push, ApiError> {
@@ -189,6 +198,7 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
         protocol: b.protocol.unwrap_or_else(|| "http".into()),
         push_options: b.push_options,
         geo_node_id,
+        correlation_from_caller: false,
     };
     push.validate("gl_project_path")?;
     Ok(push)

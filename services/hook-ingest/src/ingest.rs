@@ -9,7 +9,7 @@ use pushbus_shared::proto::{GitPushEvent, HookMessage, RefChange, RepositoryKind
 use pushbus_shared::{EventMeta, names};
 
 use crate::changes::Invalid;
-use crate::lag;
+use crate::{lag, routes};
 
 /// A push that passed validation.
 #[derive(Clone, Debug, Default)]
@@ -22,6 +22,9 @@ pub struct Push {
     pub protocol: String,
     pub push_options: Vec<String>,
     pub geo_node_id: Option<String>,
+    /// The correlation ID came from the caller (not minted here), so a front
+    /// end may have stored a Geo route under it.
+    pub correlation_from_caller: bool,
 }
 
 impl Push {
@@ -101,14 +104,31 @@ pub struct Ingest {
     pub publisher: Publisher,
     pub client: async_nats::Client,
     pub lag_budget: Duration,
+    /// KV bucket pushbus-geo-push-routes when the correlation-ID cache
+    /// variant is on (`--ingest-geo-routes`).
+    pub routes: Option<async_nats::jetstream::kv::Store>,
 }
 
 impl Ingest {
     pub async fn accept(
         &self,
-        push: Push,
+        mut push: Push,
         correlation_id: String,
     ) -> Result<Accepted, IngestError> {
+        // The route lookup and the lag request share one budget, so a Geo push
+        // never waits longer than a push that named its node.
+        let mut lag_budget = self.lag_budget;
+        if let Some(bucket) = &self.routes
+            && push.geo_node_id.is_none()
+            && push.correlation_from_caller
+        {
+            let started = tokio::time::Instant::now();
+            push.geo_node_id = routes::lookup(bucket, &correlation_id, lag_budget).await;
+            lag_budget = lag_budget.saturating_sub(started.elapsed());
+            if let Some(node) = &push.geo_node_id {
+                tracing::info!(geo_node_id = %node, "Geo node taken from the correlation-ID route");
+            }
+        }
         let max_payload = self.client.server_info().max_payload.max(64 * 1024);
         let parts = split(&push, max_payload - ENVELOPE_MARGIN);
         let part_count = parts.len() as u32;
@@ -159,7 +179,7 @@ impl Ingest {
                     node,
                     &correlation_id,
                     push.project_id,
-                    self.lag_budget,
+                    lag_budget,
                 )
                 .await
             }

@@ -9,6 +9,7 @@ pub mod hook;
 pub mod http;
 pub mod ingest;
 pub mod lag;
+pub mod routes;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,6 +45,13 @@ pub struct Config {
         default_value_t = 250
     )]
     pub lag_budget_ms: u64,
+    /// Look up the Geo node of pushes that name none by their correlation ID
+    /// in pushbus-geo-push-routes (the front-end cache variant). Off by
+    /// default: it costs every such push a KV read before it is stored.
+    #[arg(long = "ingest-geo-routes", env = "PUSHBUS_INGEST_GEO_ROUTES")]
+    pub geo_routes: bool,
+    #[command(flatten)]
+    pub routes: routes::RouteTtlArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +68,21 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot open the Geo routes bucket: {0}")]
+    Routes(String),
     #[error("HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
 
+/// With the default route TTL (what `pushbus setup` uses unless told).
 pub fn topology() -> Topology {
+    topology_with(&routes::RouteTtlArgs::default())
+}
+
+pub fn topology_with(routes: &routes::RouteTtlArgs) -> Topology {
     Topology {
         streams: vec![topology::pushes_stream()],
+        buckets: vec![topology::geo_push_routes_bucket(routes.ttl())],
         ..Default::default()
     }
 }
@@ -91,7 +107,17 @@ pub async fn run(
             None
         }
     };
-    topology().ensure(&ctx.js).await?;
+    topology_with(&config.routes).ensure(&ctx.js).await?;
+    let routes = if config.geo_routes {
+        let bucket = ctx
+            .js
+            .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
+            .await
+            .map_err(|e| Error::Routes(e.to_string()))?;
+        Some(bucket)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Listen {
@@ -103,6 +129,7 @@ pub async fn run(
             publisher: ctx.publisher.clone(),
             client: ctx.client.clone(),
             lag_budget: Duration::from_millis(config.lag_budget_ms),
+            routes,
         },
         secret,
     };

@@ -6,9 +6,13 @@
 //! `ReplicationStatus` in `PUSHBUS_GEO_STATUS`, and its lag is the age of the
 //! oldest push in `PUSHBUS_PUSHES` it has not applied yet.
 
+pub mod nodes;
+
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, kv::Store};
 use futures::StreamExt;
 use prost::Message;
@@ -106,6 +110,12 @@ pub async fn run(
         .queue_subscribe(names::SUBJECTS_GEO_LAG, names::QUEUE_REPLICATION_LAG.into())
         .await
         .map_err(|e| open("lag subscription")(e.into()))?;
+    // Ready only once the server has the subscription: a request right after
+    // /readyz (e.g. after a restart) must not meet "no responders".
+    ctx.client
+        .flush()
+        .await
+        .map_err(|e| open("lag subscription")(e.into()))?;
     ctx.ready.set(true);
     tokio::pin!(shutdown);
     let mut in_flight = tokio::task::JoinSet::new();
@@ -171,10 +181,22 @@ impl Lag {
             let why = format!("has not reported for {} seconds", silent_for.as_secs());
             return self.unhealthy(reply, &node, &why);
         }
-        let lag = self
-            .oldest_unapplied_age(status.applied_sequence, now)
-            .await
-            + status.db_lag_seconds.unwrap_or(0.0);
+        let project_position = status
+            .project_applied_sequences
+            .get(&req.project_id)
+            .copied()
+            .filter(|_| req.project_id > 0);
+        let push_lag = match project_position {
+            Some(applied) => {
+                self.oldest_unapplied_in_project(req.project_id, applied, now)
+                    .await
+            }
+            None => {
+                self.oldest_unapplied_age(status.applied_sequence, now)
+                    .await
+            }
+        };
+        let lag = push_lag + status.db_lag_seconds.unwrap_or(0.0);
         reply.health = NodeHealth::Healthy as i32;
         reply.lag_seconds = Some(lag);
         if lag >= self.config.threshold_seconds {
@@ -232,18 +254,45 @@ impl Lag {
         }
         let next = (applied + 1).max(state.first_sequence);
         match self.pushes.get_raw_message(next).await {
-            Ok(msg) => {
-                let stored = msg.time.unix_timestamp_nanos() as f64 / 1e9;
-                let now = now
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64();
-                (now - stored).max(0.0)
-            }
+            Ok(msg) => age_seconds(&msg, now),
             Err(err) => {
                 tracing::warn!(error = %err, sequence = next, "cannot read the oldest unapplied push");
                 0.0
             }
         }
     }
+
+    /// Like `oldest_unapplied_age`, counting only `project_id`'s pushes.
+    async fn oldest_unapplied_in_project(
+        &self,
+        project_id: i64,
+        applied: u64,
+        now: SystemTime,
+    ) -> f64 {
+        let next = self
+            .pushes
+            .raw_message_builder()
+            .sequence(applied.saturating_add(1))
+            .next_by_subject(names::push_subject(project_id))
+            .send()
+            .await;
+        match next {
+            Ok(msg) => age_seconds(&msg, now),
+            Err(err) if err.kind() == RawMessageErrorKind::NoMessageFound => 0.0,
+            Err(err) => {
+                tracing::warn!(error = %err, project_id, "cannot read the project's oldest unapplied push");
+                0.0
+            }
+        }
+    }
+}
+
+/// Seconds since the stream stored `msg`.
+fn age_seconds(msg: &StreamMessage, now: SystemTime) -> f64 {
+    let stored = msg.time.unix_timestamp_nanos() as f64 / 1e9;
+    let now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    (now - stored).max(0.0)
 }
