@@ -26,6 +26,9 @@ pub const SUBJECTS_AGENTS_API: &str = "pushbus.api.agents.*";
 
 /// KV bucket: agent ID -> `AgentConfig`.
 pub const BUCKET_AGENTS: &str = "pushbus-agents";
+/// KV bucket: `<agent_id>.<project_id>.<hex(ref)>` -> `RefHead`, the latest
+/// poke per agent and ref (gitops-notifier's catch-up and live feed).
+pub const BUCKET_REF_HEADS: &str = "pushbus-ref-heads";
 /// KV bucket: node ID -> `GeoNode`.
 pub const BUCKET_GEO_NODES: &str = "pushbus-geo-nodes";
 /// KV bucket: hex(correlation ID) -> Geo node ID, with a TTL; for front ends

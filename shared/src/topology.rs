@@ -143,6 +143,16 @@ pub fn geo_status_stream() -> stream::Config {
     )
 }
 
+pub fn ref_heads_bucket() -> kv::Config {
+    kv::Config {
+        bucket: names::BUCKET_REF_HEADS.into(),
+        description: "pushbus: latest poke per agent, project and ref (RefHead)".into(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
 pub fn agents_bucket() -> kv::Config {
     kv::Config {
         bucket: names::BUCKET_AGENTS.into(),

@@ -101,6 +101,7 @@ async fn grpc_watcher_receives_pokes() {
     let mut stream = client
         .watch(WatchRequest {
             agent_id: "grpc-agent".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -110,6 +111,7 @@ async fn grpc_watcher_receives_pokes() {
     let denied = client
         .watch(WatchRequest {
             agent_id: "nobody".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -71,7 +71,7 @@ impl Stack {
             geo_routes: opts.geo_routes,
             routes: Default::default(),
         };
-        let notifier_cfg = pushbus_gitops_notifier::Config { listen: notifier };
+        let notifier_cfg = pushbus_gitops_notifier::Config::new(notifier);
         let mut launchers = vec![
             Launcher::new("hook-ingest", move |ctx, t| {
                 pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())

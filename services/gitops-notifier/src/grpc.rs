@@ -5,11 +5,11 @@ use std::pin::Pin;
 use futures::{Stream, StreamExt};
 use pushbus_shared::proto::git_ops_notifier_server::GitOpsNotifier;
 use pushbus_shared::proto::{WatchEvent, WatchRequest};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::AppState;
 use crate::auth::{self, AuthError};
+use crate::watch::{self, Since};
 
 pub struct WatchService {
     pub state: AppState,
@@ -28,17 +28,17 @@ impl GitOpsNotifier for WatchService {
                 .and_then(|v| v.to_str().ok()),
         )
         .map(str::to_owned);
-        let agent_id = req.into_inner().agent_id;
+        let req = req.into_inner();
+        let agent_id = req.agent_id;
         auth::authenticate(&self.state.agents, &agent_id, token.as_deref())
             .await
             .map_err(|err| match err {
                 AuthError::Denied => Status::unauthenticated(err.to_string()),
                 AuthError::Unavailable(_) => Status::unavailable(err.to_string()),
             })?;
-        tracing::info!(%agent_id, "agent connected over gRPC");
-        let events = ReceiverStream::new(self.state.hub.connect(&agent_id))
-            .map(Ok)
-            .take_until(self.state.shutdown.clone().cancelled_owned());
+        tracing::info!(%agent_id, since_cursor = req.since_cursor, "agent connected over gRPC");
+        let since = Since::from_request(req.since_cursor, &req.seen);
+        let events = watch::open(&self.state, &agent_id, since).await.map(Ok);
         Ok(Response::new(Box::pin(events)))
     }
 }

@@ -1,71 +1,113 @@
-//! Connected agents in this replica and delivery to their streams.
+//! The agents connected to this replica, and delivery to their outboxes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use pushbus_shared::proto::{
-    NotifierStatus, WatchEvent, notifier_status::State, watch_event::Event,
-};
-use tokio::sync::mpsc;
+use pushbus_shared::proto::{WatchEvent, notifier_status::State};
 
-/// Pokes buffered per connection before a slow reader starts losing them.
-pub const CONNECTION_BUFFER: usize = 256;
+use crate::conn::{self, Conn, RefKey};
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Hub {
-    agents: Arc<Mutex<HashMap<String, Vec<mpsc::Sender<WatchEvent>>>>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    agents: Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>>,
+    window: Duration,
+    degraded: AtomicBool,
+}
+
+/// A registered connection; dropping it (the agent went away, or the
+/// stream ended) unregisters it.
+pub struct Connection {
+    hub: Hub,
+    agent_id: Arc<str>,
+    pub conn: Arc<Conn>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        let mut agents = self.hub.lock();
+        if let Some(conns) = agents.get_mut(&self.agent_id) {
+            conns.retain(|c| !Arc::ptr_eq(c, &self.conn));
+            if conns.is_empty() {
+                agents.remove(&self.agent_id);
+            }
+        }
+        metrics::gauge!("pushbus_notifier_connections").decrement(1.0);
+    }
 }
 
 impl Hub {
-    /// Registers a new connection of `agent_id`. Its first event says the
-    /// stream is live, so the agent knows pokes will now reach it.
-    pub fn connect(&self, agent_id: &str) -> mpsc::Receiver<WatchEvent> {
-        let (tx, rx) = mpsc::channel(CONNECTION_BUFFER);
-        let live = WatchEvent {
-            event: Some(Event::Status(NotifierStatus {
-                state: State::Live as i32,
-                detail: "connected".into(),
-            })),
-            ..Default::default()
-        };
-        // Cannot fail: the channel is new and empty.
-        let _ = tx.try_send(live);
-        let mut agents = self.lock();
-        agents.entry(agent_id.to_owned()).or_default().push(tx);
-        metrics::gauge!("pushbus_notifier_connections").increment(1.0);
-        rx
-    }
-
-    /// Hands `event` to every live connection of `agent_id`; returns how many
-    /// took it. Closed connections are forgotten here.
-    pub fn deliver(&self, agent_id: &str, event: &WatchEvent) -> usize {
-        let mut agents = self.lock();
-        let Some(conns) = agents.get_mut(agent_id) else {
-            return 0;
-        };
-        let mut delivered = 0;
-        conns.retain(|tx| match tx.try_send(event.clone()) {
-            Ok(()) => {
-                delivered += 1;
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(%agent_id, "agent connection is not reading; poke dropped for it");
-                metrics::counter!("pushbus_notifier_slow_drops_total").increment(1);
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                metrics::gauge!("pushbus_notifier_connections").decrement(1.0);
-                false
-            }
-        });
-        if conns.is_empty() {
-            agents.remove(agent_id);
+    pub fn new(window: Duration) -> Hub {
+        Hub {
+            inner: Arc::new(Inner {
+                agents: Mutex::default(),
+                window,
+                degraded: AtomicBool::new(false),
+            }),
         }
-        delivered
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<mpsc::Sender<WatchEvent>>>> {
-        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Vec<Arc<Conn>>>> {
+        self.inner.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a connection of `agent_id`. Its first event says whether
+    /// pokes will reach it now (live) or it should keep polling (degraded).
+    pub fn connect(&self, agent_id: &str) -> Connection {
+        let conn = Conn::new(self.inner.window);
+        conn.push_status(self.current_status("connected"));
+        let agent_id: Arc<str> = agent_id.into();
+        self.lock()
+            .entry(agent_id.clone())
+            .or_default()
+            .push(conn.clone());
+        metrics::gauge!("pushbus_notifier_connections").increment(1.0);
+        Connection {
+            hub: self.clone(),
+            agent_id,
+            conn,
+        }
+    }
+
+    /// Offers head `revision` of `key` to every connection of `agent_id`;
+    /// returns how many took it.
+    pub fn deliver(&self, agent_id: &str, key: &RefKey, revision: u64, event: &WatchEvent) -> usize {
+        let conns = match self.lock().get(agent_id) {
+            Some(c) => c.clone(),
+            None => return 0,
+        };
+        conns
+            .iter()
+            .filter(|c| c.offer(key, revision, event.clone()))
+            .count()
+    }
+
+    /// Tells every connection when the bus is lost or back; returns whether
+    /// the state changed.
+    pub fn set_degraded(&self, degraded: bool, detail: &str) -> bool {
+        if self.inner.degraded.swap(degraded, Ordering::SeqCst) == degraded {
+            return false;
+        }
+        metrics::gauge!("pushbus_notifier_degraded").set(if degraded { 1.0 } else { 0.0 });
+        let event = self.current_status(detail);
+        for conns in self.lock().values() {
+            for c in conns {
+                c.push_status(event.clone());
+            }
+        }
+        true
+    }
+
+    fn current_status(&self, detail: &str) -> WatchEvent {
+        if self.inner.degraded.load(Ordering::SeqCst) {
+            conn::status(State::Degraded, detail)
+        } else {
+            conn::status(State::Live, detail)
+        }
     }
 }

@@ -2,9 +2,12 @@
 //! loops poll now (SSE and gRPC streaming on one port).
 
 pub mod auth;
+pub mod conn;
 pub mod grpc;
+pub mod heads;
 pub mod hub;
 pub mod sse;
+pub mod watch;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,7 +15,7 @@ use std::net::SocketAddr;
 use async_nats::jetstream::kv::Store;
 use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
 use pushbus_shared::proto::git_ops_notifier_server::GitOpsNotifierServer;
-use pushbus_shared::proto::{AgentPoke, WatchEvent, watch_event::Event};
+use pushbus_shared::proto::{AgentPoke, RefHead};
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, names};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +34,23 @@ pub struct Config {
         default_value = "127.0.0.1:8081"
     )]
     pub listen: SocketAddr,
+    /// At most one poke per agent and ref per this many milliseconds; the
+    /// first of a burst goes out at once, the last one carries the newest SHA.
+    #[arg(
+        long = "notifier-coalesce-ms",
+        env = "PUSHBUS_NOTIFIER_COALESCE_MS",
+        default_value_t = 500
+    )]
+    pub coalesce_ms: u64,
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr) -> Config {
+        Config {
+            listen,
+            coalesce_ms: 500,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +74,7 @@ pub enum Error {
 pub struct AppState {
     pub hub: Hub,
     pub agents: Store,
+    pub heads: Store,
     /// Ends every agent stream on shutdown, so the server can finish.
     pub shutdown: CancellationToken,
 }
@@ -65,7 +86,7 @@ pub fn consumer_spec() -> ConsumerSpec {
 pub fn topology() -> Topology {
     Topology {
         streams: vec![topology::pokes_stream(), topology::dlq_stream()],
-        buckets: vec![topology::agents_bucket()],
+        buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
         consumers: vec![(names::STREAM_POKES.into(), consumer_spec().pull_config())],
     }
 }
@@ -82,11 +103,24 @@ pub async fn run(
         .get_key_value(names::BUCKET_AGENTS)
         .await
         .map_err(|e| Error::Registry(e.to_string()))?;
+    let heads = ctx
+        .js
+        .get_key_value(names::BUCKET_REF_HEADS)
+        .await
+        .map_err(|e| Error::Registry(e.to_string()))?;
     let state = AppState {
-        hub: Hub::default(),
+        hub: Hub::new(std::time::Duration::from_millis(config.coalesce_ms)),
         agents,
+        heads: heads.clone(),
         shutdown: token.clone(),
     };
+    // Every replica follows every head and keeps the ones for its agents.
+    let feed = tokio::spawn(heads::follow(
+        heads.clone(),
+        state.hub.clone(),
+        token.clone(),
+    ));
+    let monitor = tokio::spawn(watch_bus(ctx.client.clone(), state.hub.clone(), token.clone()));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Listen {
@@ -111,9 +145,7 @@ pub async fn run(
     let consumer = tokio::spawn(bus::run_consumer(
         ctx.js.clone(),
         consumer_spec(),
-        PokeHandler {
-            hub: state.hub.clone(),
-        },
+        PokeHandler { heads },
         token.clone(),
     ));
     ctx.ready.set(true);
@@ -121,6 +153,8 @@ pub async fn run(
     token.cancel();
     ctx.ready.set(false);
     let _ = server.await;
+    let _ = feed.await;
+    let _ = monitor.await;
     ctx.drain().await;
     match consumed {
         Ok(result) => result.map_err(Error::from),
@@ -128,21 +162,48 @@ pub async fn run(
     }
 }
 
+/// Tells connected agents to fall back to polling while this replica has
+/// no bus, and that pokes are live again once it is back.
+async fn watch_bus(client: async_nats::Client, hub: Hub, shutdown: CancellationToken) {
+    use async_nats::connection::State as Conn;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let changed = match client.connection_state() {
+            Conn::Connected => hub.set_degraded(false, "bus reachable again: pokes are live"),
+            Conn::Disconnected | Conn::Pending => {
+                hub.set_degraded(true, "lost the bus: fall back to polling")
+            }
+        };
+        if changed {
+            tracing::warn!(state = ?client.connection_state(), "bus state changed; agents told");
+        }
+    }
+}
+
+/// Durable effect of a poke: its ref head. Every replica's feed then
+/// delivers it to the agent's connections, wherever they are.
 struct PokeHandler {
-    hub: Hub,
+    heads: Store,
 }
 
 impl Handler<AgentPoke> for PokeHandler {
     async fn handle(&self, d: Delivery<AgentPoke>) -> Result<(), HandleError> {
         let agent_id = d.message.agent_id.clone();
-        let event = WatchEvent {
+        let head = RefHead {
+            poke: Some(d.message),
             event_id: d.meta.event_id.clone(),
             correlation_id: d.meta.correlation_id.clone(),
-            event: Some(Event::Poke(d.message)),
+            poke_sequence: d.stream_sequence,
         };
-        let connections = self.hub.deliver(&agent_id, &event);
+        let wrote = heads::record(&self.heads, &head)
+            .await
+            .map_err(|e| HandleError::Retryable(e.to_string()))?;
         metrics::counter!("pushbus_notifier_pokes_total").increment(1);
-        tracing::info!(%agent_id, connections, "poke delivered");
+        tracing::debug!(%agent_id, wrote, "ref head recorded");
         Ok(())
     }
 }

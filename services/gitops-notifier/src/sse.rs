@@ -3,7 +3,7 @@
 
 use std::convert::Infallible;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -13,10 +13,10 @@ use pushbus_shared::proto::{
     ChangeKind, RefKind, WatchEvent, notifier_status::State as NotifierState, watch_event::Event,
 };
 use serde_json::json;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::auth::{self, AuthError};
+use crate::watch::{self, Since};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -24,9 +24,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `?since=<cursor>` (or the `Last-Event-ID` an EventSource sends on
+/// reconnect) asks for catch-up first.
+#[derive(serde::Deserialize, Default)]
+struct PokesQuery {
+    since: Option<String>,
+}
+
 async fn pokes(
     State(st): State<AppState>,
     Path(agent_id): Path<String>,
+    Query(query): Query<PokesQuery>,
     headers: HeaderMap,
 ) -> Response {
     let token = auth::bearer(
@@ -34,6 +42,20 @@ async fn pokes(
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok()),
     );
+    let since = query.since.or_else(|| {
+        headers
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
+    let cursor = match since.as_deref().map(str::parse::<u64>) {
+        None => 0,
+        Some(Ok(c)) => c,
+        Some(Err(_)) => {
+            let error = json!({ "error": "since / Last-Event-ID must be a cursor (an unsigned integer)", "field": "since" });
+            return (StatusCode::BAD_REQUEST, Json(error)).into_response();
+        }
+    };
     if let Err(err) = auth::authenticate(&st.agents, &agent_id, token).await {
         let status = match err {
             AuthError::Denied => StatusCode::UNAUTHORIZED,
@@ -42,10 +64,10 @@ async fn pokes(
         tracing::info!(%agent_id, error = %err, "SSE watch refused");
         return (status, Json(json!({ "error": err.to_string() }))).into_response();
     }
-    tracing::info!(%agent_id, "agent connected over SSE");
-    let events = ReceiverStream::new(st.hub.connect(&agent_id))
-        .map(|ev| Ok::<_, Infallible>(to_sse(&ev)))
-        .take_until(st.shutdown.clone().cancelled_owned());
+    tracing::info!(%agent_id, cursor, "agent connected over SSE");
+    let events = watch::open(&st, &agent_id, Since::from_request(cursor, &[]))
+        .await
+        .map(|ev| Ok::<_, Infallible>(to_sse(&ev)));
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()
@@ -55,7 +77,8 @@ fn to_sse(ev: &WatchEvent) -> SseEvent {
     match &ev.event {
         Some(Event::Poke(p)) => SseEvent::default()
             .event("poke")
-            .id(ev.event_id.clone())
+            // The cursor, so an EventSource resumes with Last-Event-ID.
+            .id(ev.cursor.to_string())
             .data(
                 json!({
                     "event_id": ev.event_id,
@@ -70,6 +93,8 @@ fn to_sse(ev: &WatchEvent) -> SseEvent {
                     "old_sha": p.old_sha,
                     "new_sha": p.new_sha,
                     "push_event_id": p.push_event_id,
+                    "cursor": ev.cursor,
+                    "catch_up": ev.catch_up,
                 })
                 .to_string(),
             ),

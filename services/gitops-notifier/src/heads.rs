@@ -1,0 +1,229 @@
+//! Ref heads: the latest poke per agent, project and ref, in the
+//! `pushbus-ref-heads` bucket. The poke consumer (one replica per poke)
+//! writes them; every replica follows the bucket and hands each new head to
+//! its own connections of that agent. Catch-up on connect reads the same
+//! bucket, so live and catch-up share one ordering: the head's revision,
+//! which is also the cursor agents resume from.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::kv::{self, Operation, Store};
+use async_nats::jetstream::message::Message as JsMessage;
+use futures::StreamExt;
+use prost::Message;
+use pushbus_shared::names;
+use pushbus_shared::proto::{AgentPoke, RefHead, WatchEvent, watch_event::Event};
+use tokio_util::sync::CancellationToken;
+
+use crate::conn::RefKey;
+use crate::hub::Hub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HeadsError {
+    #[error("ref heads bucket: {0}")]
+    Kv(String),
+}
+
+fn kv_err(e: impl std::fmt::Display) -> HeadsError {
+    HeadsError::Kv(e.to_string())
+}
+
+/// `<project_id>.<hex(ref)>`: refs may hold any byte a KV key may not.
+pub fn ref_key(project_id: i64, r#ref: &str) -> String {
+    let mut key = format!("{project_id}.");
+    for b in r#ref.bytes() {
+        key.push_str(&format!("{b:02x}"));
+    }
+    key
+}
+
+pub fn head_key(poke: &AgentPoke) -> String {
+    format!("{}.{}", poke.agent_id, ref_key(poke.project_id, &poke.r#ref))
+}
+
+/// Records `head` unless the bucket already holds this poke or a newer one
+/// (replicas may handle one agent's pokes out of order; redeliveries repeat).
+/// Returns whether it wrote.
+pub async fn record(kv: &Store, head: &RefHead) -> Result<bool, HeadsError> {
+    let poke = head.poke.as_ref().ok_or_else(|| kv_err("head without a poke"))?;
+    let key = head_key(poke);
+    let value: bytes::Bytes = head.encode_to_vec().into();
+    // Compare-and-set; a lost race re-reads and decides again.
+    for _ in 0..16 {
+        let current = kv.entry(&key).await.map_err(kv_err)?;
+        let written = match current {
+            Some(e) => {
+                let newer_or_same = e.operation == Operation::Put
+                    && RefHead::decode(e.value.as_ref())
+                        .is_ok_and(|h| h.poke_sequence >= head.poke_sequence);
+                if newer_or_same {
+                    return Ok(false);
+                }
+                match kv.update(&key, value.clone(), e.revision).await {
+                    Ok(_) => true,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
+                    Err(e) => return Err(kv_err(e)),
+                }
+            }
+            None => match kv.create(&key, value.clone()).await {
+                Ok(_) => true,
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+                Err(e) => return Err(kv_err(e)),
+            },
+        };
+        if written {
+            return Ok(true);
+        }
+    }
+    Err(kv_err(format!("{key}: too much contention")))
+}
+
+/// One head read from the bucket, ready for an outbox.
+pub struct Head {
+    pub agent_id: String,
+    pub key: RefKey,
+    pub revision: u64,
+    pub event: WatchEvent,
+}
+
+fn parse(msg: &JsMessage) -> Option<Head> {
+    let deleted = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("KV-Operation"))
+        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+    if deleted {
+        return None;
+    }
+    let prefix = format!("$KV.{}.", names::BUCKET_REF_HEADS);
+    let key = msg.subject.as_str().strip_prefix(&prefix)?;
+    let (agent_id, ref_key) = key.split_once('.')?;
+    let revision = msg.info().ok()?.stream_sequence;
+    let head = match RefHead::decode(msg.payload.as_ref()) {
+        Ok(h) => h,
+        Err(err) => {
+            tracing::warn!(%key, %err, "undecodable ref head skipped");
+            return None;
+        }
+    };
+    Some(Head {
+        agent_id: agent_id.to_owned(),
+        key: ref_key.into(),
+        revision,
+        event: WatchEvent {
+            event_id: head.event_id,
+            correlation_id: head.correlation_id,
+            event: head.poke.map(Event::Poke),
+            cursor: revision,
+            catch_up: false,
+        },
+    })
+}
+
+/// Every current head of `agent_id`.
+pub async fn snapshot(kv: &Store, agent_id: &str) -> Result<Vec<Head>, HeadsError> {
+    let consumer = kv
+        .stream
+        .create_consumer(OrderedConfig {
+            filter_subject: format!("$KV.{}.{agent_id}.>", names::BUCKET_REF_HEADS),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(kv_err)?;
+    let count = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.map_err(kv_err)?.take(count);
+    let mut heads = Vec::with_capacity(count);
+    while let Some(msg) = messages.next().await {
+        if let Some(h) = parse(&msg.map_err(kv_err)?) {
+            heads.push(h);
+        }
+    }
+    Ok(heads)
+}
+
+/// Follows the bucket from its current end and delivers every new head to
+/// this replica's connections, until `shutdown`. A broken feed resumes
+/// after the last head it delivered, so nothing written meanwhile (by any
+/// replica) is skipped; while it is broken, agents are told to poll.
+pub async fn follow(kv: Store, hub: Hub, shutdown: CancellationToken) {
+    let mut next = match kv.stream.clone().info().await {
+        Ok(info) => info.state.last_sequence + 1,
+        Err(err) => {
+            tracing::warn!(%err, "cannot read the ref heads bucket; following from its start");
+            1
+        }
+    };
+    while !shutdown.is_cancelled() {
+        let consumer = kv
+            .stream
+            .create_consumer(OrderedConfig {
+                filter_subject: format!("$KV.{}.>", names::BUCKET_REF_HEADS),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: next,
+                },
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match consumer {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(err) => {
+                    broken(&hub, &err.to_string(), &shutdown).await;
+                    continue;
+                }
+            },
+            Err(err) => {
+                broken(&hub, &err.to_string(), &shutdown).await;
+                continue;
+            }
+        };
+        hub.set_degraded(false, "bus reachable again: pokes are live");
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                msg = messages.next() => msg,
+            };
+            match msg {
+                Some(Ok(msg)) => {
+                    if let Ok(info) = msg.info() {
+                        next = info.stream_sequence + 1;
+                    }
+                    if let Some(head) = parse(&msg) {
+                        let took = hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
+                        tracing::debug!(agent_id = %head.agent_id, event_id = %head.event.event_id, correlation_id = %head.event.correlation_id, connections = took, "head delivered");
+                    }
+                }
+                Some(Err(err)) => {
+                    broken(&hub, &err.to_string(), &shutdown).await;
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+async fn broken(hub: &Hub, err: &str, shutdown: &CancellationToken) {
+    if hub.set_degraded(true, "lost the bus: fall back to polling") {
+        tracing::warn!(%err, "ref heads feed broken; agents told to poll");
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_kv_keys_for_any_ref() {
+        let key = ref_key(42, "refs/heads/fé/ünï *>.x");
+        assert!(key.starts_with("42."));
+        assert!(key[3..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(ref_key(1, "refs/heads/a"), ref_key(1, "refs/heads/b"));
+    }
+}
