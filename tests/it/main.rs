@@ -4,4 +4,5 @@ mod e2e;
 mod filter;
 mod ingest;
 mod lag;
+mod notifier;
 mod support;

@@ -36,7 +36,7 @@ pub struct Stack {
     task: tokio::task::JoinHandle<Result<(), service::HostError>>,
 }
 
-fn local(port: u16) -> SocketAddr {
+pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
@@ -240,6 +240,15 @@ impl Replica {
         };
         let launcher = Launcher::new("filter", move |ctx, t| {
             pushbus_filter::run(ctx, config, t.cancelled_owned())
+        });
+        Self::host(nats_url, launcher).await
+    }
+
+    /// One gitops-notifier replica listening on `listen`.
+    pub async fn notifier(nats_url: &str, listen: SocketAddr) -> Replica {
+        let config = pushbus_gitops_notifier::Config::new(listen);
+        let launcher = Launcher::new("gitops-notifier", move |ctx, t| {
+            pushbus_gitops_notifier::run(ctx, config, t.cancelled_owned())
         });
         Self::host(nats_url, launcher).await
     }

@@ -7,7 +7,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pushbus_shared::proto::{NotifierStatus, WatchEvent, notifier_status::State, watch_event::Event};
+use pushbus_shared::proto::{
+    NotifierStatus, WatchEvent, notifier_status::State, watch_event::Event,
+};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 

@@ -5,6 +5,7 @@
 //! bucket, so live and catch-up share one ordering: the head's revision,
 //! which is also the cursor agents resume from.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
@@ -14,6 +15,7 @@ use futures::StreamExt;
 use prost::Message;
 use pushbus_shared::names;
 use pushbus_shared::proto::{AgentPoke, RefHead, WatchEvent, watch_event::Event};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::conn::RefKey;
@@ -39,14 +41,21 @@ pub fn ref_key(project_id: i64, r#ref: &str) -> String {
 }
 
 pub fn head_key(poke: &AgentPoke) -> String {
-    format!("{}.{}", poke.agent_id, ref_key(poke.project_id, &poke.r#ref))
+    format!(
+        "{}.{}",
+        poke.agent_id,
+        ref_key(poke.project_id, &poke.r#ref)
+    )
 }
 
 /// Records `head` unless the bucket already holds this poke or a newer one
 /// (replicas may handle one agent's pokes out of order; redeliveries repeat).
 /// Returns whether it wrote.
 pub async fn record(kv: &Store, head: &RefHead) -> Result<bool, HeadsError> {
-    let poke = head.poke.as_ref().ok_or_else(|| kv_err("head without a poke"))?;
+    let poke = head
+        .poke
+        .as_ref()
+        .ok_or_else(|| kv_err("head without a poke"))?;
     let key = head_key(poke);
     let value: bytes::Bytes = head.encode_to_vec().into();
     // Compare-and-set; a lost race re-reads and decides again.
@@ -144,10 +153,11 @@ pub async fn snapshot(kv: &Store, agent_id: &str) -> Result<Vec<Head>, HeadsErro
 }
 
 /// Follows the bucket from its current end and delivers every new head to
-/// this replica's connections, until `shutdown`. A broken feed resumes
-/// after the last head it delivered, so nothing written meanwhile (by any
-/// replica) is skipped; while it is broken, agents are told to poll.
-pub async fn follow(kv: Store, hub: Hub, shutdown: CancellationToken) {
+/// this replica's connections, until `shutdown`. A broken feed, or one
+/// whose server went away (`reconnected` fires), resumes after the last head
+/// it delivered, so nothing written meanwhile (by any replica) is skipped;
+/// while it is broken, agents are told to poll.
+pub async fn follow(kv: Store, hub: Hub, reconnected: Arc<Notify>, shutdown: CancellationToken) {
     let mut next = match kv.stream.clone().info().await {
         Ok(info) => info.state.last_sequence + 1,
         Err(err) => {
@@ -183,6 +193,9 @@ pub async fn follow(kv: Store, hub: Hub, shutdown: CancellationToken) {
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return,
+                // The server may have lost this ephemeral consumer; a new
+                // one from `next` is cheap and certain.
+                _ = reconnected.notified() => break,
                 msg = messages.next() => msg,
             };
             match msg {
@@ -191,7 +204,8 @@ pub async fn follow(kv: Store, hub: Hub, shutdown: CancellationToken) {
                         next = info.stream_sequence + 1;
                     }
                     if let Some(head) = parse(&msg) {
-                        let took = hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
+                        let took =
+                            hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
                         tracing::debug!(agent_id = %head.agent_id, event_id = %head.event.event_id, correlation_id = %head.event.correlation_id, connections = took, "head delivered");
                     }
                 }

@@ -76,7 +76,13 @@ impl Hub {
 
     /// Offers head `revision` of `key` to every connection of `agent_id`;
     /// returns how many took it.
-    pub fn deliver(&self, agent_id: &str, key: &RefKey, revision: u64, event: &WatchEvent) -> usize {
+    pub fn deliver(
+        &self,
+        agent_id: &str,
+        key: &RefKey,
+        revision: u64,
+        event: &WatchEvent,
+    ) -> usize {
         let conns = match self.lock().get(agent_id) {
             Some(c) => c.clone(),
             None => return 0,

@@ -115,12 +115,19 @@ pub async fn run(
         shutdown: token.clone(),
     };
     // Every replica follows every head and keeps the ones for its agents.
+    let reconnected = std::sync::Arc::new(tokio::sync::Notify::new());
     let feed = tokio::spawn(heads::follow(
         heads.clone(),
         state.hub.clone(),
+        reconnected.clone(),
         token.clone(),
     ));
-    let monitor = tokio::spawn(watch_bus(ctx.client.clone(), state.hub.clone(), token.clone()));
+    let monitor = tokio::spawn(watch_bus(
+        ctx.client.clone(),
+        state.hub.clone(),
+        reconnected,
+        token.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| Error::Listen {
@@ -164,7 +171,12 @@ pub async fn run(
 
 /// Tells connected agents to fall back to polling while this replica has
 /// no bus, and that pokes are live again once it is back.
-async fn watch_bus(client: async_nats::Client, hub: Hub, shutdown: CancellationToken) {
+async fn watch_bus(
+    client: async_nats::Client,
+    hub: Hub,
+    reconnected: std::sync::Arc<tokio::sync::Notify>,
+    shutdown: CancellationToken,
+) {
     use async_nats::connection::State as Conn;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     loop {
@@ -173,7 +185,13 @@ async fn watch_bus(client: async_nats::Client, hub: Hub, shutdown: CancellationT
             _ = tick.tick() => {}
         }
         let changed = match client.connection_state() {
-            Conn::Connected => hub.set_degraded(false, "bus reachable again: pokes are live"),
+            Conn::Connected => {
+                let back = hub.set_degraded(false, "bus reachable again: pokes are live");
+                if back {
+                    reconnected.notify_one();
+                }
+                back
+            }
             Conn::Disconnected | Conn::Pending => {
                 hub.set_degraded(true, "lost the bus: fall back to polling")
             }

@@ -60,7 +60,8 @@ pub async fn open(
                     event.catch_up = true;
                     offered += usize::from(connection.conn.offer(&h.key, h.revision, event));
                 }
-                metrics::counter!("pushbus_notifier_catch_up_pokes_total").increment(offered as u64);
+                metrics::counter!("pushbus_notifier_catch_up_pokes_total")
+                    .increment(offered as u64);
                 tracing::info!(%agent_id, offered, cursor = ?since.cursor, "catch-up queued");
             }
             Err(err) => {

@@ -1,0 +1,360 @@
+//! gitops-notifier against a real nats-server and real gRPC/HTTP clients:
+//! catch-up, coalescing, replicas and bus loss.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
+use pushbus_shared::proto::{
+    AgentConfig, RefHead, RefSelector, SeenRef, Watch, WatchEvent, WatchRequest,
+    notifier_status::State, ref_selector::Kind, watch_event::Event,
+};
+use pushbus_shared::testkit::{self, NatsServer, free_port};
+use pushbus_shared::{names, topology};
+use tonic::Streaming;
+
+use crate::support::{Replica, SseReader, Stack, local};
+
+async fn register(nats: &NatsServer, agent_id: &str, project_id: i64) {
+    let js = async_nats::jetstream::new(testkit::client(nats).await);
+    let kv = js
+        .create_or_update_key_value(topology::agents_bucket())
+        .await
+        .unwrap();
+    let cfg = AgentConfig {
+        agent_id: agent_id.into(),
+        watches: vec![Watch {
+            project_id,
+            refs: Some(RefSelector {
+                kind: Kind::AnyBranch as i32,
+                pattern: String::new(),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+}
+
+fn sha(n: u64) -> String {
+    format!("{n:040x}")
+}
+
+/// One push through hook-ingest's HTTP endpoint; retried while it answers
+/// 503 (the bus coming back).
+async fn push(stack: &Stack, project_id: i64, branch: &str, new_sha: &str) {
+    let body = serde_json::json!({
+        "gl_repository": format!("project-{project_id}"),
+        "identifier": "user-1",
+        "changes": format!("{} {new_sha} refs/heads/{branch}\n", "1".repeat(40)),
+    });
+    for _ in 0..100 {
+        let resp = stack.post_receive(&body, &[]).await;
+        if resp.status() == 200 {
+            return;
+        }
+        assert_eq!(resp.status(), 503, "push refused");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("hook-ingest never took the push");
+}
+
+async fn watch(addr: std::net::SocketAddr, req: WatchRequest) -> Streaming<WatchEvent> {
+    let mut client = GitOpsNotifierClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut stream = client.watch(req).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(Event::Status(_))), "{first:?}");
+    stream
+}
+
+fn agent(id: &str, since_cursor: u64) -> WatchRequest {
+    WatchRequest {
+        agent_id: id.into(),
+        since_cursor,
+        ..Default::default()
+    }
+}
+
+/// Events until none arrives for `quiet`.
+async fn drain(stream: &mut Streaming<WatchEvent>, quiet: Duration) -> Vec<WatchEvent> {
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(ev))) = tokio::time::timeout(quiet, stream.message())
+        .await
+        .map(|r| r.transpose())
+    {
+        out.push(ev);
+    }
+    out
+}
+
+/// (ref, new SHA) of every poke; statuses dropped.
+fn pokes(events: &[WatchEvent]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(Event::Poke(p)) => Some((p.r#ref.clone(), p.new_sha.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until the notifier recorded `want` as the head of `branch`.
+async fn head_is(nats: &NatsServer, agent_id: &str, project_id: i64, branch: &str, want: &str) {
+    let js = async_nats::jetstream::new(testkit::client(nats).await);
+    let kv = js.get_key_value(names::BUCKET_REF_HEADS).await.unwrap();
+    let key = format!(
+        "{agent_id}.{}",
+        pushbus_gitops_notifier::heads::ref_key(project_id, &format!("refs/heads/{branch}"))
+    );
+    for _ in 0..300 {
+        if let Ok(Some(v)) = kv.get(&key).await
+            && RefHead::decode(v.as_ref()).unwrap().poke.unwrap().new_sha == want
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("head of {branch} never became {want}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_agent_catches_up_one_poke_per_ref_then_goes_live() {
+    let nats = NatsServer::start();
+    register(&nats, "catcher", 40).await;
+    let stack = Stack::start(&nats.url()).await;
+
+    let mut live = watch(stack.notifier, agent("catcher", 0)).await;
+    push(&stack, 40, "main", &sha(1)).await;
+    let first = drain(&mut live, Duration::from_secs(2)).await;
+    assert_eq!(pokes(&first), vec![("refs/heads/main".into(), sha(1))]);
+    let cursor = first.last().unwrap().cursor;
+    assert!(cursor > 0);
+    drop(live);
+
+    // Offline: ten pushes to main, three to dev.
+    for n in 2..=11 {
+        push(&stack, 40, "main", &sha(n)).await;
+    }
+    for n in 100..=102 {
+        push(&stack, 40, "dev", &sha(n)).await;
+    }
+    head_is(&nats, "catcher", 40, "main", &sha(11)).await;
+    head_is(&nats, "catcher", 40, "dev", &sha(102)).await;
+
+    // By cursor: exactly the two refs, newest SHAs, marked as catch-up.
+    let mut back = watch(stack.notifier, agent("catcher", cursor)).await;
+    let caught = drain(&mut back, Duration::from_secs(1)).await;
+    let mut got = pokes(&caught);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("refs/heads/dev".into(), sha(102)),
+            ("refs/heads/main".into(), sha(11)),
+        ]
+    );
+    assert!(caught.iter().all(|e| e.catch_up && e.cursor > cursor));
+    // Then live, once.
+    push(&stack, 40, "main", &sha(12)).await;
+    let after = drain(&mut back, Duration::from_secs(2)).await;
+    assert_eq!(pokes(&after), vec![("refs/heads/main".into(), sha(12))]);
+    assert!(!after[0].catch_up);
+
+    // By SHA: main is current, dev is not listed, so only dev comes.
+    let mut by_sha = watch(
+        stack.notifier,
+        WatchRequest {
+            agent_id: "catcher".into(),
+            seen: vec![SeenRef {
+                project_id: 40,
+                r#ref: "refs/heads/main".into(),
+                sha: sha(12),
+            }],
+            ..Default::default()
+        },
+    )
+    .await;
+    let caught = drain(&mut by_sha, Duration::from_secs(1)).await;
+    assert_eq!(pokes(&caught), vec![("refs/heads/dev".into(), sha(102))]);
+
+    // SSE: an EventSource's Last-Event-ID is the cursor.
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/v1/agents/catcher/pokes", stack.notifier))
+        .header("Last-Event-ID", cursor.to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut sse = SseReader::new(resp);
+    let mut seen = Vec::new();
+    while let Some((event, data)) = sse.next_event(Duration::from_secs(1)).await {
+        if event == "poke" {
+            let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+            seen.push((
+                v["ref"].as_str().unwrap().to_owned(),
+                v["new_sha"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("refs/heads/dev".into(), sha(102)),
+            ("refs/heads/main".into(), sha(12)),
+        ]
+    );
+    let bad = reqwest::get(format!(
+        "http://{}/v1/agents/catcher/pokes?since=yesterday",
+        stack.notifier
+    ))
+    .await
+    .unwrap();
+    assert_eq!(bad.status(), 400);
+    stack.stop().await;
+}
+
+// Reconnecting while pushes keep coming: every cursor after the resume point
+// arrives at most once per ref, and each ref ends at its last SHA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_during_pushes_leaves_no_gap_and_no_duplicate() {
+    let nats = NatsServer::start();
+    register(&nats, "steady", 41).await;
+    let stack = std::sync::Arc::new(Stack::start(&nats.url()).await);
+    let mut stream = watch(stack.notifier, agent("steady", 0)).await;
+    let pusher = tokio::spawn({
+        let stack = stack.clone();
+        async move {
+            for n in 1..=60u64 {
+                let branch = ["a", "b", "c"][(n % 3) as usize];
+                push(&stack, 41, branch, &sha(n)).await;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+        }
+    });
+    let mut events = drain(&mut stream, Duration::from_millis(300)).await;
+    let resume = events.iter().map(|e| e.cursor).max().unwrap_or(0);
+    drop(stream);
+    let mut again = watch(stack.notifier, agent("steady", resume)).await;
+    pusher.await.unwrap();
+    head_is(&nats, "steady", 41, "a", &sha(60)).await;
+    let later = drain(&mut again, Duration::from_secs(2)).await;
+    assert!(
+        later.iter().all(|e| e.cursor > resume),
+        "resent an old head"
+    );
+    let mut per_ref: HashMap<String, Vec<u64>> = HashMap::new();
+    for e in &later {
+        if let Some(Event::Poke(p)) = &e.event {
+            per_ref.entry(p.r#ref.clone()).or_default().push(e.cursor);
+        }
+    }
+    for cursors in per_ref.values() {
+        assert!(cursors.windows(2).all(|w| w[0] < w[1]), "{cursors:?}");
+    }
+    events.extend(later);
+    let mut last: HashMap<String, String> = HashMap::new();
+    for (r, s) in pokes(&events) {
+        last.insert(r, s);
+    }
+    assert_eq!(last["refs/heads/a"], sha(60));
+    assert_eq!(last["refs/heads/b"], sha(58));
+    assert_eq!(last["refs/heads/c"], sha(59));
+    std::sync::Arc::into_inner(stack).unwrap().stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_to_one_ref_becomes_a_handful_of_pokes_ending_with_the_last_sha() {
+    let nats = NatsServer::start();
+    register(&nats, "bursty", 42).await;
+    let stack = Stack::start(&nats.url()).await;
+    let mut stream = watch(stack.notifier, agent("bursty", 0)).await;
+    let started = Instant::now();
+    for n in 1..=200 {
+        push(&stack, 42, "main", &sha(n)).await;
+    }
+    let took = started.elapsed();
+    let events = drain(&mut stream, Duration::from_secs(2)).await;
+    let got = pokes(&events);
+    // One at once, then at most one per 500 ms window.
+    let bound = 2 + (took.as_millis() / 500) as usize + 1;
+    assert!(
+        !got.is_empty() && got.len() <= bound,
+        "{} pokes for 200 pushes in {took:?}",
+        got.len()
+    );
+    assert_eq!(got.last().unwrap().1, sha(200));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_deliver_every_poke_exactly_once() {
+    let nats = NatsServer::start();
+    for id in ["on-first", "on-second"] {
+        register(&nats, id, 43).await;
+    }
+    let stack = Stack::start(&nats.url()).await;
+    let second_addr = local(free_port());
+    let second = Replica::notifier(&nats.url(), second_addr).await;
+    let mut first_stream = watch(stack.notifier, agent("on-first", 0)).await;
+    let mut second_stream = watch(second_addr, agent("on-second", 0)).await;
+    // Distinct branches: nothing may be coalesced.
+    let want: HashSet<(String, String)> = (0..30)
+        .map(|n| (format!("refs/heads/b{n}"), sha(n)))
+        .collect();
+    for n in 0..30 {
+        push(&stack, 43, &format!("b{n}"), &sha(n)).await;
+    }
+    for stream in [&mut first_stream, &mut second_stream] {
+        let got = pokes(&drain(stream, Duration::from_secs(2)).await);
+        let unique: HashSet<_> = got.iter().cloned().collect();
+        assert_eq!(unique.len(), got.len(), "duplicate pokes");
+        assert_eq!(unique, want);
+    }
+    second.stop().await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_loss_is_announced_and_nothing_is_missing_after_it() {
+    let mut nats = NatsServer::start();
+    register(&nats, "patient", 44).await;
+    let stack = Stack::start(&nats.url()).await;
+    let mut stream = watch(stack.notifier, agent("patient", 0)).await;
+    push(&stack, 44, "main", &sha(1)).await;
+    let before = drain(&mut stream, Duration::from_secs(1)).await;
+    assert_eq!(pokes(&before), vec![("refs/heads/main".into(), sha(1))]);
+
+    nats.kill();
+    let state = |events: &[WatchEvent]| {
+        events.iter().find_map(|e| match &e.event {
+            Some(Event::Status(s)) => Some(s.state),
+            _ => None,
+        })
+    };
+    let down = drain(&mut stream, Duration::from_secs(5)).await;
+    assert_eq!(state(&down), Some(State::Degraded as i32), "{down:?}");
+
+    nats.start_again();
+    let mut up = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&up) != Some(State::Live as i32) {
+        assert!(Instant::now() < deadline, "never live again: {up:?}");
+        up = drain(&mut stream, Duration::from_secs(1)).await;
+    }
+    push(&stack, 44, "main", &sha(2)).await;
+    push(&stack, 44, "dev", &sha(3)).await;
+    head_is(&nats, "patient", 44, "dev", &sha(3)).await;
+    let mut after = pokes(&drain(&mut stream, Duration::from_secs(2)).await);
+    after.sort();
+    assert_eq!(
+        after,
+        vec![
+            ("refs/heads/dev".into(), sha(3)),
+            ("refs/heads/main".into(), sha(2)),
+        ]
+    );
+    stack.stop().await;
+}
