@@ -13,30 +13,7 @@ use pushbus_shared::proto::{
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
 
-use crate::support::{Replica, stored_events};
-
-async fn register(nats: &NatsServer, agent_id: &str, projects: impl Iterator<Item = i64>) {
-    let js = async_nats::jetstream::new(testkit::client(nats).await);
-    let kv = js
-        .create_or_update_key_value(topology::agents_bucket())
-        .await
-        .unwrap();
-    let cfg = AgentConfig {
-        agent_id: agent_id.into(),
-        watches: projects
-            .map(|p| Watch {
-                project_id: p,
-                refs: Some(RefSelector {
-                    kind: Kind::AnyBranch as i32,
-                    pattern: String::new(),
-                }),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
-}
+use crate::support::{Replica, register, stored_events};
 
 /// Publishes pushes `range` (project = 1 + i % 20) and returns the poke IDs
 /// they must yield: agent-a watches every project, agent-b only project 1.

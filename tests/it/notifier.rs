@@ -5,37 +5,15 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use prost::Message;
+use pushbus_shared::names;
 use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
 use pushbus_shared::proto::{
-    AgentConfig, RefHead, RefSelector, SeenRef, Watch, WatchEvent, WatchRequest,
-    notifier_status::State, ref_selector::Kind, watch_event::Event,
+    RefHead, SeenRef, WatchEvent, WatchRequest, notifier_status::State, watch_event::Event,
 };
 use pushbus_shared::testkit::{self, NatsServer, free_port};
-use pushbus_shared::{names, topology};
 use tonic::Streaming;
 
-use crate::support::{Replica, SseReader, Stack, local};
-
-async fn register(nats: &NatsServer, agent_id: &str, project_id: i64) {
-    let js = async_nats::jetstream::new(testkit::client(nats).await);
-    let kv = js
-        .create_or_update_key_value(topology::agents_bucket())
-        .await
-        .unwrap();
-    let cfg = AgentConfig {
-        agent_id: agent_id.into(),
-        watches: vec![Watch {
-            project_id,
-            refs: Some(RefSelector {
-                kind: Kind::AnyBranch as i32,
-                pattern: String::new(),
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
-}
+use crate::support::{Replica, SseReader, Stack, local, register};
 
 fn sha(n: u64) -> String {
     format!("{n:040x}")
@@ -123,7 +101,7 @@ async fn head_is(nats: &NatsServer, agent_id: &str, project_id: i64, branch: &st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_agent_catches_up_one_poke_per_ref_then_goes_live() {
     let nats = NatsServer::start();
-    register(&nats, "catcher", 40).await;
+    register(&nats, "catcher", 40..=40).await;
     let stack = Stack::start(&nats.url()).await;
 
     let mut live = watch(stack.notifier, agent("catcher", 0)).await;
@@ -221,7 +199,7 @@ async fn offline_agent_catches_up_one_poke_per_ref_then_goes_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_during_pushes_leaves_no_gap_and_no_duplicate() {
     let nats = NatsServer::start();
-    register(&nats, "steady", 41).await;
+    register(&nats, "steady", 41..=41).await;
     let stack = std::sync::Arc::new(Stack::start(&nats.url()).await);
     let mut stream = watch(stack.notifier, agent("steady", 0)).await;
     let pusher = tokio::spawn({
@@ -268,7 +246,7 @@ async fn reconnect_during_pushes_leaves_no_gap_and_no_duplicate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_to_one_ref_becomes_a_handful_of_pokes_ending_with_the_last_sha() {
     let nats = NatsServer::start();
-    register(&nats, "bursty", 42).await;
+    register(&nats, "bursty", 42..=42).await;
     let stack = Stack::start(&nats.url()).await;
     let mut stream = watch(stack.notifier, agent("bursty", 0)).await;
     let started = Instant::now();
@@ -293,7 +271,7 @@ async fn a_burst_to_one_ref_becomes_a_handful_of_pokes_ending_with_the_last_sha(
 async fn two_replicas_deliver_every_poke_exactly_once() {
     let nats = NatsServer::start();
     for id in ["on-first", "on-second"] {
-        register(&nats, id, 43).await;
+        register(&nats, id, 43..=43).await;
     }
     let stack = Stack::start(&nats.url()).await;
     let second_addr = local(free_port());
@@ -320,7 +298,7 @@ async fn two_replicas_deliver_every_poke_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bus_loss_is_announced_and_nothing_is_missing_after_it() {
     let mut nats = NatsServer::start();
-    register(&nats, "patient", 44).await;
+    register(&nats, "patient", 44..=44).await;
     let stack = Stack::start(&nats.url()).await;
     let mut stream = watch(stack.notifier, agent("patient", 0)).await;
     push(&stack, 44, "main", &sha(1)).await;

@@ -293,3 +293,32 @@ impl Replica {
             .expect("replica failed");
     }
 }
+
+/// Registers `agent_id` watching any branch of each of `projects`.
+pub async fn register(
+    nats: &pushbus_shared::testkit::NatsServer,
+    agent_id: &str,
+    projects: impl Iterator<Item = i64>,
+) {
+    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(nats).await);
+    let kv = js
+        .create_or_update_key_value(pushbus_shared::topology::agents_bucket())
+        .await
+        .unwrap();
+    use pushbus_shared::proto::{AgentConfig, RefSelector, Watch, ref_selector::Kind};
+    let cfg = AgentConfig {
+        agent_id: agent_id.into(),
+        watches: projects
+            .map(|p| Watch {
+                project_id: p,
+                refs: Some(RefSelector {
+                    kind: Kind::AnyBranch as i32,
+                    pattern: String::new(),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+}
