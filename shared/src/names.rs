@@ -85,6 +85,17 @@ pub fn geo_status_subject(node_id: &str) -> String {
     format!("pushbus.geo.status.{node_id}")
 }
 
+/// Lowercase hex of `s`'s bytes: turns any text (refs, correlation IDs)
+/// into one valid subject token / KV key segment.
+pub fn hex_token(s: &str) -> String {
+    use std::fmt::Write;
+    s.bytes()
+        .fold(String::with_capacity(s.len() * 2), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+}
+
 /// Identifiers that become subject tokens and KV keys (agent IDs, node IDs)
 /// must be a single, wildcard-free token: `[A-Za-z0-9_-]{1,128}`.
 pub fn is_valid_token(id: &str) -> bool {

@@ -33,11 +33,7 @@ fn kv_err(e: impl std::fmt::Display) -> HeadsError {
 
 /// `<project_id>.<hex(ref)>`: refs may hold any byte a KV key may not.
 pub fn ref_key(project_id: i64, r#ref: &str) -> String {
-    let mut key = format!("{project_id}.");
-    for b in r#ref.bytes() {
-        key.push_str(&format!("{b:02x}"));
-    }
-    key
+    format!("{project_id}.{}", names::hex_token(r#ref))
 }
 
 pub fn head_key(poke: &AgentPoke) -> String {

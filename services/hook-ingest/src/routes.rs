@@ -56,14 +56,7 @@ pub enum RouteError {
 
 /// The KV key for a correlation ID (lowercase hex of its bytes).
 pub fn route_key(correlation_id: &str) -> String {
-    use std::fmt::Write;
-    correlation_id.bytes().fold(
-        String::with_capacity(correlation_id.len() * 2),
-        |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        },
-    )
+    names::hex_token(correlation_id)
 }
 
 /// Stores correlation ID -> node ID; what a front end calls before the push
