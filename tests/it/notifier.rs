@@ -336,3 +336,73 @@ async fn bus_loss_is_announced_and_nothing_is_missing_after_it() {
     );
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_watcher_receives_pokes_with_correlation_id() {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let kv = js
+        .create_or_update_key_value(pushbus_shared::topology::agents_bucket())
+        .await
+        .unwrap();
+    let cfg = pushbus_shared::proto::AgentConfig {
+        agent_id: "grpc-agent".into(),
+        watches: vec![pushbus_shared::proto::Watch {
+            project_path: "group/app".into(),
+            refs: Some(pushbus_shared::proto::RefSelector {
+                kind: pushbus_shared::proto::ref_selector::Kind::AnyRef as i32,
+                pattern: String::new(),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+    let stack = Stack::start(&nats.url()).await;
+    let mut client = GitOpsNotifierClient::connect(format!("http://{}", stack.notifier))
+        .await
+        .unwrap();
+    let mut stream = client
+        .watch(WatchRequest {
+            agent_id: "grpc-agent".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(matches!(first.event, Some(Event::Status(_))));
+    let denied = client
+        .watch(WatchRequest {
+            agent_id: "nobody".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::Unauthenticated);
+
+    let body = serde_json::json!({
+        "gl_repository": "project-11",
+        "gl_project_path": "group/app",
+        "identifier": "user-2",
+        "changes": format!("{} {} refs/tags/v1.0", "0".repeat(40), "d".repeat(40)),
+    });
+    let resp = stack
+        .post_receive(&body, &[("x-request-id", "req-123")])
+        .await;
+    assert_eq!(resp.status(), 200);
+    let ev = tokio::time::timeout(Duration::from_secs(15), stream.message())
+        .await
+        .expect("poke within 15s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.correlation_id, "req-123");
+    let Some(Event::Poke(poke)) = ev.event else {
+        panic!("expected a poke, got {ev:?}")
+    };
+    assert_eq!(poke.project_id, 11);
+    assert_eq!(poke.r#ref, "refs/tags/v1.0");
+    assert_eq!(poke.new_sha, "d".repeat(40));
+    drop(stream);
+    stack.stop().await;
+}
