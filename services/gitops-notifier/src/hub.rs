@@ -37,7 +37,8 @@ impl Drop for Connection {
                 agents.remove(&self.agent_id);
             }
         }
-        metrics::gauge!("pushbus_notifier_connections").decrement(1.0);
+        let count = agents.values().map(Vec::len).sum::<usize>();
+        metrics::gauge!("pushbus_notifier_connections").set(count as f64);
     }
 }
 
@@ -62,16 +63,24 @@ impl Hub {
         let conn = Conn::new(self.inner.window);
         conn.push_status(self.current_status("connected"));
         let agent_id: Arc<str> = agent_id.into();
-        self.lock()
+        let mut agents = self.lock();
+        agents
             .entry(agent_id.clone())
             .or_default()
             .push(conn.clone());
-        metrics::gauge!("pushbus_notifier_connections").increment(1.0);
+        let count = agents.values().map(Vec::len).sum::<usize>();
+        metrics::gauge!("pushbus_notifier_connections").set(count as f64);
+        drop(agents);
         Connection {
             hub: self.clone(),
             agent_id,
             conn,
         }
+    }
+
+    /// Connections registered now (what the connections gauge shows).
+    pub fn connection_count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
     }
 
     /// Offers head `revision` of `key` to every connection of `agent_id`;
@@ -115,5 +124,28 @@ impl Hub {
         } else {
             conn::status(State::Live, detail)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The count follows agents that leave without ever receiving a poke (it
+    // used to drop only when a delivery found the connection closed).
+    #[test]
+    fn leaving_agents_are_forgotten() {
+        let hub = Hub::new(Duration::from_millis(500));
+        let a = hub.connect("a");
+        let b = hub.connect("a");
+        let c = hub.connect("c");
+        assert_eq!(hub.connection_count(), 3);
+        drop((a, c));
+        assert_eq!(hub.connection_count(), 1);
+        let key: RefKey = "1.61".into();
+        assert_eq!(hub.deliver("a", &key, 1, &WatchEvent::default()), 1);
+        assert_eq!(hub.deliver("c", &key, 1, &WatchEvent::default()), 0);
+        drop(b);
+        assert_eq!(hub.connection_count(), 0);
     }
 }
