@@ -5,3 +5,4 @@ mod filter;
 mod ingest;
 mod lag;
 mod support;
+mod webhook;

@@ -71,7 +71,10 @@ impl Stack {
             geo_routes: opts.geo_routes,
             routes: Default::default(),
         };
-        let notifier_cfg = pushbus_gitops_notifier::Config { listen: notifier };
+        let notifier_cfg = pushbus_gitops_notifier::Config {
+            listen: notifier,
+            webhooks: Default::default(),
+        };
         let mut launchers = vec![
             Launcher::new("hook-ingest", move |ctx, t| {
                 pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())
@@ -251,6 +254,21 @@ impl Replica {
     ) -> Replica {
         let launcher = Launcher::new("replication-lag", move |ctx, t| {
             pushbus_replication_lag::run(ctx, config, t.cancelled_owned())
+        });
+        Self::host(nats_url, launcher).await
+    }
+
+    /// One gitops-notifier with these webhook settings (its agent port free).
+    pub async fn notifier(
+        nats_url: &str,
+        webhooks: pushbus_gitops_notifier::webhook::WebhookConfig,
+    ) -> Replica {
+        let config = pushbus_gitops_notifier::Config {
+            listen: local(free_port()),
+            webhooks,
+        };
+        let launcher = Launcher::new("gitops-notifier", move |ctx, t| {
+            pushbus_gitops_notifier::run(ctx, config, t.cancelled_owned())
         });
         Self::host(nats_url, launcher).await
     }

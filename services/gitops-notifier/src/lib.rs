@@ -5,6 +5,7 @@ pub mod auth;
 pub mod grpc;
 pub mod hub;
 pub mod sse;
+pub mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -31,6 +32,8 @@ pub struct Config {
         default_value = "127.0.0.1:8081"
     )]
     pub listen: SocketAddr,
+    #[command(flatten)]
+    pub webhooks: webhook::WebhookConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,8 @@ pub enum Error {
     },
     #[error("poke consumer task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
 }
 
 #[derive(Clone)]
@@ -66,7 +71,13 @@ pub fn topology() -> Topology {
     Topology {
         streams: vec![topology::pokes_stream(), topology::dlq_stream()],
         buckets: vec![topology::agents_bucket()],
-        consumers: vec![(names::STREAM_POKES.into(), consumer_spec().pull_config())],
+        consumers: vec![
+            (names::STREAM_POKES.into(), consumer_spec().pull_config()),
+            (
+                names::STREAM_POKES.into(),
+                webhook::consumer_spec(&Default::default()).pull_config(),
+            ),
+        ],
     }
 }
 
@@ -116,13 +127,23 @@ pub async fn run(
         },
         token.clone(),
     ));
+    let webhooks = tokio::spawn(webhook::run(
+        ctx.js.clone(),
+        config.webhooks.clone(),
+        token.clone(),
+    ));
     ctx.ready.set(true);
     let consumed = consumer.await;
     token.cancel();
     ctx.ready.set(false);
+    let hooked = webhooks.await;
     let _ = server.await;
     ctx.drain().await;
     match consumed {
+        Ok(result) => result.map_err(Error::from)?,
+        Err(join) => return Err(Error::Task(join)),
+    }
+    match hooked {
         Ok(result) => result.map_err(Error::from),
         Err(join) => Err(Error::Task(join)),
     }
