@@ -293,6 +293,10 @@ async fn webhook_push_and_tag_push_carry_gitlabs_payload_and_headers() {
     assert_eq!(header(&hit, "X-Gitlab-Token"), "token-hooked");
     assert_eq!(header(&hit, "Content-Type"), "application/json");
     assert!(header(&hit, "User-Agent").starts_with("pushbus-gitops-notifier/"));
+    assert_eq!(
+        header(&hit, "X-Gitlab-Instance"),
+        "https://gitlab.example.com"
+    );
     // The poke's event ID: stable across retries, for receivers' dedup.
     let poke_id = EventMeta::derived_from(&meta, &["hooked", "refs/heads/main"]).event_id;
     assert_eq!(header(&hit, "X-Gitlab-Event-UUID"), poke_id);

@@ -30,6 +30,7 @@ pub struct WebhookConfig {
     /// GitLab's external URL: the base of project.web_url / git_http_url /
     /// git_ssh_url in webhook payloads (receivers match repositories by them).
     #[arg(
+        id = "webhook_gitlab_url",
         long = "notifier-gitlab-url",
         env = "PUSHBUS_NOTIFIER_GITLAB_URL",
         default_value = "http://localhost"
@@ -37,6 +38,7 @@ pub struct WebhookConfig {
     pub gitlab_url: String,
     /// Delivery attempts before a webhook goes to the dead-letter stream.
     #[arg(
+        id = "webhook_max_attempts",
         long = "webhook-max-attempts",
         env = "PUSHBUS_WEBHOOK_MAX_ATTEMPTS",
         default_value_t = 8
@@ -44,6 +46,7 @@ pub struct WebhookConfig {
     pub max_attempts: i64,
     /// Delay before the second attempt; doubles per attempt (±20% jitter).
     #[arg(
+        id = "webhook_backoff_base_ms",
         long = "webhook-backoff-base-ms",
         env = "PUSHBUS_WEBHOOK_BACKOFF_BASE_MS",
         default_value_t = 1000
@@ -51,6 +54,7 @@ pub struct WebhookConfig {
     pub backoff_base_ms: u64,
     /// Cap of the delay between attempts.
     #[arg(
+        id = "webhook_backoff_max_ms",
         long = "webhook-backoff-max-ms",
         env = "PUSHBUS_WEBHOOK_BACKOFF_MAX_MS",
         default_value_t = 60_000
@@ -58,6 +62,7 @@ pub struct WebhookConfig {
     pub backoff_max_ms: u64,
     /// Whole-request timeout of one attempt (connect, send, response).
     #[arg(
+        id = "webhook_timeout_ms",
         long = "webhook-timeout-ms",
         env = "PUSHBUS_WEBHOOK_TIMEOUT_MS",
         default_value_t = 10_000
@@ -65,6 +70,7 @@ pub struct WebhookConfig {
     pub timeout_ms: u64,
     /// Requests in flight to one target (scheme + host + port) at once.
     #[arg(
+        id = "webhook_concurrency_per_target",
         long = "webhook-concurrency-per-target",
         env = "PUSHBUS_WEBHOOK_CONCURRENCY_PER_TARGET",
         default_value_t = 4
@@ -72,6 +78,7 @@ pub struct WebhookConfig {
     pub concurrency_per_target: usize,
     /// Webhook deliveries in flight at once, all targets together.
     #[arg(
+        id = "webhook_concurrency",
         long = "webhook-concurrency",
         env = "PUSHBUS_WEBHOOK_CONCURRENCY",
         default_value_t = 32
@@ -80,11 +87,16 @@ pub struct WebhookConfig {
     /// Allow webhook targets on loopback, private, link-local and other
     /// non-public addresses (refused by default: agent configs must not
     /// reach into our own network).
-    #[arg(long = "webhook-allow-private", env = "PUSHBUS_WEBHOOK_ALLOW_PRIVATE")]
+    #[arg(
+        id = "webhook_allow_private",
+        long = "webhook-allow-private",
+        env = "PUSHBUS_WEBHOOK_ALLOW_PRIVATE"
+    )]
     pub allow_private: bool,
     /// How long an agent's webhook setting is cached; a config change
     /// applies within this time.
     #[arg(
+        id = "webhook_config_cache_ms",
         long = "webhook-config-cache-ms",
         env = "PUSHBUS_WEBHOOK_CONFIG_CACHE_MS",
         default_value_t = 2000
@@ -292,6 +304,7 @@ impl WebhookHandler {
             .header("Content-Type", "application/json")
             .header("X-Gitlab-Event", kind.header())
             .header("X-Gitlab-Token", hook.secret_token.as_str())
+            .header("X-Gitlab-Instance", self.site.base())
             // The poke's event ID is stable across redeliveries: receivers
             // can drop repeats.
             .header("X-Gitlab-Event-UUID", d.meta.event_id.as_str())
@@ -424,6 +437,19 @@ mod tests {
     fn redacts_path_and_credentials() {
         let url = Url::parse("https://u:p@argocd.example.com:8443/hook/abc?x=1").unwrap();
         assert_eq!(redact(&url), "https://argocd.example.com:8443");
+    }
+
+    #[test]
+    fn flag_defaults_match_default() {
+        use clap::{Args, FromArgMatches};
+        let cmd = WebhookConfig::augment_args(clap::Command::new("t"));
+        cmd.clone().debug_assert();
+        let matches = cmd.try_get_matches_from(["t"]).unwrap();
+        let parsed = WebhookConfig::from_arg_matches(&matches).unwrap();
+        assert_eq!(
+            format!("{parsed:?}"),
+            format!("{:?}", WebhookConfig::default())
+        );
     }
 
     #[test]

@@ -66,6 +66,11 @@ impl GitLabSite {
             host,
         })
     }
+
+    /// Sent as `X-Gitlab-Instance`, like GitLab does.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq)]
