@@ -38,6 +38,9 @@ pub const BUCKET_GEO_PUSH_ROUTES: &str = "pushbus-geo-push-routes";
 /// Durable consumer names (one per service that consumes a stream).
 pub const CONSUMER_FILTER: &str = "filter";
 pub const CONSUMER_NOTIFIER: &str = "gitops-notifier";
+/// gitops-notifier's second consumer on the pokes: webhook deliveries, kept
+/// apart so their slow retries never hold up streamed pokes.
+pub const CONSUMER_NOTIFIER_WEBHOOKS: &str = "gitops-notifier-webhooks";
 
 /// Queue group of the agent registry API responders (filter replicas).
 pub const QUEUE_FILTER: &str = "filter";

@@ -6,3 +6,4 @@ mod ingest;
 mod lag;
 mod notifier;
 mod support;
+mod webhook;

@@ -264,6 +264,21 @@ impl Replica {
         Self::host(nats_url, launcher).await
     }
 
+    /// One gitops-notifier with these webhook settings (its agent port free).
+    pub async fn notifier_with_webhooks(
+        nats_url: &str,
+        webhooks: pushbus_gitops_notifier::webhook::WebhookConfig,
+    ) -> Replica {
+        let config = pushbus_gitops_notifier::Config {
+            webhooks,
+            ..pushbus_gitops_notifier::Config::new(local(free_port()))
+        };
+        let launcher = Launcher::new("gitops-notifier", move |ctx, t| {
+            pushbus_gitops_notifier::run(ctx, config, t.cancelled_owned())
+        });
+        Self::host(nats_url, launcher).await
+    }
+
     async fn host(nats_url: &str, launcher: Launcher) -> Replica {
         let ops = local(free_port());
         let token = CancellationToken::new();

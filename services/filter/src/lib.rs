@@ -160,6 +160,9 @@ impl Handler<GitPushEvent> for PushHandler {
                 old_sha: change.old_sha.clone(),
                 new_sha: change.new_sha.clone(),
                 push_event_id: d.meta.event_id.clone(),
+                changed_paths: change.changed_paths.clone(),
+                paths_known: change.paths_known,
+                actor: push.actor.clone(),
             };
             // Derived from the push ID + agent + ref: a redelivered push
             // republishes the same IDs and the stream drops the copies.

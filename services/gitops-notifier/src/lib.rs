@@ -8,6 +8,7 @@ pub mod heads;
 pub mod hub;
 pub mod sse;
 pub mod watch;
+pub mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,6 +43,8 @@ pub struct Config {
         default_value_t = 500
     )]
     pub coalesce_ms: u64,
+    #[command(flatten)]
+    pub webhooks: webhook::WebhookConfig,
 }
 
 impl Config {
@@ -49,6 +52,7 @@ impl Config {
         Config {
             listen,
             coalesce_ms: 500,
+            webhooks: Default::default(),
         }
     }
 }
@@ -68,6 +72,8 @@ pub enum Error {
     },
     #[error("poke consumer task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Webhook(#[from] webhook::WebhookError),
 }
 
 #[derive(Clone)]
@@ -87,7 +93,13 @@ pub fn topology() -> Topology {
     Topology {
         streams: vec![topology::pokes_stream(), topology::dlq_stream()],
         buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
-        consumers: vec![(names::STREAM_POKES.into(), consumer_spec().pull_config())],
+        consumers: vec![
+            (names::STREAM_POKES.into(), consumer_spec().pull_config()),
+            (
+                names::STREAM_POKES.into(),
+                webhook::consumer_spec(&Default::default()).pull_config(),
+            ),
+        ],
     }
 }
 
@@ -155,15 +167,25 @@ pub async fn run(
         PokeHandler { heads },
         token.clone(),
     ));
+    let webhooks = tokio::spawn(webhook::run(
+        ctx.js.clone(),
+        config.webhooks.clone(),
+        token.clone(),
+    ));
     ctx.ready.set(true);
     let consumed = consumer.await;
     token.cancel();
     ctx.ready.set(false);
+    let hooked = webhooks.await;
     let _ = server.await;
     let _ = feed.await;
     let _ = monitor.await;
     ctx.drain().await;
     match consumed {
+        Ok(result) => result.map_err(Error::from)?,
+        Err(join) => return Err(Error::Task(join)),
+    }
+    match hooked {
         Ok(result) => result.map_err(Error::from),
         Err(join) => Err(Error::Task(join)),
     }

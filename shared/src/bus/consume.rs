@@ -59,6 +59,10 @@ pub struct ConsumerSpec {
     pub ack_wait: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Each nak delay is spread by up to this fraction either way (0.2 =
+    /// ±20%), so messages that failed together (one target down) do not
+    /// all come back in the same instant.
+    pub backoff_jitter: f64,
     pub deliver_policy: DeliverPolicy,
     pub max_ack_pending: i64,
 }
@@ -74,6 +78,7 @@ impl ConsumerSpec {
             ack_wait: Duration::from_secs(30),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            backoff_jitter: 0.2,
             deliver_policy: DeliverPolicy::All,
             max_ack_pending: 1024,
         }
@@ -103,6 +108,33 @@ impl ConsumerSpec {
             .saturating_mul(2u32.saturating_pow(exp))
             .min(self.backoff_max)
     }
+
+    /// [`Self::backoff`] spread by ±`backoff_jitter`, from `seed` (any value
+    /// that differs between messages and deliveries). The cap applies
+    /// before the spread, so capped retries stay spread too.
+    pub fn jittered_backoff(&self, delivered: i64, seed: u64) -> Duration {
+        let jitter = self.backoff_jitter.clamp(0.0, 1.0);
+        // splitmix64 finaliser: turns close seeds into unrelated values.
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
+        self.backoff(delivered)
+            .mul_f64(1.0 + jitter * (2.0 * unit - 1.0))
+    }
+}
+
+/// Differs per message, per delivery and per run: the jitter seed.
+fn jitter_seed(stream_sequence: u64, delivered: i64) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (stream_sequence, delivered).hash(&mut h);
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +336,9 @@ where
                 "ok"
             }
             Err(HandleError::Retryable(reason)) if delivered < self.spec.max_deliver => {
-                let delay = self.spec.backoff(delivered);
+                let delay = self
+                    .spec
+                    .jittered_backoff(delivered, jitter_seed(stream_sequence, delivered));
                 tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
                 if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
@@ -355,6 +389,28 @@ mod tests {
         assert_eq!(spec.backoff(2), Duration::from_millis(400));
         assert_eq!(spec.backoff(3), Duration::from_millis(800));
         assert_eq!(spec.backoff(50), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds_and_varies() {
+        let spec = ConsumerSpec::new("S", "c");
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..1000u64 {
+            let d = spec.jittered_backoff(3, seed);
+            assert!(
+                d >= Duration::from_millis(640) && d <= Duration::from_millis(960),
+                "{d:?}"
+            );
+            seen.insert(d);
+        }
+        assert!(seen.len() > 100, "jitter barely varies");
+        let capped = spec.jittered_backoff(50, 7);
+        assert!(capped >= Duration::from_secs(24) && capped <= Duration::from_secs(36));
+        let none = ConsumerSpec {
+            backoff_jitter: 0.0,
+            ..spec
+        };
+        assert_eq!(none.jittered_backoff(2, 99), Duration::from_millis(400));
     }
 
     #[test]

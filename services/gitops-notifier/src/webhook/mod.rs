@@ -1,0 +1,470 @@
+//! Webhook delivery: agents whose config names a webhook (a Flux
+//! notification-controller Receiver, Argo CD's `/api/webhook`) get GitLab's
+//! push hook for each poke. A durable consumer of its own, so a slow or
+//! failing target only delays its own retries (JetStream redelivery with
+//! jittered exponential backoff), never the streamed pokes.
+
+pub mod guard;
+pub mod payload;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv::Store};
+use prost::Message;
+use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
+use pushbus_shared::names;
+use pushbus_shared::proto::{AgentConfig, AgentPoke, Webhook};
+use reqwest::{StatusCode, Url};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use payload::{GitLabSite, HookKind};
+
+const USER_AGENT: &str = concat!("pushbus-gitops-notifier/", env!("CARGO_PKG_VERSION"));
+
+#[derive(clap::Args, Clone, Debug)]
+#[group(id = "webhooks")]
+pub struct WebhookConfig {
+    /// GitLab's external URL: the base of project.web_url / git_http_url /
+    /// git_ssh_url in webhook payloads (receivers match repositories by them).
+    #[arg(
+        id = "webhook_gitlab_url",
+        long = "notifier-gitlab-url",
+        env = "PUSHBUS_NOTIFIER_GITLAB_URL",
+        default_value = "http://localhost"
+    )]
+    pub gitlab_url: String,
+    /// Delivery attempts before a webhook goes to the dead-letter stream.
+    #[arg(
+        id = "webhook_max_attempts",
+        long = "webhook-max-attempts",
+        env = "PUSHBUS_WEBHOOK_MAX_ATTEMPTS",
+        default_value_t = 8
+    )]
+    pub max_attempts: i64,
+    /// Delay before the second attempt; doubles per attempt (±20% jitter).
+    #[arg(
+        id = "webhook_backoff_base_ms",
+        long = "webhook-backoff-base-ms",
+        env = "PUSHBUS_WEBHOOK_BACKOFF_BASE_MS",
+        default_value_t = 1000
+    )]
+    pub backoff_base_ms: u64,
+    /// Cap of the delay between attempts.
+    #[arg(
+        id = "webhook_backoff_max_ms",
+        long = "webhook-backoff-max-ms",
+        env = "PUSHBUS_WEBHOOK_BACKOFF_MAX_MS",
+        default_value_t = 60_000
+    )]
+    pub backoff_max_ms: u64,
+    /// Whole-request timeout of one attempt (connect, send, response).
+    #[arg(
+        id = "webhook_timeout_ms",
+        long = "webhook-timeout-ms",
+        env = "PUSHBUS_WEBHOOK_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub timeout_ms: u64,
+    /// Requests in flight to one target (scheme + host + port) at once.
+    #[arg(
+        id = "webhook_concurrency_per_target",
+        long = "webhook-concurrency-per-target",
+        env = "PUSHBUS_WEBHOOK_CONCURRENCY_PER_TARGET",
+        default_value_t = 4
+    )]
+    pub concurrency_per_target: usize,
+    /// Webhook deliveries in flight at once, all targets together.
+    #[arg(
+        id = "webhook_concurrency",
+        long = "webhook-concurrency",
+        env = "PUSHBUS_WEBHOOK_CONCURRENCY",
+        default_value_t = 32
+    )]
+    pub concurrency: usize,
+    /// Allow webhook targets on loopback, private, link-local and other
+    /// non-public addresses (refused by default: agent configs must not
+    /// reach into our own network).
+    #[arg(
+        id = "webhook_allow_private",
+        long = "webhook-allow-private",
+        env = "PUSHBUS_WEBHOOK_ALLOW_PRIVATE"
+    )]
+    pub allow_private: bool,
+    /// How long an agent's webhook setting is cached; a config change
+    /// applies within this time.
+    #[arg(
+        id = "webhook_config_cache_ms",
+        long = "webhook-config-cache-ms",
+        env = "PUSHBUS_WEBHOOK_CONFIG_CACHE_MS",
+        default_value_t = 2000
+    )]
+    pub config_cache_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            gitlab_url: "http://localhost".into(),
+            max_attempts: 8,
+            backoff_base_ms: 1000,
+            backoff_max_ms: 60_000,
+            timeout_ms: 10_000,
+            concurrency_per_target: 4,
+            concurrency: 32,
+            allow_private: false,
+            config_cache_ms: 2000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("invalid --notifier-gitlab-url {0}")]
+    GitLabUrl(String),
+    #[error("cannot build the webhook HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("cannot open the agent registry: {0}")]
+    Registry(String),
+    #[error(transparent)]
+    Consume(#[from] bus::ConsumeError),
+}
+
+impl WebhookConfig {
+    /// Longest a handler may wait for a target slot: what is left of
+    /// ack_wait after the request itself, so the server never redelivers a
+    /// poke we are still working on.
+    fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+            .saturating_mul(3)
+            .max(Duration::from_secs(30))
+    }
+}
+
+pub fn consumer_spec(config: &WebhookConfig) -> ConsumerSpec {
+    let mut spec = ConsumerSpec::new(names::STREAM_POKES, names::CONSUMER_NOTIFIER_WEBHOOKS);
+    spec.max_deliver = config.max_attempts.max(1);
+    spec.backoff_base = Duration::from_millis(config.backoff_base_ms);
+    spec.backoff_max = Duration::from_millis(config.backoff_max_ms.max(config.backoff_base_ms));
+    spec.concurrency = config.concurrency.max(1);
+    spec.ack_wait = config.ack_wait();
+    spec
+}
+
+/// Delivers webhooks until `shutdown`. A consumer that cannot start cancels
+/// `shutdown` too: the notifier must not run on without its webhooks.
+pub async fn run(
+    js: jetstream::Context,
+    config: WebhookConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WebhookError> {
+    let result = start(js, config, shutdown.clone()).await;
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "webhook delivery stopped");
+        shutdown.cancel();
+    }
+    result
+}
+
+async fn start(
+    js: jetstream::Context,
+    config: WebhookConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WebhookError> {
+    let site = GitLabSite::parse(&config.gitlab_url).map_err(WebhookError::GitLabUrl)?;
+    let agents = js
+        .get_key_value(names::BUCKET_AGENTS)
+        .await
+        .map_err(|e| WebhookError::Registry(e.to_string()))?;
+    let handler = WebhookHandler::new(&config, site, agents)?;
+    bus::run_consumer(js, consumer_spec(&config), handler, shutdown).await?;
+    Ok(())
+}
+
+pub struct WebhookHandler {
+    client: reqwest::Client,
+    site: GitLabSite,
+    agents: Store,
+    allow_private: bool,
+    cache: Mutex<HashMap<String, (Instant, Option<Webhook>)>>,
+    cache_ttl: Duration,
+    targets: Mutex<HashMap<String, Arc<Semaphore>>>,
+    per_target: usize,
+    slot_wait: Duration,
+}
+
+impl WebhookHandler {
+    pub fn new(
+        config: &WebhookConfig,
+        site: GitLabSite,
+        agents: Store,
+    ) -> Result<WebhookHandler, WebhookError> {
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let client = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            // A redirect could lead anywhere, past the address check.
+            .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve the name itself, past the guard.
+            .no_proxy()
+            .dns_resolver(Arc::new(guard::GuardedResolver {
+                allow_private: config.allow_private,
+            }))
+            .build()?;
+        Ok(WebhookHandler {
+            client,
+            site,
+            agents,
+            allow_private: config.allow_private,
+            cache: Mutex::default(),
+            cache_ttl: Duration::from_millis(config.config_cache_ms),
+            targets: Mutex::default(),
+            per_target: config.concurrency_per_target.max(1),
+            slot_wait: config
+                .ack_wait()
+                .saturating_sub(timeout)
+                .saturating_sub(Duration::from_secs(5))
+                .max(Duration::from_secs(1)),
+        })
+    }
+
+    /// The agent's webhook, from a short-lived cache over the registry.
+    async fn webhook_of(&self, agent_id: &str) -> Result<Option<Webhook>, HandleError> {
+        if let Ok(cache) = self.cache.lock()
+            && let Some((at, hook)) = cache.get(agent_id)
+            && at.elapsed() < self.cache_ttl
+        {
+            return Ok(hook.clone());
+        }
+        let entry = self
+            .agents
+            .get(agent_id)
+            .await
+            .map_err(|e| HandleError::Retryable(format!("agent registry: {e}")))?;
+        let hook = match entry {
+            None => None,
+            Some(bytes) => AgentConfig::decode(bytes)
+                .map_err(|e| HandleError::Permanent(format!("agent {agent_id} config: {e}")))?
+                .webhook
+                .filter(|w| !w.url.is_empty()),
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            // Bounded by the agents that have pokes; stale entries are
+            // replaced on their next use.
+            cache.insert(agent_id.to_owned(), (Instant::now(), hook.clone()));
+        }
+        Ok(hook)
+    }
+
+    fn target_slots(&self, url: &Url) -> Arc<Semaphore> {
+        let key = format!(
+            "{}://{}:{}",
+            url.scheme(),
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or_default()
+        );
+        match self.targets.lock() {
+            Ok(mut targets) => targets
+                .entry(key)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_target)))
+                .clone(),
+            // A poisoned map only loses the cap, not the delivery.
+            Err(_) => Arc::new(Semaphore::new(self.per_target)),
+        }
+    }
+
+    async fn deliver(
+        &self,
+        d: &Delivery<AgentPoke>,
+        hook: &Webhook,
+        kind: HookKind,
+        body: Vec<u8>,
+    ) -> Result<StatusCode, HandleError> {
+        let url = Url::parse(&hook.url)
+            .map_err(|e| HandleError::Permanent(format!("invalid webhook URL: {e}")))?;
+        guard::check_url(&url, self.allow_private)
+            .map_err(|e| HandleError::Permanent(e.to_string()))?;
+        let slots = self.target_slots(&url);
+        let _slot = match tokio::time::timeout(self.slot_wait, slots.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(HandleError::Retryable("target slots closed".into())),
+            Err(_) => {
+                return Err(HandleError::Retryable(format!(
+                    "target busy: {} requests in flight for longer than {:?}",
+                    self.per_target, self.slot_wait
+                )));
+            }
+        };
+        let response = self
+            .client
+            .post(url.clone())
+            .header("Content-Type", "application/json")
+            .header("X-Gitlab-Event", kind.header())
+            .header("X-Gitlab-Token", hook.secret_token.as_str())
+            .header("X-Gitlab-Instance", self.site.base())
+            // The poke's event ID is stable across redeliveries: receivers
+            // can drop repeats.
+            .header("X-Gitlab-Event-UUID", d.meta.event_id.as_str())
+            .header("Idempotency-Key", d.meta.event_id.as_str())
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| classify_send_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(status);
+        }
+        let snippet = body_snippet(response).await;
+        let detail = format!("HTTP {status} from {}: {snippet}", redact(&url));
+        if status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT
+        {
+            Err(HandleError::Retryable(detail))
+        } else {
+            // 4xx (bad token, no such receiver), and 3xx since redirects are
+            // not followed: another try would get the same answer.
+            Err(HandleError::Permanent(detail))
+        }
+    }
+}
+
+impl Handler<AgentPoke> for WebhookHandler {
+    async fn handle(&self, d: Delivery<AgentPoke>) -> Result<(), HandleError> {
+        let agent_id = d.message.agent_id.clone();
+        let Some(hook) = self.webhook_of(&agent_id).await? else {
+            return Ok(());
+        };
+        let occurred_at = d.occurred_at.as_ref().map(|t| t.to_string());
+        let (Some(kind), Some(body)) = (
+            HookKind::of(&d.message),
+            payload::build(&d.message, &self.site, occurred_at),
+        ) else {
+            tracing::debug!(%agent_id, r#ref = %d.message.r#ref, "no GitLab hook for this ref kind");
+            return Ok(());
+        };
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| HandleError::Permanent(format!("cannot encode webhook body: {e}")))?;
+        let started = Instant::now();
+        let result = self.deliver(&d, &hook, kind, body).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(HandleError::Retryable(_)) => "retry",
+            Err(HandleError::Permanent(_)) => "failed",
+        };
+        metrics::histogram!("pushbus_webhook_seconds", "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("pushbus_webhook_deliveries_total", "outcome" => outcome).increment(1);
+        match result {
+            Ok(status) => {
+                tracing::info!(
+                    %agent_id,
+                    status = status.as_u16(),
+                    attempt = d.delivered,
+                    ms = started.elapsed().as_millis() as u64,
+                    "webhook delivered"
+                );
+                Ok(())
+            }
+            Err(err) => {
+                tracing::warn!(%agent_id, attempt = d.delivered, error = %err, "webhook delivery failed");
+                Err(err)
+            }
+        }
+    }
+}
+
+/// Refused by the guard: permanent. Connect errors, timeouts: retry.
+fn classify_send_error(err: &reqwest::Error) -> HandleError {
+    if let Some(refused) = guard::refusal_in(err) {
+        return HandleError::Permanent(refused.to_string());
+    }
+    let what = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    let mut detail = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    let url = err.url().map(redact).unwrap_or_default();
+    HandleError::Retryable(format!("{what} {url}: {detail}"))
+}
+
+/// The first bytes of an error response, for the dead-letter reason.
+async fn body_snippet(mut response: reqwest::Response) -> String {
+    const MAX: usize = 200;
+    let mut buf = Vec::new();
+    while buf.len() < MAX {
+        match response.chunk().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&buf[..buf.len().min(MAX)]).into_owned();
+    if text.is_empty() {
+        "(empty body)".into()
+    } else {
+        text
+    }
+}
+
+/// Webhook URLs may hold credentials (Flux receiver paths are secret-ish,
+/// user:pass in the authority): logs and dead letters get scheme, host and
+/// port only.
+fn redact(url: &Url) -> String {
+    match (url.host_str(), url.port()) {
+        (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
+        (Some(host), None) => format!("{}://{host}", url.scheme()),
+        _ => url.scheme().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_path_and_credentials() {
+        let url = Url::parse("https://u:p@argocd.example.com:8443/hook/abc?x=1").unwrap();
+        assert_eq!(redact(&url), "https://argocd.example.com:8443");
+    }
+
+    #[test]
+    fn flag_defaults_match_default() {
+        use clap::{Args, FromArgMatches};
+        let cmd = WebhookConfig::augment_args(clap::Command::new("t"));
+        cmd.clone().debug_assert();
+        let matches = cmd.try_get_matches_from(["t"]).unwrap();
+        let parsed = WebhookConfig::from_arg_matches(&matches).unwrap();
+        assert_eq!(
+            format!("{parsed:?}"),
+            format!("{:?}", WebhookConfig::default())
+        );
+    }
+
+    #[test]
+    fn spec_follows_flags() {
+        let spec = consumer_spec(&WebhookConfig {
+            max_attempts: 3,
+            backoff_base_ms: 100,
+            backoff_max_ms: 50,
+            ..Default::default()
+        });
+        assert_eq!(spec.durable, "gitops-notifier-webhooks");
+        assert_eq!(spec.max_deliver, 3);
+        assert_eq!(spec.backoff(1), Duration::from_millis(100));
+        // The cap never undercuts the base.
+        assert_eq!(spec.backoff(3), Duration::from_millis(100));
+        assert!(spec.ack_wait >= Duration::from_secs(30));
+    }
+}

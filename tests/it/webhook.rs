@@ -1,0 +1,511 @@
+//! gitops-notifier's webhook delivery against a real nats-server and a real
+//! local HTTP receiver: GitLab's payload and headers, retries with growing
+//! delays, dead letters, the private-address guard.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use pushbus_gitops_notifier::webhook::WebhookConfig;
+use pushbus_shared::bus::Publisher;
+use pushbus_shared::proto::{
+    AgentConfig, AgentPoke, ChangeKind, GitPushEvent, RefChange, RefKind, RefSelector, Source,
+    Watch, Webhook, ref_selector::Kind,
+};
+use pushbus_shared::testkit::{self, NatsServer};
+use pushbus_shared::{EventMeta, names, topology};
+
+use crate::support::Replica;
+
+const DLQ_SUBJECT: &str = "pushbus.dlq.gitops-notifier-webhooks";
+
+/// One request the receiver saw.
+#[derive(Clone, Debug)]
+struct Hit {
+    path: String,
+    at: Instant,
+    headers: HeaderMap,
+    body: serde_json::Value,
+}
+
+/// A local webhook receiver. Its answer depends on the path:
+/// `ok/…` 200, `fail-N/…` 500 for the first N requests then 200,
+/// `down/…` always 500, `missing/…` 404.
+#[derive(Clone, Default)]
+struct Receiver {
+    hits: Arc<Mutex<Vec<Hit>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, SocketAddr) {
+        let receiver = Receiver::default();
+        let app = axum::Router::new()
+            .route("/{*path}", axum::routing::post(receive))
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (receiver, addr)
+    }
+
+    fn hits(&self, path: &str) -> Vec<Hit> {
+        self.hits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.path == path)
+            .cloned()
+            .collect()
+    }
+
+    fn all(&self) -> usize {
+        self.hits.lock().unwrap().len()
+    }
+
+    async fn wait_for(&self, path: &str, n: usize, within: Duration) -> Vec<Hit> {
+        eventually(&format!("{n} requests to {path}"), within, async || {
+            Some(self.hits(path)).filter(|h| h.len() >= n)
+        })
+        .await
+    }
+}
+
+/// Polls `probe` until it yields, failing the test after `within`.
+async fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "no {what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn receive(
+    State(r): State<Receiver>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> (StatusCode, &'static str) {
+    let seen = {
+        let mut hits = r.hits.lock().unwrap();
+        hits.push(Hit {
+            path: path.clone(),
+            at: Instant::now(),
+            headers,
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        });
+        hits.iter().filter(|h| h.path == path).count()
+    };
+    let first = path.split('/').next().unwrap_or_default();
+    if first == "ok" {
+        (StatusCode::OK, "{}")
+    } else if first == "down" {
+        (StatusCode::INTERNAL_SERVER_ERROR, "boom")
+    } else if first == "missing" {
+        (StatusCode::NOT_FOUND, "no such receiver")
+    } else if let Some(n) = first.strip_prefix("fail-") {
+        let n: usize = n.parse().unwrap();
+        if seen <= n {
+            (StatusCode::INTERNAL_SERVER_ERROR, "not yet")
+        } else {
+            (StatusCode::OK, "{}")
+        }
+    } else {
+        (StatusCode::BAD_REQUEST, "unknown path")
+    }
+}
+
+fn fast(allow_private: bool) -> WebhookConfig {
+    WebhookConfig {
+        gitlab_url: "https://gitlab.example.com".into(),
+        max_attempts: 5,
+        backoff_base_ms: 100,
+        backoff_max_ms: 5_000,
+        timeout_ms: 2_000,
+        allow_private,
+        config_cache_ms: 200,
+        ..Default::default()
+    }
+}
+
+async fn register(nats: &NatsServer, agent_id: &str, url: &str) {
+    let js = async_nats::jetstream::new(testkit::client(nats).await);
+    let kv = js
+        .create_or_update_key_value(topology::agents_bucket())
+        .await
+        .unwrap();
+    let cfg = AgentConfig {
+        agent_id: agent_id.into(),
+        watches: vec![Watch {
+            project_id: 42,
+            refs: Some(RefSelector {
+                kind: Kind::AnyRef as i32,
+                pattern: String::new(),
+            }),
+            ..Default::default()
+        }],
+        webhook: Some(Webhook {
+            url: url.into(),
+            secret_token: format!("token-{agent_id}"),
+        }),
+        ..Default::default()
+    };
+    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+}
+
+/// A server with the notifier's and filter's topology, a receiver, and a
+/// publisher.
+async fn setup() -> (NatsServer, Receiver, SocketAddr, Publisher) {
+    let nats = NatsServer::start();
+    let (receiver, addr) = Receiver::start().await;
+    let publisher = publisher(&nats).await;
+    (nats, receiver, addr, publisher)
+}
+
+async fn publisher(nats: &NatsServer) -> Publisher {
+    let js = async_nats::jetstream::new(testkit::client(nats).await);
+    pushbus_gitops_notifier::topology()
+        .merge(pushbus_filter::topology(&Default::default()))
+        .ensure(&js)
+        .await
+        .unwrap();
+    Publisher::new(js, Source::default())
+}
+
+/// Publishes a poke for `agent_id` straight onto the pokes stream.
+async fn poke(publisher: &Publisher, agent_id: &str, sha: u32) -> String {
+    let poke = AgentPoke {
+        agent_id: agent_id.into(),
+        project_id: 42,
+        project_path: "group/app".into(),
+        r#ref: "refs/heads/main".into(),
+        ref_kind: RefKind::Branch as i32,
+        change_kind: ChangeKind::Update as i32,
+        old_sha: "1".repeat(40),
+        new_sha: format!("{sha:040x}"),
+        ..Default::default()
+    };
+    let meta = EventMeta::fresh("corr-webhook-test");
+    publisher
+        .publish(names::poke_subject(agent_id), &poke, &meta)
+        .await
+        .unwrap();
+    meta.event_id
+}
+
+/// Dead letters of the webhook consumer: (agent ID, reason, delivered).
+async fn dead_letters(nats: &NatsServer) -> Vec<(String, String, String)> {
+    let js = async_nats::jetstream::new(testkit::client(nats).await);
+    let stream = js.get_stream(names::STREAM_DLQ).await.unwrap();
+    let state = stream.get_info().await.unwrap().state;
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return out;
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if m.subject.as_str() != DLQ_SUBJECT {
+            continue;
+        }
+        let env = pushbus_shared::envelope::decode(&m.payload).unwrap();
+        let poke: AgentPoke = pushbus_shared::envelope::open(&env).unwrap();
+        let header = |name: &str| {
+            m.headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        out.push((
+            poke.agent_id,
+            header(names::headers::DLQ_REASON),
+            header(names::headers::DLQ_DELIVERED),
+        ));
+    }
+    out
+}
+
+/// Waits for `n` dead letters; agent ID -> (reason, delivered).
+async fn wait_dead_letters(
+    nats: &NatsServer,
+    n: usize,
+    within: Duration,
+) -> HashMap<String, (String, String)> {
+    eventually(&format!("{n} dead letters"), within, async || {
+        Some(dead_letters(nats).await).filter(|l| l.len() >= n)
+    })
+    .await
+    .into_iter()
+    .map(|(agent, reason, delivered)| (agent, (reason, delivered)))
+    .collect()
+}
+
+fn header<'a>(hit: &'a Hit, name: &str) -> &'a str {
+    hit.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_push_and_tag_push_carry_gitlabs_payload_and_headers() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    register(&nats, "hooked", &format!("http://{addr}/ok/hooked")).await;
+    let filter = Replica::filter(&nats.url()).await;
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
+
+    let push = GitPushEvent {
+        project_id: 42,
+        project_path: "group/app".into(),
+        actor: "username-alice".into(),
+        changes: vec![RefChange {
+            old_sha: "a".repeat(40),
+            new_sha: "b".repeat(40),
+            r#ref: "refs/heads/main".into(),
+            ref_kind: RefKind::Branch as i32,
+            change_kind: ChangeKind::Update as i32,
+            changed_paths: vec!["deploy/app.yaml".into(), "deploy/svc.yaml".into()],
+            paths_known: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let meta = EventMeta::fresh("corr-push");
+    publisher
+        .publish(names::push_subject(42), &push, &meta)
+        .await
+        .unwrap();
+    let hit = receiver
+        .wait_for("ok/hooked", 1, Duration::from_secs(15))
+        .await
+        .remove(0);
+    assert_eq!(header(&hit, "X-Gitlab-Event"), "Push Hook");
+    assert_eq!(header(&hit, "X-Gitlab-Token"), "token-hooked");
+    assert_eq!(header(&hit, "Content-Type"), "application/json");
+    assert!(header(&hit, "User-Agent").starts_with("pushbus-gitops-notifier/"));
+    assert_eq!(
+        header(&hit, "X-Gitlab-Instance"),
+        "https://gitlab.example.com"
+    );
+    // The poke's event ID: stable across retries, for receivers' dedup.
+    let poke_id = EventMeta::derived_from(&meta, &["hooked", "refs/heads/main"]).event_id;
+    assert_eq!(header(&hit, "X-Gitlab-Event-UUID"), poke_id);
+    let b = &hit.body;
+    assert_eq!(b["object_kind"], "push");
+    assert_eq!(b["event_name"], "push");
+    assert_eq!(b["ref"], "refs/heads/main");
+    assert_eq!(b["before"], "a".repeat(40));
+    assert_eq!(b["after"], "b".repeat(40));
+    assert_eq!(b["checkout_sha"], "b".repeat(40));
+    assert_eq!(b["user_username"], "alice");
+    assert_eq!(b["project_id"], 42);
+    let p = &b["project"];
+    assert_eq!(p["id"], 42);
+    assert_eq!(p["path_with_namespace"], "group/app");
+    assert_eq!(p["web_url"], "https://gitlab.example.com/group/app");
+    assert_eq!(
+        p["git_http_url"],
+        "https://gitlab.example.com/group/app.git"
+    );
+    assert_eq!(p["git_ssh_url"], "git@gitlab.example.com:group/app.git");
+    assert_eq!(b["repository"]["git_http_url"], p["git_http_url"]);
+    assert_eq!(b["repository"]["homepage"], p["web_url"]);
+    assert_eq!(b["total_commits_count"], 1);
+    assert_eq!(b["commits"][0]["id"], "b".repeat(40));
+    assert_eq!(
+        b["commits"][0]["modified"],
+        serde_json::json!(["deploy/app.yaml", "deploy/svc.yaml"])
+    );
+    assert!(b["commits"][0]["timestamp"].is_string(), "{b}");
+
+    let tag = GitPushEvent {
+        project_id: 42,
+        project_path: "group/app".into(),
+        changes: vec![RefChange {
+            old_sha: "0".repeat(40),
+            new_sha: "c".repeat(40),
+            r#ref: "refs/tags/v1.0.0".into(),
+            ref_kind: RefKind::Tag as i32,
+            change_kind: ChangeKind::Create as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    publisher
+        .publish(names::push_subject(42), &tag, &EventMeta::fresh("corr-tag"))
+        .await
+        .unwrap();
+    let hit = receiver
+        .wait_for("ok/hooked", 2, Duration::from_secs(15))
+        .await
+        .remove(1);
+    assert_eq!(header(&hit, "X-Gitlab-Event"), "Tag Push Hook");
+    assert_eq!(hit.body["object_kind"], "tag_push");
+    assert_eq!(hit.body["ref"], "refs/tags/v1.0.0");
+    assert_eq!(hit.body["checkout_sha"], "c".repeat(40));
+    // Paths unknown: no list to filter on, so receivers refresh.
+    assert_eq!(hit.body["commits"][0]["modified"], serde_json::json!([]));
+
+    // A config change applies within seconds: the webhook removed, pokes
+    // for the agent are acked without a request.
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let kv = js.get_key_value(names::BUCKET_AGENTS).await.unwrap();
+    pushbus_filter::put_agent(
+        &kv,
+        &AgentConfig {
+            agent_id: "hooked".into(),
+            watches: vec![Watch {
+                project_id: 42,
+                refs: Some(RefSelector {
+                    kind: Kind::AnyRef as i32,
+                    pattern: String::new(),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    poke(&publisher, "hooked", 9).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        receiver.hits("ok/hooked").len(),
+        2,
+        "webhook removed but still called"
+    );
+
+    notifier.stop().await;
+    filter.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_retries_with_growing_delays_and_dead_letters_the_rest() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    register(&nats, "down", &format!("http://{addr}/down/x")).await;
+    register(&nats, "flaky", &format!("http://{addr}/fail-3/x")).await;
+    register(&nats, "gone", &format!("http://{addr}/missing/x")).await;
+    register(&nats, "fine", &format!("http://{addr}/ok/fine")).await;
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
+
+    poke(&publisher, "down", 1).await;
+    poke(&publisher, "flaky", 2).await;
+    poke(&publisher, "gone", 3).await;
+    // Other pokes keep flowing while those are retried.
+    let started = Instant::now();
+    for i in 0..5 {
+        poke(&publisher, "fine", 10 + i).await;
+    }
+    receiver
+        .wait_for("ok/fine", 5, Duration::from_secs(10))
+        .await;
+    assert!(
+        receiver.hits("down/x").len() < 5,
+        "healthy pokes waited for the failing target ({:?})",
+        started.elapsed()
+    );
+
+    // fail-3: three 500s, then delivered on the fourth attempt.
+    let flaky = receiver
+        .wait_for("fail-3/x", 4, Duration::from_secs(15))
+        .await;
+    let gaps: Vec<Duration> = flaky.windows(2).map(|w| w[1].at - w[0].at).collect();
+    for (i, gap) in gaps.iter().enumerate() {
+        // Nominal backoff 100 ms × 2^i, spread ±20% by jitter.
+        let nominal = Duration::from_millis(100 * (1 << i));
+        assert!(
+            *gap >= nominal.mul_f64(0.8),
+            "gap {i} = {gap:?} < 0.8 × {nominal:?}: {gaps:?}"
+        );
+    }
+    assert!(gaps[2] > gaps[0], "delays did not grow: {gaps:?}");
+
+    // down: 5 attempts (the configured maximum), then the dead-letter
+    // stream with the last error; gone (404): one attempt, dead-lettered.
+    let by_agent = wait_dead_letters(&nats, 2, Duration::from_secs(20)).await;
+    let (reason, delivered) = &by_agent["down"];
+    assert!(reason.starts_with("max_deliveries"), "{reason}");
+    assert!(reason.contains("HTTP 500"), "{reason}");
+    assert!(reason.contains("boom"), "{reason}");
+    assert_eq!(delivered, "5");
+    assert_eq!(receiver.hits("down/x").len(), 5);
+    let (reason, delivered) = &by_agent["gone"];
+    assert!(reason.starts_with("permanent"), "{reason}");
+    assert!(reason.contains("HTTP 404"), "{reason}");
+    assert!(reason.contains("no such receiver"), "{reason}");
+    assert_eq!(delivered, "1");
+    assert_eq!(receiver.hits("missing/x").len(), 1, "a 404 was retried");
+    assert!(!by_agent.contains_key("flaky"));
+    assert!(!by_agent.contains_key("fine"));
+
+    // Settle: nothing more arrives for the finished ones.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.hits("fail-3/x").len(), 4);
+    assert_eq!(receiver.hits("down/x").len(), 5);
+    notifier.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_to_private_address_is_refused_unless_allowed() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    let port = addr.port();
+    register(
+        &nats,
+        "literal",
+        &format!("http://127.0.0.1:{port}/ok/literal"),
+    )
+    .await;
+    // A name, checked at connection time by the resolver.
+    register(&nats, "named", &format!("http://localhost:{port}/ok/named")).await;
+    register(&nats, "scheme", "file:///etc/passwd").await;
+
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(false)).await;
+    poke(&publisher, "literal", 1).await;
+    poke(&publisher, "named", 2).await;
+    poke(&publisher, "scheme", 3).await;
+    let by_agent = wait_dead_letters(&nats, 3, Duration::from_secs(15)).await;
+    let (reason, delivered) = &by_agent["literal"];
+    assert!(reason.starts_with("permanent"), "{reason}");
+    assert!(
+        reason.contains("127.0.0.1") && reason.contains("loopback"),
+        "{reason}"
+    );
+    assert_eq!(delivered, "1");
+    let (reason, _) = &by_agent["named"];
+    assert!(reason.starts_with("permanent"), "{reason}");
+    assert!(
+        reason.contains("localhost") && reason.contains("loopback"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("127.0.0.1") || reason.contains("::1"),
+        "{reason}"
+    );
+    let (reason, _) = &by_agent["scheme"];
+    assert!(reason.contains("scheme"), "{reason}");
+    assert_eq!(receiver.all(), 0, "a refused target was called");
+    notifier.stop().await;
+
+    // Allowed: the same targets are called.
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
+    poke(&publisher, "literal", 4).await;
+    poke(&publisher, "named", 5).await;
+    receiver
+        .wait_for("ok/literal", 1, Duration::from_secs(10))
+        .await;
+    receiver
+        .wait_for("ok/named", 1, Duration::from_secs(10))
+        .await;
+    notifier.stop().await;
+}
