@@ -114,7 +114,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 pub fn full_topology() -> Topology {
     pushbus_hook_ingest::topology()
         .merge(pushbus_filter::topology(&pushbus_filter::Config::default()))
-        .merge(pushbus_gitops_notifier::topology())
+        .merge(pushbus_gitops_notifier::topology(
+            &pushbus_gitops_notifier::Config::default(),
+        ))
         .merge(pushbus_replication_lag::topology())
 }
 

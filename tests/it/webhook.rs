@@ -173,11 +173,13 @@ async fn setup() -> (NatsServer, Receiver, SocketAddr, Publisher) {
 
 async fn publisher(nats: &NatsServer) -> Publisher {
     let js = async_nats::jetstream::new(testkit::client(nats).await);
-    pushbus_gitops_notifier::topology()
-        .merge(pushbus_filter::topology(&Default::default()))
-        .ensure(&js)
-        .await
-        .unwrap();
+    pushbus_gitops_notifier::topology(&pushbus_gitops_notifier::Config::new(
+        ([127, 0, 0, 1], 0).into(),
+    ))
+    .merge(pushbus_filter::topology(&Default::default()))
+    .ensure(&js)
+    .await
+    .unwrap();
     Publisher::new(js, Source::default())
 }
 

@@ -47,6 +47,13 @@ pub struct Config {
     pub webhooks: webhook::WebhookConfig,
 }
 
+/// The flags' defaults.
+impl Default for Config {
+    fn default() -> Self {
+        Config::new(SocketAddr::from(([127, 0, 0, 1], 8081)))
+    }
+}
+
 impl Config {
     pub fn new(listen: SocketAddr) -> Config {
         Config {
@@ -89,7 +96,10 @@ pub fn consumer_spec() -> ConsumerSpec {
     ConsumerSpec::new(names::STREAM_POKES, names::CONSUMER_NOTIFIER)
 }
 
-pub fn topology() -> Topology {
+/// What the notifier needs; the webhook consumer follows `config`'s
+/// attempts and backoff (`pushbus setup` uses the defaults; a starting
+/// notifier updates the consumer to its own flags).
+pub fn topology(config: &Config) -> Topology {
     Topology {
         streams: vec![topology::pokes_stream(), topology::dlq_stream()],
         buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
@@ -97,7 +107,7 @@ pub fn topology() -> Topology {
             (names::STREAM_POKES.into(), consumer_spec().pull_config()),
             (
                 names::STREAM_POKES.into(),
-                webhook::consumer_spec(&Default::default()).pull_config(),
+                webhook::consumer_spec(&config.webhooks).pull_config(),
             ),
         ],
     }
@@ -109,7 +119,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let token = pushbus_shared::service::cancel_on(shutdown);
-    topology().ensure(&ctx.js).await?;
+    topology(&config).ensure(&ctx.js).await?;
     let agents = ctx
         .js
         .get_key_value(names::BUCKET_AGENTS)
