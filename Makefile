@@ -34,6 +34,7 @@ fmt:
 bench: tools
 	cargo run --release --bin pushbus -- bench ingest
 	cargo run --release --bin pushbus -- bench filter
+	cargo run --release --bin pushbus -- bench pipeline
 
 ## Create every stream, KV bucket and consumer on PUSHBUS_NATS_URL.
 setup:

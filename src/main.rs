@@ -67,6 +67,11 @@ enum BenchCommand {
     /// The agent registry at 100,000 agents: load time, memory, matches/s,
     /// against a naive linear scan.
     Filter(bench::filter::FilterBenchArgs),
+    /// Push-to-poke latency and throughput through the whole stack (each
+    /// service its own process) with connected agents, open loop, against
+    /// the raw JetStream ceiling and Redis pub/sub, plus loss on subscriber
+    /// restart.
+    Pipeline(bench::pipeline::PipelineArgs),
 }
 
 #[derive(Subcommand)]
@@ -104,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
             match command {
                 BenchCommand::Ingest(args) => bench::ingest::ingest(args).await,
                 BenchCommand::Filter(args) => bench::filter::filter(args).await,
+                BenchCommand::Pipeline(args) => bench::pipeline::pipeline(args).await,
             }
         }
         Command::Hook {

@@ -3,7 +3,6 @@
 //! on start-up, and matches a realistic push mix on one core, next to a
 //! naive linear scan over the same watches measured in the same run.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -216,7 +215,7 @@ pub async fn filter(args: FilterBenchArgs) -> anyhow::Result<()> {
     // Fill the bucket with pipelined KV puts (publishes to $KV.<bucket>.<key>).
     let mut rng = Rng(42);
     let started = Instant::now();
-    let mut acks = VecDeque::new();
+    let mut acks = super::AckWindow::new(4096);
     for i in 0..agents {
         let cfg = agent(i, args.watches, &mut rng);
         let subject = format!(
@@ -224,16 +223,10 @@ pub async fn filter(args: FilterBenchArgs) -> anyhow::Result<()> {
             pushbus_shared::names::BUCKET_AGENTS,
             cfg.agent_id
         );
-        acks.push_back(js.publish(subject, cfg.encode_to_vec().into()).await?);
-        if acks.len() >= 4096 {
-            for ack in acks.drain(..2048) {
-                ack.await?;
-            }
-        }
+        acks.push(js.publish(subject, cfg.encode_to_vec().into()).await?)
+            .await?;
     }
-    for ack in acks {
-        ack.await?;
-    }
+    acks.finish().await?;
     let write_time = started.elapsed();
 
     let rss_before = rss_bytes();

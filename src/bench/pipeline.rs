@@ -1,0 +1,750 @@
+//! `pushbus bench pipeline`: push-to-poke latency and throughput through
+//! hook-ingest -> filter -> gitops-notifier (each its own process) with
+//! thousands of connected agents, under an open-loop load; next to the raw
+//! JetStream ceiling and a Redis pub/sub baseline measured in the same run;
+//! and what each side loses when its subscriber is restarted mid-run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_nats::jetstream;
+use futures::StreamExt;
+use prost::Message;
+use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
+use pushbus_shared::proto::{
+    AgentConfig, AgentPoke, RefSelector, Watch, WatchKind, WatchRequest, ref_selector::Kind,
+    watch_event::Event,
+};
+use pushbus_shared::{names, topology};
+use tokio_util::sync::CancellationToken;
+
+use super::stack::{FILTER_ACK_WAIT_SECS, Stack};
+use super::{Recorder, Step, open_loop};
+
+#[derive(clap::Args, Clone)]
+pub struct PipelineArgs {
+    /// Offered rates in pushes/s, one step each (comma-separated).
+    /// Default 1000,5000,10000 (quick: 1000,5000).
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<u64>,
+    /// Seconds per step (default 10; quick 3).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Connected agents, each watching its own project (default 10,000;
+    /// quick 2,000).
+    #[arg(long)]
+    agents: Option<u64>,
+    /// The Redis server of the pub/sub baseline.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+    /// Everything smaller: runs in under a minute.
+    #[arg(long)]
+    quick: bool,
+}
+
+/// What one run does, after defaults.
+pub struct Plan {
+    pub rates: Vec<u64>,
+    pub seconds: f64,
+    pub agents: u64,
+    /// Rate and length of the subscriber-restart runs.
+    pub restart_rate: u64,
+    pub restart_seconds: f64,
+    /// Messages pushed flat out through the ceiling chain.
+    pub flat_out: u64,
+}
+
+impl Plan {
+    pub fn from(args: &PipelineArgs) -> Plan {
+        let q = args.quick;
+        Plan {
+            rates: if !args.rate.is_empty() {
+                args.rate.clone()
+            } else if q {
+                vec![1_000, 5_000]
+            } else {
+                vec![1_000, 5_000, 10_000]
+            },
+            seconds: args.seconds.unwrap_or(if q { 3.0 } else { 10.0 }),
+            agents: args.agents.unwrap_or(if q { 2_000 } else { 10_000 }),
+            restart_rate: 1_000,
+            restart_seconds: if q { 4.0 } else { 10.0 },
+            flat_out: if q { 20_000 } else { 100_000 },
+        }
+    }
+}
+
+/// One step of the pipeline: its latency figures and how many of its pushes
+/// were refused by hook-ingest or never reached their agent.
+pub struct Outcome {
+    pub step: Step,
+    pub sent: u64,
+    pub refused: u64,
+    /// Pushes hook-ingest accepted whose poke never reached the agent.
+    pub lost: i64,
+}
+
+pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
+    let plan = Plan::from(&args);
+    let nats = super::Nats::start()?;
+    let url = nats.url();
+    let client = async_nats::connect(&url).await?;
+    let js = jetstream::new(client.clone());
+    println!(
+        "pipeline benchmark: {} agents, rates {:?}/s for {} s each, nats-server at {url}",
+        plan.agents, plan.rates, plan.seconds
+    );
+
+    let started = Instant::now();
+    register_agents(&js, plan.agents).await?;
+    let logs = std::env::temp_dir().join(format!("pushbus-bench-logs-{}", std::process::id()));
+    let mut stack = Stack::start(&url, logs.clone()).await?;
+    eprintln!(
+        "{} agents registered and 3 services ready in {:.1} s (service logs: {})",
+        plan.agents,
+        started.elapsed().as_secs_f64(),
+        logs.display()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = stack.rss();
+
+    // Sequence numbers are unique over the whole run; the SHA carries them.
+    let total = plan
+        .rates
+        .iter()
+        .map(|r| (*r as f64 * plan.seconds) as u64 + 1)
+        .sum::<u64>()
+        + 3 * (plan.restart_rate as f64 * plan.restart_seconds) as u64
+        + plan.flat_out;
+    let recorder = Recorder::new(total);
+    let started = Instant::now();
+    let agents = Agents::connect(stack.notifier, plan.agents, recorder.clone()).await?;
+    let connect_time = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_connected = stack.rss();
+
+    let load = Load::new(stack.ingest, plan.agents);
+    let mut next_seq = 0u64;
+    let mut ours = Vec::new();
+    for &rate in &plan.rates {
+        let n = (rate as f64 * plan.seconds) as u64;
+        let outcome = run_step(&load, &recorder, next_seq, n, rate, None).await?;
+        eprintln!(
+            "{}",
+            outcome
+                .step
+                .line(&format!("pushbus {rate}/s"), outcome.lost)
+        );
+        next_seq += n;
+        ours.push(outcome);
+        // Keeps one agent+ref's pushes of two steps at least a second apart.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Flat out: as fast as hook-ingest takes them, 256 requests in flight.
+    let flat = flat_out(&load, &recorder, next_seq, plan.flat_out).await?;
+    eprintln!(
+        "pushbus flat out: {} pushes at {:.0}/s, lost {}",
+        plan.flat_out,
+        flat.step.achieved(),
+        flat.lost
+    );
+    next_seq += plan.flat_out;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = stack.rss();
+
+    // Subscriber restarts: SIGKILL mid-run, start a new process at once.
+    let mut restarts = Vec::new();
+    for victim in ["filter", "gitops-notifier"] {
+        let n = (plan.restart_rate as f64 * plan.restart_seconds) as u64;
+        let first_poke = js
+            .get_stream(names::STREAM_POKES)
+            .await?
+            .info()
+            .await?
+            .state
+            .last_sequence
+            + 1;
+        let outcome = run_step(
+            &load,
+            &recorder,
+            next_seq,
+            n,
+            plan.restart_rate,
+            Some((&mut stack, victim, &agents)),
+        )
+        .await?;
+        let stored = pokes_in_stream(&js, first_poke, next_seq, n).await?;
+        let name = format!("pushbus, {victim} restarted");
+        eprintln!("{}", outcome.step.line(&name, outcome.lost));
+        restarts.push((victim, outcome, stored, n));
+        next_seq += n;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let push_size = mean_message_size(&js, names::STREAM_PUSHES).await?;
+    let poke_size = mean_message_size(&js, names::STREAM_POKES).await?;
+    agents.stop().await;
+    stack.stop().await;
+
+    // The ceiling and the baseline, on the same nats-server and machine,
+    // with the stack stopped so it does not compete for the cores.
+    let ceiling = super::ceiling::run(&url, &plan, push_size, poke_size).await?;
+    let redis = match super::redis::run(&args.redis_url, &plan, push_size).await {
+        Ok(r) => Some(r),
+        Err(err) => {
+            eprintln!("Redis baseline skipped: {err:#}");
+            None
+        }
+    };
+    drop(nats);
+
+    report(
+        &plan,
+        &Report {
+            rss_idle,
+            rss_connected,
+            rss_after,
+            connect_time,
+            ours: &ours,
+            flat: &flat,
+            restarts: &restarts,
+            ceiling: &ceiling,
+            redis: redis.as_ref(),
+            push_size,
+            poke_size,
+        },
+    );
+    Ok(())
+}
+
+fn agent_id(a: u64) -> String {
+    format!("bench-{a}")
+}
+
+/// Agent `a` watches project `PROJECT_BASE + a`, any branch.
+const PROJECT_BASE: u64 = 100_000;
+
+/// Writes `n` agents to KV pushbus-agents with pipelined puts (what
+/// `put_agent` does, without a round trip per agent). No token hash: the
+/// notifier lets them in without one.
+async fn register_agents(js: &jetstream::Context, n: u64) -> anyhow::Result<()> {
+    js.create_or_update_key_value(topology::agents_bucket())
+        .await
+        .context("creating the agents bucket")?;
+    let mut acks = super::AckWindow::new(2048);
+    for a in 0..n {
+        let cfg = AgentConfig {
+            agent_id: agent_id(a),
+            watches: vec![Watch {
+                project_id: (PROJECT_BASE + a) as i64,
+                refs: Some(RefSelector {
+                    kind: Kind::AnyBranch as i32,
+                    pattern: String::new(),
+                }),
+                kind: WatchKind::Gitops as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        if a == 0 {
+            // The same validation put_agent applies, once.
+            pushbus_filter::agent::compile(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        let subject = format!("$KV.{}.{}", names::BUCKET_AGENTS, cfg.agent_id);
+        acks.push(js.publish(subject, cfg.encode_to_vec().into()).await?)
+            .await?;
+    }
+    acks.finish().await
+}
+
+/// The SHA a push carries: its sequence number, so the poke names it.
+fn sha_of(seq: u64) -> String {
+    format!("b{seq:039x}")
+}
+
+fn seq_of(sha: &str) -> Option<u64> {
+    u64::from_str_radix(sha.get(1..)?, 16).ok()
+}
+
+/// Agents connected over gRPC Watch, sharing a few HTTP/2 connections.
+pub struct Agents {
+    n: u64,
+    live: Arc<AtomicUsize>,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+/// Watch streams per HTTP/2 connection: under the server's default limit
+/// of concurrent streams (hyper: 200).
+const STREAMS_PER_CONNECTION: u64 = 100;
+
+impl Agents {
+    pub async fn connect(
+        notifier: std::net::SocketAddr,
+        n: u64,
+        recorder: Arc<Recorder>,
+    ) -> anyhow::Result<Agents> {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{notifier}"))?;
+        let mut channels = Vec::new();
+        for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
+            channels.push(endpoint.connect().await?);
+        }
+        let live = Arc::new(AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for a in 0..n {
+            let channel = channels[(a / STREAMS_PER_CONNECTION) as usize].clone();
+            tasks.spawn(agent(
+                GitOpsNotifierClient::new(channel),
+                a,
+                recorder.clone(),
+                live.clone(),
+                stop.clone(),
+            ));
+        }
+        let agents = Agents {
+            n,
+            live,
+            stop,
+            tasks,
+        };
+        agents.wait_live(Duration::from_secs(120)).await?;
+        Ok(agents)
+    }
+
+    /// Until every agent has its LIVE status.
+    pub async fn wait_live(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.live.load(Ordering::Relaxed) < self.n as usize {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {} of {} agents live",
+                self.live.load(Ordering::Relaxed),
+                self.n
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// One agent: watch, record pokes, reconnect when the stream ends.
+async fn agent(
+    mut client: GitOpsNotifierClient<tonic::transport::Channel>,
+    a: u64,
+    recorder: Arc<Recorder>,
+    live: Arc<AtomicUsize>,
+    stop: CancellationToken,
+) {
+    let id = agent_id(a);
+    while !stop.is_cancelled() {
+        // Main may give WatchRequest more (optional) fields.
+        #[allow(clippy::needless_update)]
+        let request = WatchRequest {
+            agent_id: id.clone(),
+            ..Default::default()
+        };
+        let mut is_live = false;
+        let response = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = client.watch(request) => r,
+        };
+        if let Ok(response) = response {
+            let mut events = response.into_inner();
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = events.message() => m,
+                };
+                match next {
+                    Ok(Some(ev)) => match ev.event {
+                        Some(Event::Status(_)) if !is_live => {
+                            is_live = true;
+                            live.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some(Event::Poke(p)) => {
+                            if let Some(seq) = seq_of(&p.new_sha) {
+                                recorder.record(seq);
+                            }
+                        }
+                        _ => {}
+                    },
+                    _ => break,
+                }
+            }
+        }
+        if is_live {
+            live.fetch_sub(1, Ordering::Relaxed);
+        }
+        // Spread 10,000 reconnects over a few hundred ms.
+        let pause = Duration::from_millis(100 + a % 400);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// The load generator's side of hook-ingest.
+struct Load {
+    http: reqwest::Client,
+    endpoint: String,
+    agents: u64,
+}
+
+impl Load {
+    fn new(ingest: std::net::SocketAddr, agents: u64) -> Load {
+        Load {
+            http: reqwest::Client::new(),
+            endpoint: format!("http://{ingest}/api/v4/internal/post_receive"),
+            agents,
+        }
+    }
+
+    /// Push `j` of a step at `rate`: agent j mod agents, and as many
+    /// branches as it takes for one agent+ref to get at most one push a
+    /// second (the notifier may merge closer ones).
+    fn body(&self, seq: u64, j: u64, rate: u64) -> serde_json::Value {
+        let refs = rate.div_ceil(self.agents).max(1);
+        let a = j % self.agents;
+        let branch = (j / self.agents) % refs;
+        serde_json::json!({
+            "gl_repository": format!("project-{}", PROJECT_BASE + a),
+            "identifier": "user-1",
+            "changes": format!("{} {} refs/heads/b{branch}\n", "1".repeat(40), sha_of(seq)),
+        })
+    }
+}
+
+/// HTTP requests the load generator keeps in flight at most.
+const MAX_IN_FLIGHT: usize = 1024;
+
+type Victim<'a> = (&'a mut Stack, &'static str, &'a Agents);
+
+/// Offers `n` pushes at `rate`, open loop; if `victim` is given, SIGKILLs
+/// that service halfway and starts it again.
+async fn run_step(
+    load: &Load,
+    recorder: &Arc<Recorder>,
+    lo: u64,
+    n: u64,
+    rate: u64,
+    victim: Option<Victim<'_>>,
+) -> anyhow::Result<Outcome> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now() + Duration::from_millis(50);
+    recorder.begin(lo, n, t0, rate as f64);
+    let bodies: Vec<serde_json::Value> = (0..n).map(|j| load.body(lo + j, j, rate)).collect();
+    // Each request in flight holds a connection: without a cap an
+    // overloaded hook-ingest makes the generator run out of file
+    // descriptors. A send waiting here still counts its latency from its
+    // scheduled time, so the wait shows as latency (no coordinated omission).
+    let window = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let sender = {
+        let (http, endpoint) = (load.http.clone(), load.endpoint.clone());
+        let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
+        let mut bodies = bodies.into_iter();
+        tokio::spawn(async move {
+            open_loop(n, rate as f64, t0, |j| {
+                let req = http
+                    .post(&endpoint)
+                    .header("x-request-id", format!("bench-{}", lo + j))
+                    .json(&bodies.next().unwrap_or_default());
+                let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
+                let window = window.clone();
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let _permit = window.acquire_owned().await;
+                    match req.send().await {
+                        Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => refused.fetch_add(1, Ordering::Relaxed),
+                    };
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                });
+            })
+            .await
+        })
+    };
+    let mut quiet = Duration::from_secs(3);
+    if let Some((stack, name, agents)) = victim {
+        tokio::time::sleep_until(
+            (t0 + Duration::from_secs_f64(n as f64 / rate as f64 / 2.0)).into(),
+        )
+        .await;
+        let back = stack.kill_and_restart(name).await?;
+        eprintln!(
+            "{name} SIGKILLed and ready again in {:.2} s",
+            back.as_secs_f64()
+        );
+        if name == "gitops-notifier" {
+            let started = Instant::now();
+            agents.wait_live(Duration::from_secs(60)).await?;
+            eprintln!(
+                "all agents live again {:.2} s later",
+                started.elapsed().as_secs_f64()
+            );
+        } else {
+            // A killed filter's un-acked pushes come back after ack_wait.
+            quiet = Duration::from_secs(FILTER_ACK_WAIT_SECS + 3);
+        }
+    }
+    sender.await?;
+    while in_flight.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let accepted = ok.load(Ordering::Relaxed);
+    let step = recorder
+        .finish(accepted, quiet, Duration::from_secs(60))
+        .await;
+    Ok(Outcome::new(
+        step,
+        n,
+        accepted,
+        refused.load(Ordering::Relaxed),
+    ))
+}
+
+/// `n` pushes as fast as hook-ingest answers, 256 requests in flight;
+/// only throughput (first send to last poke) means anything here.
+async fn flat_out(
+    load: &Load,
+    recorder: &Arc<Recorder>,
+    lo: u64,
+    n: u64,
+) -> anyhow::Result<Outcome> {
+    // Branches enough for one push per agent+ref per second up to 50,000/s.
+    const ASSUMED_MAX_RATE: u64 = 50_000;
+    let window = Arc::new(tokio::sync::Semaphore::new(256));
+    let ok = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    recorder.begin(lo, n, t0, 1e12);
+    for j in 0..n {
+        let permit = window.clone().acquire_owned().await?;
+        let req = load
+            .http
+            .post(&load.endpoint)
+            .json(&load.body(lo + j, j, ASSUMED_MAX_RATE));
+        let (ok, refused) = (ok.clone(), refused.clone());
+        tokio::spawn(async move {
+            match req.send().await {
+                Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                _ => refused.fetch_add(1, Ordering::Relaxed),
+            };
+            drop(permit);
+        });
+    }
+    let _ = window.acquire_many(256).await?;
+    let accepted = ok.load(Ordering::Relaxed);
+    let step = recorder
+        .finish(accepted, Duration::from_secs(3), Duration::from_secs(120))
+        .await;
+    Ok(Outcome::new(
+        step,
+        n,
+        accepted,
+        refused.load(Ordering::Relaxed),
+    ))
+}
+
+/// Distinct pushes of `lo..lo + n` with at least one poke stored in
+/// PUSHBUS_POKES from stream sequence `from` on.
+async fn pokes_in_stream(
+    js: &jetstream::Context,
+    from: u64,
+    lo: u64,
+    n: u64,
+) -> anyhow::Result<u64> {
+    let stream = js.get_stream(names::STREAM_POKES).await?;
+    let last = stream.get_info().await?.state.last_sequence;
+    if last < from {
+        return Ok(0);
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut seen = std::collections::HashSet::new();
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .context("reading PUSHBUS_POKES")?
+    {
+        let msg = msg?;
+        let env = pushbus_shared::envelope::decode(&msg.payload)?;
+        let poke: AgentPoke = pushbus_shared::envelope::open(&env)?;
+        if let Some(seq) = seq_of(&poke.new_sha).filter(|s| (lo..lo + n).contains(s)) {
+            seen.insert(seq);
+        }
+        if msg
+            .info()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .stream_sequence
+            >= last
+        {
+            break;
+        }
+    }
+    Ok(seen.len() as u64)
+}
+
+/// Mean stored message size of a stream (payload, subject and headers).
+async fn mean_message_size(js: &jetstream::Context, stream: &str) -> anyhow::Result<usize> {
+    let state = js.get_stream(stream).await?.info().await?.state.clone();
+    Ok((state.bytes / state.messages.max(1)) as usize)
+}
+
+pub struct Report<'a> {
+    rss_idle: Vec<(&'static str, u64)>,
+    rss_connected: Vec<(&'static str, u64)>,
+    rss_after: Vec<(&'static str, u64)>,
+    connect_time: Duration,
+    ours: &'a [Outcome],
+    flat: &'a Outcome,
+    restarts: &'a [(&'static str, Outcome, u64, u64)],
+    ceiling: &'a super::ceiling::Ceiling,
+    redis: Option<&'a super::redis::Baseline>,
+    push_size: usize,
+    poke_size: usize,
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn report(plan: &Plan, r: &Report<'_>) {
+    println!();
+    println!(
+        "== pushbus pipeline: hook-ingest -> filter -> gitops-notifier, {} gRPC agents ({} per HTTP/2 connection) ==",
+        plan.agents, STREAMS_PER_CONNECTION
+    );
+    println!(
+        "stored sizes: push {} B, poke {} B (ceiling and Redis use the same)",
+        r.push_size, r.poke_size
+    );
+    println!(
+        "{:<34} {:>9} {:>10}   latency from scheduled send to poke at the agent (ms)",
+        "side / offered", "offered", "achieved"
+    );
+    for o in r.ours {
+        println!("{}", o.step.line("pushbus", o.lost));
+        if o.refused > 0 || o.step.duplicates > 0 {
+            println!(
+                "    {} of {} pushes refused by hook-ingest, {} duplicate pokes",
+                o.refused, o.sent, o.step.duplicates
+            );
+        }
+    }
+    for s in &r.ceiling.steps {
+        println!("{}", s.line("ceiling (raw JetStream 2 hops)", s.lost()));
+    }
+    if let Some(redis) = r.redis {
+        for s in &redis.steps {
+            println!("{}", s.line("Redis PUBLISH/SUBSCRIBE", s.lost()));
+        }
+    }
+    println!();
+    let sustained = r
+        .ours
+        .iter()
+        .filter(|o| {
+            o.lost == 0
+                && o.refused == 0
+                && o.step.achieved() >= 0.95 * o.step_rate()
+                && o.step.ms(0.99) < 100.0
+        })
+        .map(|o| o.step_rate())
+        .fold(0.0, f64::max);
+    println!(
+        "throughput: pushbus sustained {sustained:.0}/s open loop (the highest step with no loss, >= 95% achieved and p99 < 100 ms)"
+    );
+    println!(
+        "flat out ({} events each): pushbus {:.0}/s (lost {}), ceiling {:.0}/s -> pushbus = {:.2} of the ceiling",
+        plan.flat_out,
+        r.flat.step.achieved(),
+        r.flat.lost,
+        r.ceiling.flat_rate,
+        r.flat.step.achieved() / r.ceiling.flat_rate
+    );
+    for (o, c) in r.ours.iter().zip(&r.ceiling.steps) {
+        println!(
+            "latency at {:.0}/s: pushbus p50 {:.1}x, p99 {:.1}x the ceiling's",
+            o.step_rate(),
+            o.step.ms(0.5) / c.ms(0.5),
+            o.step.ms(0.99) / c.ms(0.99)
+        );
+    }
+    println!();
+    println!(
+        "resident memory (VmRSS, MB): idle | {} agents connected | after the load",
+        plan.agents
+    );
+    for (i, (name, idle)) in r.rss_idle.iter().enumerate() {
+        println!(
+            "  {name:<16} {:>7.1} | {:>7.1} | {:>7.1}",
+            mb(*idle),
+            mb(r.rss_connected[i].1),
+            mb(r.rss_after[i].1)
+        );
+    }
+    let notifier = |v: &Vec<(&str, u64)>| {
+        v.iter()
+            .find(|x| x.0 == "gitops-notifier")
+            .map_or(0, |x| x.1)
+    };
+    println!(
+        "  gitops-notifier: {:.1} KB per idle connected agent; all {} connected in {:.2} s",
+        (notifier(&r.rss_connected) as f64 - notifier(&r.rss_idle) as f64)
+            / plan.agents as f64
+            / 1024.0,
+        plan.agents,
+        r.connect_time.as_secs_f64()
+    );
+    println!();
+    println!(
+        "subscriber restart mid-run ({}/s for {} s):",
+        plan.restart_rate, plan.restart_seconds
+    );
+    for (victim, o, stored, n) in r.restarts {
+        println!(
+            "  pushbus, SIGKILL {victim:<16} pushes {n}, refused {}, pokes stored in PUSHBUS_POKES for {stored}, received by agents {} -> lost at agents {}",
+            o.refused, o.step.received, o.lost
+        );
+    }
+    if let Some(redis) = r.redis {
+        println!(
+            "  Redis, subscriber reconnect       published {}, received {} -> lost {}",
+            redis.restart_published,
+            redis.restart_received,
+            redis.restart_published as i64 - redis.restart_received as i64
+        );
+    }
+}
+
+impl Outcome {
+    fn new(step: Step, sent: u64, accepted: u64, refused: u64) -> Outcome {
+        Outcome {
+            lost: accepted as i64 - step.received as i64,
+            sent,
+            refused,
+            step,
+        }
+    }
+
+    fn step_rate(&self) -> f64 {
+        self.step.rate()
+    }
+}
