@@ -344,11 +344,13 @@ async fn agent(
     stop: CancellationToken,
 ) {
     let id = agent_id(a);
+    // The last cursor seen (statuses carry one too): a reconnect catches up
+    // on what moved while this agent was away, as a real agent would.
+    let mut cursor = 0;
     while !stop.is_cancelled() {
-        // Main may give WatchRequest more (optional) fields.
-        #[allow(clippy::needless_update)]
         let request = WatchRequest {
             agent_id: id.clone(),
+            since_cursor: cursor,
             ..Default::default()
         };
         let mut is_live = false;
@@ -363,20 +365,19 @@ async fn agent(
                     _ = stop.cancelled() => break,
                     m = events.message() => m,
                 };
-                match next {
-                    Ok(Some(ev)) => match ev.event {
-                        Some(Event::Status(_)) if !is_live => {
-                            is_live = true;
-                            live.fetch_add(1, Ordering::Relaxed);
+                let Ok(Some(ev)) = next else { break };
+                cursor = cursor.max(ev.cursor);
+                match ev.event {
+                    Some(Event::Status(_)) if !is_live => {
+                        is_live = true;
+                        live.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(Event::Poke(p)) => {
+                        if let Some(seq) = seq_of(&p.new_sha) {
+                            recorder.record(seq);
                         }
-                        Some(Event::Poke(p)) => {
-                            if let Some(seq) = seq_of(&p.new_sha) {
-                                recorder.record(seq);
-                            }
-                        }
-                        _ => {}
-                    },
-                    _ => break,
+                    }
+                    _ => {}
                 }
             }
         }

@@ -406,3 +406,30 @@ async fn grpc_watcher_receives_pokes_with_correlation_id() {
     drop(stream);
     stack.stop().await;
 }
+
+// The status sent on connect carries a cursor, so an agent that received no
+// poke before it went away still catches up on what it missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_status_cursor_is_a_resume_point() {
+    let nats = NatsServer::start();
+    register(&nats, "quiet", 46..=46).await;
+    register(&nats, "other", 47..=47).await;
+    let stack = Stack::start(&nats.url()).await;
+    // Some head exists before, so the cursor is not zero.
+    push(&stack, 47, "main", &sha(1)).await;
+    head_is(&nats, "other", 47, "main", &sha(1)).await;
+    let mut client = GitOpsNotifierClient::connect(format!("http://{}", stack.notifier))
+        .await
+        .unwrap();
+    let mut stream = client.watch(agent("quiet", 0)).await.unwrap().into_inner();
+    let status = stream.message().await.unwrap().unwrap();
+    assert!(matches!(status.event, Some(Event::Status(_))));
+    assert!(status.cursor > 0, "{status:?}");
+    drop(stream);
+    push(&stack, 46, "main", &sha(2)).await;
+    head_is(&nats, "quiet", 46, "main", &sha(2)).await;
+    let mut back = watch(stack.notifier, agent("quiet", status.cursor)).await;
+    let caught = drain(&mut back, Duration::from_secs(1)).await;
+    assert_eq!(pokes(&caught), vec![("refs/heads/main".into(), sha(2))]);
+    stack.stop().await;
+}

@@ -57,11 +57,10 @@ impl Hub {
         self.inner.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection of `agent_id`. Its first event says whether
-    /// pokes will reach it now (live) or it should keep polling (degraded).
+    /// Registers a connection of `agent_id`; heads delivered from now on
+    /// reach it. The caller sends its first event (`status_event`).
     pub fn connect(&self, agent_id: &str) -> Connection {
         let conn = Conn::new(self.inner.window);
-        conn.push_status(self.current_status("connected"));
         let agent_id: Arc<str> = agent_id.into();
         let mut agents = self.lock();
         agents
@@ -116,6 +115,15 @@ impl Hub {
             }
         }
         true
+    }
+
+    /// Live (pokes will reach the agent) or degraded (keep polling), with
+    /// the cursor the agent may resume from.
+    pub fn status_event(&self, detail: &str, cursor: u64) -> WatchEvent {
+        WatchEvent {
+            cursor,
+            ..self.current_status(detail)
+        }
     }
 
     fn current_status(&self, detail: &str) -> WatchEvent {

@@ -104,9 +104,15 @@ fn to_sse(ev: &WatchEvent) -> SseEvent {
                 Ok(NotifierState::Degraded) => "degraded",
                 _ => "unknown",
             };
-            SseEvent::default()
-                .event("status")
-                .data(json!({ "state": state, "detail": s.detail }).to_string())
+            let event = SseEvent::default().event("status").data(
+                json!({ "state": state, "detail": s.detail, "cursor": ev.cursor }).to_string(),
+            );
+            // A resume point for EventSource's Last-Event-ID, when known.
+            if ev.cursor > 0 {
+                event.id(ev.cursor.to_string())
+            } else {
+                event
+            }
         }
         None => SseEvent::default().comment("empty"),
     }
