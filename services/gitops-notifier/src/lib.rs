@@ -38,11 +38,21 @@ pub struct Config {
     /// At most one poke per agent and ref per this many milliseconds; the
     /// first of a burst goes out at once, the last one carries the newest SHA.
     #[arg(
+        id = "notifier_coalesce_ms",
         long = "notifier-coalesce-ms",
         env = "PUSHBUS_NOTIFIER_COALESCE_MS",
         default_value_t = 500
     )]
     pub coalesce_ms: u64,
+    /// Seconds before a poke pulled by a replica that died is handed to
+    /// another (recording a head takes milliseconds, so this can be short).
+    #[arg(
+        id = "notifier_ack_wait_secs",
+        long = "notifier-ack-wait-secs",
+        env = "PUSHBUS_NOTIFIER_ACK_WAIT_SECS",
+        default_value_t = 5
+    )]
+    pub ack_wait_secs: u64,
     #[command(flatten)]
     pub webhooks: webhook::WebhookConfig,
 }
@@ -59,6 +69,7 @@ impl Config {
         Config {
             listen,
             coalesce_ms: 500,
+            ack_wait_secs: 5,
             webhooks: Default::default(),
         }
     }
@@ -92,8 +103,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
 }
 
-pub fn consumer_spec() -> ConsumerSpec {
-    ConsumerSpec::new(names::STREAM_POKES, names::CONSUMER_NOTIFIER)
+pub fn consumer_spec(config: &Config) -> ConsumerSpec {
+    let mut spec = ConsumerSpec::new(names::STREAM_POKES, names::CONSUMER_NOTIFIER);
+    spec.ack_wait = std::time::Duration::from_secs(config.ack_wait_secs.max(1));
+    spec
 }
 
 /// What the notifier needs; the webhook consumer follows `config`'s
@@ -104,7 +117,7 @@ pub fn topology(config: &Config) -> Topology {
         streams: vec![topology::pokes_stream(), topology::dlq_stream()],
         buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
         consumers: vec![
-            (names::STREAM_POKES.into(), consumer_spec().pull_config()),
+            (names::STREAM_POKES.into(), consumer_spec(config).pull_config()),
             (
                 names::STREAM_POKES.into(),
                 webhook::consumer_spec(&config.webhooks).pull_config(),
@@ -173,7 +186,7 @@ pub async fn run(
 
     let consumer = tokio::spawn(bus::run_consumer(
         ctx.js.clone(),
-        consumer_spec(),
+        consumer_spec(&config),
         PokeHandler { heads },
         token.clone(),
     ));
