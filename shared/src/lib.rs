@@ -4,6 +4,7 @@
 //! a controllable `nats-server` for tests.
 
 pub mod bus;
+pub mod codec;
 pub mod envelope;
 pub mod names;
 pub mod ops;
