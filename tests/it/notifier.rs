@@ -433,3 +433,34 @@ async fn the_connect_status_cursor_is_a_resume_point() {
     assert_eq!(pokes(&caught), vec![("refs/heads/main".into(), sha(2))]);
     stack.stop().await;
 }
+
+// A replica started later knows every head from the bucket, so an agent
+// whose replica died catches up on whichever one it reaches next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_later_serves_catch_up_from_the_bucket() {
+    let nats = NatsServer::start();
+    register(&nats, "mover", 48..=48).await;
+    let stack = Stack::start(&nats.url()).await;
+    let mut first = watch(stack.notifier, agent("mover", 0)).await;
+    push(&stack, 48, "main", &sha(1)).await;
+    let seen = drain(&mut first, Duration::from_secs(1)).await;
+    let cursor = seen.iter().map(|e| e.cursor).max().unwrap();
+    drop(first);
+    push(&stack, 48, "main", &sha(2)).await;
+    push(&stack, 48, "dev", &sha(3)).await;
+    head_is(&nats, "mover", 48, "dev", &sha(3)).await;
+    let addr = local(free_port());
+    let later = Replica::notifier(&nats.url(), addr).await;
+    let mut back = watch(addr, agent("mover", cursor)).await;
+    let mut got = pokes(&drain(&mut back, Duration::from_secs(1)).await);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("refs/heads/dev".into(), sha(3)),
+            ("refs/heads/main".into(), sha(2)),
+        ]
+    );
+    later.stop().await;
+    stack.stop().await;
+}

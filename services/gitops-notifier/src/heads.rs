@@ -5,7 +5,8 @@
 //! bucket, so live and catch-up share one ordering: the head's revision,
 //! which is also the cursor agents resume from.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
@@ -103,9 +104,14 @@ fn parse(msg: &JsMessage) -> Option<Head> {
     }
     let prefix = format!("$KV.{}.", names::BUCKET_REF_HEADS);
     let key = msg.subject.as_str().strip_prefix(&prefix)?;
-    let (agent_id, ref_key) = key.split_once('.')?;
     let revision = msg.info().ok()?.stream_sequence;
-    let head = match RefHead::decode(msg.payload.as_ref()) {
+    head(key, revision, &msg.payload)
+}
+
+/// A head from its full key (`<agent>.<ref key>`), revision and value.
+fn head(key: &str, revision: u64, value: &[u8]) -> Option<Head> {
+    let (agent_id, ref_key) = key.split_once('.')?;
+    let head = match RefHead::decode(value) {
         Ok(h) => h,
         Err(err) => {
             tracing::warn!(%key, %err, "undecodable ref head skipped");
@@ -126,12 +132,94 @@ fn parse(msg: &JsMessage) -> Option<Head> {
     })
 }
 
-/// Every current head of `agent_id`.
-pub async fn snapshot(kv: &Store, agent_id: &str) -> Result<Vec<Head>, HeadsError> {
+impl Head {
+    fn sha(&self) -> &str {
+        match &self.event.event {
+            Some(Event::Poke(p)) => &p.new_sha,
+            _ => "",
+        }
+    }
+}
+
+/// Revision and SHA of every head, per agent: what catch-up needs to pick
+/// the refs an agent missed without asking the server per connection (10,000
+/// agents reconnecting at once would otherwise each create a consumer).
+#[derive(Default)]
+pub struct HeadIndex {
+    agents: Mutex<HashMap<Arc<str>, HashMap<RefKey, Known>>>,
+}
+
+struct Known {
+    revision: u64,
+    sha: Box<str>,
+}
+
+impl HeadIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashMap<RefKey, Known>>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, h: &Head) {
+        let mut agents = self.lock();
+        let refs = agents.entry(h.agent_id.as_str().into()).or_default();
+        match refs.get_mut(&h.key) {
+            Some(k) if k.revision >= h.revision => {}
+            Some(k) => {
+                k.revision = h.revision;
+                k.sha = h.sha().into();
+            }
+            None => {
+                refs.insert(
+                    h.key.clone(),
+                    Known {
+                        revision: h.revision,
+                        sha: h.sha().into(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The agent's refs `wanted` selects, by (ref key, revision, SHA).
+    pub fn select(&self, agent_id: &str, wanted: impl Fn(&str, u64, &str) -> bool) -> Vec<RefKey> {
+        self.lock()
+            .get(agent_id)
+            .map(|refs| {
+                refs.iter()
+                    .filter(|(key, k)| wanted(key, k.revision, &k.sha))
+                    .map(|(key, _)| key.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().values().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads every current head into a new index; returns it with the revision
+/// the live feed must start after.
+pub async fn load(kv: &Store) -> Result<(HeadIndex, u64), HeadsError> {
+    // Heads written after this point come through the feed (maybe also
+    // through the load: the index keeps the higher revision).
+    let last = kv
+        .stream
+        .clone()
+        .info()
+        .await
+        .map_err(kv_err)?
+        .state
+        .last_sequence;
+    let index = HeadIndex::default();
     let consumer = kv
         .stream
         .create_consumer(OrderedConfig {
-            filter_subject: format!("$KV.{}.{agent_id}.>", names::BUCKET_REF_HEADS),
+            filter_subject: format!("$KV.{}.>", names::BUCKET_REF_HEADS),
             deliver_policy: DeliverPolicy::LastPerSubject,
             ..Default::default()
         })
@@ -139,28 +227,43 @@ pub async fn snapshot(kv: &Store, agent_id: &str) -> Result<Vec<Head>, HeadsErro
         .map_err(kv_err)?;
     let count = consumer.cached_info().num_pending as usize;
     let mut messages = consumer.messages().await.map_err(kv_err)?.take(count);
-    let mut heads = Vec::with_capacity(count);
     while let Some(msg) = messages.next().await {
         if let Some(h) = parse(&msg.map_err(kv_err)?) {
+            index.record(&h);
+        }
+    }
+    Ok((index, last))
+}
+
+/// The current heads of `agent_id` at `keys`, read one by one (direct gets).
+pub async fn read(kv: &Store, agent_id: &str, keys: &[RefKey]) -> Result<Vec<Head>, HeadsError> {
+    let mut heads = Vec::with_capacity(keys.len());
+    for key in keys {
+        let full = format!("{agent_id}.{key}");
+        if let Some(entry) = kv.entry(&full).await.map_err(kv_err)?
+            && entry.operation == Operation::Put
+            && let Some(h) = head(&full, entry.revision, &entry.value)
+        {
             heads.push(h);
         }
     }
     Ok(heads)
 }
 
-/// Follows the bucket from its current end and delivers every new head to
-/// this replica's connections, until `shutdown`. A broken feed, or one
-/// whose server went away (`reconnected` fires), resumes after the last head
-/// it delivered, so nothing written meanwhile (by any replica) is skipped;
-/// while it is broken, agents are told to poll.
-pub async fn follow(kv: Store, hub: Hub, reconnected: Arc<Notify>, shutdown: CancellationToken) {
-    let mut next = match kv.stream.clone().info().await {
-        Ok(info) => info.state.last_sequence + 1,
-        Err(err) => {
-            tracing::warn!(%err, "cannot read the ref heads bucket; following from its start");
-            1
-        }
-    };
+/// Follows the bucket from revision `after` + 1, records every new head in
+/// `index` and delivers it to this replica's connections, until `shutdown`.
+/// A broken feed, or one whose server went away (`reconnected` fires),
+/// resumes after the last head it saw, so nothing written meanwhile (by any
+/// replica) is skipped; while it is broken, agents are told to poll.
+pub async fn follow(
+    kv: Store,
+    hub: Hub,
+    index: Arc<HeadIndex>,
+    after: u64,
+    reconnected: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut next = after + 1;
     while !shutdown.is_cancelled() {
         let consumer = kv
             .stream
@@ -200,6 +303,7 @@ pub async fn follow(kv: Store, hub: Hub, reconnected: Arc<Notify>, shutdown: Can
                         next = info.stream_sequence + 1;
                     }
                     if let Some(head) = parse(&msg) {
+                        index.record(&head);
                         let took =
                             hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
                         tracing::debug!(agent_id = %head.agent_id, event_id = %head.event.event_id, correlation_id = %head.event.correlation_id, connections = took, "head delivered");

@@ -99,6 +99,7 @@ pub struct AppState {
     pub hub: Hub,
     pub agents: Store,
     pub heads: Store,
+    pub index: std::sync::Arc<heads::HeadIndex>,
     /// Ends every agent stream on shutdown, so the server can finish.
     pub shutdown: CancellationToken,
 }
@@ -117,7 +118,10 @@ pub fn topology(config: &Config) -> Topology {
         streams: vec![topology::pokes_stream(), topology::dlq_stream()],
         buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
         consumers: vec![
-            (names::STREAM_POKES.into(), consumer_spec(config).pull_config()),
+            (
+                names::STREAM_POKES.into(),
+                consumer_spec(config).pull_config(),
+            ),
             (
                 names::STREAM_POKES.into(),
                 webhook::consumer_spec(&config.webhooks).pull_config(),
@@ -143,10 +147,28 @@ pub async fn run(
         .get_key_value(names::BUCKET_REF_HEADS)
         .await
         .map_err(|e| Error::Registry(e.to_string()))?;
+    // Every head's revision and SHA, before any agent connects, so catch-up
+    // never asks the server per connection.
+    let (index, after) = loop {
+        match heads::load(&heads).await {
+            Ok(loaded) => break loaded,
+            Err(err) => tracing::warn!(%err, "cannot load the ref heads; retrying"),
+        }
+        tokio::select! {
+            _ = token.cancelled() => {
+                ctx.drain().await;
+                return Ok(());
+            }
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    };
+    metrics::gauge!("pushbus_notifier_ref_heads").set(index.len() as f64);
+    let index = std::sync::Arc::new(index);
     let state = AppState {
         hub: Hub::new(std::time::Duration::from_millis(config.coalesce_ms)),
         agents,
         heads: heads.clone(),
+        index: index.clone(),
         shutdown: token.clone(),
     };
     // Every replica follows every head and keeps the ones for its agents.
@@ -154,6 +176,8 @@ pub async fn run(
     let feed = tokio::spawn(heads::follow(
         heads.clone(),
         state.hub.clone(),
+        index,
+        after,
         reconnected.clone(),
         token.clone(),
     ));

@@ -32,15 +32,12 @@ impl Since {
         }
     }
 
-    fn wants(&self, head: &heads::Head) -> bool {
-        let after_cursor = self.cursor.is_some_and(|c| head.revision > c);
-        let sha_differs = self.seen.as_ref().is_some_and(|seen| {
-            let sha = match &head.event.event {
-                Some(pushbus_shared::proto::watch_event::Event::Poke(p)) => p.new_sha.as_str(),
-                _ => "",
-            };
-            seen.get(&*head.key).is_none_or(|s| s != sha)
-        });
+    fn wants(&self, key: &str, revision: u64, sha: &str) -> bool {
+        let after_cursor = self.cursor.is_some_and(|c| revision > c);
+        let sha_differs = self
+            .seen
+            .as_ref()
+            .is_some_and(|seen| seen.get(key).is_none_or(|s| s != sha));
         after_cursor || sha_differs
     }
 }
@@ -65,10 +62,13 @@ pub async fn open(
         .conn
         .push_status(state.hub.status_event("connected", cursor));
     if since.cursor.is_some() || since.seen.is_some() {
-        match heads::snapshot(&state.heads, agent_id).await {
+        let keys = state.index.select(agent_id, |key, revision, sha| {
+            since.wants(key, revision, sha)
+        });
+        match heads::read(&state.heads, agent_id, &keys).await {
             Ok(heads) => {
                 let mut offered = 0;
-                for h in heads.into_iter().filter(|h| since.wants(h)) {
+                for h in heads {
                     let mut event = h.event;
                     event.catch_up = true;
                     offered += usize::from(connection.conn.offer(&h.key, h.revision, event));
