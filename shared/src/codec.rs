@@ -1,4 +1,4 @@
-//! The gRPC codec of every pushbus service: prost, with 1 KiB starting
+//! The gRPC codec of every pushbus service: prost, with 256-byte starting
 //! buffers. tonic's default allocates 8 KiB per stream up front, which was
 //! most of the memory of an idle agent connection (issue 5 budgets 10 KB);
 //! buffers still grow for larger messages.
@@ -9,7 +9,7 @@ use prost::Message;
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
-const START: usize = 1024;
+const START: usize = 256;
 /// tonic's default: yield to the runtime after this many buffered bytes.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 

@@ -104,6 +104,11 @@ impl Conn {
             let wake_at = {
                 let mut q = self.lock();
                 if let Some(s) = q.statuses.pop_front() {
+                    if q.statuses.is_empty() {
+                        // Statuses are rare; an idle connection should not
+                        // keep room for four of them (about 1 KB).
+                        q.statuses = VecDeque::new();
+                    }
                     return s;
                 }
                 let now = Instant::now();
