@@ -6,6 +6,7 @@
 //! which is also the cursor agents resume from.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -147,6 +148,9 @@ impl Head {
 #[derive(Default)]
 pub struct HeadIndex {
     agents: Mutex<HashMap<Arc<str>, HashMap<RefKey, Known>>>,
+    /// Every head up to this revision is in the index; later ones are still
+    /// to come through the feed (and so reach connections registered now).
+    position: AtomicU64,
 }
 
 struct Known {
@@ -193,6 +197,15 @@ impl HeadIndex {
             .unwrap_or_default()
     }
 
+    /// The cursor a connection registered now may resume from.
+    pub fn position(&self) -> u64 {
+        self.position.load(Ordering::SeqCst)
+    }
+
+    fn advance(&self, revision: u64) {
+        self.position.fetch_max(revision, Ordering::SeqCst);
+    }
+
     pub fn len(&self) -> usize {
         self.lock().values().map(HashMap::len).sum()
     }
@@ -232,6 +245,7 @@ pub async fn load(kv: &Store) -> Result<(HeadIndex, u64), HeadsError> {
             index.record(&h);
         }
     }
+    index.advance(last);
     Ok((index, last))
 }
 
@@ -299,11 +313,21 @@ pub async fn follow(
             };
             match msg {
                 Some(Ok(msg)) => {
-                    if let Ok(info) = msg.info() {
-                        next = info.stream_sequence + 1;
+                    let sequence = msg.info().ok().map(|i| i.stream_sequence);
+                    if let Some(s) = sequence {
+                        next = s + 1;
                     }
-                    if let Some(head) = parse(&msg) {
-                        index.record(&head);
+                    let head = parse(&msg);
+                    if let Some(head) = &head {
+                        index.record(head);
+                    }
+                    // Recorded first, then the position, then delivery: a
+                    // connection that reads the position has every head up
+                    // to it in the index and every later one still coming.
+                    if let Some(s) = sequence {
+                        index.advance(s);
+                    }
+                    if let Some(head) = head {
                         let took =
                             hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
                         tracing::debug!(agent_id = %head.agent_id, event_id = %head.event.event_id, correlation_id = %head.event.correlation_id, connections = took, "head delivered");

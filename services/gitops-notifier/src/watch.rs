@@ -48,16 +48,10 @@ pub async fn open(
     since: Since,
 ) -> impl Stream<Item = WatchEvent> + Send + 'static {
     let connection = state.hub.connect(agent_id);
-    // Read after registering: every head above this revision reaches the
-    // connection live, so it is a resume point even for an agent that gets
-    // no poke before it disconnects.
-    let cursor = match state.heads.stream.get_info().await {
-        Ok(info) => info.state.last_sequence,
-        Err(err) => {
-            tracing::warn!(%agent_id, %err, "cannot read the ref heads position; no cursor on connect");
-            0
-        }
-    };
+    // Read after registering: every head up to it is in the index (catch-up
+    // covers it), every later one reaches this connection live. So it is a
+    // resume point even for an agent that gets no poke before it leaves.
+    let cursor = state.index.position();
     connection
         .conn
         .push_status(state.hub.status_event("connected", cursor));
