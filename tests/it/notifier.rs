@@ -467,3 +467,41 @@ async fn a_replica_started_later_serves_catch_up_from_the_bucket() {
     later.stop().await;
     stack.stop().await;
 }
+
+// Two replicas writing one agent's heads out of order, each remembering
+// what it wrote: a head never moves back, replays write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_only_move_forward_across_replicas() {
+    use pushbus_gitops_notifier::heads::HeadWriter;
+    use pushbus_shared::proto::AgentPoke;
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let kv = js
+        .create_or_update_key_value(pushbus_shared::topology::ref_heads_bucket())
+        .await
+        .unwrap();
+    let (a, b) = (HeadWriter::new(kv.clone()), HeadWriter::new(kv.clone()));
+    let head = |seq: u64| RefHead {
+        poke: Some(AgentPoke {
+            agent_id: "racer".into(),
+            project_id: 49,
+            r#ref: "refs/heads/main".into(),
+            new_sha: sha(seq),
+            ..Default::default()
+        }),
+        poke_sequence: seq,
+        ..Default::default()
+    };
+    assert!(a.record(&head(100)).await.unwrap());
+    assert!(!a.record(&head(100)).await.unwrap(), "replay written");
+    assert!(b.record(&head(200)).await.unwrap());
+    assert!(!a.record(&head(150)).await.unwrap(), "older poke written");
+    assert!(a.record(&head(300)).await.unwrap());
+    assert!(!b.record(&head(250)).await.unwrap(), "older poke written");
+    let key = format!(
+        "racer.{}",
+        pushbus_gitops_notifier::heads::ref_key(49, "refs/heads/main")
+    );
+    let stored = RefHead::decode(kv.get(&key).await.unwrap().unwrap().as_ref()).unwrap();
+    assert_eq!(stored.poke_sequence, 300);
+}

@@ -46,44 +46,125 @@ pub fn head_key(poke: &AgentPoke) -> String {
     )
 }
 
-/// Records `head` unless the bucket already holds this poke or a newer one
-/// (replicas may handle one agent's pokes out of order; redeliveries repeat).
-/// Returns whether it wrote.
-pub async fn record(kv: &Store, head: &RefHead) -> Result<bool, HeadsError> {
-    let poke = head
-        .poke
-        .as_ref()
-        .ok_or_else(|| kv_err("head without a poke"))?;
-    let key = head_key(poke);
-    let value: bytes::Bytes = head.encode_to_vec().into();
-    // Compare-and-set; a lost race re-reads and decides again.
-    for _ in 0..16 {
-        let current = kv.entry(&key).await.map_err(kv_err)?;
-        let written = match current {
-            Some(e) => {
-                let newer_or_same = e.operation == Operation::Put
-                    && RefHead::decode(e.value.as_ref())
-                        .is_ok_and(|h| h.poke_sequence >= head.poke_sequence);
-                if newer_or_same {
-                    return Ok(false);
-                }
-                match kv.update(&key, value.clone(), e.revision).await {
-                    Ok(_) => true,
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => false,
-                    Err(e) => return Err(kv_err(e)),
-                }
-            }
-            None => match kv.create(&key, value.clone()).await {
-                Ok(_) => true,
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
-                Err(e) => return Err(kv_err(e)),
-            },
-        };
-        if written {
-            return Ok(true);
+/// Writes ref heads. Remembers the revision and poke sequence it last wrote
+/// or read per key, so the usual write is one compare-and-set with no read
+/// before it; a stale memory (another replica wrote) costs one failed try.
+pub struct HeadWriter {
+    kv: Store,
+    known: Mutex<HashMap<String, Written>>,
+}
+
+#[derive(Clone, Copy)]
+struct Written {
+    revision: u64,
+    poke_sequence: u64,
+}
+
+/// Keys remembered before the memory starts over (bounds it; forgetting only
+/// costs a read).
+const REMEMBERED_KEYS: usize = 200_000;
+
+impl HeadWriter {
+    pub fn new(kv: Store) -> HeadWriter {
+        HeadWriter {
+            kv,
+            known: Mutex::default(),
         }
     }
-    Err(kv_err(format!("{key}: too much contention")))
+
+    fn recall(&self, key: &str) -> Option<Written> {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .copied()
+    }
+
+    fn remember(&self, key: &str, w: Written) {
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= REMEMBERED_KEYS {
+            known.clear();
+        }
+        known.insert(key.to_owned(), w);
+    }
+
+    /// Records `head` unless the bucket already holds this poke or a newer
+    /// one (replicas may handle one agent's pokes out of order; redeliveries
+    /// repeat). Returns whether it wrote.
+    pub async fn record(&self, head: &RefHead) -> Result<bool, HeadsError> {
+        let poke = head
+            .poke
+            .as_ref()
+            .ok_or_else(|| kv_err("head without a poke"))?;
+        let key = head_key(poke);
+        let value: bytes::Bytes = head.encode_to_vec().into();
+        let mine = |revision| Written {
+            revision,
+            poke_sequence: head.poke_sequence,
+        };
+        // Fast path. Heads only move forward, so a remembered sequence at or
+        // past this poke's means the bucket's is too.
+        let attempt =
+            match self.recall(&key) {
+                Some(w) if w.poke_sequence >= head.poke_sequence => return Ok(false),
+                Some(w) => self
+                    .kv
+                    .update(&key, value.clone(), w.revision)
+                    .await
+                    .map_err(|e| {
+                        (e.kind() != kv::UpdateErrorKind::WrongLastRevision).then(|| kv_err(e))
+                    }),
+                None => self.kv.create(&key, value.clone()).await.map_err(|e| {
+                    (e.kind() != kv::CreateErrorKind::AlreadyExists).then(|| kv_err(e))
+                }),
+            };
+        match attempt {
+            Ok(revision) => {
+                self.remember(&key, mine(revision));
+                return Ok(true);
+            }
+            Err(Some(err)) => return Err(err),
+            Err(None) => {} // someone else wrote: read and decide
+        }
+        // Compare-and-set against what is there; a lost race re-reads.
+        for _ in 0..16 {
+            let current = self.kv.entry(&key).await.map_err(kv_err)?;
+            let written = match current {
+                Some(e) => {
+                    let there = (e.operation == Operation::Put)
+                        .then(|| RefHead::decode(e.value.as_ref()).ok())
+                        .flatten();
+                    if let Some(h) = &there
+                        && h.poke_sequence >= head.poke_sequence
+                    {
+                        self.remember(
+                            &key,
+                            Written {
+                                revision: e.revision,
+                                poke_sequence: h.poke_sequence,
+                            },
+                        );
+                        return Ok(false);
+                    }
+                    match self.kv.update(&key, value.clone(), e.revision).await {
+                        Ok(revision) => Some(revision),
+                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => None,
+                        Err(e) => return Err(kv_err(e)),
+                    }
+                }
+                None => match self.kv.create(&key, value.clone()).await {
+                    Ok(revision) => Some(revision),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
+                    Err(e) => return Err(kv_err(e)),
+                },
+            };
+            if let Some(revision) = written {
+                self.remember(&key, mine(revision));
+                return Ok(true);
+            }
+        }
+        Err(kv_err(format!("{key}: too much contention")))
+    }
 }
 
 /// One head read from the bucket, ready for an outbox.

@@ -211,7 +211,9 @@ pub async fn run(
     let consumer = tokio::spawn(bus::run_consumer(
         ctx.js.clone(),
         consumer_spec(&config),
-        PokeHandler { heads },
+        PokeHandler {
+            writer: heads::HeadWriter::new(heads),
+        },
         token.clone(),
     ));
     let webhooks = tokio::spawn(webhook::run(
@@ -274,7 +276,7 @@ async fn watch_bus(
 /// Durable effect of a poke: its ref head. Every replica's feed then
 /// delivers it to the agent's connections, wherever they are.
 struct PokeHandler {
-    heads: Store,
+    writer: heads::HeadWriter,
 }
 
 impl Handler<AgentPoke> for PokeHandler {
@@ -286,7 +288,9 @@ impl Handler<AgentPoke> for PokeHandler {
             correlation_id: d.meta.correlation_id.clone(),
             poke_sequence: d.stream_sequence,
         };
-        let wrote = heads::record(&self.heads, &head)
+        let wrote = self
+            .writer
+            .record(&head)
             .await
             .map_err(|e| HandleError::Retryable(e.to_string()))?;
         metrics::counter!("pushbus_notifier_pokes_total").increment(1);
