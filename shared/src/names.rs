@@ -9,6 +9,11 @@ pub const SUBJECTS_PUSHES: &str = "pushbus.push.>";
 pub const STREAM_POKES: &str = "PUSHBUS_POKES";
 pub const SUBJECTS_POKES: &str = "pushbus.poke.>";
 
+/// Webhook deliveries, only for agents whose config names a webhook:
+/// `pushbus.webhook.<agent_id>` (an `AgentPoke`, same event ID as the poke).
+pub const STREAM_WEBHOOKS: &str = "PUSHBUS_WEBHOOKS";
+pub const SUBJECTS_WEBHOOKS: &str = "pushbus.webhook.>";
+
 /// Poison messages, one subject per consumer that gave up: `pushbus.dlq.<consumer>`.
 pub const STREAM_DLQ: &str = "PUSHBUS_DLQ";
 pub const SUBJECTS_DLQ: &str = "pushbus.dlq.>";
@@ -70,6 +75,10 @@ pub fn push_subject(project_id: i64) -> String {
 
 pub fn poke_subject(agent_id: &str) -> String {
     format!("pushbus.poke.{agent_id}")
+}
+
+pub fn webhook_subject(agent_id: &str) -> String {
+    format!("pushbus.webhook.{agent_id}")
 }
 
 pub fn dlq_subject(consumer: &str) -> String {

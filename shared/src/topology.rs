@@ -125,6 +125,15 @@ pub fn pokes_stream() -> stream::Config {
     )
 }
 
+pub fn webhooks_stream() -> stream::Config {
+    limits_stream(
+        names::STREAM_WEBHOOKS,
+        names::SUBJECTS_WEBHOOKS,
+        "pushbus: AgentPoke for agents with a webhook, subject per agent",
+        DAY,
+    )
+}
+
 pub fn dlq_stream() -> stream::Config {
     limits_stream(
         names::STREAM_DLQ,

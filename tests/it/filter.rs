@@ -456,5 +456,8 @@ async fn tag_delete_and_force_pushes_poke_marked_as_such() {
             ),
         ]
     );
+    // An agent without a webhook costs the webhook stream nothing.
+    let webhooks = js.get_stream(names::STREAM_WEBHOOKS).await.unwrap();
+    assert_eq!(webhooks.get_info().await.unwrap().state.messages, 0);
     replica.stop().await;
 }

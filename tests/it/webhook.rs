@@ -183,7 +183,8 @@ async fn publisher(nats: &NatsServer) -> Publisher {
     Publisher::new(js, Source::default())
 }
 
-/// Publishes a poke for `agent_id` straight onto the pokes stream.
+/// Publishes a webhook delivery for `agent_id` straight onto its stream (as
+/// filter does for agents with a webhook).
 async fn poke(publisher: &Publisher, agent_id: &str, sha: u32) -> String {
     let poke = AgentPoke {
         agent_id: agent_id.into(),
@@ -198,7 +199,7 @@ async fn poke(publisher: &Publisher, agent_id: &str, sha: u32) -> String {
     };
     let meta = EventMeta::fresh("corr-webhook-test");
     publisher
-        .publish(names::poke_subject(agent_id), &poke, &meta)
+        .publish(names::webhook_subject(agent_id), &poke, &meta)
         .await
         .unwrap();
     meta.event_id

@@ -14,6 +14,8 @@ pub struct Index {
     by_path: HashMap<Box<str>, Vec<WatchMatcher>>,
     /// Agent -> the projects it has watches in (for replacing an agent).
     agents: HashMap<Arc<str>, Box<[ProjectKey]>>,
+    /// Agents whose config names a webhook.
+    webhooks: HashSet<Arc<str>>,
     strings: Interner,
     removed_since_sweep: usize,
 }
@@ -56,6 +58,19 @@ impl Index {
         self.agents.shrink_to_fit();
     }
 
+    pub fn has_webhook(&self, agent_id: &str) -> bool {
+        self.webhooks.contains(agent_id)
+    }
+
+    /// Marks whether `agent_id` (already `put`) wants webhook deliveries.
+    pub fn set_webhook(&mut self, agent_id: &str, wanted: bool) {
+        if !wanted {
+            self.webhooks.remove(agent_id);
+        } else if let Some((id, _)) = self.agents.get_key_value(agent_id) {
+            self.webhooks.insert(id.clone());
+        }
+    }
+
     /// Replaces everything `agent_id` watched with `watches`.
     pub fn put(&mut self, agent_id: &str, watches: Vec<CompiledWatch>) {
         self.remove(agent_id);
@@ -80,6 +95,7 @@ impl Index {
     }
 
     pub fn remove(&mut self, agent_id: &str) {
+        self.webhooks.remove(agent_id);
         let Some(projects) = self.agents.remove(agent_id) else {
             return;
         };

@@ -69,6 +69,7 @@ pub fn topology(config: &Config) -> Topology {
         streams: vec![
             topology::pushes_stream(),
             topology::pokes_stream(),
+            topology::webhooks_stream(),
             topology::dlq_stream(),
         ],
         buckets: vec![topology::agents_bucket()],
@@ -140,14 +141,25 @@ impl Handler<GitPushEvent> for PushHandler {
     async fn handle(&self, d: Delivery<GitPushEvent>) -> Result<(), HandleError> {
         let push = &d.message;
         metrics::counter!("pushbus_filter_pushes_total").increment(1);
-        let matches = registry::read(&self.index).matches(push);
+        // Which matched agents want a webhook too, read under the same lock.
+        let matches: Vec<(index::Match, bool)> = {
+            let index = registry::read(&self.index);
+            index
+                .matches(push)
+                .into_iter()
+                .map(|m| {
+                    let hook = index.has_webhook(&m.agent_id);
+                    (m, hook)
+                })
+                .collect()
+        };
         if matches.is_empty() {
             metrics::counter!("pushbus_filter_pushes_unmatched_total").increment(1);
             tracing::debug!(project_id = push.project_id, "push matches no agent");
             return Ok(());
         }
         let mut pending = Vec::with_capacity(matches.len());
-        for m in &matches {
+        for (m, hook) in &matches {
             let change = &push.changes[m.change];
             let poke = AgentPoke {
                 agent_id: m.agent_id.to_string(),
@@ -173,6 +185,15 @@ impl Handler<GitPushEvent> for PushHandler {
                 .await
                 .map_err(|e| HandleError::Retryable(e.to_string()))?;
             pending.push(sent);
+            // Only agents with a webhook cost the webhook consumer anything.
+            if *hook {
+                let sent = self
+                    .publisher
+                    .send(names::webhook_subject(&m.agent_id), &poke, &meta)
+                    .await
+                    .map_err(|e| HandleError::Retryable(e.to_string()))?;
+                pending.push(sent);
+            }
         }
         for p in pending {
             p.wait()

@@ -102,7 +102,10 @@ fn apply(index: &mut Index, entry: &Entry) {
     match entry.operation {
         Operation::Delete | Operation::Purge => index.remove(&entry.key),
         Operation::Put => match decode(entry) {
-            Ok(watches) => index.put(&entry.key, watches),
+            Ok((watches, webhook)) => {
+                index.put(&entry.key, watches);
+                index.set_webhook(&entry.key, webhook);
+            }
             Err(reason) => {
                 // Never crash on a bad value; the agent is not matched until fixed.
                 tracing::error!(agent_id = %entry.key, revision = entry.revision, %reason, "invalid agent config in registry; agent disabled");
@@ -112,7 +115,8 @@ fn apply(index: &mut Index, entry: &Entry) {
     }
 }
 
-fn decode(entry: &Entry) -> Result<Vec<agent::CompiledWatch>, String> {
+/// The agent's compiled watches, and whether it names a webhook.
+fn decode(entry: &Entry) -> Result<(Vec<agent::CompiledWatch>, bool), String> {
     let cfg = AgentConfig::decode(entry.value.as_ref())
         .map_err(|e| format!("undecodable AgentConfig: {e}"))?;
     if cfg.agent_id != entry.key {
@@ -121,7 +125,8 @@ fn decode(entry: &Entry) -> Result<Vec<agent::CompiledWatch>, String> {
             cfg.agent_id
         ));
     }
-    agent::compile(&cfg).map_err(|e| e.to_string())
+    let webhook = cfg.webhook.as_ref().is_some_and(|w| !w.url.is_empty());
+    Ok((agent::compile(&cfg).map_err(|e| e.to_string())?, webhook))
 }
 
 pub fn write(index: &SharedIndex) -> std::sync::RwLockWriteGuard<'_, Index> {

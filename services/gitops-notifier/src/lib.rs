@@ -115,7 +115,11 @@ pub fn consumer_spec(config: &Config) -> ConsumerSpec {
 /// notifier updates the consumer to its own flags).
 pub fn topology(config: &Config) -> Topology {
     Topology {
-        streams: vec![topology::pokes_stream(), topology::dlq_stream()],
+        streams: vec![
+            topology::pokes_stream(),
+            topology::webhooks_stream(),
+            topology::dlq_stream(),
+        ],
         buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
         consumers: vec![
             (
@@ -123,7 +127,7 @@ pub fn topology(config: &Config) -> Topology {
                 consumer_spec(config).pull_config(),
             ),
             (
-                names::STREAM_POKES.into(),
+                names::STREAM_WEBHOOKS.into(),
                 webhook::consumer_spec(&config.webhooks).pull_config(),
             ),
         ],

@@ -144,7 +144,7 @@ impl WebhookConfig {
 }
 
 pub fn consumer_spec(config: &WebhookConfig) -> ConsumerSpec {
-    let mut spec = ConsumerSpec::new(names::STREAM_POKES, names::CONSUMER_NOTIFIER_WEBHOOKS);
+    let mut spec = ConsumerSpec::new(names::STREAM_WEBHOOKS, names::CONSUMER_NOTIFIER_WEBHOOKS);
     spec.max_deliver = config.max_attempts.max(1);
     spec.backoff_base = Duration::from_millis(config.backoff_base_ms);
     spec.backoff_max = Duration::from_millis(config.backoff_max_ms.max(config.backoff_base_ms));
