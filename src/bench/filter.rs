@@ -192,9 +192,9 @@ fn time_matching(
     }
 }
 
-fn sorted(mut m: Vec<Match>) -> Vec<(String, usize)> {
+fn sorted(m: Vec<Match>) -> Vec<(String, usize)> {
     let mut out: Vec<_> = m
-        .drain(..)
+        .into_iter()
         .map(|m| (m.agent_id.to_string(), m.change))
         .collect();
     out.sort();

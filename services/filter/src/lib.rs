@@ -179,17 +179,12 @@ impl Handler<GitPushEvent> for PushHandler {
             // Derived from the push ID + agent + ref: a redelivered push
             // republishes the same IDs and the stream drops the copies.
             let meta = EventMeta::derived_from(&d.meta, &[&m.agent_id, &change.r#ref]);
-            let sent = self
-                .publisher
-                .send(names::poke_subject(&m.agent_id), &poke, &meta)
-                .await
-                .map_err(|e| HandleError::Retryable(e.to_string()))?;
-            pending.push(sent);
             // Only agents with a webhook cost the webhook consumer anything.
-            if *hook {
+            let hook_subject = hook.then(|| names::webhook_subject(&m.agent_id));
+            for subject in std::iter::once(names::poke_subject(&m.agent_id)).chain(hook_subject) {
                 let sent = self
                     .publisher
-                    .send(names::webhook_subject(&m.agent_id), &poke, &meta)
+                    .send(subject, &poke, &meta)
                     .await
                     .map_err(|e| HandleError::Retryable(e.to_string()))?;
                 pending.push(sent);

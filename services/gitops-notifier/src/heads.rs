@@ -383,7 +383,7 @@ pub async fn follow(
                 continue;
             }
         };
-        hub.set_degraded(false, "bus reachable again: pokes are live");
+        hub.bus_back();
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -425,7 +425,7 @@ pub async fn follow(
 }
 
 async fn broken(hub: &Hub, err: &str, shutdown: &CancellationToken) {
-    if hub.set_degraded(true, "lost the bus: fall back to polling") {
+    if hub.bus_lost() {
         tracing::warn!(%err, "ref heads feed broken; agents told to poll");
     }
     tokio::select! {

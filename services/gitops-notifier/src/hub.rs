@@ -1,7 +1,7 @@
 //! The agents connected to this replica, and delivery to their outboxes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +18,9 @@ struct Inner {
     agents: Mutex<HashMap<Arc<str>, Vec<Arc<Conn>>>>,
     window: Duration,
     degraded: AtomicBool,
+    /// Kept alongside the map: summing it per connect would make 10,000
+    /// reconnects quadratic.
+    connections: AtomicUsize,
 }
 
 /// A registered connection; dropping it (the agent went away, or the
@@ -37,9 +40,14 @@ impl Drop for Connection {
                 agents.remove(&self.agent_id);
             }
         }
-        let count = agents.values().map(Vec::len).sum::<usize>();
-        metrics::gauge!("pushbus_notifier_connections").set(count as f64);
+        drop(agents);
+        let now = self.hub.inner.connections.fetch_sub(1, Ordering::SeqCst) - 1;
+        connections_gauge(now);
     }
+}
+
+fn connections_gauge(now: usize) {
+    metrics::gauge!("pushbus_notifier_connections").set(now as f64);
 }
 
 impl Hub {
@@ -49,6 +57,7 @@ impl Hub {
                 agents: Mutex::default(),
                 window,
                 degraded: AtomicBool::new(false),
+                connections: AtomicUsize::new(0),
             }),
         }
     }
@@ -62,14 +71,11 @@ impl Hub {
     pub fn connect(&self, agent_id: &str) -> Connection {
         let conn = Conn::new(self.inner.window);
         let agent_id: Arc<str> = agent_id.into();
-        let mut agents = self.lock();
-        agents
+        self.lock()
             .entry(agent_id.clone())
             .or_default()
             .push(conn.clone());
-        let count = agents.values().map(Vec::len).sum::<usize>();
-        metrics::gauge!("pushbus_notifier_connections").set(count as f64);
-        drop(agents);
+        connections_gauge(self.inner.connections.fetch_add(1, Ordering::SeqCst) + 1);
         Connection {
             hub: self.clone(),
             agent_id,
@@ -79,7 +85,7 @@ impl Hub {
 
     /// Connections registered now (what the connections gauge shows).
     pub fn connection_count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.inner.connections.load(Ordering::SeqCst)
     }
 
     /// Offers head `revision` of `key` to every connection of `agent_id`;
@@ -91,19 +97,29 @@ impl Hub {
         revision: u64,
         event: &WatchEvent,
     ) -> usize {
-        let conns = match self.lock().get(agent_id) {
-            Some(c) => c.clone(),
-            None => return 0,
-        };
-        conns
-            .iter()
-            .filter(|c| c.offer(key, revision, event.clone()))
-            .count()
+        // Offering only takes each outbox's own short lock.
+        self.lock().get(agent_id).map_or(0, |conns| {
+            conns
+                .iter()
+                .filter(|c| c.offer(key, revision, event.clone()))
+                .count()
+        })
     }
 
-    /// Tells every connection when the bus is lost or back; returns whether
-    /// the state changed.
-    pub fn set_degraded(&self, degraded: bool, detail: &str) -> bool {
+    /// The bus is gone: agents fall back to polling. Returns whether this
+    /// changed the state.
+    pub fn bus_lost(&self) -> bool {
+        self.set_degraded(true, "lost the bus: fall back to polling")
+    }
+
+    /// The bus is back: pokes are live again. Returns whether this changed
+    /// the state.
+    pub fn bus_back(&self) -> bool {
+        self.set_degraded(false, "bus reachable again: pokes are live")
+    }
+
+    /// Tells every connection when the bus is lost or back.
+    fn set_degraded(&self, degraded: bool, detail: &str) -> bool {
         if self.inner.degraded.swap(degraded, Ordering::SeqCst) == degraded {
             return false;
         }

@@ -261,15 +261,13 @@ async fn watch_bus(
         }
         let changed = match client.connection_state() {
             Conn::Connected => {
-                let back = hub.set_degraded(false, "bus reachable again: pokes are live");
+                let back = hub.bus_back();
                 if back {
                     reconnected.notify_one();
                 }
                 back
             }
-            Conn::Disconnected | Conn::Pending => {
-                hub.set_degraded(true, "lost the bus: fall back to polling")
-            }
+            Conn::Disconnected | Conn::Pending => hub.bus_lost(),
         };
         if changed {
             tracing::warn!(state = ?client.connection_state(), "bus state changed; agents told");
