@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod codec;
 pub mod envelope;
+pub mod fallback;
 pub mod names;
 pub mod ops;
 pub mod proto;

@@ -1,7 +1,9 @@
 //! The stable names users see in the `nats` CLI. Changing one is a breaking
 //! change for deployed systems: the README lists them all.
 
-/// Every push, one subject per project: `pushbus.push.<project_id>`.
+/// Every push part, one subject per event: `pushbus.push.<project_id>.<event_id>`.
+/// A subject of its own lets the stream refuse a second copy of the same
+/// event for as long as the first is kept (see [`push_subject`]).
 pub const STREAM_PUSHES: &str = "PUSHBUS_PUSHES";
 pub const SUBJECTS_PUSHES: &str = "pushbus.push.>";
 
@@ -69,8 +71,16 @@ pub mod headers {
     pub const DLQ_DELIVERED: &str = "Pushbus-Dlq-Delivered";
 }
 
-pub fn push_subject(project_id: i64) -> String {
-    format!("pushbus.push.{project_id}")
+/// The subject of one push event. Published with "no message on this
+/// subject yet" as a condition, it makes a replay days later (a spooled
+/// hook) a refusal instead of a second copy.
+pub fn push_subject(project_id: i64, event_id: &str) -> String {
+    format!("pushbus.push.{project_id}.{event_id}")
+}
+
+/// Every push of one project.
+pub fn project_push_subjects(project_id: i64) -> String {
+    format!("pushbus.push.{project_id}.*")
 }
 
 pub fn poke_subject(agent_id: &str) -> String {

@@ -158,6 +158,7 @@ pub async fn host(
     let mut running = tokio::task::JoinSet::new();
     for launcher in services {
         let ready = readiness.component(launcher.name);
+        let connected = readiness.component(&format!("{} (nats)", launcher.name));
         let token = token.clone();
         let url = nats_url.to_owned();
         running.spawn(async move {
@@ -168,6 +169,7 @@ pub async fn host(
             else {
                 return (name, Ok(()));
             };
+            tokio::spawn(follow_connection(client.clone(), connected, token.clone()));
             tracing::info!(service = name, "starting");
             let ctx = ServiceContext::new(name, client, ready);
             let result = (launcher.start)(ctx, token).await;
@@ -191,6 +193,19 @@ pub async fn host(
     }
     let _ = ops_server.await;
     failure.map_or(Ok(()), Err)
+}
+
+/// A service without its bus is not ready, whatever it loaded: /readyz
+/// says so while the connection is down and again once it is back.
+async fn follow_connection(client: async_nats::Client, flag: ReadyFlag, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    loop {
+        flag.set(client.connection_state() == async_nats::connection::State::Connected);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+    }
 }
 
 fn check(

@@ -35,6 +35,7 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
         lag_budget_ms: 250,
         geo_routes: false,
         routes: Default::default(),
+        store_timeout_ms: 2000,
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let host = tokio::spawn({
@@ -96,7 +97,7 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
             let publish = async_nats::jetstream::message::PublishMessage::build()
                 .payload(payload)
                 .message_id(format!("raw-{i}"));
-            js.send_publish(format!("pushbus.push.{}", 1 + i % 100), publish)
+            js.send_publish(format!("pushbus.push.{}.raw-{i}", 1 + i % 100), publish)
                 .await?
                 .await?;
             Ok(())

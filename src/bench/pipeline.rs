@@ -346,7 +346,7 @@ async fn agent(
     let id = agent_id(a);
     // The last cursor seen (statuses carry one too): a reconnect catches up
     // on what moved while this agent was away, as a real agent would.
-    let mut cursor = 0;
+    let mut cursor: Option<u64> = None;
     while !stop.is_cancelled() {
         let request = WatchRequest {
             agent_id: id.clone(),
@@ -366,7 +366,7 @@ async fn agent(
                     m = events.message() => m,
                 };
                 let Ok(Some(ev)) = next else { break };
-                cursor = cursor.max(ev.cursor);
+                cursor = Some(cursor.map_or(ev.cursor, |c| c.max(ev.cursor)));
                 match ev.event {
                     Some(Event::Status(_)) if !is_live => {
                         is_live = true;

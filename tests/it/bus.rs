@@ -125,11 +125,11 @@ async fn republished_event_id_is_dropped_by_the_stream() {
     let (js, publisher) = setup(&nats).await;
     let meta = EventMeta::deterministic("c1", &["same push"]);
     let first = publisher
-        .publish(names::push_subject(1), &push(1, 1), &meta)
+        .publish(names::push_subject(1, "test"), &push(1, 1), &meta)
         .await
         .unwrap();
     let again = publisher
-        .publish(names::push_subject(1), &push(1, 1), &meta)
+        .publish(names::push_subject(1, "test"), &push(1, 1), &meta)
         .await
         .unwrap();
     assert!(!first.duplicate);
@@ -147,7 +147,7 @@ async fn retryable_error_is_redelivered_then_acked() {
     let token = CancellationToken::new();
     let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
     publisher
-        .publish(names::push_subject(5), &push(5, 1), &EventMeta::fresh("c"))
+        .publish(names::push_subject(5, "test"), &push(5, 1), &EventMeta::fresh("c"))
         .await
         .unwrap();
     wait_for("second delivery", || rec.seen().len() == 2).await;
@@ -178,26 +178,26 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
     let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
     let client = testkit::client(&nats).await;
     // Undecodable bytes on the same subject as good messages.
-    js.publish(names::push_subject(1), "not protobuf \u{ff}".into())
+    js.publish(names::push_subject(1, "test"), "not protobuf \u{ff}".into())
         .await
         .unwrap()
         .await
         .unwrap();
     client.flush().await.unwrap();
     publisher
-        .publish(names::push_subject(1), &push(1, 1), &EventMeta::fresh("c"))
+        .publish(names::push_subject(1, "test"), &push(1, 1), &EventMeta::fresh("c"))
         .await
         .unwrap();
     publisher
-        .publish(names::push_subject(3), &push(3, 1), &EventMeta::fresh("c"))
+        .publish(names::push_subject(3, "test"), &push(3, 1), &EventMeta::fresh("c"))
         .await
         .unwrap();
     publisher
-        .publish(names::push_subject(4), &push(4, 1), &EventMeta::fresh("c"))
+        .publish(names::push_subject(4, "test"), &push(4, 1), &EventMeta::fresh("c"))
         .await
         .unwrap();
     publisher
-        .publish(names::push_subject(1), &push(1, 2), &EventMeta::fresh("c"))
+        .publish(names::push_subject(1, "test"), &push(1, 2), &EventMeta::fresh("c"))
         .await
         .unwrap();
 
@@ -272,7 +272,7 @@ async fn one_key_in_order_different_keys_in_parallel() {
         for project in 1..=8i64 {
             let sent = publisher
                 .send(
-                    names::push_subject(project),
+                    names::push_subject(project, "test"),
                     &push(project, n),
                     &EventMeta::fresh("c"),
                 )
@@ -307,7 +307,7 @@ async fn stored_events_survive_a_killed_and_restarted_server() {
     let mut nats = NatsServer::start();
     let (_, publisher) = setup(&nats).await;
     let ack = publisher
-        .publish(names::push_subject(9), &push(9, 1), &EventMeta::fresh("c"))
+        .publish(names::push_subject(9, "test"), &push(9, 1), &EventMeta::fresh("c"))
         .await
         .unwrap();
     nats.kill();

@@ -33,7 +33,7 @@ async fn publish(publisher: &Publisher, range: std::ops::Range<u32>) -> HashSet<
         };
         let meta = EventMeta::deterministic("c", &[&i.to_string()]);
         publisher
-            .publish(names::push_subject(project), &push, &meta)
+            .publish(names::push_subject(project, "test"), &push, &meta)
             .await
             .unwrap();
         for agent in ["agent-a", "agent-b"] {
@@ -138,7 +138,7 @@ async fn registry_updates_apply_to_later_pushes() {
             ..Default::default()
         };
         publisher
-            .publish(names::push_subject(2), &push, &meta)
+            .publish(names::push_subject(2, "test"), &push, &meta)
             .await
             .unwrap();
         expected.insert(EventMeta::derived_from(&meta, &["agent-a", "refs/heads/main"]).event_id);
@@ -322,7 +322,7 @@ async fn registry_request_api_validates_writes_and_applies() {
             ..Default::default()
         };
         publisher
-            .publish(names::push_subject(7), &push, &meta)
+            .publish(names::push_subject(7, "test"), &push, &meta)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -410,7 +410,7 @@ async fn tag_delete_and_force_pushes_poke_marked_as_such() {
     };
     let meta = EventMeta::deterministic("kinds", &["1"]);
     publisher
-        .publish(names::push_subject(30), &push, &meta)
+        .publish(names::push_subject(30, "test"), &push, &meta)
         .await
         .unwrap();
     let mut pokes = Vec::new();

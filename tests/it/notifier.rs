@@ -48,7 +48,7 @@ async fn watch(addr: std::net::SocketAddr, req: WatchRequest) -> Streaming<Watch
     stream
 }
 
-fn agent(id: &str, since_cursor: u64) -> WatchRequest {
+fn agent(id: &str, since_cursor: Option<u64>) -> WatchRequest {
     WatchRequest {
         agent_id: id.into(),
         since_cursor,
@@ -104,7 +104,7 @@ async fn offline_agent_catches_up_one_poke_per_ref_then_goes_live() {
     register(&nats, "catcher", 40..=40).await;
     let stack = Stack::start(&nats.url()).await;
 
-    let mut live = watch(stack.notifier, agent("catcher", 0)).await;
+    let mut live = watch(stack.notifier, agent("catcher", None)).await;
     push(&stack, 40, "main", &sha(1)).await;
     let first = drain(&mut live, Duration::from_secs(2)).await;
     assert_eq!(pokes(&first), vec![("refs/heads/main".into(), sha(1))]);
@@ -123,7 +123,7 @@ async fn offline_agent_catches_up_one_poke_per_ref_then_goes_live() {
     head_is(&nats, "catcher", 40, "dev", &sha(102)).await;
 
     // By cursor: exactly the two refs, newest SHAs, marked as catch-up.
-    let mut back = watch(stack.notifier, agent("catcher", cursor)).await;
+    let mut back = watch(stack.notifier, agent("catcher", Some(cursor))).await;
     let caught = drain(&mut back, Duration::from_secs(1)).await;
     let mut got = pokes(&caught);
     got.sort();
@@ -201,7 +201,7 @@ async fn reconnect_during_pushes_leaves_no_gap_and_no_duplicate() {
     let nats = NatsServer::start();
     register(&nats, "steady", 41..=41).await;
     let stack = std::sync::Arc::new(Stack::start(&nats.url()).await);
-    let mut stream = watch(stack.notifier, agent("steady", 0)).await;
+    let mut stream = watch(stack.notifier, agent("steady", None)).await;
     let pusher = tokio::spawn({
         let stack = stack.clone();
         async move {
@@ -215,7 +215,7 @@ async fn reconnect_during_pushes_leaves_no_gap_and_no_duplicate() {
     let mut events = drain(&mut stream, Duration::from_millis(300)).await;
     let resume = events.iter().map(|e| e.cursor).max().unwrap_or(0);
     drop(stream);
-    let mut again = watch(stack.notifier, agent("steady", resume)).await;
+    let mut again = watch(stack.notifier, agent("steady", Some(resume))).await;
     pusher.await.unwrap();
     head_is(&nats, "steady", 41, "a", &sha(60)).await;
     let later = drain(&mut again, Duration::from_secs(2)).await;
@@ -248,7 +248,7 @@ async fn a_burst_to_one_ref_becomes_a_handful_of_pokes_ending_with_the_last_sha(
     let nats = NatsServer::start();
     register(&nats, "bursty", 42..=42).await;
     let stack = Stack::start(&nats.url()).await;
-    let mut stream = watch(stack.notifier, agent("bursty", 0)).await;
+    let mut stream = watch(stack.notifier, agent("bursty", None)).await;
     let started = Instant::now();
     for n in 1..=200 {
         push(&stack, 42, "main", &sha(n)).await;
@@ -276,8 +276,8 @@ async fn two_replicas_deliver_every_poke_exactly_once() {
     let stack = Stack::start(&nats.url()).await;
     let second_addr = local(free_port());
     let second = Replica::notifier(&nats.url(), second_addr).await;
-    let mut first_stream = watch(stack.notifier, agent("on-first", 0)).await;
-    let mut second_stream = watch(second_addr, agent("on-second", 0)).await;
+    let mut first_stream = watch(stack.notifier, agent("on-first", None)).await;
+    let mut second_stream = watch(second_addr, agent("on-second", None)).await;
     // Distinct branches: nothing may be coalesced.
     let want: HashSet<(String, String)> = (0..30)
         .map(|n| (format!("refs/heads/b{n}"), sha(n)))
@@ -300,7 +300,7 @@ async fn bus_loss_is_announced_and_nothing_is_missing_after_it() {
     let mut nats = NatsServer::start();
     register(&nats, "patient", 44..=44).await;
     let stack = Stack::start(&nats.url()).await;
-    let mut stream = watch(stack.notifier, agent("patient", 0)).await;
+    let mut stream = watch(stack.notifier, agent("patient", None)).await;
     push(&stack, 44, "main", &sha(1)).await;
     let before = drain(&mut stream, Duration::from_secs(1)).await;
     assert_eq!(pokes(&before), vec![("refs/heads/main".into(), sha(1))]);
@@ -417,21 +417,21 @@ async fn the_connect_status_cursor_is_a_resume_point() {
     let stack = Stack::start(&nats.url()).await;
     // Some head exists before (delivered, so the notifier has seen it), so
     // the cursor is not zero.
-    let mut other = watch(stack.notifier, agent("other", 0)).await;
+    let mut other = watch(stack.notifier, agent("other", None)).await;
     push(&stack, 47, "main", &sha(1)).await;
     let first = drain(&mut other, Duration::from_secs(1)).await;
     assert_eq!(pokes(&first).len(), 1);
     let mut client = GitOpsNotifierClient::connect(format!("http://{}", stack.notifier))
         .await
         .unwrap();
-    let mut stream = client.watch(agent("quiet", 0)).await.unwrap().into_inner();
+    let mut stream = client.watch(agent("quiet", None)).await.unwrap().into_inner();
     let status = stream.message().await.unwrap().unwrap();
     assert!(matches!(status.event, Some(Event::Status(_))));
     assert!(status.cursor > 0, "{status:?}");
     drop(stream);
     push(&stack, 46, "main", &sha(2)).await;
     head_is(&nats, "quiet", 46, "main", &sha(2)).await;
-    let mut back = watch(stack.notifier, agent("quiet", status.cursor)).await;
+    let mut back = watch(stack.notifier, agent("quiet", Some(status.cursor))).await;
     let caught = drain(&mut back, Duration::from_secs(1)).await;
     assert_eq!(pokes(&caught), vec![("refs/heads/main".into(), sha(2))]);
     stack.stop().await;
@@ -444,7 +444,7 @@ async fn a_replica_started_later_serves_catch_up_from_the_bucket() {
     let nats = NatsServer::start();
     register(&nats, "mover", 48..=48).await;
     let stack = Stack::start(&nats.url()).await;
-    let mut first = watch(stack.notifier, agent("mover", 0)).await;
+    let mut first = watch(stack.notifier, agent("mover", None)).await;
     push(&stack, 48, "main", &sha(1)).await;
     let seen = drain(&mut first, Duration::from_secs(1)).await;
     let cursor = seen.iter().map(|e| e.cursor).max().unwrap();
@@ -454,7 +454,7 @@ async fn a_replica_started_later_serves_catch_up_from_the_bucket() {
     head_is(&nats, "mover", 48, "dev", &sha(3)).await;
     let addr = local(free_port());
     let later = Replica::notifier(&nats.url(), addr).await;
-    let mut back = watch(addr, agent("mover", cursor)).await;
+    let mut back = watch(addr, agent("mover", Some(cursor))).await;
     let mut got = pokes(&drain(&mut back, Duration::from_secs(1)).await);
     got.sort();
     assert_eq!(

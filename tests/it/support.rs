@@ -70,6 +70,7 @@ impl Stack {
             lag_budget_ms: opts.lag_budget_ms,
             geo_routes: opts.geo_routes,
             routes: Default::default(),
+            store_timeout_ms: 2000,
         };
         let notifier_cfg = pushbus_gitops_notifier::Config::new(notifier);
         let mut launchers = vec![

@@ -20,8 +20,9 @@ pub use registry::{RegistryError, put_agent};
 #[derive(clap::Args, Clone, Debug)]
 #[group(id = "filter")]
 pub struct Config {
-    /// Projects whose pushes are matched in parallel (one project's pushes
-    /// are always handled in order).
+    /// Projects whose pushes are matched in parallel (one replica handles
+    /// one project's pushes in order; across replicas only the ref heads are
+    /// ordered, by push).
     #[arg(
         long = "filter-concurrency",
         env = "PUSHBUS_FILTER_CONCURRENCY",
@@ -175,6 +176,11 @@ impl Handler<GitPushEvent> for PushHandler {
                 changed_paths: change.changed_paths.clone(),
                 paths_known: change.paths_known,
                 actor: push.actor.clone(),
+                // Heads order by the push, not by when its poke was
+                // published: a replica that died holding an older push
+                // republishes it late, and it must not win.
+                push_sequence: d.stream_sequence,
+                push_epoch: d.stream_epoch,
             };
             // Derived from the push ID + agent + ref: a redelivered push
             // republishes the same IDs and the stream drops the copies.

@@ -36,7 +36,7 @@ impl GitOpsNotifier for WatchService {
                 AuthError::Denied => Status::unauthenticated(err.to_string()),
                 AuthError::Unavailable(_) => Status::unavailable(err.to_string()),
             })?;
-        tracing::info!(%agent_id, since_cursor = req.since_cursor, "agent connected over gRPC");
+        tracing::info!(%agent_id, since_cursor = ?req.since_cursor, "agent connected over gRPC");
         let since = Since::from_request(req.since_cursor, &req.seen);
         let events = watch::open(&self.state, &agent_id, since).await.map(Ok);
         Ok(Response::new(Box::pin(events)))

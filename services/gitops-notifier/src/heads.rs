@@ -46,7 +46,18 @@ pub fn head_key(poke: &AgentPoke) -> String {
     )
 }
 
-/// Writes ref heads. Remembers the revision and poke sequence it last wrote
+/// Where a head's push stands in `PUSHBUS_PUSHES`: (stream epoch, push
+/// sequence). A head only ever moves to a higher one, so a push that comes
+/// back late (a filter replica died holding it; a redelivery) never replaces
+/// a newer push of the same ref, whatever order the pokes were published in.
+/// Heads written before pokes carried it order as (0, 0): anything wins.
+pub fn push_order(head: &RefHead) -> (i64, u64) {
+    head.poke
+        .as_ref()
+        .map_or((0, 0), |p| (p.push_epoch, p.push_sequence))
+}
+
+/// Writes ref heads. Remembers the revision and push order it last wrote
 /// or read per key, so the usual write is one compare-and-set with no read
 /// before it; a stale memory (another replica wrote) costs one failed try.
 pub struct HeadWriter {
@@ -57,7 +68,7 @@ pub struct HeadWriter {
 #[derive(Clone, Copy)]
 struct Written {
     revision: u64,
-    poke_sequence: u64,
+    order: (i64, u64),
 }
 
 /// Keys remembered before the memory starts over (bounds it; forgetting only
@@ -88,9 +99,8 @@ impl HeadWriter {
         known.insert(key.to_owned(), w);
     }
 
-    /// Records `head` unless the bucket already holds this poke or a newer
-    /// one (replicas may handle one agent's pokes out of order; redeliveries
-    /// repeat). Returns whether it wrote.
+    /// Records `head` unless the bucket already holds this push or a newer
+    /// one of the ref (see [`push_order`]). Returns whether it wrote.
     pub async fn record(&self, head: &RefHead) -> Result<bool, HeadsError> {
         let poke = head
             .poke
@@ -98,15 +108,13 @@ impl HeadWriter {
             .ok_or_else(|| kv_err("head without a poke"))?;
         let key = head_key(poke);
         let value: bytes::Bytes = head.encode_to_vec().into();
-        let mine = |revision| Written {
-            revision,
-            poke_sequence: head.poke_sequence,
-        };
-        // Fast path. Heads only move forward, so a remembered sequence at or
-        // past this poke's means the bucket's is too.
+        let order = push_order(head);
+        let mine = |revision| Written { revision, order };
+        // Fast path. Heads only move forward, so a remembered order at or
+        // past this push's means the bucket's is too.
         let attempt =
             match self.recall(&key) {
-                Some(w) if w.poke_sequence >= head.poke_sequence => return Ok(false),
+                Some(w) if w.order >= order => return Ok(false),
                 Some(w) => self
                     .kv
                     .update(&key, value.clone(), w.revision)
@@ -135,13 +143,13 @@ impl HeadWriter {
                         .then(|| RefHead::decode(e.value.as_ref()).ok())
                         .flatten();
                     if let Some(h) = &there
-                        && h.poke_sequence >= head.poke_sequence
+                        && push_order(h) >= order
                     {
                         self.remember(
                             &key,
                             Written {
                                 revision: e.revision,
-                                poke_sequence: h.poke_sequence,
+                                order: push_order(h),
                             },
                         );
                         return Ok(false);
@@ -330,13 +338,21 @@ pub async fn load(kv: &Store) -> Result<(HeadIndex, u64), HeadsError> {
     Ok((index, last))
 }
 
-/// The current heads of `agent_id` at `keys`, read one by one (direct gets).
-pub async fn read(kv: &Store, agent_id: &str, keys: &[RefKey]) -> Result<Vec<Head>, HeadsError> {
+/// The current heads of `agent_id` at `keys`, read one by one (direct gets),
+/// leaving out those newer than `up_to`: the feed has yet to reach them and
+/// will deliver them live, in order.
+pub async fn read(
+    kv: &Store,
+    agent_id: &str,
+    keys: &[RefKey],
+    up_to: u64,
+) -> Result<Vec<Head>, HeadsError> {
     let mut heads = Vec::with_capacity(keys.len());
     for key in keys {
         let full = format!("{agent_id}.{key}");
         if let Some(entry) = kv.entry(&full).await.map_err(kv_err)?
             && entry.operation == Operation::Put
+            && entry.revision <= up_to
             && let Some(h) = head(&full, entry.revision, &entry.value)
         {
             heads.push(h);

@@ -66,10 +66,11 @@ impl Hub {
         self.inner.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a connection of `agent_id`; heads delivered from now on
-    /// reach it. The caller sends its first event (`status_event`).
-    pub fn connect(&self, agent_id: &str) -> Connection {
-        let conn = Conn::new(self.inner.window);
+    /// Registers a connection of `agent_id` whose agent has every head up
+    /// to `cursor`; heads delivered from now on reach it. The caller sends
+    /// its first event (`status_event`) and opens it once catch-up is queued.
+    pub fn connect(&self, agent_id: &str, cursor: u64) -> Connection {
+        let conn = Conn::new(self.inner.window, cursor);
         let agent_id: Arc<str> = agent_id.into();
         self.lock()
             .entry(agent_id.clone())
@@ -133,16 +134,9 @@ impl Hub {
         true
     }
 
-    /// Live (pokes will reach the agent) or degraded (keep polling), with
-    /// the cursor the agent may resume from.
-    pub fn status_event(&self, detail: &str, cursor: u64) -> WatchEvent {
-        WatchEvent {
-            cursor,
-            ..self.current_status(detail)
-        }
-    }
-
-    fn current_status(&self, detail: &str) -> WatchEvent {
+    /// Live (pokes will reach the agent) or degraded (keep polling); the
+    /// outbox stamps the cursor as it leaves.
+    pub fn current_status(&self, detail: &str) -> WatchEvent {
         if self.inner.degraded.load(Ordering::SeqCst) {
             conn::status(State::Degraded, detail)
         } else {
@@ -160,11 +154,12 @@ mod tests {
     #[test]
     fn leaving_agents_are_forgotten() {
         let hub = Hub::new(Duration::from_millis(500));
-        let a = hub.connect("a");
-        let b = hub.connect("a");
-        let c = hub.connect("c");
+        let a = hub.connect("a", 0);
+        let b = hub.connect("a", 0);
+        let c = hub.connect("c", 0);
         assert_eq!(hub.connection_count(), 3);
         drop((a, c));
+        b.conn.open();
         assert_eq!(hub.connection_count(), 1);
         let key: RefKey = "1.61".into();
         assert_eq!(hub.deliver("a", &key, 1, &WatchEvent::default()), 1);

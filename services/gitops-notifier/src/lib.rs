@@ -6,6 +6,7 @@ pub mod conn;
 pub mod grpc;
 pub mod heads;
 pub mod hub;
+pub mod outbox;
 pub mod sse;
 pub mod watch;
 pub mod webhook;
@@ -201,7 +202,9 @@ pub async fn run(
         state: state.clone(),
     }))
     .into_axum_router();
-    let app = sse::router(state.clone()).merge(grpc);
+    let app = sse::router(state.clone())
+        .merge(grpc)
+        .fallback(pushbus_shared::fallback::not_found);
     let server = tokio::spawn({
         let token = token.clone();
         async move {

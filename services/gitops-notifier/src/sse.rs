@@ -49,8 +49,8 @@ async fn pokes(
             .map(str::to_owned)
     });
     let cursor = match since.as_deref().map(str::parse::<u64>) {
-        None => 0,
-        Some(Ok(c)) => c,
+        None => None,
+        Some(Ok(c)) => Some(c),
         Some(Err(_)) => {
             let error = json!({ "error": "since / Last-Event-ID must be a cursor (an unsigned integer)", "field": "since" });
             return (StatusCode::BAD_REQUEST, Json(error)).into_response();
@@ -64,7 +64,7 @@ async fn pokes(
         tracing::info!(%agent_id, error = %err, "SSE watch refused");
         return (status, Json(json!({ "error": err.to_string() }))).into_response();
     }
-    tracing::info!(%agent_id, cursor, "agent connected over SSE");
+    tracing::info!(%agent_id, cursor = ?cursor, "agent connected over SSE");
     let events = watch::open(&st, &agent_id, Since::from_request(cursor, &[]))
         .await
         .map(|ev| Ok::<_, Infallible>(to_sse(&ev)));
@@ -107,12 +107,9 @@ fn to_sse(ev: &WatchEvent) -> SseEvent {
             let event = SseEvent::default().event("status").data(
                 json!({ "state": state, "detail": s.detail, "cursor": ev.cursor }).to_string(),
             );
-            // A resume point for EventSource's Last-Event-ID, when known.
-            if ev.cursor > 0 {
-                event.id(ev.cursor.to_string())
-            } else {
-                event
-            }
+            // Always a resume point for EventSource's Last-Event-ID, 0
+            // included (a notifier with no heads yet).
+            event.id(ev.cursor.to_string())
         }
         None => SseEvent::default().comment("empty"),
     }

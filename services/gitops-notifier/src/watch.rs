@@ -4,26 +4,29 @@
 //! interleaving, each ref's newest head goes out once.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use pushbus_shared::proto::{SeenRef, WatchEvent, notifier_status::State};
 
 use crate::AppState;
-use crate::conn;
+use crate::conn::{self, Conn};
 use crate::heads;
 
 /// What the agent says it last saw.
 #[derive(Default, Debug)]
 pub struct Since {
+    /// Every head up to this revision was delivered to it (0 included: a
+    /// cursor from a notifier that had no heads yet).
     pub cursor: Option<u64>,
     /// ref key -> SHA.
     pub seen: Option<HashMap<String, String>>,
 }
 
 impl Since {
-    pub fn from_request(cursor: u64, seen: &[SeenRef]) -> Since {
+    pub fn from_request(cursor: Option<u64>, seen: &[SeenRef]) -> Since {
         Since {
-            cursor: (cursor > 0).then_some(cursor),
+            cursor,
             seen: (!seen.is_empty()).then(|| {
                 seen.iter()
                     .map(|s| (heads::ref_key(s.project_id, &s.r#ref), s.sha.clone()))
@@ -40,50 +43,99 @@ impl Since {
             .is_some_and(|seen| seen.get(key).is_none_or(|s| s != sha));
         after_cursor || sha_differs
     }
+
+    fn asks_catch_up(&self) -> bool {
+        self.cursor.is_some() || self.seen.is_some()
+    }
 }
+
+/// How long a connection waits for this replica's feed to reach a cursor
+/// the agent got from a replica further ahead.
+const CATCH_UP_TO_CURSOR: Duration = Duration::from_secs(3);
 
 pub async fn open(
     state: &AppState,
     agent_id: &str,
     since: Since,
 ) -> impl Stream<Item = WatchEvent> + Send + 'static {
-    let connection = state.hub.connect(agent_id);
+    let connection = state.hub.connect(agent_id, since.cursor.unwrap_or(0));
+    let conn = &connection.conn;
     // Read after registering: every head up to it is in the index (catch-up
-    // covers it), every later one reaches this connection live. So it is a
-    // resume point even for an agent that gets no poke before it leaves.
-    let cursor = state.index.position();
-    connection
-        .conn
-        .push_status(state.hub.status_event("connected", cursor));
-    if since.cursor.is_some() || since.seen.is_some() {
-        let keys = state.index.select(agent_id, |key, revision, sha| {
-            since.wants(key, revision, sha)
-        });
-        match heads::read(&state.heads, agent_id, &keys).await {
-            Ok(heads) => {
-                let mut offered = 0;
-                for h in heads {
-                    let mut event = h.event;
-                    event.catch_up = true;
-                    offered += usize::from(connection.conn.offer(&h.key, h.revision, event));
-                }
-                metrics::counter!("pushbus_notifier_catch_up_pokes_total")
-                    .increment(offered as u64);
-                tracing::info!(%agent_id, offered, cursor = ?since.cursor, "catch-up queued");
-            }
-            Err(err) => {
-                tracing::warn!(%agent_id, %err, "catch-up unavailable; agent told to poll");
-                // Live pokes still flow; one full poll covers what was missed.
-                connection.conn.push_status(conn::status(
-                    State::Live,
-                    "catch-up unavailable: poll once, live pokes follow",
-                ));
-            }
-        }
+    // covers it), every later one reaches this connection live.
+    let mut position = state.index.position();
+    if let Some(cursor) = since.cursor
+        && cursor > position
+    {
+        position = wait_for_position(state, cursor).await;
     }
+    conn.push_status(state.hub.current_status("connected"));
+    match since.cursor {
+        Some(cursor) if cursor > position => {
+            // Not a cursor of this bucket (recreated, or a feed far behind).
+            tracing::warn!(%agent_id, cursor, position, "cursor ahead of the ref heads; agent told to poll");
+            conn.reset(
+                position,
+                conn::status(
+                    State::Live,
+                    "unknown cursor (ahead of this notifier): poll everything",
+                ),
+            );
+        }
+        _ if !since.asks_catch_up() => conn.advance_to(position),
+        _ => catch_up(state, agent_id, &since, position, conn).await,
+    }
+    conn.open();
     futures::stream::unfold(connection, |c| async move {
         let event = c.conn.next().await;
         Some((event, c))
     })
     .take_until(state.shutdown.clone().cancelled_owned())
+}
+
+async fn wait_for_position(state: &AppState, cursor: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + CATCH_UP_TO_CURSOR;
+    loop {
+        let position = state.index.position();
+        if position >= cursor || tokio::time::Instant::now() >= deadline {
+            return position;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Queues every head the agent missed, up to `position`: later ones come
+/// through the feed, in order, so catch-up never overtakes them.
+async fn catch_up(
+    state: &AppState,
+    agent_id: &str,
+    since: &Since,
+    position: u64,
+    conn: &Conn,
+) {
+    let keys = state.index.select(agent_id, |key, revision, sha| {
+        since.wants(key, revision, sha)
+    });
+    match heads::read(&state.heads, agent_id, &keys, position).await {
+        Ok(heads) => {
+            let mut offered = 0;
+            for h in heads {
+                let mut event = h.event;
+                event.catch_up = true;
+                offered += usize::from(conn.offer(&h.key, h.revision, event));
+            }
+            metrics::counter!("pushbus_notifier_catch_up_pokes_total").increment(offered as u64);
+            tracing::info!(%agent_id, offered, cursor = ?since.cursor, "catch-up queued");
+        }
+        Err(err) => {
+            tracing::warn!(%agent_id, %err, "catch-up unavailable; agent told to poll");
+            // Live pokes still flow; one full poll covers what was missed.
+            conn.reset(
+                position,
+                conn::status(
+                    State::Live,
+                    "catch-up unavailable: poll once, live pokes follow",
+                ),
+            );
+        }
+    }
 }

@@ -104,6 +104,10 @@ pub struct Ingest {
     pub publisher: Publisher,
     pub client: async_nats::Client,
     pub lag_budget: Duration,
+    /// How long to wait for the stream's ack before answering "not stored";
+    /// shorter than the hook's own timeout, so the hook hears the 503 and
+    /// spools instead of giving up blind.
+    pub store_timeout: Duration,
     /// KV bucket pushbus-geo-push-routes when the correlation-ID cache
     /// variant is on (`--ingest-geo-routes`).
     pub routes: Option<async_nats::jetstream::kv::Store>,
@@ -129,10 +133,17 @@ impl Ingest {
                 tracing::info!(geo_node_id = %node, "Geo node taken from the correlation-ID route");
             }
         }
+        // A publish sent while disconnected would sit in the client's buffer
+        // and might be stored long after we answered 503; refuse it now.
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(IngestError::Unavailable(
+                "not connected to NATS".into(),
+            ));
+        }
         let max_payload = self.client.server_info().max_payload.max(64 * 1024);
         let parts = split(&push, max_payload - ENVELOPE_MARGIN);
         let part_count = parts.len() as u32;
-        let subject = names::push_subject(push.project_id);
+        let deadline = tokio::time::Instant::now() + self.store_timeout;
         let mut pending = Vec::with_capacity(parts.len());
         let mut event_ids = Vec::with_capacity(parts.len());
         for (i, changes) in parts.into_iter().enumerate() {
@@ -152,18 +163,38 @@ impl Ingest {
                 part,
                 part_count,
             };
-            let sent = self
-                .publisher
-                .send(subject.clone(), &event, &meta)
-                .await
-                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            let subject = names::push_subject(push.project_id, &meta.event_id);
+            let sent = tokio::time::timeout_at(
+                deadline,
+                self.publisher.send_once(subject, &event, &meta),
+            )
+            .await
+            .map_err(|_| IngestError::Unavailable("timed out sending to the stream".into()))?
+            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
             event_ids.push(meta.event_id);
             pending.push(sent);
         }
+        let mut replayed = 0;
         for p in pending {
-            p.wait()
-                .await
-                .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            match tokio::time::timeout_at(deadline, p.wait()).await {
+                Ok(Ok(_)) => {}
+                // Stored by an earlier attempt (a replay of a spooled push).
+                Ok(Err(e)) if e.is_already_stored() => replayed += 1,
+                Ok(Err(e)) => return Err(IngestError::Unavailable(e.to_string())),
+                Err(_) => {
+                    return Err(IngestError::Unavailable(
+                        "the stream did not confirm in time".into(),
+                    ));
+                }
+            }
+        }
+        if replayed > 0 {
+            metrics::counter!("pushbus_ingest_replays_total").increment(1);
+            tracing::info!(
+                project_id = push.project_id,
+                parts = replayed,
+                "push already stored by an earlier attempt; not stored again"
+            );
         }
         metrics::counter!("pushbus_ingest_pushes_total").increment(1);
         tracing::info!(

@@ -50,6 +50,15 @@ pub struct Config {
     /// default: it costs every such push a KV read before it is stored.
     #[arg(long = "ingest-geo-routes", env = "PUSHBUS_INGEST_GEO_ROUTES")]
     pub geo_routes: bool,
+    /// How long a push may wait for the stream's ack before it is answered
+    /// 503 (not confirmed; the hook spools it). Keep it, plus the lag budget,
+    /// below the hook's --timeout-ms (3000).
+    #[arg(
+        long = "ingest-store-timeout-ms",
+        env = "PUSHBUS_INGEST_STORE_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub store_timeout_ms: u64,
     #[command(flatten)]
     pub routes: routes::RouteTtlArgs,
 }
@@ -129,6 +138,7 @@ pub async fn run(
             publisher: ctx.publisher.clone(),
             client: ctx.client.clone(),
             lag_budget: Duration::from_millis(config.lag_budget_ms),
+            store_timeout: Duration::from_millis(config.store_timeout_ms.max(1)),
             routes,
         },
         secret,
@@ -140,7 +150,9 @@ pub async fn run(
     )
     .into_axum_router();
     // HTTP and gRPC (h2c) share one port.
-    let app = http::router(state, config.max_body_bytes).merge(grpc);
+    let app = http::router(state, config.max_body_bytes)
+        .merge(grpc)
+        .fallback(pushbus_shared::fallback::not_found);
     let token = CancellationToken::new();
     ctx.ready.set(true);
     tracing::info!(listen = %config.listen, "accepting post-receive notifications");

@@ -273,7 +273,7 @@ impl Lag {
             .pushes
             .raw_message_builder()
             .sequence(applied.saturating_add(1))
-            .next_by_subject(names::push_subject(project_id))
+            .next_by_subject(names::project_push_subjects(project_id))
             .send()
             .await;
         match next {

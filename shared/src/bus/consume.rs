@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use prost::{Message, Name};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,10 @@ pub struct Delivery<M> {
     pub meta: EventMeta,
     pub subject: String,
     pub stream_sequence: u64,
+    /// When the stream was created (unix nanoseconds): with
+    /// `stream_sequence`, a position that still grows if the stream is
+    /// deleted and created again.
+    pub stream_epoch: i64,
     /// 1 on the first delivery.
     pub delivered: i64,
     pub occurred_at: Option<prost_types::Timestamp>,
@@ -54,7 +58,9 @@ pub struct ConsumerSpec {
     /// Messages with different subjects handled at once; one subject's
     /// messages are always handled one after another, in stream order.
     pub concurrency: usize,
-    /// Deliveries before a message is dead-lettered.
+    /// Deliveries before a message is dead-lettered. Decided here from the
+    /// delivery count, never by the server (whose MaxDeliver would silently
+    /// park a message with only an advisory).
     pub max_deliver: i64,
     pub ack_wait: Duration,
     pub backoff_base: Duration,
@@ -90,10 +96,11 @@ impl ConsumerSpec {
             description: Some(format!("pushbus consumer {}", self.durable)),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
-            // One delivery more than our limit, so that a message whose
-            // handler hung or crashed on the last try still reaches us once
-            // and is dead-lettered instead of silently parked by the server.
-            max_deliver: self.max_deliver + 1,
+            // Unlimited: a message the server stopped delivering would be
+            // neither handled nor dead-lettered. Deliveries used up by
+            // replicas that stalled or stopped while holding it end in our
+            // dead-letter stream instead (see `process_envelope`).
+            max_deliver: -1,
             filter_subjects: self.filter_subjects.clone(),
             deliver_policy: self.deliver_policy,
             max_ack_pending: self.max_ack_pending,
@@ -145,6 +152,11 @@ pub enum ConsumeError {
         durable: String,
         source: jetstream::stream::ConsumerError,
     },
+    #[error("cannot open stream {stream}: {source}")]
+    Stream {
+        stream: String,
+        source: jetstream::context::GetStreamError,
+    },
 }
 
 /// Runs `handler` over the durable consumer until `shutdown`, then stops
@@ -159,10 +171,11 @@ where
     M: Message + Name + Default + Send + 'static,
     H: Handler<M>,
 {
-    let consumer = create(&js, &spec).await?;
+    let (mut consumer, epoch) = create(&js, &spec).await?;
     let worker = Arc::new(Worker {
         handler,
         dead_letters: DeadLetters::new(js.clone(), &spec.durable),
+        epoch: std::sync::atomic::AtomicI64::new(epoch),
         spec: spec.clone(),
         _message: std::marker::PhantomData::<fn() -> M>,
     });
@@ -196,14 +209,27 @@ where
                 tracing::warn!(consumer = %spec.durable, error = %err, "cannot start pulling; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'pull,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
+                // The consumer (or its stream) may be gone: creating it again
+                // is idempotent when it is not.
+                match create(&js, &spec).await {
+                    Ok((c, epoch)) => {
+                        consumer = c;
+                        worker.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(err) => tracing::warn!(error = %err, "cannot create the consumer again"),
+                }
+                continue 'pull;
             }
         };
         loop {
             let next = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break 'pull,
+                _ = shutdown.cancelled() => {
+                    hand_back(messages, None).await;
+                    break 'pull;
+                }
                 next = messages.next() => next,
             };
             match next {
@@ -212,7 +238,10 @@ where
                     let permit = tokio::select! {
                         biased;
                         permit = senders[lane].reserve() => permit,
-                        _ = shutdown.cancelled() => break 'pull,
+                        _ = shutdown.cancelled() => {
+                            hand_back(messages, Some(msg)).await;
+                            break 'pull;
+                        }
                     };
                     match permit {
                         Ok(permit) => permit.send(msg),
@@ -228,37 +257,73 @@ where
             }
         }
     }
-    // Queued messages are finished here. Pulled-but-unqueued ones are left
-    // un-acked and come back after ack_wait: naking them on the way out lost
-    // messages under load (see tests/it/filter.rs restart test), so don't.
+    // Messages already queued to a lane are finished (one per lane at most).
     drop(senders);
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
 
+/// The consumer, and when its stream was created.
 async fn create(
     js: &jetstream::Context,
     spec: &ConsumerSpec,
-) -> Result<jetstream::consumer::PullConsumer, ConsumeError> {
-    js.create_consumer_on_stream(spec.pull_config(), &spec.stream)
+) -> Result<(jetstream::consumer::PullConsumer, i64), ConsumeError> {
+    let err = |source| ConsumeError::Create {
+        stream: spec.stream.clone(),
+        durable: spec.durable.clone(),
+        source,
+    };
+    let stream = js
+        .get_stream(&spec.stream)
         .await
-        .map_err(|source| ConsumeError::Create {
+        .map_err(|e| ConsumeError::Stream {
             stream: spec.stream.clone(),
-            durable: spec.durable.clone(),
-            source,
-        })
+            source: e,
+        })?;
+    let epoch = i64::try_from(stream.cached_info().created.unix_timestamp_nanos()).unwrap_or(0);
+    let consumer = stream
+        .create_consumer(spec.pull_config())
+        .await
+        .map_err(err)?;
+    Ok((consumer, epoch))
 }
 
-/// Same subject, same lane: that is what keeps per-key order.
+/// Stops pulling, then hands back at once what this replica holds but has
+/// not started (`held`, and whatever the pull already buffered), so another
+/// replica takes it now rather than after ack_wait. Safe because the server
+/// never runs out of deliveries (unlimited max_deliver) and we stopped
+/// pulling first, so the handed-back messages cannot come straight back here.
+async fn hand_back(mut messages: pull::Stream, held: Option<jetstream::Message>) {
+    let mut back: Vec<jetstream::Message> = held.into_iter().collect();
+    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+        back.push(msg);
+    }
+    drop(messages);
+    for msg in back {
+        if let Err(err) = msg.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(error = %err, "hand-back nak failed; redelivery after ack_wait");
+        }
+    }
+}
+
+/// Same key, same lane: that is what keeps per-key order. The key is the
+/// subject's first three tokens (`pushbus.poke.<agent>`,
+/// `pushbus.push.<project>` of `pushbus.push.<project>.<event>`), so one
+/// project's push events share a lane although each has its own subject.
 fn lane_of(subject: &str, lanes: usize) -> usize {
+    let key = match subject.match_indices('.').nth(2) {
+        Some((end, _)) => &subject[..end],
+        None => subject,
+    };
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    subject.hash(&mut h);
+    key.hash(&mut h);
     (h.finish() % lanes as u64) as usize
 }
 
 struct Worker<M, H> {
     handler: H,
     dead_letters: DeadLetters,
+    epoch: std::sync::atomic::AtomicI64,
     spec: ConsumerSpec,
     _message: std::marker::PhantomData<fn() -> M>,
 }
@@ -320,11 +385,12 @@ where
             meta: EventMeta::from(&env),
             subject: msg.subject.to_string(),
             stream_sequence,
+            stream_epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
             delivered,
             occurred_at: env.occurred_at,
         };
         let started = Instant::now();
-        let result = self.handler.handle(delivery).await;
+        let result = self.with_progress(&msg, self.handler.handle(delivery)).await;
         metrics::histogram!("pushbus_handle_seconds", "consumer" => self.spec.durable.clone())
             .record(started.elapsed().as_secs_f64());
         let outcome = match result {
@@ -356,6 +422,29 @@ where
         };
         metrics::counter!("pushbus_messages_total", "consumer" => self.spec.durable.clone(), "outcome" => outcome)
             .increment(1);
+    }
+
+    /// Runs `handling`, telling the server every third of ack_wait that the
+    /// message is still being worked on, so a long handler is not redelivered
+    /// (and its deliveries used up) while it runs.
+    async fn with_progress<T>(
+        &self,
+        msg: &jetstream::Message,
+        handling: impl Future<Output = T>,
+    ) -> T {
+        tokio::pin!(handling);
+        let every = (self.spec.ack_wait / 3).max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                result = &mut handling => return result,
+                _ = tick.tick() => {
+                    if let Err(err) = msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %err, "progress ack failed");
+                    }
+                }
+            }
+        }
     }
 
     async fn dead_letter(&self, msg: &jetstream::Message, kind: &str, detail: &str) {
@@ -417,5 +506,13 @@ mod tests {
     fn lanes_are_stable() {
         assert_eq!(lane_of("pushbus.push.1", 8), lane_of("pushbus.push.1", 8));
         assert!(lane_of("x", 3) < 3);
+        // One project's events share a lane whatever their event IDs.
+        for lanes in [2, 7, 16] {
+            assert_eq!(
+                lane_of("pushbus.push.1.aaa", lanes),
+                lane_of("pushbus.push.1.bbb", lanes)
+            );
+            assert_eq!(lane_of("pushbus.push.1.aaa", lanes), lane_of("pushbus.push.1", lanes));
+        }
     }
 }

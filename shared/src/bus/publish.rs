@@ -33,6 +33,13 @@ impl PublishError {
         matches!(self, Self::Send { source, .. }
             if source.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded)
     }
+
+    /// A [`Publisher::send_once`] whose subject already holds a message:
+    /// the event was stored before (a replay), so this copy was refused.
+    pub fn is_already_stored(&self) -> bool {
+        matches!(self, Self::Ack { source, .. }
+            if source.kind() == jetstream::context::PublishErrorKind::WrongLastSequence)
+    }
 }
 
 /// Publishes protobuf messages in envelopes to JetStream.
@@ -97,6 +104,30 @@ impl Publisher {
         msg: &M,
         meta: &EventMeta,
     ) -> Result<PendingAck, PublishError> {
+        self.send_with(subject, msg, meta, false).await
+    }
+
+    /// Sends on a subject of the event's own, on condition that it holds no
+    /// message yet: the stream stores the event at most once for as long as
+    /// it keeps it, however late a replay comes (the duplicate window covers
+    /// only two minutes). A refused copy fails with
+    /// [`PublishError::is_already_stored`].
+    pub async fn send_once<M: Message + Name>(
+        &self,
+        subject: String,
+        msg: &M,
+        meta: &EventMeta,
+    ) -> Result<PendingAck, PublishError> {
+        self.send_with(subject, msg, meta, true).await
+    }
+
+    async fn send_with<M: Message + Name>(
+        &self,
+        subject: String,
+        msg: &M,
+        meta: &EventMeta,
+        once: bool,
+    ) -> Result<PendingAck, PublishError> {
         let mut map = HeaderMap::new();
         map.insert(headers::CORRELATION_ID, meta.correlation_id.as_str());
         if !meta.causation_id.is_empty() {
@@ -105,10 +136,13 @@ impl Publisher {
         map.insert(headers::EVENT_TYPE, M::full_name().as_str());
         let trace = trace::inject_current(&mut map);
         let env = envelope::seal(msg, meta, &self.source, trace);
-        let publish = PublishMessage::build()
+        let mut publish = PublishMessage::build()
             .headers(map)
             .message_id(&meta.event_id)
             .payload(env.encode_to_vec().into());
+        if once {
+            publish = publish.expected_last_subject_sequence(0);
+        }
         let started = Instant::now();
         let fut = self
             .js
