@@ -123,6 +123,26 @@ impl NatsServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// answered, as when a server hangs or its host stalls.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as i32, signal);
+            }
+        }
+    }
+
     /// Starts again on the same port with the same store.
     pub fn restart(&mut self) {
         self.stop();
@@ -139,6 +159,9 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        // SIGKILL ends a stopped process too; resuming first just keeps
+        // its teardown ordinary.
+        self.resume();
         self.kill();
     }
 }

@@ -2,6 +2,7 @@ mod bus;
 mod compose;
 mod e2e;
 mod filter;
+mod guarantees;
 mod ingest;
 mod lag;
 mod notifier;

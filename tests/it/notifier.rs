@@ -15,13 +15,13 @@ use tonic::Streaming;
 
 use crate::support::{Replica, SseReader, Stack, local, register};
 
-fn sha(n: u64) -> String {
+pub(crate) fn sha(n: u64) -> String {
     format!("{n:040x}")
 }
 
 /// One push through hook-ingest's HTTP endpoint; retried while it answers
 /// 503 (the bus coming back).
-async fn push(stack: &Stack, project_id: i64, branch: &str, new_sha: &str) {
+pub(crate) async fn push(stack: &Stack, project_id: i64, branch: &str, new_sha: &str) {
     let body = serde_json::json!({
         "gl_repository": format!("project-{project_id}"),
         "identifier": "user-1",
@@ -38,7 +38,7 @@ async fn push(stack: &Stack, project_id: i64, branch: &str, new_sha: &str) {
     panic!("hook-ingest never took the push");
 }
 
-async fn watch(addr: std::net::SocketAddr, req: WatchRequest) -> Streaming<WatchEvent> {
+pub(crate) async fn watch(addr: std::net::SocketAddr, req: WatchRequest) -> Streaming<WatchEvent> {
     let mut client = GitOpsNotifierClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -48,7 +48,7 @@ async fn watch(addr: std::net::SocketAddr, req: WatchRequest) -> Streaming<Watch
     stream
 }
 
-fn agent(id: &str, since_cursor: Option<u64>) -> WatchRequest {
+pub(crate) fn agent(id: &str, since_cursor: Option<u64>) -> WatchRequest {
     WatchRequest {
         agent_id: id.into(),
         since_cursor,
@@ -57,7 +57,7 @@ fn agent(id: &str, since_cursor: Option<u64>) -> WatchRequest {
 }
 
 /// Events until none arrives for `quiet`.
-async fn drain(stream: &mut Streaming<WatchEvent>, quiet: Duration) -> Vec<WatchEvent> {
+pub(crate) async fn drain(stream: &mut Streaming<WatchEvent>, quiet: Duration) -> Vec<WatchEvent> {
     let mut out = Vec::new();
     while let Ok(Some(Ok(ev))) = tokio::time::timeout(quiet, stream.message())
         .await
@@ -69,7 +69,7 @@ async fn drain(stream: &mut Streaming<WatchEvent>, quiet: Duration) -> Vec<Watch
 }
 
 /// (ref, new SHA) of every poke; statuses dropped.
-fn pokes(events: &[WatchEvent]) -> Vec<(String, String)> {
+pub(crate) fn pokes(events: &[WatchEvent]) -> Vec<(String, String)> {
     events
         .iter()
         .filter_map(|e| match &e.event {
@@ -80,7 +80,7 @@ fn pokes(events: &[WatchEvent]) -> Vec<(String, String)> {
 }
 
 /// Waits until the notifier recorded `want` as the head of `branch`.
-async fn head_is(nats: &NatsServer, agent_id: &str, project_id: i64, branch: &str, want: &str) {
+pub(crate) async fn head_is(nats: &NatsServer, agent_id: &str, project_id: i64, branch: &str, want: &str) {
     let js = async_nats::jetstream::new(testkit::client(nats).await);
     let kv = js.get_key_value(names::BUCKET_REF_HEADS).await.unwrap();
     let key = format!(

@@ -135,6 +135,8 @@ impl Stack {
 pub struct SseReader {
     resp: reqwest::Response,
     buf: String,
+    /// The last `id:` seen, as an EventSource keeps it for `Last-Event-ID`.
+    pub last_id: Option<String>,
 }
 
 impl SseReader {
@@ -150,6 +152,7 @@ impl SseReader {
         Self {
             resp,
             buf: String::new(),
+            last_id: None,
         }
     }
 
@@ -164,6 +167,8 @@ impl SseReader {
                         event = v.trim().to_owned();
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push_str(v.trim());
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        self.last_id = Some(v.trim().to_owned());
                     }
                 }
                 if event.is_empty() {

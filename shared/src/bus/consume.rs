@@ -195,7 +195,19 @@ where
         });
     }
 
+    let mut recreate = false;
     'pull: while !shutdown.is_cancelled() {
+        if std::mem::take(&mut recreate) {
+            // The consumer (or its stream) may be gone: creating it again
+            // is idempotent when it is not.
+            match create(&js, &spec).await {
+                Ok((c, epoch)) => {
+                    consumer = c;
+                    worker.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot create the consumer again"),
+            }
+        }
         let mut messages = match consumer
             .stream()
             .max_messages_per_batch(lanes)
@@ -211,15 +223,7 @@ where
                     _ = shutdown.cancelled() => break 'pull,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                // The consumer (or its stream) may be gone: creating it again
-                // is idempotent when it is not.
-                match create(&js, &spec).await {
-                    Ok((c, epoch)) => {
-                        consumer = c;
-                        worker.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
-                    }
-                    Err(err) => tracing::warn!(error = %err, "cannot create the consumer again"),
-                }
+                recreate = true;
                 continue 'pull;
             }
         };
@@ -249,9 +253,16 @@ where
                     }
                 }
                 Some(Err(err)) => {
-                    // Missed heartbeats and reconnects surface here; the
-                    // stream keeps going.
-                    tracing::warn!(consumer = %spec.durable, error = %err, "pull error");
+                    // Missed heartbeats, reconnects, a deleted consumer or
+                    // stream: pull again from a consumer known to exist.
+                    tracing::warn!(consumer = %spec.durable, error = %err, "pull error; pulling again");
+                    hand_back(messages, None).await;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'pull,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                    recreate = true;
+                    continue 'pull;
                 }
                 None => continue 'pull,
             }
