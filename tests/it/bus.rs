@@ -147,7 +147,11 @@ async fn retryable_error_is_redelivered_then_acked() {
     let token = CancellationToken::new();
     let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
     publisher
-        .publish(names::push_subject(5, "test"), &push(5, 1), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(5, "test"),
+            &push(5, 1),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
     wait_for("second delivery", || rec.seen().len() == 2).await;
@@ -185,19 +189,35 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
         .unwrap();
     client.flush().await.unwrap();
     publisher
-        .publish(names::push_subject(1, "test"), &push(1, 1), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(1, "test"),
+            &push(1, 1),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
     publisher
-        .publish(names::push_subject(3, "test"), &push(3, 1), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(3, "test"),
+            &push(3, 1),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
     publisher
-        .publish(names::push_subject(4, "test"), &push(4, 1), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(4, "test"),
+            &push(4, 1),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
     publisher
-        .publish(names::push_subject(1, "test"), &push(1, 2), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(1, "test"),
+            &push(1, 2),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
 
@@ -307,7 +327,11 @@ async fn stored_events_survive_a_killed_and_restarted_server() {
     let mut nats = NatsServer::start();
     let (_, publisher) = setup(&nats).await;
     let ack = publisher
-        .publish(names::push_subject(9, "test"), &push(9, 1), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(9, "test"),
+            &push(9, 1),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
     nats.kill();

@@ -51,7 +51,10 @@ impl Process {
     async fn wait_ready(&self) {
         let url = format!("http://{}/readyz", self.ops);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+        while !reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             assert!(Instant::now() < deadline, "{url} not ready within 30s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -174,9 +177,9 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     until("push 1 handled again", || {
         let mut c = filter.clone();
         async move {
-            c.info()
-                .await
-                .is_ok_and(|i| i.num_ack_pending == 0 && i.num_pending == 0 && i.delivered.stream_sequence >= 2)
+            c.info().await.is_ok_and(|i| {
+                i.num_ack_pending == 0 && i.num_pending == 0 && i.delivered.stream_sequence >= 2
+            })
         }
     })
     .await;
@@ -184,9 +187,9 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     until("every poke recorded", || {
         let mut c = pokes_consumer.clone();
         async move {
-            c.info()
-                .await
-                .is_ok_and(|i| i.num_ack_pending == 0 && i.num_pending == 0 && i.delivered.stream_sequence >= 2)
+            c.info().await.is_ok_and(|i| {
+                i.num_ack_pending == 0 && i.num_pending == 0 && i.delivered.stream_sequence >= 2
+            })
         }
     })
     .await;
@@ -199,7 +202,10 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
         .unwrap()
         .state
         .messages;
-    assert!(pokes_stored >= 2, "push 1 was not republished: {pokes_stored}");
+    assert!(
+        pokes_stored >= 2,
+        "push 1 was not republished: {pokes_stored}"
+    );
     head_is(&nats, "stale", 50, "main", &sha(2)).await;
     // And an agent catching up from scratch ends on push 2.
     let mut stream = watch(notifier_addr, agent("stale", Some(0))).await;
@@ -266,7 +272,11 @@ async fn an_event_source_reconnecting_mid_window_misses_nothing_and_gets_nothing
         }
     }
     let unique: HashSet<_> = received.iter().cloned().collect();
-    assert_eq!(unique.len(), received.len(), "a poke came twice: {received:?}");
+    assert_eq!(
+        unique.len(),
+        received.len(),
+        "a poke came twice: {received:?}"
+    );
     let newest: HashMap<String, String> = received.iter().cloned().collect();
     assert_eq!(newest.get("refs/heads/a"), Some(&sha(2)), "{received:?}");
     assert_eq!(newest.get("refs/heads/b"), Some(&sha(3)), "{received:?}");
@@ -348,11 +358,18 @@ async fn reconnecting_at_random_points_ends_on_every_newest_sha_without_repeats(
         }
     }
     let unique: HashSet<_> = received.iter().cloned().collect();
-    assert_eq!(unique.len(), received.len(), "a poke came twice: {received:?}");
+    assert_eq!(
+        unique.len(),
+        received.len(),
+        "a poke came twice: {received:?}"
+    );
     let newest: HashMap<String, String> = received.iter().cloned().collect();
     let mut expected = HashMap::new();
     for n in 1..=45u64 {
-        expected.insert(format!("refs/heads/{}", ["a", "b", "c"][(n * 7 % 3) as usize]), sha(n));
+        expected.insert(
+            format!("refs/heads/{}", ["a", "b", "c"][(n * 7 % 3) as usize]),
+            sha(n),
+        );
     }
     assert_eq!(newest, expected);
     Arc::into_inner(stack).unwrap().stop().await;
@@ -376,7 +393,11 @@ async fn the_status_of_a_fresh_system_is_a_resume_point() {
     let mut client = GitOpsNotifierClient::connect(format!("http://{}", stack.notifier))
         .await
         .unwrap();
-    let mut grpc = client.watch(agent("early", None)).await.unwrap().into_inner();
+    let mut grpc = client
+        .watch(agent("early", None))
+        .await
+        .unwrap()
+        .into_inner();
     let status = grpc.message().await.unwrap().unwrap();
     assert!(matches!(status.event, Some(Event::Status(_))), "{status:?}");
     let status_cursor = status.cursor;
@@ -400,7 +421,11 @@ async fn the_status_of_a_fresh_system_is_a_resume_point() {
     let mut back = watch(stack.notifier, agent("early", Some(status_cursor))).await;
     let events = drain(&mut back, Duration::from_millis(800)).await;
     assert_eq!(pokes(&events), vec![("refs/heads/main".into(), sha(7))]);
-    assert!(events.iter().all(|e| matches!(e.event, Some(Event::Poke(_)))));
+    assert!(
+        events
+            .iter()
+            .all(|e| matches!(e.event, Some(Event::Poke(_))))
+    );
     stack.stop().await;
 }
 
@@ -477,7 +502,11 @@ async fn a_replay_long_after_the_first_store_is_not_stored_again() {
     let replay = stack
         .post_receive(&body, &[("X-Correlation-Id", "spooled/for:days")])
         .await;
-    assert_eq!(replay.status(), 200, "a replay of a stored push is a success");
+    assert_eq!(
+        replay.status(),
+        200,
+        "a replay of a stored push is a success"
+    );
     let a: serde_json::Value = first.json().await.unwrap();
     let b: serde_json::Value = replay.json().await.unwrap();
     assert_eq!(a["event_ids"], b["event_ids"]);
@@ -587,9 +616,18 @@ async fn a_long_handler_keeps_its_message_with_progress_acks() {
     spec.ack_wait = Duration::from_secs(1);
     let handler = slow(Duration::from_secs(3));
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(js.clone(), spec, handler.clone(), stop.clone()));
+    let task = tokio::spawn(run_consumer(
+        js.clone(),
+        spec,
+        handler.clone(),
+        stop.clone(),
+    ));
     publisher
-        .publish(names::push_subject(1, "long"), &branch_push(1, "m", &sha(1)), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(1, "long"),
+            &branch_push(1, "m", &sha(1)),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
     until("handled", || {
@@ -623,7 +661,11 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
         .await
         .unwrap();
     publisher
-        .publish(names::push_subject(1, "stall"), &branch_push(1, "m", &sha(1)), &EventMeta::fresh("c"))
+        .publish(
+            names::push_subject(1, "stall"),
+            &branch_push(1, "m", &sha(1)),
+            &EventMeta::fresh("c"),
+        )
         .await
         .unwrap();
     // Three replicas each pull it and freeze (ack_wait runs out).
@@ -641,7 +683,12 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
     }
     let handler = slow(Duration::ZERO);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(js.clone(), spec, handler.clone(), stop.clone()));
+    let task = tokio::spawn(run_consumer(
+        js.clone(),
+        spec,
+        handler.clone(),
+        stop.clone(),
+    ));
     let dlq = js.get_stream(names::STREAM_DLQ).await.unwrap();
     until("dead-lettered", || {
         let dlq = dlq.clone();
@@ -667,7 +714,12 @@ async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
     spec.concurrency = 2;
     let first = slow(Duration::from_millis(300));
     let stop_first = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(js.clone(), spec.clone(), first.clone(), stop_first.clone()));
+    let task = tokio::spawn(run_consumer(
+        js.clone(),
+        spec.clone(),
+        first.clone(),
+        stop_first.clone(),
+    ));
     for n in 0..20u64 {
         publisher
             .publish(

@@ -80,7 +80,13 @@ pub(crate) fn pokes(events: &[WatchEvent]) -> Vec<(String, String)> {
 }
 
 /// Waits until the notifier recorded `want` as the head of `branch`.
-pub(crate) async fn head_is(nats: &NatsServer, agent_id: &str, project_id: i64, branch: &str, want: &str) {
+pub(crate) async fn head_is(
+    nats: &NatsServer,
+    agent_id: &str,
+    project_id: i64,
+    branch: &str,
+    want: &str,
+) {
     let js = async_nats::jetstream::new(testkit::client(nats).await);
     let kv = js.get_key_value(names::BUCKET_REF_HEADS).await.unwrap();
     let key = format!(
@@ -424,7 +430,11 @@ async fn the_connect_status_cursor_is_a_resume_point() {
     let mut client = GitOpsNotifierClient::connect(format!("http://{}", stack.notifier))
         .await
         .unwrap();
-    let mut stream = client.watch(agent("quiet", None)).await.unwrap().into_inner();
+    let mut stream = client
+        .watch(agent("quiet", None))
+        .await
+        .unwrap()
+        .into_inner();
     let status = stream.message().await.unwrap().unwrap();
     assert!(matches!(status.event, Some(Event::Status(_))));
     assert!(status.cursor > 0, "{status:?}");
@@ -487,9 +497,12 @@ async fn heads_only_move_forward_across_replicas() {
             project_id: 49,
             r#ref: "refs/heads/main".into(),
             new_sha: sha(seq),
+            push_sequence: seq,
+            push_epoch: 1,
             ..Default::default()
         }),
-        poke_sequence: seq,
+        // The order a poke was published in does not count.
+        poke_sequence: 1_000 - seq,
         ..Default::default()
     };
     assert!(a.record(&head(100)).await.unwrap());
@@ -498,10 +511,23 @@ async fn heads_only_move_forward_across_replicas() {
     assert!(!a.record(&head(150)).await.unwrap(), "older poke written");
     assert!(a.record(&head(300)).await.unwrap());
     assert!(!b.record(&head(250)).await.unwrap(), "older poke written");
+    // A push from a newer stream (recreated: sequences start again) wins.
+    let mut reborn = head(2);
+    if let Some(p) = reborn.poke.as_mut() {
+        p.push_epoch = 2;
+    }
+    assert!(
+        b.record(&reborn).await.unwrap(),
+        "a recreated stream's push refused"
+    );
+    assert!(
+        !a.record(&head(400)).await.unwrap(),
+        "the old stream's push won"
+    );
     let key = format!(
         "racer.{}",
         pushbus_gitops_notifier::heads::ref_key(49, "refs/heads/main")
     );
     let stored = RefHead::decode(kv.get(&key).await.unwrap().unwrap().as_ref()).unwrap();
-    assert_eq!(stored.poke_sequence, 300);
+    assert_eq!(stored.poke.unwrap().new_sha, sha(2));
 }

@@ -345,7 +345,11 @@ async fn webhook_push_and_tag_push_carry_gitlabs_payload_and_headers() {
         ..Default::default()
     };
     publisher
-        .publish(names::push_subject(42, "test"), &tag, &EventMeta::fresh("corr-tag"))
+        .publish(
+            names::push_subject(42, "test"),
+            &tag,
+            &EventMeta::fresh("corr-tag"),
+        )
         .await
         .unwrap();
     let hit = receiver

@@ -52,6 +52,8 @@ struct Pending {
 }
 
 /// What [`Outbox::pop`] found.
+// Returned, never stored: boxing the event would cost an allocation per poke.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Next {
     Event(WatchEvent),
@@ -106,7 +108,8 @@ impl Outbox {
         if self.pending.len() >= MAX_PENDING_REFS {
             self.overflow();
         }
-        self.pending.insert(key.clone(), Pending { revision, event });
+        self.pending
+            .insert(key.clone(), Pending { revision, event });
         self.by_revision.insert(revision, key.clone());
         true
     }

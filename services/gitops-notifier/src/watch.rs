@@ -105,13 +105,7 @@ async fn wait_for_position(state: &AppState, cursor: u64) -> u64 {
 
 /// Queues every head the agent missed, up to `position`: later ones come
 /// through the feed, in order, so catch-up never overtakes them.
-async fn catch_up(
-    state: &AppState,
-    agent_id: &str,
-    since: &Since,
-    position: u64,
-    conn: &Conn,
-) {
+async fn catch_up(state: &AppState, agent_id: &str, since: &Since, position: u64, conn: &Conn) {
     let keys = state.index.select(agent_id, |key, revision, sha| {
         since.wants(key, revision, sha)
     });

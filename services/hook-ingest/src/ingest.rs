@@ -136,9 +136,7 @@ impl Ingest {
         // A publish sent while disconnected would sit in the client's buffer
         // and might be stored long after we answered 503; refuse it now.
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(IngestError::Unavailable(
-                "not connected to NATS".into(),
-            ));
+            return Err(IngestError::Unavailable("not connected to NATS".into()));
         }
         let max_payload = self.client.server_info().max_payload.max(64 * 1024);
         let parts = split(&push, max_payload - ENVELOPE_MARGIN);
@@ -164,13 +162,13 @@ impl Ingest {
                 part_count,
             };
             let subject = names::push_subject(push.project_id, &meta.event_id);
-            let sent = tokio::time::timeout_at(
-                deadline,
-                self.publisher.send_once(subject, &event, &meta),
-            )
-            .await
-            .map_err(|_| IngestError::Unavailable("timed out sending to the stream".into()))?
-            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            let sent =
+                tokio::time::timeout_at(deadline, self.publisher.send_once(subject, &event, &meta))
+                    .await
+                    .map_err(|_| {
+                        IngestError::Unavailable("timed out sending to the stream".into())
+                    })?
+                    .map_err(|e| IngestError::Unavailable(e.to_string()))?;
             event_ids.push(meta.event_id);
             pending.push(sent);
         }

@@ -203,7 +203,9 @@ where
             match create(&js, &spec).await {
                 Ok((c, epoch)) => {
                     consumer = c;
-                    worker.epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
+                    worker
+                        .epoch
+                        .store(epoch, std::sync::atomic::Ordering::SeqCst);
                 }
                 Err(err) => tracing::warn!(error = %err, "cannot create the consumer again"),
             }
@@ -401,7 +403,9 @@ where
             occurred_at: env.occurred_at,
         };
         let started = Instant::now();
-        let result = self.with_progress(&msg, self.handler.handle(delivery)).await;
+        let result = self
+            .with_progress(&msg, self.handler.handle(delivery))
+            .await;
         metrics::histogram!("pushbus_handle_seconds", "consumer" => self.spec.durable.clone())
             .record(started.elapsed().as_secs_f64());
         let outcome = match result {
@@ -523,7 +527,10 @@ mod tests {
                 lane_of("pushbus.push.1.aaa", lanes),
                 lane_of("pushbus.push.1.bbb", lanes)
             );
-            assert_eq!(lane_of("pushbus.push.1.aaa", lanes), lane_of("pushbus.push.1", lanes));
+            assert_eq!(
+                lane_of("pushbus.push.1.aaa", lanes),
+                lane_of("pushbus.push.1", lanes)
+            );
         }
     }
 }
