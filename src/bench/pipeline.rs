@@ -20,7 +20,7 @@ use pushbus_shared::proto::{
 use pushbus_shared::{names, topology};
 use tokio_util::sync::CancellationToken;
 
-use super::stack::{FILTER_ACK_WAIT_SECS, Stack};
+use super::stack::{FILTER_ACK_WAIT_SECS, NOTIFIER_ACK_WAIT_SECS, Stack};
 use super::{Recorder, Step, open_loop};
 
 #[derive(clap::Args, Clone)]
@@ -493,6 +493,10 @@ async fn run_step(
                 "all agents live again {:.2} s later",
                 started.elapsed().as_secs_f64()
             );
+            // The pokes the killed replica had pulled come back after its
+            // ack_wait; a shorter quiet spell counted them lost (they were
+            // only late).
+            quiet = Duration::from_secs(NOTIFIER_ACK_WAIT_SECS + 3);
         } else {
             // A killed filter's un-acked pushes come back after ack_wait.
             quiet = Duration::from_secs(FILTER_ACK_WAIT_SECS + 3);
