@@ -63,6 +63,54 @@ pub fn continue_trace(span: &tracing::Span, map: Option<&HeaderMap>) {
     let _ = span.set_parent(cx);
 }
 
+/// Makes `span` a child of the W3C trace context `get` finds (HTTP headers,
+/// gRPC metadata), so a caller's trace (GitLab's) continues into pushbus.
+pub fn continue_from<'a>(span: &tracing::Span, get: impl Fn(&str) -> Option<&'a str>) {
+    struct Pair<'a> {
+        traceparent: &'a str,
+        tracestate: Option<&'a str>,
+    }
+    impl Extractor for Pair<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            match key {
+                headers::TRACEPARENT => Some(self.traceparent),
+                headers::TRACESTATE => self.tracestate,
+                _ => None,
+            }
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec![headers::TRACEPARENT, headers::TRACESTATE]
+        }
+    }
+    let Some(traceparent) = get(headers::TRACEPARENT) else {
+        return;
+    };
+    let pair = Pair {
+        traceparent,
+        tracestate: get(headers::TRACESTATE),
+    };
+    let cx = TraceContextPropagator::new().extract(&pair);
+    let _ = span.set_parent(cx);
+}
+
+/// Makes `span` a child of a trace context stored with a message (the
+/// envelope's, or a ref head's).
+pub fn continue_stored(span: &tracing::Span, trace: Option<&TraceContext>) {
+    let Some(t) = trace.filter(|t| !t.traceparent.is_empty()) else {
+        return;
+    };
+    continue_from(span, |k| match k {
+        headers::TRACEPARENT => Some(t.traceparent.as_str()),
+        headers::TRACESTATE if !t.tracestate.is_empty() => Some(t.tracestate.as_str()),
+        _ => None,
+    });
+}
+
+/// The current span's trace context, for storing with a message.
+pub fn current() -> Option<TraceContext> {
+    inject_current(&mut HeaderMap::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
