@@ -175,6 +175,7 @@ impl Handler<GitPushEvent> for PushHandler {
                 changed_paths: change.changed_paths.clone(),
                 paths_known: change.paths_known,
                 actor: push.actor.clone(),
+                default_branch: push.default_branch.clone(),
             };
             // Derived from the push ID + agent + ref: a redelivered push
             // republishes the same IDs and the stream drops the copies.

@@ -103,7 +103,9 @@ pub struct Project {
     pub web_url: String,
     pub git_http_url: String,
     pub git_ssh_url: String,
-    /// Not carried on pokes; absent rather than guessed.
+    /// The repository's HEAD branch as the hook read it; absent (never
+    /// guessed) when unknown. Argo CD refreshes HEAD-tracking apps only when
+    /// it equals the pushed branch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_branch: Option<String>,
     pub homepage: String,
@@ -205,7 +207,7 @@ pub fn build(poke: &AgentPoke, site: &GitLabSite, occurred_at: Option<String>) -
             web_url: web_url.clone(),
             git_http_url: git_http_url.clone(),
             git_ssh_url: git_ssh_url.clone(),
-            default_branch: None,
+            default_branch: (!poke.default_branch.is_empty()).then(|| poke.default_branch.clone()),
             homepage: web_url.clone(),
             url: git_ssh_url.clone(),
             ssh_url: git_ssh_url.clone(),
