@@ -2,6 +2,7 @@ mod bus;
 mod compose;
 mod e2e;
 mod filter;
+mod hook;
 mod ingest;
 mod lag;
 mod notifier;

@@ -156,6 +156,7 @@ async fn register(nats: &NatsServer, agent_id: &str, url: &str) {
         webhook: Some(Webhook {
             url: url.into(),
             secret_token: format!("token-{agent_id}"),
+            ..Default::default()
         }),
         ..Default::default()
     };
