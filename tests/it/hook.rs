@@ -14,7 +14,7 @@ use crate::support::{Stack, stored_events};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
 
-fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+pub fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let out = Command::new("git")
         .args(args)
         .current_dir(dir)
@@ -33,14 +33,14 @@ fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     out
 }
 
-fn git(dir: &Path, args: &[&str]) -> Output {
+pub fn git(dir: &Path, args: &[&str]) -> Output {
     git_env(dir, args, &[])
 }
 
 /// A bare repository named `name` whose post-receive hook runs the hook
 /// command with `hook_args` and no git config of ours, HEAD on `head`, and a
 /// clone with one commit to push from.
-fn bare_repo(dir: &Path, name: &str, head: &str, hook_args: &str) -> (PathBuf, PathBuf) {
+pub fn bare_repo(dir: &Path, name: &str, head: &str, hook_args: &str) -> (PathBuf, PathBuf) {
     let bare = dir.join(format!("{name}.git"));
     git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
     git(
@@ -136,7 +136,7 @@ async fn impostor(
 }
 
 /// Accepts connections and never answers.
-async fn black_hole() -> String {
+pub async fn black_hole() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
