@@ -734,3 +734,65 @@ fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode;
+
+    #[test]
+    fn only_a_pushbus_reply_counts_as_delivered() {
+        let reply = br#"{"reference_counter_decreased":true,"messages":[{"type":"basic","message":"hi"}],"correlation_id":"c","event_ids":["e"]}"#;
+        assert!(classify(StatusCode::OK, reply).is_ok());
+        for body in [
+            &b"<html>ok</html>"[..],
+            b"",
+            b"{}",
+            br#"{"reference_counter_decreased":false,"messages":[],"correlation_id":"c","event_ids":[]}"#,
+            br#"{"reference_counter_decreased":true,"messages":[1],"correlation_id":"c","event_ids":[]}"#,
+        ] {
+            assert!(
+                matches!(classify(StatusCode::OK, body), Err(SendError::NotStored(_))),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Only hook-ingest's own refusal of the content drops it.
+        let refusal = br#"{"error":"changes: bad","field":"changes"}"#;
+        assert!(matches!(
+            classify(StatusCode::UNPROCESSABLE_ENTITY, refusal),
+            Err(SendError::Refused(_))
+        ));
+        for status in [
+            StatusCode::NOT_FOUND,
+            StatusCode::UNAUTHORIZED,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert!(matches!(
+                classify(status, refusal),
+                Err(SendError::NotStored(_))
+            ));
+        }
+        assert!(matches!(
+            classify(StatusCode::UNPROCESSABLE_ENTITY, b"nginx says no"),
+            Err(SendError::NotStored(_))
+        ));
+    }
+
+    #[test]
+    fn spool_names_stay_in_the_spool_whatever_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut names = Vec::new();
+        for id in ["../../x", "a/b:c", "/abs", "plain"] {
+            let path = write_spool(dir.path(), id, &json!({"k": 1})).unwrap();
+            assert_eq!(path.parent().unwrap(), dir.path());
+            let entry: SpoolEntry = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            assert_eq!(entry.correlation_id, id);
+            names.push(path);
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, names, "name order is not spool order");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 4);
+    }
+}

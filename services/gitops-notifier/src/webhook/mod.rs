@@ -480,6 +480,39 @@ mod tests {
     }
 
     #[test]
+    fn signs_like_hmac_sha256() {
+        // RFC-style known vector for HMAC-SHA256.
+        assert_eq!(
+            signature("key", b"The quick brown fox jumps over the lazy dog"),
+            "sha256=f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        let at = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:27:30 GMT").unwrap();
+        assert_eq!(retry_after(&at("120"), now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after(&at("Wed, 21 Oct 2015 07:28:00 GMT"), now),
+            Some(Duration::from_secs(30))
+        );
+        // A date already past: retry now (the consumer's base still applies).
+        assert_eq!(
+            retry_after(&at("Wed, 21 Oct 2015 07:00:00 GMT"), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&at("soon"), now), None);
+        assert_eq!(retry_after(&at("-5"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
+    }
+
+    #[test]
     fn flag_defaults_match_default() {
         use clap::{Args, FromArgMatches};
         let cmd = WebhookConfig::augment_args(clap::Command::new("t"));

@@ -339,6 +339,17 @@ mod tests {
     }
 
     #[test]
+    fn default_branch_is_sent_when_known() {
+        let mut p = poke();
+        p.default_branch = "main".into();
+        let v = serde_json::to_value(build(&p, &site(), None).unwrap()).unwrap();
+        assert_eq!(v["project"]["default_branch"], "main");
+        // Unknown: left out, never guessed (Argo CD would match it wrongly).
+        let v = serde_json::to_value(build(&poke(), &site(), None).unwrap()).unwrap();
+        assert!(v["project"].get("default_branch").is_none(), "{v}");
+    }
+
+    #[test]
     fn project_without_path_uses_its_id() {
         let mut p = poke();
         p.project_path.clear();
