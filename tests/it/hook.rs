@@ -167,7 +167,10 @@ async fn hook_spools_a_correlation_id_with_slashes_and_replays_it_under_the_same
         &[("CORRELATION_ID", odd)],
     );
     let output = stderr(&push);
-    assert!(output.contains("notification spooled for replay"), "{output}");
+    assert!(
+        output.contains("notification spooled for replay"),
+        "{output}"
+    );
     assert!(output.contains(odd), "pusher not told the ID: {output}");
     let spool = bare.join("pushbus-spool");
     let files = spooled(&spool);
@@ -203,10 +206,7 @@ async fn hook_spools_a_correlation_id_with_slashes_and_replays_it_under_the_same
     let sha = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap();
     let out = hook(
         &["post-receive", "--ingest-url", &url, "--project-id", "77"],
-        &[
-            ("CORRELATION_ID", odd),
-            ("GIT_DIR", bare.to_str().unwrap()),
-        ],
+        &[("CORRELATION_ID", odd), ("GIT_DIR", bare.to_str().unwrap())],
         &format!("{} {} refs/heads/main\n", "0".repeat(40), sha.trim()),
     );
     assert!(stderr(&out).contains("push announced"), "{}", stderr(&out));
@@ -224,7 +224,12 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
     let impostors = [
         // A web server's page.
         (
-            impostor(StatusCode::OK, &[("content-type", "text/html")], "<html>hi</html>").await,
+            impostor(
+                StatusCode::OK,
+                &[("content-type", "text/html")],
+                "<html>hi</html>",
+            )
+            .await,
             "HTTP 200 but not a pushbus reply",
         ),
         // A gRPC server: 200 with grpc-status 12 (unimplemented), no body.
@@ -239,7 +244,12 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
         ),
         // JSON, but not pushbus' reply.
         (
-            impostor(StatusCode::OK, &[("content-type", "application/json")], "{\"ok\":true}").await,
+            impostor(
+                StatusCode::OK,
+                &[("content-type", "application/json")],
+                "{\"ok\":true}",
+            )
+            .await,
             "HTTP 200 but not a pushbus reply",
         ),
         (
@@ -298,8 +308,13 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let stored = pushes(&nats).await;
-    let ids: Vec<String> = stored.iter().map(|(m, _)| m.correlation_id.clone()).collect();
-    let want: Vec<String> = (0..impostors.len()).map(|i| format!("impostor-{i}")).collect();
+    let ids: Vec<String> = stored
+        .iter()
+        .map(|(m, _)| m.correlation_id.clone())
+        .collect();
+    let want: Vec<String> = (0..impostors.len())
+        .map(|i| format!("impostor-{i}"))
+        .collect();
     assert_eq!(ids, want);
     stack.stop().await;
 }
@@ -414,12 +429,24 @@ async fn hook_spool_entries_past_the_max_age_move_to_expired_not_replayed() {
     // The limit must stay below the stream's 7 days.
     for bad in ["0", "168", "1000"] {
         let out = hook(
-            &["flush", "--ingest-url", &url, "--spool-dir", &spool_arg, "--spool-max-age-hours", bad],
+            &[
+                "flush",
+                "--ingest-url",
+                &url,
+                "--spool-dir",
+                &spool_arg,
+                "--spool-max-age-hours",
+                bad,
+            ],
             &[],
             "",
         );
         assert!(!out.status.success(), "accepted max age {bad}");
-        assert!(stderr(&out).contains("--spool-max-age-hours"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--spool-max-age-hours"),
+            "{}",
+            stderr(&out)
+        );
     }
     assert_eq!(spooled(&spool).len(), 2, "a refused flag replayed anyway");
 
@@ -430,7 +457,10 @@ async fn hook_spool_entries_past_the_max_age_move_to_expired_not_replayed() {
     );
     let text = stderr(&out);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("1 spooled notification(s) delivered, 0 left, 1 expired"), "{text}");
+    assert!(
+        text.contains("1 spooled notification(s) delivered, 0 left, 1 expired"),
+        "{text}"
+    );
     assert!(
         text.contains("old-one") && text.contains("not replayed") && text.contains("expired"),
         "{text}"
@@ -472,7 +502,11 @@ async fn hook_as_a_gitaly_server_hook_reads_gl_variables_and_head() {
                 ("CORRELATION_ID", &format!("01gitaly{i}")),
             ],
         );
-        assert!(stderr(&push).contains("push announced"), "{}", stderr(&push));
+        assert!(
+            stderr(&push).contains("push announced"),
+            "{}",
+            stderr(&push)
+        );
     }
     // GL_USERNAME stands in when GL_ID is absent.
     let (_, work) = bare_repo(tmp.path(), "r3", "main", &args);
@@ -493,7 +527,8 @@ async fn hook_as_a_gitaly_server_hook_reads_gl_variables_and_head() {
         &[("GL_REPOSITORY", "repo-1")],
     );
     assert!(
-        stderr(&push).contains("GL_REPOSITORY \"repo-1\"") && stderr(&push).contains("not announced"),
+        stderr(&push).contains("GL_REPOSITORY \"repo-1\"")
+            && stderr(&push).contains("not announced"),
         "{}",
         stderr(&push)
     );

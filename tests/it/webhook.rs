@@ -118,12 +118,7 @@ async fn receive(
     (status, text).into_response()
 }
 
-fn answer(
-    r: &Receiver,
-    path: &str,
-    headers: HeaderMap,
-    body: &[u8],
-) -> (StatusCode, &'static str) {
+fn answer(r: &Receiver, path: &str, headers: HeaderMap, body: &[u8]) -> (StatusCode, &'static str) {
     let path = path.to_owned();
     let seen = {
         let mut hits = r.hits.lock().unwrap();
@@ -565,7 +560,12 @@ async fn webhook_honours_retry_after_seconds_and_dates_within_the_cap() {
     let (nats, receiver, addr, publisher) = setup().await;
     register(&nats, "secs", &format!("http://{addr}/retry-after-1/x")).await;
     register(&nats, "date", &format!("http://{addr}/retry-date-2/x")).await;
-    register(&nats, "capped", &format!("http://{addr}/retry-after-3600/x")).await;
+    register(
+        &nats,
+        "capped",
+        &format!("http://{addr}/retry-after-3600/x"),
+    )
+    .await;
     let config = WebhookConfig {
         backoff_max_ms: 2_500,
         ..fast(true)
@@ -639,8 +639,18 @@ async fn webhook_dead_letter_reasons_never_carry_the_target_url() {
     ] {
         let (reason, _) = &by_agent[agent];
         assert!(reason.contains(want), "{agent}: {reason}");
-        assert!(reason.contains("127.0.0.1"), "{agent}: the host helps: {reason}");
-        for secret in ["hunter2", "alice", "SECRETPATH", "QUERYSECRET", "/hook", "/down"] {
+        assert!(
+            reason.contains("127.0.0.1"),
+            "{agent}: the host helps: {reason}"
+        );
+        for secret in [
+            "hunter2",
+            "alice",
+            "SECRETPATH",
+            "QUERYSECRET",
+            "/hook",
+            "/down",
+        ] {
             assert!(!reason.contains(secret), "{agent}: {secret} in {reason}");
         }
     }
@@ -701,7 +711,8 @@ impl FluxReceiver {
                 let mut mac =
                     hmac::Hmac::<sha2::Sha256>::new_from_slice(self.token.as_bytes()).unwrap();
                 mac.update(body);
-                mac.verify_slice(&given).map_err(|_| "HMAC mismatch".to_owned())
+                mac.verify_slice(&given)
+                    .map_err(|_| "HMAC mismatch".to_owned())
             }
             other => Err(format!("receiver type {other} not reproduced")),
         }
@@ -886,8 +897,8 @@ async fn argo(secret: &'static str) -> (SocketAddr, Arc<Mutex<Vec<ArgoSaw>>>) {
             "/api/webhook",
             axum::routing::post(
                 move |State(saw): State<Arc<Mutex<Vec<ArgoSaw>>>>,
-                 headers: HeaderMap,
-                 body: axum::body::Bytes| async move {
+                      headers: HeaderMap,
+                      body: axum::body::Bytes| async move {
                     let header = |n: &str| {
                         headers
                             .get(n)
@@ -974,18 +985,27 @@ async fn webhook_from_a_real_git_push_satisfies_argo_cds_gitlab_handler() {
     git(&work, &["commit", "-q", "-m", "deploy"]);
     let second = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap();
     git_env(&work, &["push", "origin", "HEAD:refs/heads/main"], &gitaly);
-    git_env(&work, &["push", "origin", "HEAD:refs/heads/feature/x"], &gitaly);
+    git_env(
+        &work,
+        &["push", "origin", "HEAD:refs/heads/feature/x"],
+        &gitaly,
+    );
 
-    let seen = eventually("three Argo CD webhooks", Duration::from_secs(20), async || {
-        Some(saw.lock().unwrap().clone()).filter(|s| s.len() >= 3)
-    })
+    let seen = eventually(
+        "three Argo CD webhooks",
+        Duration::from_secs(20),
+        async || Some(saw.lock().unwrap().clone()).filter(|s| s.len() >= 3),
+    )
     .await;
     let update = seen
         .iter()
         .find(|s| s.revision == "main" && s.sha_after == second.trim())
         .unwrap_or_else(|| panic!("no update of main: {seen:?}"));
     assert_eq!(update.sha_before, first.trim());
-    assert!(update.touched_head, "default branch push not HEAD: {update:?}");
+    assert!(
+        update.touched_head,
+        "default branch push not HEAD: {update:?}"
+    );
     assert_eq!(update.changed_files, ["deploy/app.yaml"]);
     let feature = seen
         .iter()
@@ -1002,7 +1022,11 @@ async fn webhook_from_a_real_git_push_satisfies_argo_cds_gitlab_handler() {
         "ssh://git@gitlab.example.com/group/app.git",
         "HTTPS://GITLAB.EXAMPLE.COM/group/app.git",
     ] {
-        assert!(re.is_match(repo), "{repo} does not match {}", update.web_url);
+        assert!(
+            re.is_match(repo),
+            "{repo} does not match {}",
+            update.web_url
+        );
     }
     for repo in [
         "https://gitlab.example.com/group/app-other.git",

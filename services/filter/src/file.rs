@@ -205,7 +205,10 @@ mod tests {
         let hooked = "agent_id: a\nwatches:\n  - project_id: 1\n    refs: any_branch\nwebhook:\n  url: https://flux.example/hook/x\n  hmac_secret: k\n";
         let cfg = AgentFile::from_yaml(hooked).unwrap().into_config().unwrap();
         let hook = cfg.webhook.clone().unwrap();
-        assert_eq!((hook.hmac_secret.as_str(), hook.secret_token.as_str()), ("k", ""));
+        assert_eq!(
+            (hook.hmac_secret.as_str(), hook.secret_token.as_str()),
+            ("k", "")
+        );
         assert_eq!(
             AgentFile::from_config(cfg).webhook.unwrap().hmac_secret,
             "k"

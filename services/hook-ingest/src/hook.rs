@@ -231,7 +231,10 @@ fn is_pushbus_reply(j: &serde_json::Value) -> bool {
         && j.get("event_ids").is_some_and(|e| e.is_array())
         && j.get("messages")
             .and_then(|m| m.as_array())
-            .is_some_and(|m| m.iter().all(|m| m.get("message").is_some_and(|s| s.is_string())))
+            .is_some_and(|m| {
+                m.iter()
+                    .all(|m| m.get("message").is_some_and(|s| s.is_string()))
+            })
 }
 
 fn snippet(bytes: &[u8]) -> String {
@@ -383,9 +386,10 @@ async fn repository(args: &HookArgs, env: &HashMap<String, String>) -> Result<Re
     let configured = match args.project_id {
         Some(id) => Some(id),
         None => match git_config("pushbus.projectId").await {
-            Some(v) => Some(v.parse::<i64>().map_err(|_| {
-                format!("git config pushbus.projectId {v:?} is not a number")
-            })?),
+            Some(v) => Some(
+                v.parse::<i64>()
+                    .map_err(|_| format!("git config pushbus.projectId {v:?} is not a number"))?,
+            ),
             None => None,
         },
     };
@@ -414,7 +418,10 @@ async fn repository(args: &HookArgs, env: &HashMap<String, String>) -> Result<Re
         Some(p) => Some(p.clone()),
         None => match git_config("pushbus.projectPath").await {
             Some(p) => Some(p),
-            None => env.get("GL_PROJECT_PATH").filter(|p| !p.is_empty()).cloned(),
+            None => env
+                .get("GL_PROJECT_PATH")
+                .filter(|p| !p.is_empty())
+                .cloned(),
         },
     };
     Ok(Repo {
@@ -600,13 +607,17 @@ async fn flush_spool(
                 report.delivered += 1;
             }
             // Refused content will never be accepted: set aside, say why.
-            Err(SendError::Refused(e)) => report.lines.push(match set_aside(dir, path, "refused") {
-                Ok(to) => format!(
-                    "pushbus: spooled notification {id} refused ({e}); moved to {}",
-                    to.display()
-                ),
-                Err(io) => format!("pushbus: spooled notification {id} refused ({e}); cannot move it: {io}"),
-            }),
+            Err(SendError::Refused(e)) => {
+                report.lines.push(match set_aside(dir, path, "refused") {
+                    Ok(to) => format!(
+                        "pushbus: spooled notification {id} refused ({e}); moved to {}",
+                        to.display()
+                    ),
+                    Err(io) => format!(
+                        "pushbus: spooled notification {id} refused ({e}); cannot move it: {io}"
+                    ),
+                })
+            }
             // Still unavailable: keep this and the rest for next time.
             Err(SendError::NotStored(e)) => {
                 report.left = files.len() - i;

@@ -410,9 +410,18 @@ mod tests {
             backoff_max: Duration::from_secs(2),
             ..ConsumerSpec::new("S", "d")
         };
-        assert_eq!(spec.retry_after_delay(Duration::from_secs(1)), Duration::from_secs(1));
-        assert_eq!(spec.retry_after_delay(Duration::ZERO), Duration::from_millis(100));
-        assert_eq!(spec.retry_after_delay(Duration::from_secs(3600)), Duration::from_secs(2));
+        assert_eq!(
+            spec.retry_after_delay(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            spec.retry_after_delay(Duration::ZERO),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            spec.retry_after_delay(Duration::from_secs(3600)),
+            Duration::from_secs(2)
+        );
     }
 
     #[test]

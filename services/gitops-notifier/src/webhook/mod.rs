@@ -360,8 +360,15 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 
 /// A `Retry-After` header: delay-seconds or an HTTP date (RFC 9110 10.2.3).
 /// `None` when absent or unparsable (then the usual backoff applies).
-pub fn retry_after(headers: &reqwest::header::HeaderMap, now: std::time::SystemTime) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim();
+pub fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     if let Ok(secs) = value.parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
