@@ -293,6 +293,32 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
         assert_eq!(spooled(&spool).len(), i + 1, "{text}");
     }
 
+    // A broken setup (unreadable secret file) spools too, to be replayed
+    // once it is fixed.
+    let n = impostors.len();
+    let out = hook(
+        &[
+            "post-receive",
+            "--ingest-url",
+            &impostors[0].0,
+            "--project-id",
+            "5",
+            "--spool-dir",
+            &spool_arg,
+            "--secret-file",
+            "/nonexistent/pushbus-secret",
+        ],
+        &[("CORRELATION_ID", &format!("impostor-{n}"))],
+        &change(n as u32 + 1),
+    );
+    let text = stderr(&out);
+    assert!(
+        text.contains("cannot read /nonexistent/pushbus-secret")
+            && text.contains("notification spooled for replay"),
+        "{text}"
+    );
+    assert_eq!(spooled(&spool).len(), n + 1);
+
     // Pointed at hook-ingest, every one arrives, in spool order.
     let stack = Stack::start(&nats.url()).await;
     let out = hook(
@@ -312,7 +338,7 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
         .iter()
         .map(|(m, _)| m.correlation_id.clone())
         .collect();
-    let want: Vec<String> = (0..impostors.len())
+    let want: Vec<String> = (0..=impostors.len())
         .map(|i| format!("impostor-{i}"))
         .collect();
     assert_eq!(ids, want);

@@ -264,15 +264,9 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         correlation_id: correlation_id.clone(),
         ..Default::default()
     };
-    let sender = match Sender::new(args) {
-        Ok(s) => s,
-        Err(e) => {
-            outcome
-                .lines
-                .push(format!("pushbus: {e}; push not announced"));
-            return outcome;
-        }
-    };
+    // A sender that cannot be built (unreadable secret file) still spools:
+    // the push is replayed once the setup is fixed.
+    let sender = Sender::new(args);
     let spool = spool_dir(args, env);
     let repo = repository(args, env).await;
     let body = match &repo {
@@ -288,19 +282,18 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
         })),
         Err(_) => None,
     };
-    // Older notifications first, so agents see pushes in order.
-    let pending = match args.spool_max_age() {
-        Ok(max_age) => {
-            let report = flush_spool(&sender, &spool, max_age, deadline).await;
+    // Older notifications first, so agents see pushes in order. `pending`:
+    // why this one cannot be sent now.
+    let pending = match (&sender, args.spool_max_age()) {
+        (Err(e), _) => Some(e.clone()),
+        (Ok(_), Err(e)) => Some(e),
+        (Ok(sender), Ok(max_age)) => {
+            let report = flush_spool(sender, &spool, max_age, deadline).await;
             outcome.replayed = report.delivered;
             outcome.lines.extend(report.lines);
-            report.stopped
-        }
-        Err(e) => {
-            outcome
-                .lines
-                .push(format!("pushbus: {e}; spool not replayed"));
-            Some(e)
+            report
+                .stopped
+                .map(|r| format!("earlier notifications still spooled: {r}"))
         }
     };
     let Some(body) = body else {
@@ -312,11 +305,10 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
     };
     // Behind older notifications still waiting, this one waits too: a
     // replay must never overtake it.
-    let result = match pending {
-        Some(reason) => Err(SendError::NotStored(format!(
-            "earlier notifications still spooled: {reason}"
-        ))),
-        None => sender.send(&body, &correlation_id, deadline).await,
+    let result = match (pending, &sender) {
+        (Some(reason), _) => Err(SendError::NotStored(reason)),
+        (None, Err(e)) => Err(SendError::NotStored(e.clone())),
+        (None, Ok(sender)) => sender.send(&body, &correlation_id, deadline).await,
     };
     match result {
         Ok(json) => {
