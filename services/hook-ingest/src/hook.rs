@@ -20,9 +20,11 @@ use tokio::time::Instant;
 
 use crate::changes;
 
-/// PUSHBUS_PUSHES keeps pushes 7 days; a replay must be older than nothing
-/// the stream may still hold under its event ID, so the spool's limit stays below.
-const STREAM_MAX_AGE_HOURS: u64 = 7 * 24;
+/// PUSHBUS_PUSHES' max age in hours: the spool's limit stays below it, so
+/// no entry is replayed past what the stream is configured to keep.
+fn stream_max_age_hours() -> u64 {
+    pushbus_shared::topology::pushes_stream().max_age.as_secs() / 3600
+}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct HookArgs {
@@ -67,10 +69,11 @@ pub struct HookArgs {
 
 impl HookArgs {
     fn spool_max_age(&self) -> Result<Duration, String> {
-        if self.spool_max_age_hours == 0 || self.spool_max_age_hours >= STREAM_MAX_AGE_HOURS {
+        let stream = stream_max_age_hours();
+        if self.spool_max_age_hours == 0 || self.spool_max_age_hours >= stream {
             return Err(format!(
-                "--spool-max-age-hours must be between 1 and {} (below the 7-day PUSHBUS_PUSHES max age), not {}",
-                STREAM_MAX_AGE_HOURS - 1,
+                "--spool-max-age-hours must be between 1 and {} (below the PUSHBUS_PUSHES max age), not {}",
+                stream.saturating_sub(1),
                 self.spool_max_age_hours
             ));
         }
