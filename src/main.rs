@@ -122,11 +122,20 @@ async fn main() -> anyhow::Result<()> {
             command: HookCommand::Flush(args),
         } => {
             let env = std::env::vars().collect();
-            let (delivered, left) = pushbus_hook_ingest::hook::flush(&args, &env)
+            let report = pushbus_hook_ingest::hook::flush(&args, &env)
                 .await
                 .map_err(anyhow::Error::msg)?;
-            eprintln!("pushbus: {delivered} spooled notification(s) delivered, {left} left");
-            if left > 0 {
+            for line in &report.lines {
+                eprintln!("{line}");
+            }
+            eprintln!(
+                "pushbus: {} spooled notification(s) delivered, {} left, {} expired",
+                report.delivered, report.left, report.expired
+            );
+            if report.left > 0 {
+                if let Some(why) = &report.stopped {
+                    eprintln!("pushbus: stopped: {why}");
+                }
                 anyhow::bail!("hook-ingest still unreachable");
             }
             Ok(())

@@ -187,3 +187,58 @@ async fn grpc_notify_git_push_stores_the_event_and_refuses_bad_input() {
     assert_eq!(stored[0].actor, "user-9");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_branch_is_stored_from_both_doors_and_validated_like_a_ref() {
+    use pushbus_shared::proto::hook_ingest_client::HookIngestClient;
+    use pushbus_shared::proto::{NotifyGitPushRequest, RefChange};
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let body = |branch: serde_json::Value| {
+        serde_json::json!({
+            "gl_repository": "project-5",
+            "identifier": "user-1",
+            "changes": format!("{} {} refs/heads/main\n", "1".repeat(40), "2".repeat(40)),
+            "default_branch": branch,
+        })
+    };
+    let ok = stack.post_receive(&body("release/2.x".into()), &[]).await;
+    assert_eq!(ok.status(), 200);
+    for bad in ["a..b", "with space", "trailing/", "x.lock", ""] {
+        let resp = stack.post_receive(&body(bad.into()), &[]).await;
+        if bad.is_empty() {
+            // Empty means unknown, as when it is left out.
+            assert_eq!(resp.status(), 200);
+            continue;
+        }
+        assert_eq!(resp.status(), 422, "{bad:?}");
+        let err: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(err["field"], "default_branch", "{bad:?}");
+    }
+    let resp = stack.post_receive(&body(7.into()), &[]).await;
+    assert_eq!(resp.status(), 400, "a number taken as a branch");
+
+    let mut client = HookIngestClient::connect(format!("http://{}", stack.ingest))
+        .await
+        .unwrap();
+    let req = |branch: &str| NotifyGitPushRequest {
+        project_id: 12,
+        changes: vec![RefChange {
+            old_sha: "1".repeat(40),
+            new_sha: "3".repeat(40),
+            r#ref: "refs/heads/dev".into(),
+            ..Default::default()
+        }],
+        default_branch: branch.into(),
+        ..Default::default()
+    };
+    client.notify_git_push(req("main")).await.unwrap();
+    let status = client.notify_git_push(req("ma~in")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("default_branch"), "{status:?}");
+
+    let stored = stored_pushes(&nats).await;
+    let branches: Vec<&str> = stored.iter().map(|e| e.default_branch.as_str()).collect();
+    assert_eq!(branches, ["release/2.x", "", "main"]);
+    stack.stop().await;
+}

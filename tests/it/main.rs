@@ -3,6 +3,7 @@ mod compose;
 mod e2e;
 mod filter;
 mod guarantees;
+mod hook;
 mod ingest;
 mod lag;
 mod notifier;

@@ -259,6 +259,23 @@ impl Replica {
         Self::host(nats_url, launcher).await
     }
 
+    /// One hook-ingest listening on `listen`, without authentication.
+    pub async fn ingest(nats_url: &str, listen: SocketAddr) -> Replica {
+        let config = pushbus_hook_ingest::Config {
+            listen,
+            secret_file: None,
+            max_body_bytes: 8 * 1024 * 1024,
+            lag_budget_ms: 250,
+            geo_routes: false,
+            routes: Default::default(),
+            store_timeout_ms: 2000,
+        };
+        let launcher = Launcher::new("hook-ingest", move |ctx, t| {
+            pushbus_hook_ingest::run(ctx, config, t.cancelled_owned())
+        });
+        Self::host(nats_url, launcher).await
+    }
+
     /// One replication-lag instance in its own host (restart tests).
     pub async fn replication_lag(
         nats_url: &str,

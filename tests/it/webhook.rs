@@ -33,7 +33,8 @@ struct Hit {
 
 /// A local webhook receiver. Its answer depends on the path:
 /// `ok/…` 200, `fail-N/…` 500 for the first N requests then 200,
-/// `down/…` always 500, `missing/…` 404.
+/// `down/…` always 500, `missing/…` 404, `retry-after-N/…` and
+/// `retry-date-N/…` busy once with a Retry-After.
 #[derive(Clone, Default)]
 struct Receiver {
     hits: Arc<Mutex<Vec<Hit>>>,
@@ -94,14 +95,38 @@ async fn receive(
     Path(path): Path<String>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> (StatusCode, &'static str) {
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let first = path.split('/').next().unwrap_or_default().to_owned();
+    let (status, text) = answer(&r, &path, headers, &body);
+    // `retry-after-N/…`: 503 with `Retry-After: N` once, then 200;
+    // `retry-date-N/…`: 429 with an HTTP date N seconds ahead once, then 200.
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(n) = first.strip_prefix("retry-after-") {
+            return (status, [("retry-after", n.to_owned())], text).into_response();
+        }
+        if let Some(n) = first.strip_prefix("retry-date-") {
+            let at = std::time::SystemTime::now() + Duration::from_secs(n.parse().unwrap());
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [("retry-after", httpdate::fmt_http_date(at))],
+                text,
+            )
+                .into_response();
+        }
+    }
+    (status, text).into_response()
+}
+
+fn answer(r: &Receiver, path: &str, headers: HeaderMap, body: &[u8]) -> (StatusCode, &'static str) {
+    let path = path.to_owned();
     let seen = {
         let mut hits = r.hits.lock().unwrap();
         hits.push(Hit {
             path: path.clone(),
             at: Instant::now(),
             headers,
-            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            body: serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
         });
         hits.iter().filter(|h| h.path == path).count()
     };
@@ -112,6 +137,12 @@ async fn receive(
         (StatusCode::INTERNAL_SERVER_ERROR, "boom")
     } else if first == "missing" {
         (StatusCode::NOT_FOUND, "no such receiver")
+    } else if first.starts_with("retry-after-") || first.starts_with("retry-date-") {
+        if seen == 1 {
+            (StatusCode::SERVICE_UNAVAILABLE, "busy")
+        } else {
+            (StatusCode::OK, "{}")
+        }
     } else if let Some(n) = first.strip_prefix("fail-") {
         let n: usize = n.parse().unwrap();
         if seen <= n {
@@ -138,6 +169,20 @@ fn fast(allow_private: bool) -> WebhookConfig {
 }
 
 async fn register(nats: &NatsServer, agent_id: &str, url: &str) {
+    register_webhook(
+        nats,
+        agent_id,
+        Webhook {
+            url: url.into(),
+            secret_token: format!("token-{agent_id}"),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
+/// Registers `agent_id` watching any ref of project 42, with `webhook`.
+async fn register_webhook(nats: &NatsServer, agent_id: &str, webhook: Webhook) {
     let js = async_nats::jetstream::new(testkit::client(nats).await);
     let kv = js
         .create_or_update_key_value(topology::agents_bucket())
@@ -153,10 +198,7 @@ async fn register(nats: &NatsServer, agent_id: &str, url: &str) {
             }),
             ..Default::default()
         }],
-        webhook: Some(Webhook {
-            url: url.into(),
-            secret_token: format!("token-{agent_id}"),
-        }),
+        webhook: Some(webhook),
         ..Default::default()
     };
     pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
@@ -515,4 +557,507 @@ async fn webhook_to_private_address_is_refused_unless_allowed() {
         .wait_for("ok/named", 1, Duration::from_secs(10))
         .await;
     notifier.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_honours_retry_after_seconds_and_dates_within_the_cap() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    register(&nats, "secs", &format!("http://{addr}/retry-after-1/x")).await;
+    register(&nats, "date", &format!("http://{addr}/retry-date-2/x")).await;
+    register(
+        &nats,
+        "capped",
+        &format!("http://{addr}/retry-after-3600/x"),
+    )
+    .await;
+    let config = WebhookConfig {
+        backoff_max_ms: 2_500,
+        ..fast(true)
+    };
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), config).await;
+    poke(&publisher, "secs", 1).await;
+    poke(&publisher, "date", 2).await;
+    poke(&publisher, "capped", 3).await;
+    let gap = |hits: Vec<Hit>| hits[1].at - hits[0].at;
+    let within = Duration::from_secs(15);
+    // Without Retry-After the second attempt would come after ~100 ms.
+    let secs = gap(receiver.wait_for("retry-after-1/x", 2, within).await);
+    assert!(
+        secs >= Duration::from_millis(950) && secs < Duration::from_millis(2_000),
+        "Retry-After: 1 -> {secs:?}"
+    );
+    // An HTTP date has whole seconds: between 1 and 2 s ahead when sent.
+    let date = gap(receiver.wait_for("retry-date-2/x", 2, within).await);
+    assert!(
+        date >= Duration::from_millis(950) && date < Duration::from_millis(2_600),
+        "Retry-After: <date +2 s> -> {date:?}"
+    );
+    // An hour is cut to --webhook-backoff-max-ms.
+    let capped = gap(receiver.wait_for("retry-after-3600/x", 2, within).await);
+    assert!(
+        capped >= Duration::from_millis(2_400) && capped < Duration::from_millis(4_000),
+        "Retry-After: 3600 with a 2.5 s cap -> {capped:?}"
+    );
+    assert!(dead_letters(&nats).await.is_empty());
+    notifier.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_dead_letter_reasons_never_carry_the_target_url() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    let dead = testkit::free_port();
+    let hole = crate::hook::black_hole().await;
+    let hole = hole.trim_start_matches("http://");
+    register(
+        &nats,
+        "refused",
+        &format!("http://alice:hunter2@127.0.0.1:{dead}/hook/SECRETPATH?token=QUERYSECRET"),
+    )
+    .await;
+    register(
+        &nats,
+        "silent",
+        &format!("http://alice:hunter2@{hole}/hook/SECRETPATH?token=QUERYSECRET"),
+    )
+    .await;
+    register(
+        &nats,
+        "failing",
+        &format!("http://alice:hunter2@{addr}/down/SECRETPATH?token=QUERYSECRET"),
+    )
+    .await;
+    let config = WebhookConfig {
+        max_attempts: 2,
+        timeout_ms: 300,
+        ..fast(true)
+    };
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), config).await;
+    for (i, agent) in ["refused", "silent", "failing"].iter().enumerate() {
+        poke(&publisher, agent, i as u32 + 1).await;
+    }
+    let by_agent = wait_dead_letters(&nats, 3, Duration::from_secs(20)).await;
+    for (agent, want) in [
+        ("refused", "cannot connect"),
+        ("silent", "timed out"),
+        ("failing", "HTTP 500"),
+    ] {
+        let (reason, _) = &by_agent[agent];
+        assert!(reason.contains(want), "{agent}: {reason}");
+        assert!(
+            reason.contains("127.0.0.1"),
+            "{agent}: the host helps: {reason}"
+        );
+        for secret in [
+            "hunter2",
+            "alice",
+            "SECRETPATH",
+            "QUERYSECRET",
+            "/hook",
+            "/down",
+        ] {
+            assert!(!reason.contains(secret), "{agent}: {secret} in {reason}");
+        }
+    }
+    assert_eq!(receiver.hits("down/SECRETPATH").len(), 2);
+    notifier.stop().await;
+}
+
+/// Flux notification-controller's Receiver checks
+/// (internal/server/receiver_handlers.go), reproduced: the receiver is found
+/// by `/hook/<sha256(token+name+namespace)>`; type `gitlab` compares
+/// `X-Gitlab-Token` with the token and matches `X-Gitlab-Event` against
+/// `spec.events` case-insensitively; type `generic-hmac` verifies
+/// `X-Signature: <alg>=<hex HMAC of the body keyed with the token>`. Flux
+/// answers 400 when validation fails and 200 after annotating the sources.
+#[derive(Clone)]
+struct FluxReceiver {
+    name: &'static str,
+    kind: &'static str,
+    token: &'static str,
+    events: &'static [&'static str],
+}
+
+impl FluxReceiver {
+    fn path(&self) -> String {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(format!("{}{}flux-system", self.token, self.name));
+        format!("/hook/{}", hex::encode(digest))
+    }
+
+    fn validate(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
+        let header = |n: &str| {
+            headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+        };
+        match self.kind {
+            "gitlab" => {
+                if header("X-Gitlab-Token") != self.token {
+                    return Err("the X-Gitlab-Token header value does not match".into());
+                }
+                let event = header("X-Gitlab-Event");
+                if !self.events.is_empty()
+                    && !self.events.iter().any(|e| e.eq_ignore_ascii_case(event))
+                {
+                    return Err(format!("the GitLab event '{event}' is not authorised"));
+                }
+                Ok(())
+            }
+            "generic-hmac" => {
+                use hmac::Mac;
+                let sig = header("X-Signature");
+                let (alg, hex_sig) = sig.split_once('=').ok_or("missing signature")?;
+                if alg != "sha256" {
+                    return Err(format!("unexpected algorithm {alg}"));
+                }
+                let given = hex::decode(hex_sig).map_err(|e| e.to_string())?;
+                let mut mac =
+                    hmac::Hmac::<sha2::Sha256>::new_from_slice(self.token.as_bytes()).unwrap();
+                mac.update(body);
+                mac.verify_slice(&given)
+                    .map_err(|_| "HMAC mismatch".to_owned())
+            }
+            other => Err(format!("receiver type {other} not reproduced")),
+        }
+    }
+}
+
+type Annotated = Arc<Mutex<Vec<(&'static str, HeaderMap)>>>;
+
+async fn flux(receivers: Vec<FluxReceiver>) -> (SocketAddr, Annotated) {
+    let annotated: Annotated = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/hook/{digest}",
+            axum::routing::post(
+                |State((receivers, annotated)): State<(Vec<FluxReceiver>, Annotated)>,
+                 uri: axum::http::Uri,
+                 headers: HeaderMap,
+                 body: axum::body::Bytes| async move {
+                    let Some(r) = receivers.iter().find(|r| r.path() == uri.path()) else {
+                        return StatusCode::NOT_FOUND;
+                    };
+                    match r.validate(&headers, &body) {
+                        Ok(()) => {
+                            annotated.lock().unwrap().push((r.name, headers));
+                            StatusCode::OK
+                        }
+                        Err(_) => StatusCode::BAD_REQUEST,
+                    }
+                },
+            ),
+        )
+        .with_state((receivers, annotated.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, annotated)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_passes_flux_gitlab_and_generic_hmac_receivers() {
+    let nats = NatsServer::start();
+    let publisher = publisher(&nats).await;
+    let gitlab = FluxReceiver {
+        name: "gitlab-receiver",
+        kind: "gitlab",
+        token: "gl-token",
+        events: &["Push Hook", "Tag Push Hook"],
+    };
+    let hmac = FluxReceiver {
+        name: "hmac-receiver",
+        kind: "generic-hmac",
+        token: "hmac-token",
+        events: &[],
+    };
+    let (addr, annotated) = flux(vec![gitlab.clone(), hmac.clone()]).await;
+    let url = |r: &FluxReceiver| format!("http://{addr}{}", r.path());
+    let agents = [
+        ("flux-gl", url(&gitlab), "gl-token", ""),
+        ("flux-hmac", url(&hmac), "", "hmac-token"),
+        // Misconfigured: Flux refuses them, and so must our reproduction.
+        ("flux-gl-wrong", url(&gitlab), "not-the-token", ""),
+        ("flux-hmac-wrong", url(&hmac), "", "not-the-token"),
+    ];
+    for (agent, url, token, key) in &agents {
+        register_webhook(
+            &nats,
+            agent,
+            Webhook {
+                url: url.clone(),
+                secret_token: (*token).into(),
+                hmac_secret: (*key).into(),
+            },
+        )
+        .await;
+    }
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
+    for (i, (agent, ..)) in agents.iter().enumerate() {
+        poke(&publisher, agent, i as u32 + 1).await;
+    }
+    let by_agent = wait_dead_letters(&nats, 2, Duration::from_secs(15)).await;
+    for agent in ["flux-gl-wrong", "flux-hmac-wrong"] {
+        let (reason, delivered) = &by_agent[agent];
+        assert!(reason.contains("HTTP 400"), "{agent}: {reason}");
+        assert_eq!(delivered, "1");
+    }
+    let seen = eventually("two annotations", Duration::from_secs(10), async || {
+        Some(annotated.lock().unwrap().clone()).filter(|a| a.len() >= 2)
+    })
+    .await;
+    let mut names: Vec<&str> = seen.iter().map(|(n, _)| *n).collect();
+    names.sort();
+    assert_eq!(names, ["gitlab-receiver", "hmac-receiver"]);
+    for (name, headers) in &seen {
+        // Signed only when the config names an HMAC secret.
+        assert_eq!(
+            headers.contains_key("x-signature"),
+            *name == "hmac-receiver",
+            "{name}"
+        );
+    }
+    assert!(!by_agent.contains_key("flux-gl") && !by_agent.contains_key("flux-hmac"));
+    notifier.stop().await;
+}
+
+/// What Argo CD's `/api/webhook` (util/webhook/webhook.go, GitLab case)
+/// extracts from a push, after go-playground/webhooks checked the token and
+/// parsed the body into its typed `PushEventPayload`.
+#[derive(Debug, Clone)]
+struct ArgoSaw {
+    web_url: String,
+    revision: String,
+    touched_head: bool,
+    changed_files: Vec<String>,
+    sha_before: String,
+    sha_after: String,
+}
+
+/// The fields Argo CD reads, typed as the Go structs type them: a wrong
+/// JSON type fails the parse (Argo CD then answers 400).
+#[derive(serde::Deserialize)]
+struct ArgoPush {
+    #[serde(rename = "ref")]
+    ref_name: String,
+    before: String,
+    after: String,
+    project: ArgoProject,
+    #[serde(default)]
+    commits: Vec<ArgoCommit>,
+}
+
+#[derive(serde::Deserialize)]
+struct ArgoProject {
+    web_url: String,
+    // Go leaves a missing string empty.
+    #[serde(default)]
+    default_branch: String,
+}
+
+#[derive(serde::Deserialize)]
+struct ArgoCommit {
+    #[serde(default)]
+    added: Vec<String>,
+    #[serde(default)]
+    modified: Vec<String>,
+    #[serde(default)]
+    removed: Vec<String>,
+}
+
+/// `ParseRevision`: the third `/`-separated part of the ref, whole.
+fn argo_parse_revision(r: &str) -> String {
+    r.splitn(3, '/').last().unwrap_or_default().to_owned()
+}
+
+/// `GetWebURLRegex`.
+fn argo_web_url_regex(web_url: &str) -> regex::Regex {
+    let url = reqwest::Url::parse(web_url).unwrap();
+    let host = regex::escape(url.host_str().unwrap());
+    let path = regex::escape(&url.path()[1..]);
+    let user = r"[\w\.][\w\.-]{0,30}[\w\.\$-]?";
+    regex::Regex::new(&format!(
+        r"(?i)^((https?|ssh)://)?({user}@)?((alt)?ssh\.)?{host}(:\d+)?[:/]{path}(\.git)?$"
+    ))
+    .unwrap()
+}
+
+/// `sourceRevisionHasChanged`.
+fn argo_revision_changed(target_revision: &str, revision: &str, touched_head: bool) -> bool {
+    let target = argo_parse_revision(target_revision);
+    if target == "HEAD" || target.is_empty() {
+        return touched_head;
+    }
+    if target_revision.starts_with("refs/heads/") || target_revision.starts_with("refs/tags/") {
+        return revision == target;
+    }
+    target_revision == revision
+}
+
+async fn argo(secret: &'static str) -> (SocketAddr, Arc<Mutex<Vec<ArgoSaw>>>) {
+    let saw: Arc<Mutex<Vec<ArgoSaw>>> = Arc::default();
+    let app = axum::Router::new()
+        .route(
+            "/api/webhook",
+            axum::routing::post(
+                move |State(saw): State<Arc<Mutex<Vec<ArgoSaw>>>>,
+                      headers: HeaderMap,
+                      body: axum::body::Bytes| async move {
+                    let header = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    let event = header("X-Gitlab-Event");
+                    if event.is_empty() {
+                        return StatusCode::BAD_REQUEST;
+                    }
+                    if header("X-Gitlab-Token") != secret {
+                        return StatusCode::BAD_REQUEST;
+                    }
+                    if event != "Push Hook" && event != "Tag Push Hook" {
+                        return StatusCode::BAD_REQUEST;
+                    }
+                    let Ok(p) = serde_json::from_slice::<ArgoPush>(&body) else {
+                        return StatusCode::BAD_REQUEST;
+                    };
+                    let revision = argo_parse_revision(&p.ref_name);
+                    let mut changed_files = Vec::new();
+                    for c in &p.commits {
+                        changed_files.extend(c.added.iter().cloned());
+                        changed_files.extend(c.modified.iter().cloned());
+                        changed_files.extend(c.removed.iter().cloned());
+                    }
+                    saw.lock().unwrap().push(ArgoSaw {
+                        web_url: p.project.web_url,
+                        touched_head: p.project.default_branch == revision,
+                        revision,
+                        changed_files,
+                        sha_before: argo_parse_revision(&p.before),
+                        sha_after: argo_parse_revision(&p.after),
+                    });
+                    StatusCode::OK
+                },
+            ),
+        )
+        .with_state(saw.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, saw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_from_a_real_git_push_satisfies_argo_cds_gitlab_handler() {
+    use crate::hook::{bare_repo, git, git_env};
+    let nats = NatsServer::start();
+    let (addr, saw) = argo("argo-secret").await;
+    register_webhook(
+        &nats,
+        "argocd",
+        Webhook {
+            url: format!("http://{addr}/api/webhook"),
+            secret_token: "argo-secret".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let listen = crate::support::local(testkit::free_port());
+    let ingest = Replica::ingest(&nats.url(), listen).await;
+    let filter = Replica::filter(&nats.url()).await;
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, work) = bare_repo(
+        tmp.path(),
+        "app",
+        "main",
+        &format!("--ingest-url http://{listen}"),
+    );
+    let gitaly = [
+        ("GL_REPOSITORY", "project-42"),
+        ("GL_PROJECT_PATH", "group/app"),
+        ("GL_ID", "user-3"),
+    ];
+    git_env(&work, &["push", "origin", "HEAD:refs/heads/main"], &gitaly);
+    let first = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap();
+    std::fs::create_dir_all(work.join("deploy")).unwrap();
+    std::fs::write(work.join("deploy/app.yaml"), "kind: Deployment\n").unwrap();
+    git(&work, &["add", "deploy/app.yaml"]);
+    git(&work, &["commit", "-q", "-m", "deploy"]);
+    let second = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap();
+    git_env(&work, &["push", "origin", "HEAD:refs/heads/main"], &gitaly);
+    git_env(
+        &work,
+        &["push", "origin", "HEAD:refs/heads/feature/x"],
+        &gitaly,
+    );
+
+    let seen = eventually(
+        "three Argo CD webhooks",
+        Duration::from_secs(20),
+        async || Some(saw.lock().unwrap().clone()).filter(|s| s.len() >= 3),
+    )
+    .await;
+    let update = seen
+        .iter()
+        .find(|s| s.revision == "main" && s.sha_after == second.trim())
+        .unwrap_or_else(|| panic!("no update of main: {seen:?}"));
+    assert_eq!(update.sha_before, first.trim());
+    assert!(
+        update.touched_head,
+        "default branch push not HEAD: {update:?}"
+    );
+    assert_eq!(update.changed_files, ["deploy/app.yaml"]);
+    let feature = seen
+        .iter()
+        .find(|s| s.revision == "feature/x")
+        .unwrap_or_else(|| panic!("no feature push: {seen:?}"));
+    assert!(!feature.touched_head, "{feature:?}");
+
+    // Applications Argo CD would refresh for these pushes.
+    let re = argo_web_url_regex(&update.web_url);
+    for repo in [
+        "https://gitlab.example.com/group/app.git",
+        "https://gitlab.example.com/group/app",
+        "git@gitlab.example.com:group/app.git",
+        "ssh://git@gitlab.example.com/group/app.git",
+        "HTTPS://GITLAB.EXAMPLE.COM/group/app.git",
+    ] {
+        assert!(
+            re.is_match(repo),
+            "{repo} does not match {}",
+            update.web_url
+        );
+    }
+    for repo in [
+        "https://gitlab.example.com/group/app-other.git",
+        "https://gitlab.example.com/other/group/app.git",
+        "https://gitlab.example.org/group/app.git",
+    ] {
+        assert!(!re.is_match(repo), "{repo} matches {}", update.web_url);
+    }
+    for (target, on_main, on_feature) in [
+        ("HEAD", true, false),
+        ("", true, false),
+        ("main", true, false),
+        ("refs/heads/main", true, false),
+        ("feature/x", false, true),
+    ] {
+        assert_eq!(
+            argo_revision_changed(target, &update.revision, update.touched_head),
+            on_main,
+            "{target:?} on main"
+        );
+        assert_eq!(
+            argo_revision_changed(target, &feature.revision, feature.touched_head),
+            on_feature,
+            "{target:?} on feature/x"
+        );
+    }
+    notifier.stop().await;
+    filter.stop().await;
+    ingest.stop().await;
 }

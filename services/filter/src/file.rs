@@ -74,6 +74,9 @@ pub struct WebhookFile {
     pub url: String,
     #[serde(default)]
     pub secret_token: String,
+    /// Signs the body (`X-Signature: sha256=...`, Flux's generic-hmac Receiver).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hmac_secret: String,
 }
 
 impl AgentFile {
@@ -120,6 +123,7 @@ impl AgentFile {
             webhook: self.webhook.map(|w| Webhook {
                 url: w.url,
                 secret_token: w.secret_token,
+                hmac_secret: w.hmac_secret,
             }),
             token_sha256,
         })
@@ -150,6 +154,7 @@ impl AgentFile {
             webhook: cfg.webhook.map(|w| WebhookFile {
                 url: w.url,
                 secret_token: w.secret_token,
+                hmac_secret: w.hmac_secret,
             }),
             watches: cfg
                 .watches
@@ -197,6 +202,17 @@ mod tests {
         let json = r#"{"agent_id":"a","watches":[{"project_id":1,"refs":{"tag":"v1"}}]}"#;
         let file: AgentFile = serde_json::from_str(json).unwrap();
         assert_eq!(file.watches[0].refs, RefsFile::Tag("v1".into()));
+        let hooked = "agent_id: a\nwatches:\n  - project_id: 1\n    refs: any_branch\nwebhook:\n  url: https://flux.example/hook/x\n  hmac_secret: k\n";
+        let cfg = AgentFile::from_yaml(hooked).unwrap().into_config().unwrap();
+        let hook = cfg.webhook.clone().unwrap();
+        assert_eq!(
+            (hook.hmac_secret.as_str(), hook.secret_token.as_str()),
+            ("k", "")
+        );
+        assert_eq!(
+            AgentFile::from_config(cfg).webhook.unwrap().hmac_secret,
+            "k"
+        );
         // Round trip through the stored form.
         let back = AgentFile::from_config(file.into_config().unwrap());
         assert_eq!(back.watches[0].refs, RefsFile::Tag("v1".into()));

@@ -181,6 +181,7 @@ impl Handler<GitPushEvent> for PushHandler {
                 // republishes it late, and it must not win.
                 push_sequence: d.stream_sequence,
                 push_epoch: d.stream_epoch,
+                default_branch: push.default_branch.clone(),
             };
             // Derived from the push ID + agent + ref: a redelivered push
             // republishes the same IDs and the stream drops the copies.

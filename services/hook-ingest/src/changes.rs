@@ -1,7 +1,7 @@
 //! Validation of what git's post-receive hook reports: "<old> <new> <ref>"
 //! lines, SHAs and ref names.
 
-use pushbus_shared::proto::{ChangeKind, RefChange, RefKind};
+use pushbus_shared::proto::{ChangeKind, RefChange, RefKind, RepositoryKind};
 
 /// A refusal naming the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -197,6 +197,31 @@ pub fn check_ref_format(r: &str) -> Result<(), &'static str> {
         return Err("must name a ref below refs/<namespace>/");
     }
     Ok(())
+}
+
+/// GitLab's `gl_repository` (also Gitaly's `GL_REPOSITORY`): `project-<id>`,
+/// `wiki-<id>`, `snippet-<id>`, `group-<id>`, `design-<id>`.
+pub fn parse_gl_repository(s: &str) -> Result<(RepositoryKind, i64), Invalid> {
+    let bad = || {
+        Invalid::new(
+            "gl_repository",
+            "expected project-<id>, wiki-<id>, snippet-<id>, group-<id> or design-<id>",
+        )
+    };
+    let (kind, id) = s.split_once('-').ok_or_else(bad)?;
+    let kind = match kind {
+        "project" => RepositoryKind::Project,
+        "wiki" => RepositoryKind::Wiki,
+        "snippet" => RepositoryKind::Snippet,
+        "group" => RepositoryKind::Group,
+        "design" => RepositoryKind::Design,
+        _ => return Err(bad()),
+    };
+    let id: i64 = id.parse().map_err(|_| bad())?;
+    if id <= 0 {
+        return Err(Invalid::new("gl_repository", "the ID must be positive"));
+    }
+    Ok((kind, id))
 }
 
 #[cfg(test)]

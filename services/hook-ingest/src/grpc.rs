@@ -57,6 +57,7 @@ impl HookIngest for HookIngestService {
             },
             push_options: r.push_options,
             geo_node_id: r.geo_node_id,
+            default_branch: r.default_branch,
             correlation_from_caller,
         };
         push.validate("project_path").map_err(invalid)?;

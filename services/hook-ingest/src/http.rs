@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use pushbus_shared::envelope;
-use pushbus_shared::proto::{HookMessage, RepositoryKind};
+use pushbus_shared::proto::HookMessage;
 use serde::Deserialize;
 use serde_json::json;
 use tracing::Instrument;
@@ -79,6 +79,9 @@ struct Body {
     gl_project_path: Option<String>,
     #[serde(default)]
     protocol: Option<String>,
+    /// Not sent by Gitaly; pushbus' own hook reads it from the repository's HEAD.
+    #[serde(default)]
+    default_branch: Option<String>,
     #[serde(default)]
     secret_token: Option<String>,
     /// pushbus' own hook: ref -> paths changed by that ref's update.
@@ -178,7 +181,7 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
     let missing =
         |f: &str| ApiError::new(StatusCode::BAD_REQUEST, format!("{f} is required"), Some(f));
     let gl_repository = b.gl_repository.ok_or_else(|| missing("gl_repository"))?;
-    let (repository_kind, project_id) = parse_gl_repository(&gl_repository)?;
+    let (repository_kind, project_id) = changes::parse_gl_repository(&gl_repository)?;
     let identifier = b.identifier.ok_or_else(|| missing("identifier"))?;
     let mut changes = changes::parse_changes(&b.changes.ok_or_else(|| missing("changes"))?)?;
     changes::attach_paths(&mut changes, b.pushbus_changed_paths)?;
@@ -198,32 +201,9 @@ fn to_push(b: Body) -> Result<Push, ApiError> {
         protocol: b.protocol.unwrap_or_else(|| "http".into()),
         push_options: b.push_options,
         geo_node_id,
+        default_branch: b.default_branch.unwrap_or_default(),
         correlation_from_caller: false,
     };
     push.validate("gl_project_path")?;
     Ok(push)
-}
-
-/// `project-<id>`, `wiki-<id>`, `snippet-<id>`, `group-<id>`, `design-<id>`.
-fn parse_gl_repository(s: &str) -> Result<(RepositoryKind, i64), ApiError> {
-    let bad = || {
-        ApiError::from(Invalid::new(
-            "gl_repository",
-            "expected project-<id>, wiki-<id>, snippet-<id>, group-<id> or design-<id>",
-        ))
-    };
-    let (kind, id) = s.split_once('-').ok_or_else(bad)?;
-    let kind = match kind {
-        "project" => RepositoryKind::Project,
-        "wiki" => RepositoryKind::Wiki,
-        "snippet" => RepositoryKind::Snippet,
-        "group" => RepositoryKind::Group,
-        "design" => RepositoryKind::Design,
-        _ => return Err(bad()),
-    };
-    let id: i64 = id.parse().map_err(|_| bad())?;
-    if id <= 0 {
-        return Err(Invalid::new("gl_repository", "the ID must be positive").into());
-    }
-    Ok((kind, id))
 }

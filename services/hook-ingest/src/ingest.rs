@@ -22,6 +22,8 @@ pub struct Push {
     pub protocol: String,
     pub push_options: Vec<String>,
     pub geo_node_id: Option<String>,
+    /// The repository's default branch ("main"), empty when unknown.
+    pub default_branch: String,
     /// The correlation ID came from the caller (not minted here), so a front
     /// end may have stored a Geo route under it.
     pub correlation_from_caller: bool,
@@ -56,6 +58,10 @@ impl Push {
                     "too long or has control characters",
                 ));
             }
+        }
+        if !self.default_branch.is_empty() {
+            crate::changes::check_ref_format(&format!("refs/heads/{}", self.default_branch))
+                .map_err(|reason| Invalid::new("default_branch", reason))?;
         }
         if self.project_path.len() > 1024 || self.project_path.chars().any(char::is_control) {
             return Err(Invalid::new(
@@ -160,6 +166,7 @@ impl Ingest {
                 geo_node_id: push.geo_node_id.clone(),
                 part,
                 part_count,
+                default_branch: push.default_branch.clone(),
             };
             let subject = names::push_subject(push.project_id, &meta.event_id);
             let sent =
@@ -250,6 +257,7 @@ pub fn split(push: &Push, budget: usize) -> Vec<Vec<RefChange>> {
         protocol: push.protocol.clone(),
         push_options: push.push_options.clone(),
         geo_node_id: push.geo_node_id.clone(),
+        default_branch: push.default_branch.clone(),
         project_id: push.project_id,
         part: u32::MAX,
         part_count: u32::MAX,

@@ -24,6 +24,10 @@ pub enum HandleError {
     /// Will never succeed (invalid content): dead-letter now.
     #[error("{0}")]
     Permanent(String),
+    /// Worth another try, not before `after` (a webhook target's
+    /// Retry-After): nak with that delay, never past the spec's backoff cap.
+    #[error("{reason}")]
+    RetryAfter { reason: String, after: Duration },
 }
 
 /// One decoded message handed to a handler.
@@ -114,6 +118,15 @@ impl ConsumerSpec {
         self.backoff_base
             .saturating_mul(2u32.saturating_pow(exp))
             .min(self.backoff_max)
+    }
+
+    /// The delay a target asked for, within the backoff cap (a target must
+    /// not park a message for longer than the operator allows) and never
+    /// below the base (`Retry-After: 0` must not spin).
+    pub fn retry_after_delay(&self, after: Duration) -> Duration {
+        after
+            .max(self.backoff_base)
+            .min(self.backoff_max.max(self.backoff_base))
     }
 
     /// [`Self::backoff`] spread by ±`backoff_jitter`, from `seed` (any value
@@ -426,7 +439,15 @@ where
                 }
                 "retry"
             }
-            Err(HandleError::Retryable(reason)) => {
+            Err(HandleError::RetryAfter { reason, after }) if delivered < self.spec.max_deliver => {
+                let delay = self.spec.retry_after_delay(after);
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
+                if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
+                }
+                "retry"
+            }
+            Err(HandleError::Retryable(reason) | HandleError::RetryAfter { reason, .. }) => {
                 self.dead_letter(&msg, "max_deliveries", &reason).await;
                 "dead_letter"
             }
@@ -485,6 +506,27 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_stays_within_base_and_cap() {
+        let spec = ConsumerSpec {
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(2),
+            ..ConsumerSpec::new("S", "d")
+        };
+        assert_eq!(
+            spec.retry_after_delay(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            spec.retry_after_delay(Duration::ZERO),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            spec.retry_after_delay(Duration::from_secs(3600)),
+            Duration::from_secs(2)
+        );
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

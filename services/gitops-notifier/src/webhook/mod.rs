@@ -298,7 +298,7 @@ impl WebhookHandler {
                 )));
             }
         };
-        let response = self
+        let mut request = self
             .client
             .post(url.clone())
             .header("Content-Type", "application/json")
@@ -308,18 +308,31 @@ impl WebhookHandler {
             // The poke's event ID is stable across redeliveries: receivers
             // can drop repeats.
             .header("X-Gitlab-Event-UUID", d.meta.event_id.as_str())
-            .header("Idempotency-Key", d.meta.event_id.as_str())
+            .header("Idempotency-Key", d.meta.event_id.as_str());
+        if !hook.hmac_secret.is_empty() {
+            request = request.header("X-Signature", signature(&hook.hmac_secret, &body));
+        }
+        let response = request
             .body(body)
             .send()
             .await
-            .map_err(|e| classify_send_error(&e))?;
+            .map_err(classify_send_error)?;
         let status = response.status();
         if status.is_success() {
             return Ok(status);
         }
+        let retry_after = (status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::SERVICE_UNAVAILABLE)
+            .then(|| retry_after(response.headers(), std::time::SystemTime::now()))
+            .flatten();
         let snippet = body_snippet(response).await;
         let detail = format!("HTTP {status} from {}: {snippet}", redact(&url));
-        if status.is_server_error()
+        if let Some(after) = retry_after {
+            Err(HandleError::RetryAfter {
+                reason: format!("{detail} (Retry-After {} s)", after.as_secs()),
+                after,
+            })
+        } else if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::REQUEST_TIMEOUT
         {
@@ -330,6 +343,37 @@ impl WebhookHandler {
             Err(HandleError::Permanent(detail))
         }
     }
+}
+
+/// `sha256=<hex HMAC-SHA256 of the body>`, as Flux's generic-hmac Receiver
+/// verifies `X-Signature`.
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    // HMAC takes keys of any length; new_from_slice cannot fail for it.
+    let mut mac = match Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(mac) => mac,
+        Err(_) => return String::new(),
+    };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A `Retry-After` header: delay-seconds or an HTTP date (RFC 9110 10.2.3).
+/// `None` when absent or unparsable (then the usual backoff applies).
+pub fn retry_after(
+    headers: &reqwest::header::HeaderMap,
+    now: std::time::SystemTime,
+) -> Option<Duration> {
+    let value = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
 impl Handler<AgentPoke> for WebhookHandler {
@@ -352,7 +396,7 @@ impl Handler<AgentPoke> for WebhookHandler {
         let result = self.deliver(&d, &hook, kind, body).await;
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(HandleError::Retryable(_)) => "retry",
+            Err(HandleError::Retryable(_) | HandleError::RetryAfter { .. }) => "retry",
             Err(HandleError::Permanent(_)) => "failed",
         };
         metrics::histogram!("pushbus_webhook_seconds", "outcome" => outcome)
@@ -378,8 +422,8 @@ impl Handler<AgentPoke> for WebhookHandler {
 }
 
 /// Refused by the guard: permanent. Connect errors, timeouts: retry.
-fn classify_send_error(err: &reqwest::Error) -> HandleError {
-    if let Some(refused) = guard::refusal_in(err) {
+fn classify_send_error(err: reqwest::Error) -> HandleError {
+    if let Some(refused) = guard::refusal_in(&err) {
         return HandleError::Permanent(refused.to_string());
     }
     let what = if err.is_timeout() {
@@ -389,14 +433,17 @@ fn classify_send_error(err: &reqwest::Error) -> HandleError {
     } else {
         "request failed"
     };
-    let mut detail = err.to_string();
-    let mut source = std::error::Error::source(err);
+    // reqwest's text names the URL (paths and credentials of receivers):
+    // only the redacted form goes into logs and dead letters.
+    let url = err.url().map(redact).unwrap_or_default();
+    let bare = err.without_url();
+    let mut detail = bare.to_string();
+    let mut source = std::error::Error::source(&bare);
     while let Some(s) = source {
         detail.push_str(": ");
         detail.push_str(&s.to_string());
         source = s.source();
     }
-    let url = err.url().map(redact).unwrap_or_default();
     HandleError::Retryable(format!("{what} {url}: {detail}"))
 }
 
@@ -437,6 +484,39 @@ mod tests {
     fn redacts_path_and_credentials() {
         let url = Url::parse("https://u:p@argocd.example.com:8443/hook/abc?x=1").unwrap();
         assert_eq!(redact(&url), "https://argocd.example.com:8443");
+    }
+
+    #[test]
+    fn signs_like_hmac_sha256() {
+        // RFC-style known vector for HMAC-SHA256.
+        assert_eq!(
+            signature("key", b"The quick brown fox jumps over the lazy dog"),
+            "sha256=f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date() {
+        use reqwest::header::{HeaderMap, HeaderValue, RETRY_AFTER};
+        let at = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(RETRY_AFTER, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:27:30 GMT").unwrap();
+        assert_eq!(retry_after(&at("120"), now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after(&at("Wed, 21 Oct 2015 07:28:00 GMT"), now),
+            Some(Duration::from_secs(30))
+        );
+        // A date already past: retry now (the consumer's base still applies).
+        assert_eq!(
+            retry_after(&at("Wed, 21 Oct 2015 07:00:00 GMT"), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(&at("soon"), now), None);
+        assert_eq!(retry_after(&at("-5"), now), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
     }
 
     #[test]

@@ -103,7 +103,9 @@ pub struct Project {
     pub web_url: String,
     pub git_http_url: String,
     pub git_ssh_url: String,
-    /// Not carried on pokes; absent rather than guessed.
+    /// The repository's HEAD branch as the hook read it; absent (never
+    /// guessed) when unknown. Argo CD refreshes HEAD-tracking apps only when
+    /// it equals the pushed branch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub default_branch: Option<String>,
     pub homepage: String,
@@ -205,7 +207,7 @@ pub fn build(poke: &AgentPoke, site: &GitLabSite, occurred_at: Option<String>) -
             web_url: web_url.clone(),
             git_http_url: git_http_url.clone(),
             git_ssh_url: git_ssh_url.clone(),
-            default_branch: None,
+            default_branch: (!poke.default_branch.is_empty()).then(|| poke.default_branch.clone()),
             homepage: web_url.clone(),
             url: git_ssh_url.clone(),
             ssh_url: git_ssh_url.clone(),
@@ -334,6 +336,17 @@ mod tests {
         mr.r#ref = "refs/merge-requests/1/head".into();
         mr.ref_kind = RefKind::Other as i32;
         assert!(build(&mr, &site(), None).is_none());
+    }
+
+    #[test]
+    fn default_branch_is_sent_when_known() {
+        let mut p = poke();
+        p.default_branch = "main".into();
+        let v = serde_json::to_value(build(&p, &site(), None).unwrap()).unwrap();
+        assert_eq!(v["project"]["default_branch"], "main");
+        // Unknown: left out, never guessed (Argo CD would match it wrongly).
+        let v = serde_json::to_value(build(&poke(), &site(), None).unwrap()).unwrap();
+        assert!(v["project"].get("default_branch").is_none(), "{v}");
     }
 
     #[test]

@@ -1,0 +1,581 @@
+//! The hook command (`pushbus hook post-receive` / `hook flush`) as git and
+//! Gitaly run it: real `git push`, real hook-ingest, real HTTP impostors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use pushbus_shared::names;
+use pushbus_shared::proto::{GitPushEvent, RepositoryKind};
+use pushbus_shared::testkit::{NatsServer, free_port};
+
+use crate::support::{Stack, stored_events};
+
+const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
+
+pub fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn git(dir: &Path, args: &[&str]) -> Output {
+    git_env(dir, args, &[])
+}
+
+/// A bare repository named `name` whose post-receive hook runs the hook
+/// command with `hook_args` and no git config of ours, HEAD on `head`, and a
+/// clone with one commit to push from.
+pub fn bare_repo(dir: &Path, name: &str, head: &str, hook_args: &str) -> (PathBuf, PathBuf) {
+    let bare = dir.join(format!("{name}.git"));
+    git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    git(
+        &bare,
+        &["symbolic-ref", "HEAD", &format!("refs/heads/{head}")],
+    );
+    let hook = bare.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive {hook_args}\n"),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+    let work = dir.join(format!("{name}-work"));
+    git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(work.join("f"), format!("{name}\n")).unwrap();
+    git(&work, &["add", "f"]);
+    git(&work, &["commit", "-q", "-m", "one"]);
+    (bare, work)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Runs the hook command directly, with `stdin` as git would give it.
+fn hook(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(PUSHBUS)
+        .arg("hook")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn spooled(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn change(n: u32) -> String {
+    format!("{} {:040x} refs/heads/main\n", "0".repeat(40), n)
+}
+
+async fn pushes(nats: &NatsServer) -> Vec<(pushbus_shared::EventMeta, GitPushEvent)> {
+    stored_events(nats, names::STREAM_PUSHES).await
+}
+
+/// An HTTP server that answers every request with `status`, `headers` and `body`.
+async fn impostor(
+    status: StatusCode,
+    headers: &'static [(&'static str, &'static str)],
+    body: &'static str,
+) -> String {
+    let app = axum::Router::new().fallback(move || async move {
+        let mut resp = axum::response::Response::new(axum::body::Body::from(body));
+        *resp.status_mut() = status;
+        for (k, v) in headers {
+            resp.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        resp
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+/// Accepts connections and never answers.
+pub async fn black_hole() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_spools_a_correlation_id_with_slashes_and_replays_it_under_the_same_id() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (bare, work) = bare_repo(
+        tmp.path(),
+        "repo",
+        "main",
+        &format!("--ingest-url {dead} --timeout-ms 500 --project-id 77"),
+    );
+    // Valid for hook-ingest, and a path traversal as a file name.
+    let odd = "../../etc/x/gitaly:corr/1";
+    let push = git_env(
+        &work,
+        &["push", "origin", "HEAD:refs/heads/main"],
+        &[("CORRELATION_ID", odd)],
+    );
+    let output = stderr(&push);
+    assert!(
+        output.contains("notification spooled for replay"),
+        "{output}"
+    );
+    assert!(output.contains(odd), "pusher not told the ID: {output}");
+    let spool = bare.join("pushbus-spool");
+    let files = spooled(&spool);
+    assert_eq!(files.len(), 1, "{output}");
+    assert_eq!(files[0].parent().unwrap(), spool, "escaped the spool dir");
+    let entry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(entry["correlation_id"], odd);
+    // No temp file left behind.
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 1);
+
+    let stack = Stack::start(&nats.url()).await;
+    let url = format!("http://{}", stack.ingest);
+    let out = hook(
+        &["flush", "--ingest-url", &url],
+        &[("GIT_DIR", bare.to_str().unwrap())],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("1 spooled notification(s) delivered, 0 left"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(spooled(&spool).is_empty());
+    let stored = pushes(&nats).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0.correlation_id, odd);
+    assert_eq!(stored[0].1.project_id, 77);
+
+    // The same notification sent again under that ID is the same event:
+    // the stream keeps one.
+    let sha = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap();
+    let out = hook(
+        &["post-receive", "--ingest-url", &url, "--project-id", "77"],
+        &[("CORRELATION_ID", odd), ("GIT_DIR", bare.to_str().unwrap())],
+        &format!("{} {} refs/heads/main\n", "0".repeat(40), sha.trim()),
+    );
+    assert!(stderr(&out).contains("push announced"), "{}", stderr(&out));
+    let again = pushes(&nats).await;
+    assert_eq!(again.len(), 1, "replay and resend stored twice");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let spool_arg = spool.to_str().unwrap().to_owned();
+    let impostors = [
+        // A web server's page.
+        (
+            impostor(
+                StatusCode::OK,
+                &[("content-type", "text/html")],
+                "<html>hi</html>",
+            )
+            .await,
+            "HTTP 200 but not a pushbus reply",
+        ),
+        // A gRPC server: 200 with grpc-status 12 (unimplemented), no body.
+        (
+            impostor(
+                StatusCode::OK,
+                &[("content-type", "application/grpc"), ("grpc-status", "12")],
+                "",
+            )
+            .await,
+            "HTTP 200 but not a pushbus reply",
+        ),
+        // JSON, but not pushbus' reply.
+        (
+            impostor(
+                StatusCode::OK,
+                &[("content-type", "application/json")],
+                "{\"ok\":true}",
+            )
+            .await,
+            "HTTP 200 but not a pushbus reply",
+        ),
+        (
+            impostor(
+                StatusCode::NOT_FOUND,
+                &[("content-type", "application/json")],
+                "{\"error\":\"no route\"}",
+            )
+            .await,
+            "404 Not Found: no route",
+        ),
+        (
+            impostor(StatusCode::BAD_GATEWAY, &[], "upstream gone").await,
+            "502 Bad Gateway, not a pushbus reply: upstream gone",
+        ),
+    ];
+    for (i, (url, why)) in impostors.iter().enumerate() {
+        let out = hook(
+            &[
+                "post-receive",
+                "--ingest-url",
+                url,
+                "--project-id",
+                "5",
+                "--spool-dir",
+                &spool_arg,
+            ],
+            &[("CORRELATION_ID", &format!("impostor-{i}"))],
+            &change(i as u32 + 1),
+        );
+        let text = stderr(&out);
+        assert!(out.status.success());
+        assert!(
+            text.contains("notification spooled for replay"),
+            "{url}: {text}"
+        );
+        assert!(text.contains(why), "{url}: want {why:?} in {text}");
+        assert!(!text.contains("push announced"), "{text}");
+        // The next run replays first and stops at the impostor: this one
+        // queues behind, nothing is lost.
+        assert_eq!(spooled(&spool).len(), i + 1, "{text}");
+    }
+
+    // A broken setup (unreadable secret file) spools too, to be replayed
+    // once it is fixed.
+    let n = impostors.len();
+    let out = hook(
+        &[
+            "post-receive",
+            "--ingest-url",
+            &impostors[0].0,
+            "--project-id",
+            "5",
+            "--spool-dir",
+            &spool_arg,
+            "--secret-file",
+            "/nonexistent/pushbus-secret",
+        ],
+        &[("CORRELATION_ID", &format!("impostor-{n}"))],
+        &change(n as u32 + 1),
+    );
+    let text = stderr(&out);
+    assert!(
+        text.contains("cannot read /nonexistent/pushbus-secret")
+            && text.contains("notification spooled for replay"),
+        "{text}"
+    );
+    assert_eq!(spooled(&spool).len(), n + 1);
+
+    // Pointed at hook-ingest, every one arrives, in spool order.
+    let stack = Stack::start(&nats.url()).await;
+    let out = hook(
+        &[
+            "flush",
+            "--ingest-url",
+            &format!("http://{}", stack.ingest),
+            "--spool-dir",
+            &spool_arg,
+        ],
+        &[],
+        "",
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stored = pushes(&nats).await;
+    let ids: Vec<String> = stored
+        .iter()
+        .map(|(m, _)| m.correlation_id.clone())
+        .collect();
+    let want: Vec<String> = (0..=impostors.len())
+        .map(|i| format!("impostor-{i}"))
+        .collect();
+    assert_eq!(ids, want);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_flush_and_post_receive_never_wait_past_the_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let spool_arg = spool.to_str().unwrap().to_owned();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for i in 0..4 {
+        let out = hook(
+            &[
+                "post-receive",
+                "--ingest-url",
+                &dead,
+                "--project-id",
+                "5",
+                "--spool-dir",
+                &spool_arg,
+            ],
+            &[],
+            &change(i + 1),
+        );
+        assert!(stderr(&out).contains("spooled"), "{}", stderr(&out));
+    }
+    assert_eq!(spooled(&spool).len(), 4);
+
+    // A server that accepts and never answers: each call would hang for
+    // the whole timeout, yet the run as a whole stays within it.
+    let hole = black_hole().await;
+    let started = Instant::now();
+    let out = hook(
+        &[
+            "flush",
+            "--ingest-url",
+            &hole,
+            "--spool-dir",
+            &spool_arg,
+            "--timeout-ms",
+            "700",
+        ],
+        &[],
+        "",
+    );
+    let took = started.elapsed();
+    assert!(!out.status.success(), "flush reported success");
+    assert!(
+        stderr(&out).contains("0 spooled notification(s) delivered, 4 left"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(took < Duration::from_millis(1_500), "flush took {took:?}");
+
+    let started = Instant::now();
+    let out = hook(
+        &[
+            "post-receive",
+            "--ingest-url",
+            &hole,
+            "--project-id",
+            "5",
+            "--spool-dir",
+            &spool_arg,
+            "--timeout-ms",
+            "700",
+        ],
+        &[],
+        &change(9),
+    );
+    let took = started.elapsed();
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("spooled"), "{}", stderr(&out));
+    assert!(took < Duration::from_millis(1_500), "hook took {took:?}");
+    assert_eq!(spooled(&spool).len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_spool_entries_past_the_max_age_move_to_expired_not_replayed() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let spool_arg = spool.to_str().unwrap().to_owned();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    for (i, id) in ["old-one", "fresh-one"].iter().enumerate() {
+        hook(
+            &[
+                "post-receive",
+                "--ingest-url",
+                &dead,
+                "--project-id",
+                "6",
+                "--spool-dir",
+                &spool_arg,
+            ],
+            &[("CORRELATION_ID", id)],
+            &change(i as u32 + 1),
+        );
+    }
+    let files = spooled(&spool);
+    assert_eq!(files.len(), 2);
+    // Age the first entry by three hours.
+    let mut old: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(old["correlation_id"], "old-one");
+    let at = old["spooled_at"].as_u64().expect("spooled_at");
+    old["spooled_at"] = (at - 3 * 3600).into();
+    std::fs::write(&files[0], old.to_string()).unwrap();
+
+    let stack = Stack::start(&nats.url()).await;
+    let url = format!("http://{}", stack.ingest);
+    // The limit must stay below the stream's 7 days.
+    for bad in ["0", "168", "1000"] {
+        let out = hook(
+            &[
+                "flush",
+                "--ingest-url",
+                &url,
+                "--spool-dir",
+                &spool_arg,
+                "--spool-max-age-hours",
+                bad,
+            ],
+            &[],
+            "",
+        );
+        assert!(!out.status.success(), "accepted max age {bad}");
+        assert!(
+            stderr(&out).contains("--spool-max-age-hours"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(spooled(&spool).len(), 2, "a refused flag replayed anyway");
+
+    let out = hook(
+        &["flush", "--ingest-url", &url, "--spool-dir", &spool_arg],
+        &[("PUSHBUS_SPOOL_MAX_AGE_HOURS", "2")],
+        "",
+    );
+    let text = stderr(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("1 spooled notification(s) delivered, 0 left, 1 expired"),
+        "{text}"
+    );
+    assert!(
+        text.contains("old-one") && text.contains("not replayed") && text.contains("expired"),
+        "{text}"
+    );
+    let expired = spooled(&spool.join("expired"));
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].file_name(), files[0].file_name());
+    let stored = pushes(&nats).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0.correlation_id, "fresh-one");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_as_a_gitaly_server_hook_reads_gl_variables_and_head() {
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let args = format!("--ingest-url http://{}", stack.ingest);
+    // (GL_REPOSITORY, HEAD, expected kind, project ID)
+    let repos = [
+        ("project-42", "trunk", RepositoryKind::Project, 42),
+        ("wiki-42", "main", RepositoryKind::Wiki, 42),
+        ("snippet-7", "master", RepositoryKind::Snippet, 7),
+    ];
+    for (i, (gl_repository, head, _, _)) in repos.iter().enumerate() {
+        let name = format!("r{i}");
+        let (_, work) = bare_repo(tmp.path(), &name, head, &args);
+        // What Gitaly puts in a custom hook's environment; no git config.
+        let push = git_env(
+            &work,
+            &["push", "origin", "HEAD:refs/heads/main"],
+            &[
+                ("GL_REPOSITORY", gl_repository),
+                ("GL_PROJECT_PATH", "group/app"),
+                ("GL_ID", "user-5"),
+                ("GL_USERNAME", "alice"),
+                ("GL_PROTOCOL", "ssh"),
+                ("CORRELATION_ID", &format!("01gitaly{i}")),
+            ],
+        );
+        assert!(
+            stderr(&push).contains("push announced"),
+            "{}",
+            stderr(&push)
+        );
+    }
+    // GL_USERNAME stands in when GL_ID is absent.
+    let (_, work) = bare_repo(tmp.path(), "r3", "main", &args);
+    git_env(
+        &work,
+        &["push", "origin", "HEAD:refs/heads/main"],
+        &[
+            ("GL_REPOSITORY", "project-43"),
+            ("GL_USERNAME", "bob"),
+            ("CORRELATION_ID", "01gitaly3"),
+        ],
+    );
+    // A malformed GL_REPOSITORY is named to the pusher, nothing is sent.
+    let (_, work) = bare_repo(tmp.path(), "r4", "main", &args);
+    let push = git_env(
+        &work,
+        &["push", "origin", "HEAD:refs/heads/main"],
+        &[("GL_REPOSITORY", "repo-1")],
+    );
+    assert!(
+        stderr(&push).contains("GL_REPOSITORY \"repo-1\"")
+            && stderr(&push).contains("not announced"),
+        "{}",
+        stderr(&push)
+    );
+
+    let stored = pushes(&nats).await;
+    assert_eq!(stored.len(), 4);
+    for (i, (_, head, kind, id)) in repos.iter().enumerate() {
+        let (meta, event) = &stored[i];
+        assert_eq!(meta.correlation_id, format!("01gitaly{i}"));
+        assert_eq!(event.project_id, *id);
+        assert_eq!(event.repository_kind, *kind as i32, "{event:?}");
+        assert_eq!(event.project_path, "group/app");
+        assert_eq!(event.actor, "user-5");
+        assert_eq!(event.protocol, "ssh");
+        assert_eq!(event.default_branch, *head);
+        assert_eq!(event.changes[0].r#ref, "refs/heads/main");
+    }
+    let (meta, event) = &stored[3];
+    assert_eq!(meta.correlation_id, "01gitaly3");
+    assert_eq!(event.project_id, 43);
+    assert_eq!(event.actor, "username-bob");
+    assert_eq!(event.protocol, "hook");
+    stack.stop().await;
+}
