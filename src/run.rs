@@ -60,7 +60,12 @@ pub fn parse_services(list: &str) -> anyhow::Result<Vec<&'static str>> {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let names = parse_services(&args.services)?;
-    pushbus_shared::telemetry::init("pushbus", args.ops.log_json);
+    // One service: its traces are that service's; several: "pushbus".
+    let telemetry_name = match names.as_slice() {
+        [one] => *one,
+        _ => "pushbus",
+    };
+    pushbus_shared::telemetry::init(telemetry_name, args.ops.log_json);
     // No NATS configured: start one for a laptop.
     let (url, _embedded) = match &args.nats.nats_url {
         Some(url) => (url.clone(), None),
@@ -100,13 +105,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
     tracing::info!(nats = %url, "pushbus starting");
-    service::host(
+    let hosted = service::host(
         &url,
         args.ops.ops_listen,
         launchers,
         service::shutdown_signal(),
     )
-    .await?;
+    .await;
+    pushbus_shared::telemetry::shutdown();
+    hosted?;
     Ok(())
 }
 

@@ -69,6 +69,18 @@ pub mod headers {
     pub const DLQ_SEQUENCE: &str = "Pushbus-Dlq-Sequence";
     pub const DLQ_CONSUMER: &str = "Pushbus-Dlq-Consumer";
     pub const DLQ_DELIVERED: &str = "Pushbus-Dlq-Delivered";
+    /// CloudEvents binary content mode (NATS binding), on every message.
+    pub const CONTENT_TYPE: &str = "Content-Type";
+    pub const CE_SPECVERSION: &str = "ce-specversion";
+    pub const CE_ID: &str = "ce-id";
+    pub const CE_TYPE: &str = "ce-type";
+    pub const CE_SOURCE: &str = "ce-source";
+    pub const CE_TIME: &str = "ce-time";
+    pub const CE_SUBJECT: &str = "ce-subject";
+    pub const CE_DATASCHEMA: &str = "ce-dataschema";
+    /// The CloudEvents correlation extension's attributes.
+    pub const CE_CORRELATIONID: &str = "ce-correlationid";
+    pub const CE_CAUSATIONID: &str = "ce-causationid";
 }
 
 /// The subject of one push event. Published with "no message on this

@@ -51,19 +51,191 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric pushbus exports, with its HELP text: the one list the
+/// dashboard in deploy/grafana is checked against.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    (
+        "pushbus_ingest_pushes_total",
+        Kind::Counter,
+        "Pushes hook-ingest stored (answered 200).",
+    ),
+    (
+        "pushbus_ingest_replays_total",
+        Kind::Counter,
+        "Pushes that an earlier attempt had already stored (replays of spooled hooks).",
+    ),
+    (
+        "pushbus_ingest_lag_timeouts_total",
+        Kind::Counter,
+        "Geo lag requests that got no answer within the lag budget.",
+    ),
+    (
+        "pushbus_publish_ack_seconds",
+        Kind::Histogram,
+        "Time from publish to the stream's ack.",
+    ),
+    (
+        "pushbus_publish_duplicates_total",
+        Kind::Counter,
+        "Publishes the stream dropped as duplicates.",
+    ),
+    (
+        "pushbus_handle_seconds",
+        Kind::Histogram,
+        "Time a consumer's handler took per message, by consumer.",
+    ),
+    (
+        "pushbus_messages_total",
+        Kind::Counter,
+        "Messages consumed, by consumer and outcome (ok, retry, dead_letter).",
+    ),
+    (
+        "pushbus_dead_letters_total",
+        Kind::Counter,
+        "Messages sent to PUSHBUS_DLQ, by consumer.",
+    ),
+    (
+        "pushbus_consumer_pending",
+        Kind::Gauge,
+        "Messages not yet delivered to a durable consumer, by consumer.",
+    ),
+    (
+        "pushbus_consumer_ack_pending",
+        Kind::Gauge,
+        "Messages delivered to a durable consumer and not yet acked, by consumer.",
+    ),
+    (
+        "pushbus_consumer_redelivered",
+        Kind::Gauge,
+        "Messages of a durable consumer delivered more than once and not yet acked, by consumer.",
+    ),
+    (
+        "pushbus_dlq_messages",
+        Kind::Gauge,
+        "Messages in PUSHBUS_DLQ from this consumer, by consumer.",
+    ),
+    (
+        "pushbus_filter_pushes_total",
+        Kind::Counter,
+        "Pushes filter matched against the agent registry.",
+    ),
+    (
+        "pushbus_filter_pushes_unmatched_total",
+        Kind::Counter,
+        "Pushes no agent watches.",
+    ),
+    (
+        "pushbus_filter_pokes_total",
+        Kind::Counter,
+        "Pokes filter published.",
+    ),
+    (
+        "pushbus_filter_registry_agents",
+        Kind::Gauge,
+        "Agents in filter's in-memory registry.",
+    ),
+    (
+        "pushbus_filter_index_build_seconds",
+        Kind::Histogram,
+        "Time to build filter's match index.",
+    ),
+    (
+        "pushbus_notifier_pokes_total",
+        Kind::Counter,
+        "Pokes gitops-notifier recorded as ref heads.",
+    ),
+    (
+        "pushbus_notifier_connections",
+        Kind::Gauge,
+        "Agent streams (SSE and gRPC) connected to this notifier replica.",
+    ),
+    (
+        "pushbus_notifier_degraded",
+        Kind::Gauge,
+        "1 while this notifier replica has lost NATS (agents told to poll).",
+    ),
+    (
+        "pushbus_notifier_ref_heads",
+        Kind::Gauge,
+        "Ref heads this notifier replica loaded at start.",
+    ),
+    (
+        "pushbus_notifier_catch_up_pokes_total",
+        Kind::Counter,
+        "Pokes queued as catch-up on reconnect.",
+    ),
+    (
+        "pushbus_notifier_coalesced_total",
+        Kind::Counter,
+        "Pokes merged into a newer one by the coalescing window.",
+    ),
+    (
+        "pushbus_notifier_overflows_total",
+        Kind::Counter,
+        "Connections told to poll everything because too many refs were pending.",
+    ),
+    (
+        "pushbus_push_to_poke_seconds",
+        Kind::Histogram,
+        "Time from hook-ingest storing a push to its poke reaching an agent's connection (live pokes).",
+    ),
+    (
+        "pushbus_webhook_seconds",
+        Kind::Histogram,
+        "Time of one webhook delivery attempt, by outcome.",
+    ),
+    (
+        "pushbus_webhook_deliveries_total",
+        Kind::Counter,
+        "Webhook delivery attempts, by outcome.",
+    ),
+];
+
+/// Latency buckets in seconds (1 ms to 30 s), so latencies render as
+/// histograms that aggregate across replicas rather than as summaries.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let builder = PrometheusBuilder::new();
+            // Fails only on an empty bucket list.
+            let builder = builder
+                .set_buckets(LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             // Fails only if another recorder was installed first; then our
             // handle renders nothing, which beats crashing.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                describe_all();
+            }
             handle
         })
         .clone()
+}
+
+fn describe_all() {
+    for &(name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => {
+                metrics::describe_histogram!(name, metrics::Unit::Seconds, help);
+            }
+        }
+    }
 }
 
 pub fn router(readiness: Readiness) -> Router {

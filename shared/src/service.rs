@@ -247,13 +247,15 @@ pub async fn run_single(
     launcher: Launcher,
 ) -> Result<(), HostError> {
     crate::telemetry::init(name, ops.log_json);
-    host(
+    let hosted = host(
         nats.url(),
         ops.ops_listen,
         vec![launcher],
         shutdown_signal(),
     )
-    .await
+    .await;
+    crate::telemetry::shutdown();
+    hosted
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -27,18 +27,28 @@ const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
 
 /// A service as its own OS process (`pushbus run <service>`), so a test can
 /// freeze and kill it like an operator's node dies.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     ops: std::net::SocketAddr,
 }
 
 impl Process {
-    async fn start(nats_url: &str, service: &str, flags: &[&str]) -> Process {
+    pub(crate) async fn start(nats_url: &str, service: &str, flags: &[&str]) -> Process {
+        Self::start_with_env(nats_url, service, flags, &[]).await
+    }
+
+    pub(crate) async fn start_with_env(
+        nats_url: &str,
+        service: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Process {
         let ops = local(free_port());
         let child = Command::new(PUSHBUS)
             .args(["run", service, "--nats-url", nats_url, "--ops-listen"])
             .arg(ops.to_string())
             .args(flags)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -60,7 +70,7 @@ impl Process {
         }
     }
 
-    fn signal(&self, signal: i32) {
+    pub(crate) fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe {
             libc::kill(self.child.id() as i32, signal);
@@ -76,7 +86,10 @@ impl Drop for Process {
     }
 }
 
-async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+pub(crate) async fn until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !check().await {
         assert!(Instant::now() < deadline, "never: {what}");

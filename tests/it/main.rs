@@ -7,5 +7,6 @@ mod hook;
 mod ingest;
 mod lag;
 mod notifier;
+mod observe;
 mod support;
 mod webhook;

@@ -144,6 +144,7 @@ impl Handler<GitPushEvent> for PushHandler {
         metrics::counter!("pushbus_filter_pushes_total").increment(1);
         // Which matched agents want a webhook too, read under the same lock.
         let matches: Vec<(index::Match, bool)> = {
+            let _span = tracing::info_span!("match", project_id = push.project_id).entered();
             let index = registry::read(&self.index);
             index
                 .matches(push)
@@ -181,6 +182,7 @@ impl Handler<GitPushEvent> for PushHandler {
                 // republishes it late, and it must not win.
                 push_sequence: d.stream_sequence,
                 push_epoch: d.stream_epoch,
+                pushed_at: d.occurred_at,
                 default_branch: push.default_branch.clone(),
             };
             // Derived from the push ID + agent + ref: a redelivered push

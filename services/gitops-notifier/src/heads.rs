@@ -181,6 +181,7 @@ pub struct Head {
     pub key: RefKey,
     pub revision: u64,
     pub event: WatchEvent,
+    pub trace: Option<pushbus_shared::proto::TraceContext>,
 }
 
 fn parse(msg: &JsMessage) -> Option<Head> {
@@ -212,6 +213,7 @@ fn head(key: &str, revision: u64, value: &[u8]) -> Option<Head> {
         agent_id: agent_id.to_owned(),
         key: ref_key.into(),
         revision,
+        trace: head.trace,
         event: WatchEvent {
             event_id: head.event_id,
             correlation_id: head.correlation_id,
@@ -425,9 +427,7 @@ pub async fn follow(
                         index.advance(s);
                     }
                     if let Some(head) = head {
-                        let took =
-                            hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
-                        tracing::debug!(agent_id = %head.agent_id, event_id = %head.event.event_id, correlation_id = %head.event.correlation_id, connections = took, "head delivered");
+                        deliver(&hub, &head);
                     }
                 }
                 Some(Err(err)) => {
@@ -438,6 +438,34 @@ pub async fn follow(
             }
         }
     }
+}
+
+/// Offers a new head to this replica's connections of its agent, in a span
+/// that continues the push's trace.
+fn deliver(hub: &Hub, head: &Head) {
+    let span = tracing::info_span!(
+        "deliver",
+        otel.kind = "producer",
+        agent_id = %head.agent_id,
+        event_id = %head.event.event_id,
+        correlation_id = %head.event.correlation_id,
+        connections = tracing::field::Empty,
+    );
+    pushbus_shared::trace::continue_stored(&span, head.trace.as_ref());
+    let _entered = span.enter();
+    let took = hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
+    span.record("connections", took);
+    if took > 0
+        && let Some(Event::Poke(poke)) = &head.event.event
+        && let Some(pushed) = poke
+            .pushed_at
+            .clone()
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+        && let Ok(age) = std::time::SystemTime::now().duration_since(pushed)
+    {
+        metrics::histogram!("pushbus_push_to_poke_seconds").record(age.as_secs_f64());
+    }
+    tracing::debug!(connections = took, "head delivered");
 }
 
 async fn broken(hub: &Hub, err: &str, shutdown: &CancellationToken) {

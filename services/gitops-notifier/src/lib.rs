@@ -292,6 +292,9 @@ impl Handler<AgentPoke> for PokeHandler {
             event_id: d.meta.event_id.clone(),
             correlation_id: d.meta.correlation_id.clone(),
             poke_sequence: d.stream_sequence,
+            // This handler's span, child of the poke's publish: delivering
+            // the head continues the push's trace from here.
+            trace: pushbus_shared::trace::current(),
         };
         let wrote = self
             .writer

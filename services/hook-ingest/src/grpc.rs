@@ -39,6 +39,8 @@ impl HookIngest for HookIngestService {
             .find(|v| envelope::is_valid_correlation_id(v));
         let correlation_from_caller = from_caller.is_some();
         let correlation_id = from_caller.unwrap_or_else(envelope::new_correlation_id);
+        // The caller's trace (gRPC metadata) continues into pushbus.
+        let trace = (text("traceparent"), text("tracestate"));
         let r = req.into_inner();
         let invalid = |e: changes::Invalid| {
             tracing::warn!(field = %e.field, reason = %e.reason, "NotifyGitPush refused");
@@ -61,8 +63,19 @@ impl HookIngest for HookIngestService {
             correlation_from_caller,
         };
         push.validate("project_path").map_err(invalid)?;
-        let span =
-            tracing::info_span!("notify_git_push", %correlation_id, project_id = push.project_id);
+        let span = tracing::info_span!(
+            "notify_git_push",
+            otel.name = "pushbus.v1.HookIngest/NotifyGitPush",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            %correlation_id,
+            project_id = push.project_id
+        );
+        pushbus_shared::trace::continue_from(&span, |k| match k {
+            "traceparent" => trace.0.as_deref(),
+            "tracestate" => trace.1.as_deref(),
+            _ => None,
+        });
         let accepted = self
             .state
             .ingest

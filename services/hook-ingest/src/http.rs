@@ -109,7 +109,15 @@ async fn post_receive(
     };
     let mut push = to_push(parsed)?;
     push.correlation_from_caller = from_caller;
-    let span = tracing::info_span!("post_receive", %correlation_id, project_id = push.project_id);
+    let span = tracing::info_span!(
+        "post_receive",
+        otel.name = "POST /api/v4/internal/post_receive",
+        otel.kind = "server",
+        %correlation_id,
+        project_id = push.project_id
+    );
+    // GitLab's trace (its traceparent header) continues into pushbus.
+    pushbus_shared::trace::continue_from(&span, |k| headers.get(k).and_then(|v| v.to_str().ok()));
     let accepted = st
         .ingest
         .accept(push, correlation_id)

@@ -192,6 +192,7 @@ where
         spec: spec.clone(),
         _message: std::marker::PhantomData::<fn() -> M>,
     });
+    let gauges = tokio::spawn(report_consumer(js.clone(), spec.clone(), shutdown.clone()));
     let lanes = spec.concurrency.max(1);
     let mut senders = Vec::with_capacity(lanes);
     let mut tasks = tokio::task::JoinSet::new();
@@ -285,8 +286,41 @@ where
     }
     // Messages already queued to a lane are finished (one per lane at most).
     drop(senders);
+    gauges.abort();
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Every 10 s: the consumer's backlog and its dead letters, as gauges, so
+/// a dashboard shows lag per durable consumer and DLQ depth.
+async fn report_consumer(js: jetstream::Context, spec: ConsumerSpec, stop: CancellationToken) {
+    let labels = [("consumer", spec.durable.clone())];
+    let dlq_subject = crate::names::dlq_subject(&spec.durable);
+    loop {
+        if let Ok(stream) = js.get_stream(&spec.stream).await
+            && let Ok(mut consumer) = stream.get_consumer::<pull::Config>(&spec.durable).await
+            && let Ok(info) = consumer.info().await
+        {
+            metrics::gauge!("pushbus_consumer_pending", &labels).set(info.num_pending as f64);
+            metrics::gauge!("pushbus_consumer_ack_pending", &labels)
+                .set(info.num_ack_pending as f64);
+            metrics::gauge!("pushbus_consumer_redelivered", &labels)
+                .set(info.num_redelivered as f64);
+        }
+        if let Ok(dlq) = js.get_stream(crate::names::STREAM_DLQ).await
+            && let Ok(mut subjects) = dlq.info_with_subjects(&dlq_subject).await
+        {
+            let mut depth = 0;
+            while let Some(Ok((_, n))) = subjects.next().await {
+                depth += n;
+            }
+            metrics::gauge!("pushbus_dlq_messages", &labels).set(depth as f64);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
 }
 
 /// The consumer, and when its stream was created.
@@ -373,6 +407,14 @@ where
         };
         let span = tracing::info_span!(
             "handle",
+            otel.name = %format!("process {}", self.spec.stream),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %msg.subject,
+            messaging.consumer.group.name = %self.spec.durable,
+            messaging.message.id = %env.event_id,
+            messaging.message.conversation_id = %env.correlation_id,
             consumer = %self.spec.durable,
             event_id = %env.event_id,
             correlation_id = %env.correlation_id,

@@ -10,6 +10,7 @@ use crate::envelope::{self, EventMeta};
 use crate::names::headers;
 use crate::proto::Source;
 use crate::trace;
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -128,14 +129,28 @@ impl Publisher {
         meta: &EventMeta,
         once: bool,
     ) -> Result<PendingAck, PublishError> {
+        // The consumer's span is a child of this one, wherever it runs.
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = %format!("send {}", subject_family(&subject)),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.destination.name = %subject,
+            messaging.message.id = %meta.event_id,
+            messaging.message.conversation_id = %meta.correlation_id,
+            event_id = %meta.event_id,
+            correlation_id = %meta.correlation_id,
+        );
         let mut map = HeaderMap::new();
         map.insert(headers::CORRELATION_ID, meta.correlation_id.as_str());
         if !meta.causation_id.is_empty() {
             map.insert(headers::CAUSATION_ID, meta.causation_id.as_str());
         }
         map.insert(headers::EVENT_TYPE, M::full_name().as_str());
-        let trace = trace::inject_current(&mut map);
+        let trace = span.in_scope(|| trace::inject_current(&mut map));
         let env = envelope::seal(msg, meta, &self.source, trace);
+        cloud_event_headers(&mut map, &env, &M::full_name(), &subject, &self.source);
         let mut publish = PublishMessage::build()
             .headers(map)
             .message_id(&meta.event_id)
@@ -147,6 +162,7 @@ impl Publisher {
         let fut = self
             .js
             .send_publish(subject.clone(), publish)
+            .instrument(span)
             .await
             .map_err(|source| PublishError::Send {
                 event_id: meta.event_id.clone(),
@@ -159,4 +175,53 @@ impl Publisher {
             fut,
         })
     }
+}
+
+/// `pushbus.push` of `pushbus.push.42.<id>`: a span name of low cardinality.
+fn subject_family(subject: &str) -> &str {
+    match subject.match_indices('.').nth(1) {
+        Some((end, _)) => &subject[..end],
+        None => subject,
+    }
+}
+
+/// CloudEvents binary content mode (the NATS protocol binding: `ce-`
+/// headers), so any CloudEvents consumer can route pushbus events without
+/// pushbus code. The data is the `pushbus.v1.Envelope` whose payload is the
+/// `ce-type` message.
+fn cloud_event_headers(
+    map: &mut HeaderMap,
+    env: &crate::proto::Envelope,
+    type_name: &str,
+    subject: &str,
+    source: &Source,
+) {
+    map.insert(headers::CONTENT_TYPE, "application/protobuf");
+    map.insert(headers::CE_SPECVERSION, "1.0");
+    map.insert(headers::CE_ID, env.event_id.as_str());
+    map.insert(headers::CE_TYPE, type_name);
+    map.insert(
+        headers::CE_SOURCE,
+        format!("/pushbus/{}", source.service).as_str(),
+    );
+    map.insert(headers::CE_SUBJECT, subject);
+    map.insert(
+        headers::CE_DATASCHEMA,
+        "type.googleapis.com/pushbus.v1.Envelope",
+    );
+    if let Some(time) = env.occurred_at.as_ref().and_then(rfc3339) {
+        map.insert(headers::CE_TIME, time.as_str());
+    }
+    map.insert(headers::CE_CORRELATIONID, env.correlation_id.as_str());
+    if !env.causation_id.is_empty() {
+        map.insert(headers::CE_CAUSATIONID, env.causation_id.as_str());
+    }
+}
+
+fn rfc3339(t: &prost_types::Timestamp) -> Option<String> {
+    let nanos = i128::from(t.seconds) * 1_000_000_000 + i128::from(t.nanos);
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
 }

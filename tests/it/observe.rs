@@ -1,0 +1,260 @@
+//! What an operator sees: traces exported over OTLP to a collector that
+//! lives inside the test, from services running as their own processes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use prost::Message;
+use pushbus_shared::testkit::{NatsServer, free_port};
+
+use crate::guarantees::{Process, until};
+use crate::support::{SseReader, local, register};
+
+/// One exported span: its service, trace ID (hex), name and attributes.
+#[derive(Clone, Debug)]
+struct Span {
+    service: String,
+    trace_id: String,
+    name: String,
+    attributes: HashMap<String, String>,
+    resource: HashMap<String, String>,
+}
+
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Span>>>,
+}
+
+fn text(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+impl Collector {
+    fn take(&self, request: ExportTraceServiceRequest) {
+        let mut spans = self.spans.lock().unwrap();
+        for rs in request.resource_spans {
+            let resource: HashMap<String, String> = rs
+                .resource
+                .map(|r| r.attributes)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|kv| (kv.key, text(&kv.value)))
+                .collect();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    spans.push(Span {
+                        service: service.clone(),
+                        trace_id: s.trace_id.iter().map(|b| format!("{b:02x}")).collect(),
+                        name: s.name,
+                        attributes: s
+                            .attributes
+                            .into_iter()
+                            .map(|kv| (kv.key, text(&kv.value)))
+                            .collect(),
+                        resource: resource.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn of_trace(&self, trace_id: &str) -> Vec<Span> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    }
+
+    /// An OTLP/gRPC collector on `listener`.
+    async fn serve_grpc(self, listener: tokio::net::TcpListener) {
+        let app = tonic::service::Routes::new(TraceServiceServer::new(self)).into_axum_router();
+        let _ = axum::serve(listener, app).await;
+    }
+
+    /// An OTLP/HTTP (protobuf) collector on `listener`.
+    async fn serve_http(self, listener: tokio::net::TcpListener) {
+        use axum::response::IntoResponse;
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: Bytes| {
+                let c = self.clone();
+                async move {
+                    match ExportTraceServiceRequest::decode(body) {
+                        Ok(req) => {
+                            c.take(req);
+                            (
+                                [("content-type", "application/x-protobuf")],
+                                ExportTraceServiceResponse::default().encode_to_vec(),
+                            )
+                                .into_response()
+                        }
+                        Err(_) => axum::http::StatusCode::BAD_REQUEST.into_response(),
+                    }
+                }
+            }),
+        );
+        let _ = axum::serve(listener, app).await;
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.take(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+async fn listener() -> (tokio::net::TcpListener, String) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+// One push, a caller's traceparent: hook-ingest, filter and gitops-notifier
+// (each its own process) export their spans to the collector, all in the
+// caller's trace; the standard variables choose protocol and resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_push_is_one_trace_across_three_services_under_the_callers_trace_id() {
+    let nats = NatsServer::start();
+    register(&nats, "traced", 60..=60).await;
+    let url = nats.url();
+    let collector = Collector::default();
+    let (grpc, grpc_url) = listener().await;
+    tokio::spawn(collector.clone().serve_grpc(grpc));
+    let (http, http_url) = listener().await;
+    tokio::spawn(collector.clone().serve_http(http));
+
+    let env = |protocol: &'static str, endpoint: String| {
+        vec![
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=test".to_owned(),
+            ),
+        ]
+    };
+    let grpc_env = env("grpc", grpc_url.clone());
+    let http_env = env("http/protobuf", http_url.clone());
+    fn borrow<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+        v.iter().map(|(k, v)| (*k, v.as_str())).collect()
+    }
+    let ingest_addr = local(free_port());
+    let notifier_addr = local(free_port());
+    // hook-ingest over OTLP/HTTP, the others over gRPC.
+    let _ingest = Process::start_with_env(
+        &url,
+        "hook-ingest",
+        &["--ingest-listen", &ingest_addr.to_string()],
+        &borrow(&http_env),
+    )
+    .await;
+    let _filter = Process::start_with_env(&url, "filter", &[], &borrow(&grpc_env)).await;
+    let _notifier = Process::start_with_env(
+        &url,
+        "gitops-notifier",
+        &["--notifier-listen", &notifier_addr.to_string()],
+        &borrow(&grpc_env),
+    )
+    .await;
+    let mut sse = SseReader::new(
+        SseReader::connect(
+            &format!("http://{notifier_addr}/v1/agents/traced/pokes"),
+            None,
+        )
+        .await,
+    );
+    assert_eq!(
+        sse.next_event(Duration::from_secs(5)).await.unwrap().0,
+        "status"
+    );
+
+    let resp = reqwest::Client::new()
+        .post(format!("http://{ingest_addr}/api/v4/internal/post_receive"))
+        .header("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902b7-01"))
+        .json(&serde_json::json!({
+            "gl_repository": "project-60",
+            "identifier": "user-1",
+            "changes": format!("{} {} refs/heads/main\n", "1".repeat(40), "2".repeat(40)),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (event, _) = sse.next_event(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(event, "poke");
+
+    let wanted: BTreeSet<&str> = ["hook-ingest", "filter", "gitops-notifier"].into();
+    until("spans of all three services in the caller's trace", || {
+        let c = collector.clone();
+        let wanted = wanted.clone();
+        async move {
+            let seen: BTreeSet<String> = c
+                .of_trace(TRACE_ID)
+                .into_iter()
+                .map(|s| s.service)
+                .collect();
+            wanted.iter().all(|w| seen.contains(*w))
+        }
+    })
+    .await;
+    let spans = collector.of_trace(TRACE_ID);
+    let names: BTreeSet<(String, String)> = spans
+        .iter()
+        .map(|s| (s.service.clone(), s.name.clone()))
+        .collect();
+    for (service, name) in [
+        ("hook-ingest", "POST /api/v4/internal/post_receive"),
+        ("hook-ingest", "send pushbus.push"),
+        ("filter", "process PUSHBUS_PUSHES"),
+        ("filter", "match"),
+        ("filter", "send pushbus.poke"),
+        ("gitops-notifier", "process PUSHBUS_POKES"),
+        ("gitops-notifier", "deliver"),
+    ] {
+        assert!(
+            names.contains(&(service.to_owned(), name.to_owned())),
+            "no span {name:?} from {service}: {names:?}"
+        );
+    }
+    let publish = spans
+        .iter()
+        .find(|s| s.name == "send pushbus.push")
+        .unwrap();
+    assert_eq!(publish.attributes["messaging.system"], "nats");
+    assert!(publish.attributes["messaging.destination.name"].starts_with("pushbus.push.60."));
+    assert!(!publish.attributes["messaging.message.id"].is_empty());
+    assert!(!publish.attributes["messaging.message.conversation_id"].is_empty());
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.resource.get("deployment.environment").map(String::as_str) == Some("test")),
+        "OTEL_RESOURCE_ATTRIBUTES not applied"
+    );
+}
