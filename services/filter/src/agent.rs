@@ -26,6 +26,35 @@ pub enum AgentConfigError {
     PathGlob(usize, usize, String),
 }
 
+/// Longest ref name or glob accepted, in bytes. Globs are matched for every
+/// push under the index lock: their size bounds the work (matching is
+/// O(pattern × path)) and the memory a registration can claim.
+pub const MAX_PATTERN_BYTES: usize = 1024;
+/// Most `/`-separated segments in a glob; real ones have a handful.
+pub const MAX_PATTERN_SEGMENTS: usize = 64;
+
+/// Checks the size limits, then compiles.
+fn glob(pattern: &str) -> Result<Glob, String> {
+    check_length(pattern)?;
+    let segments = pattern.split('/').count();
+    if segments > MAX_PATTERN_SEGMENTS {
+        return Err(format!(
+            "glob has {segments} segments; at most {MAX_PATTERN_SEGMENTS} are allowed"
+        ));
+    }
+    Glob::new(pattern)
+}
+
+fn check_length(pattern: &str) -> Result<(), String> {
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(format!(
+            "{} bytes long; at most {MAX_PATTERN_BYTES} are allowed",
+            pattern.len()
+        ));
+    }
+    Ok(())
+}
+
 /// A watch ready to match: globs compiled once.
 #[derive(Debug, Clone)]
 pub struct CompiledWatch {
@@ -99,7 +128,7 @@ fn compile_watch(
             paths
                 .iter()
                 .enumerate()
-                .map(|(j, p)| Glob::new(p).map_err(|e| AgentConfigError::PathGlob(i, j, e)))
+                .map(|(j, p)| glob(p).map_err(|e| AgentConfigError::PathGlob(i, j, e)))
                 .collect::<Result<Box<[Glob]>, _>>()?,
         )
     };
@@ -121,10 +150,11 @@ fn compile_refs(i: usize, sel: Option<&RefSelector>) -> Result<RefMatcher, Agent
         if pattern.is_empty() {
             Err(AgentConfigError::Pattern(i, "must not be empty".into()))
         } else {
+            check_length(pattern).map_err(|e| AgentConfigError::Pattern(i, e))?;
             Ok(pattern)
         }
     };
-    let compiled = |p: &str| Glob::new(p).map_err(|e| AgentConfigError::Pattern(i, e));
+    let compiled = |p: &str| glob(p).map_err(|e| AgentConfigError::Pattern(i, e));
     Ok(match kind {
         Kind::Unspecified => return Err(AgentConfigError::SelectorKind(i)),
         Kind::AnyBranch => RefMatcher::AnyBranch,
@@ -187,5 +217,61 @@ impl Interner {
     /// Forgets strings no watch uses any more.
     pub fn sweep(&mut self) {
         self.0.retain(|s| Arc::strong_count(s) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(kind: Kind, pattern: &str, paths: Vec<String>) -> AgentConfig {
+        AgentConfig {
+            agent_id: "a".into(),
+            watches: vec![Watch {
+                project_id: 1,
+                refs: Some(RefSelector {
+                    kind: kind as i32,
+                    pattern: pattern.into(),
+                }),
+                paths,
+                kind: WatchKind::Gitops as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn glob_size_is_capped_at_registration() {
+        let at_limit = format!("{}b", "a/".repeat(MAX_PATTERN_SEGMENTS - 1));
+        assert!(compile(&with(Kind::AnyBranch, "", vec![at_limit.clone()])).is_ok());
+        assert!(compile(&with(Kind::BranchGlob, &at_limit, vec![])).is_ok());
+        let too_many = format!("a/{at_limit}");
+        let err = compile(&with(Kind::AnyBranch, "", vec!["x".into(), too_many.clone()]))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("watches[0].paths[1]: glob has 65 segments; at most 64"),
+            "{err}"
+        );
+        let err = compile(&with(Kind::TagGlob, &too_many, vec![])).unwrap_err();
+        assert!(
+            err.to_string().starts_with("watches[0].refs.pattern: glob has 65"),
+            "{err}"
+        );
+        let long = "x".repeat(MAX_PATTERN_BYTES + 1);
+        for cfg in [
+            with(Kind::AnyBranch, "", vec![long.clone()]),
+            with(Kind::BranchGlob, &long, vec![]),
+            with(Kind::Branch, &long, vec![]),
+        ] {
+            let err = compile(&cfg).unwrap_err();
+            assert!(
+                err.to_string().contains("1025 bytes long; at most 1024"),
+                "{err}"
+            );
+        }
+        let exact = "x".repeat(MAX_PATTERN_BYTES);
+        assert!(compile(&with(Kind::Tag, &exact, vec![exact.clone()])).is_ok());
     }
 }
