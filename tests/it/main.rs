@@ -5,5 +5,6 @@ mod filter;
 mod ingest;
 mod lag;
 mod notifier;
+mod secrets;
 mod support;
 mod webhook;

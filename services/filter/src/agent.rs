@@ -24,6 +24,19 @@ pub enum AgentConfigError {
     WatchKind(usize, i32),
     #[error("watches[{0}].paths[{1}]: {2}")]
     PathGlob(usize, usize, String),
+    // Never echo the value: it may be a secret pasted into the wrong field.
+    #[error("token_sha256: must be the hex SHA-256 of the token (64 hex characters)")]
+    TokenSha256,
+    #[error(
+        "token_sha256: \"<redacted>\" is what reads show in its place; give the token or its SHA-256"
+    )]
+    TokenPlaceholder,
+    #[error("public: a public agent has no token_sha256")]
+    PublicWithToken,
+    #[error(
+        "webhook.secret_token: \"<set>\" is what reads show in its place; give the secret itself"
+    )]
+    SecretPlaceholder,
 }
 
 /// Longest ref name or glob accepted, in bytes. Globs are matched for every
@@ -97,12 +110,36 @@ pub fn compile(cfg: &AgentConfig) -> Result<Vec<CompiledWatch>, AgentConfigError
     if cfg.watches.is_empty() {
         return Err(AgentConfigError::NoWatches);
     }
+    check_secrets(cfg)?;
     let agent_id: Arc<str> = cfg.agent_id.as_str().into();
     cfg.watches
         .iter()
         .enumerate()
         .map(|(i, w)| compile_watch(i, &agent_id, w))
         .collect()
+}
+
+/// A config read back (redacted) and written again must not store the
+/// placeholders in place of the secrets.
+fn check_secrets(cfg: &AgentConfig) -> Result<(), AgentConfigError> {
+    let hash = cfg.token_sha256.as_str();
+    if hash == crate::file::REDACTED {
+        return Err(AgentConfigError::TokenPlaceholder);
+    }
+    if !hash.is_empty() && (hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(AgentConfigError::TokenSha256);
+    }
+    if cfg.public && !hash.is_empty() {
+        return Err(AgentConfigError::PublicWithToken);
+    }
+    if cfg
+        .webhook
+        .as_ref()
+        .is_some_and(|w| w.secret_token == crate::file::SECRET_SET)
+    {
+        return Err(AgentConfigError::SecretPlaceholder);
+    }
+    Ok(())
 }
 
 fn compile_watch(
@@ -238,6 +275,46 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn secrets_are_checked_and_placeholders_refused() {
+        let ok = with(Kind::AnyBranch, "", vec![]);
+        let cases: [(fn(&mut AgentConfig), Option<&str>); 7] = [
+            (|_| {}, None),
+            (|c| c.token_sha256 = "aB".repeat(32), None),
+            (|c| c.public = true, None),
+            (|c| c.token_sha256 = "<redacted>".into(), Some("token_sha256: \"<redacted>\"")),
+            (|c| c.token_sha256 = "s3cret".into(), Some("token_sha256: must be")),
+            (
+                |c| {
+                    c.public = true;
+                    c.token_sha256 = "0".repeat(64);
+                },
+                Some("public: "),
+            ),
+            (
+                |c| {
+                    c.webhook = Some(pushbus_shared::proto::Webhook {
+                        url: "https://x.example/h".into(),
+                        secret_token: "<set>".into(),
+                    })
+                },
+                Some("webhook.secret_token: \"<set>\""),
+            ),
+        ];
+        for (change, want) in cases {
+            let mut cfg = ok.clone();
+            change(&mut cfg);
+            match (compile(&cfg), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => {
+                    assert!(e.to_string().starts_with(want), "{e}");
+                    assert!(!e.to_string().contains("s3cret"), "{e}");
+                }
+                (got, want) => panic!("{cfg:?}: {got:?}, want {want:?}"),
+            }
         }
     }
 
