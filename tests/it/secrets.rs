@@ -105,7 +105,11 @@ async fn agents_cli_generates_tokens_redacts_reads_and_refuses_tokenless_agents(
         &format!("agent_id: both\npublic: true\ntoken: t\n{WATCHES}"),
     );
     assert!(!both.status.success());
-    assert!(text(&both.stderr).contains("public"), "{}", text(&both.stderr));
+    assert!(
+        text(&both.stderr).contains("public"),
+        "{}",
+        text(&both.stderr)
+    );
 
     // get shows that secrets exist, never what they are.
     let got = pushbus(&url, &["get", "gen"]);
@@ -118,7 +122,10 @@ async fn agents_cli_generates_tokens_redacts_reads_and_refuses_tokenless_agents(
         assert!(!shown.contains(secret), "{shown}");
     }
     let shown = text(&pushbus(&url, &["get", "open"]).stdout);
-    assert!(shown.contains("public: true") && !shown.contains("token"), "{shown}");
+    assert!(
+        shown.contains("public: true") && !shown.contains("token"),
+        "{shown}"
+    );
     let listed = text(&pushbus(&url, &["list"]).stdout);
     assert_eq!(listed, "gen\ngen2\ngiven\nopen\n");
 
@@ -150,7 +157,11 @@ async fn agents_cli_generates_tokens_redacts_reads_and_refuses_tokenless_agents(
         )
         .await
         .unwrap();
-    assert!(!text(&reply.payload).contains("error"), "{}", text(&reply.payload));
+    assert!(
+        !text(&reply.payload).contains("error"),
+        "{}",
+        text(&reply.payload)
+    );
     assert_eq!(status(&stack, "tokenless", None).await, 401);
     assert_eq!(status(&stack, "tokenless", Some("")).await, 401);
     stack.stop().await;
@@ -214,8 +225,8 @@ async fn request_api_reads_are_redacted() {
         expected_revision: Some(reply.revision),
         ..Default::default()
     };
-    let refused = AgentRegistryReply::decode(request("put", back.encode_to_vec()).await.as_ref())
-        .unwrap();
+    let refused =
+        AgentRegistryReply::decode(request("put", back.encode_to_vec()).await.as_ref()).unwrap();
     assert!(refused.error.contains("<redacted>"), "{}", refused.error);
     // Agent files with the placeholders are refused by field.
     let placeholder = request(
@@ -223,7 +234,11 @@ async fn request_api_reads_are_redacted() {
         br#"{"agent_id":"api-secret","token_sha256":"<redacted>","webhook":{"url":"https://hooks.example.com/h","secret_token":"hook-s3cret"},"watches":[{"project_id":7,"refs":"any_branch"}]}"#.to_vec(),
     )
     .await;
-    assert!(text(&placeholder).contains("token_sha256"), "{}", text(&placeholder));
+    assert!(
+        text(&placeholder).contains("token_sha256"),
+        "{}",
+        text(&placeholder)
+    );
     let placeholder = request(
         "put",
         br#"{"agent_id":"api-secret","token":"agent-s3cret","webhook":{"url":"https://hooks.example.com/h","secret_token":"<set>"},"watches":[{"project_id":7,"refs":"any_branch"}]}"#.to_vec(),
@@ -240,7 +255,10 @@ async fn request_api_reads_are_redacted() {
         "**/a/".repeat(40)
     );
     let refused = text(&request("put", long_glob.into_bytes()).await);
-    assert!(refused.contains("watches[0].paths[0]") && refused.contains("segments"), "{refused}");
+    assert!(
+        refused.contains("watches[0].paths[0]") && refused.contains("segments"),
+        "{refused}"
+    );
 
     let js = async_nats::jetstream::new(client.clone());
     let kv = js.get_key_value(names::BUCKET_AGENTS).await.unwrap();

@@ -519,7 +519,12 @@ async fn webhook_allowlist_admits_listed_networks_and_hosts_only() {
     let port = addr.port();
     // Every agent here carries a secret over plain http: only allowlisted
     // targets may get it.
-    register(&nats, "listed", &format!("http://127.0.0.1:{port}/ok/listed")).await;
+    register(
+        &nats,
+        "listed",
+        &format!("http://127.0.0.1:{port}/ok/listed"),
+    )
+    .await;
     register(&nats, "named", &format!("http://localhost:{port}/ok/named")).await;
     register(
         &nats,

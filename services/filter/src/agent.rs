@@ -278,15 +278,24 @@ mod tests {
         }
     }
 
+    /// A change to a valid config, and the start of the error it must cause.
+    type Case = (fn(&mut AgentConfig), Option<&'static str>);
+
     #[test]
     fn secrets_are_checked_and_placeholders_refused() {
         let ok = with(Kind::AnyBranch, "", vec![]);
-        let cases: [(fn(&mut AgentConfig), Option<&str>); 7] = [
+        let cases: [Case; 7] = [
             (|_| {}, None),
             (|c| c.token_sha256 = "aB".repeat(32), None),
             (|c| c.public = true, None),
-            (|c| c.token_sha256 = "<redacted>".into(), Some("token_sha256: \"<redacted>\"")),
-            (|c| c.token_sha256 = "s3cret".into(), Some("token_sha256: must be")),
+            (
+                |c| c.token_sha256 = "<redacted>".into(),
+                Some("token_sha256: \"<redacted>\""),
+            ),
+            (
+                |c| c.token_sha256 = "s3cret".into(),
+                Some("token_sha256: must be"),
+            ),
             (
                 |c| {
                     c.public = true;
@@ -324,8 +333,12 @@ mod tests {
         assert!(compile(&with(Kind::AnyBranch, "", vec![at_limit.clone()])).is_ok());
         assert!(compile(&with(Kind::BranchGlob, &at_limit, vec![])).is_ok());
         let too_many = format!("a/{at_limit}");
-        let err = compile(&with(Kind::AnyBranch, "", vec!["x".into(), too_many.clone()]))
-            .unwrap_err();
+        let err = compile(&with(
+            Kind::AnyBranch,
+            "",
+            vec!["x".into(), too_many.clone()],
+        ))
+        .unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("watches[0].paths[1]: glob has 65 segments; at most 64"),
@@ -333,7 +346,8 @@ mod tests {
         );
         let err = compile(&with(Kind::TagGlob, &too_many, vec![])).unwrap_err();
         assert!(
-            err.to_string().starts_with("watches[0].refs.pattern: glob has 65"),
+            err.to_string()
+                .starts_with("watches[0].refs.pattern: glob has 65"),
             "{err}"
         );
         let long = "x".repeat(MAX_PATTERN_BYTES + 1);

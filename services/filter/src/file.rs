@@ -279,7 +279,10 @@ mod tests {
         let shown = serde_json::to_string(&AgentFile::from_config(cfg.clone())).unwrap();
         assert!(shown.contains(r#""token_sha256":"<redacted>""#), "{shown}");
         assert!(shown.contains(r#""secret_token":"<set>""#), "{shown}");
-        assert!(!shown.contains(&hash) && !shown.contains("s3cret"), "{shown}");
+        assert!(
+            !shown.contains(&hash) && !shown.contains("s3cret"),
+            "{shown}"
+        );
         // Written back as read, it is refused rather than stored.
         assert!(crate::agent::compile(&cfg).is_err());
         // Nothing to hide: nothing shown.

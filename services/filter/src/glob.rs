@@ -116,7 +116,11 @@ impl<'a> Elems<'a> {
     }
 
     fn start(&self) -> usize {
-        if self.has_body { 0 } else { self.body.len() + 1 }
+        if self.has_body {
+            0
+        } else {
+            self.body.len() + 1
+        }
     }
 
     /// The element at `pos` and the position after it; `None` at the end.
@@ -372,7 +376,10 @@ mod tests {
             (format!("{}x", "**/a/".repeat(16)), vec!["a"; 20].join("/")),
             (format!("{}x", "**/".repeat(16)), vec!["a"; 20].join("/")),
             (format!("{}b", "*a".repeat(30)), "a".repeat(200)),
-            ("**/*a*a*a*a*a*a*a*a*b/**".to_owned(), vec!["a".repeat(40); 60].join("/")),
+            (
+                "**/*a*a*a*a*a*a*a*a*b/**".to_owned(),
+                vec!["a".repeat(40); 60].join("/"),
+            ),
         ];
         for (pattern, path) in cases {
             let ours = Glob::new(&pattern).unwrap();
@@ -387,7 +394,11 @@ mod tests {
         let pattern = format!("{}a", "**/".repeat(16));
         let path = vec!["a"; 20].join("/");
         let mut steps = 0;
-        assert!(Glob::new(&pattern).unwrap().is_match_counted(&path, &mut steps));
+        assert!(
+            Glob::new(&pattern)
+                .unwrap()
+                .is_match_counted(&path, &mut steps)
+        );
         assert!(steps <= (pattern.len() as u64 + 1) * (path.len() as u64 + 1));
     }
 

@@ -38,7 +38,10 @@ pub async fn authenticate(
         if cfg.public {
             return Ok(());
         }
-        tracing::info!(agent_id, "agent has no token and is not public: connection refused");
+        tracing::info!(
+            agent_id,
+            "agent has no token and is not public: connection refused"
+        );
         return Err(AuthError::Denied);
     }
     let given = token.ok_or(AuthError::Denied)?;

@@ -58,7 +58,9 @@ impl Cidr {
     fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
@@ -100,7 +102,11 @@ impl FromStr for Allow {
             }
             return Ok(Allow::Net(Cidr { addr, prefix }));
         }
-        if let Ok(addr) = entry.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(addr) = entry
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             let prefix = if addr.is_ipv4() { 32 } else { 128 };
             return Ok(Allow::Net(Cidr { addr, prefix }));
         }
@@ -286,7 +292,9 @@ fn classify_v6(ip: Ipv6Addr) -> Option<&'static str> {
     }
     if seg[..6] == [0; 6] {
         // IPv4-compatible ::a.b.c.d, deprecated: nothing public lives there.
-        return Some(classify_v4(v4_at(&seg[6..])).unwrap_or("IPv4-compatible (::/96, deprecated)"));
+        return Some(
+            classify_v4(v4_at(&seg[6..])).unwrap_or("IPv4-compatible (::/96, deprecated)"),
+        );
     }
     if seg[..4] == [0; 4] && seg[4] == 0xffff && seg[5] == 0 {
         // IPv4-translated ::ffff:0:a.b.c.d
@@ -506,7 +514,9 @@ mod tests {
             .check_url(&url("http://127.0.0.1:9000/hook"), false)
             .unwrap_err();
         assert!(err.to_string().contains("127.0.0.1"), "{err}");
-        let err = open.check_url(&url("http://[::1]/hook"), false).unwrap_err();
+        let err = open
+            .check_url(&url("http://[::1]/hook"), false)
+            .unwrap_err();
         assert!(err.to_string().contains("::1"), "{err}");
         // Literal forms the URL parser normalises, and bracketed IPv6 forms.
         for target in [
@@ -584,7 +594,10 @@ mod tests {
             "argocd-server.argocd.svc.cluster.local",
         ] {
             assert!(p.host_allowed(host), "{host}");
-            assert!(p.check_addr(host, "10.9.9.9".parse().unwrap(), Route::AllowlistedOnly).is_ok());
+            assert!(
+                p.check_addr(host, "10.9.9.9".parse().unwrap(), Route::AllowlistedOnly)
+                    .is_ok()
+            );
         }
         for host in [
             "evil.flux-system.svc",
@@ -593,7 +606,10 @@ mod tests {
             "notification-controller.flux-system.svc.evil.com",
         ] {
             assert!(!p.host_allowed(host), "{host}");
-            assert!(p.check_addr(host, "10.9.9.9".parse().unwrap(), Route::Any).is_err());
+            assert!(
+                p.check_addr(host, "10.9.9.9".parse().unwrap(), Route::Any)
+                    .is_err()
+            );
         }
     }
 
@@ -625,8 +641,12 @@ mod tests {
             Err(Refused::PlainHttpWithSecret { .. })
         ));
         assert!(
-            p.check_addr("hooks.internal", "10.1.1.1".parse().unwrap(), Route::AllowlistedOnly)
-                .is_ok()
+            p.check_addr(
+                "hooks.internal",
+                "10.1.1.1".parse().unwrap(),
+                Route::AllowlistedOnly
+            )
+            .is_ok()
         );
         // Allowlisted: fine over http.
         assert!(p.check_url(&url("http://10.0.0.5/x"), true).is_ok());
@@ -655,13 +675,19 @@ mod tests {
             "Receiver.Flux-System.svc.".parse::<Allow>(),
             Ok(Allow::Host("receiver.flux-system.svc".into()))
         );
-        assert_eq!(
-            "*.svc".parse::<Allow>(),
-            Ok(Allow::Suffix(".svc".into()))
-        );
+        assert_eq!("*.svc".parse::<Allow>(), Ok(Allow::Suffix(".svc".into())));
         for bad in [
-            "", "10.0.0.0/33", "::/129", "10.0.0/8", "a b", "http://x", "*.", "*", "a..b",
-            "x/8", "10.0.0.0/-1",
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "a b",
+            "http://x",
+            "*.",
+            "*",
+            "a..b",
+            "x/8",
+            "10.0.0.0/-1",
         ] {
             let err = bad.parse::<Allow>().unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
@@ -698,7 +724,10 @@ mod tests {
             .try_get_matches_from(["t", "--webhook-allow", "10.0.0.0/99"])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("--webhook-allow") && err.contains("10.0.0.0/99"), "{err}");
+        assert!(
+            err.contains("--webhook-allow") && err.contains("10.0.0.0/99"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -722,11 +751,12 @@ mod tests {
             allow(&["127.0.0.0/8", "::1"]),
             allow(&["localhost"]),
         ] {
-            let allowed: Vec<_> = GuardedResolver::new(Arc::new(policy.clone()), Route::AllowlistedOnly)
-                .resolve("localhost".parse().unwrap())
-                .await
-                .unwrap_or_else(|e| panic!("{policy:?}: {e}"))
-                .collect();
+            let allowed: Vec<_> =
+                GuardedResolver::new(Arc::new(policy.clone()), Route::AllowlistedOnly)
+                    .resolve("localhost".parse().unwrap())
+                    .await
+                    .unwrap_or_else(|e| panic!("{policy:?}: {e}"))
+                    .collect();
             assert!(!allowed.is_empty(), "{policy:?}");
         }
     }
