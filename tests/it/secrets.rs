@@ -72,7 +72,26 @@ async fn agents_cli_generates_tokens_redacts_reads_and_refuses_tokenless_agents(
     assert_eq!(hash.len(), 64);
     assert_ne!(hash, token, "the token itself was stored");
 
-    // Another put of a tokenless file: a different token.
+    // The same file again (say, to change watches): the agent keeps its
+    // token, nothing is printed.
+    let kept = put_file(
+        &url,
+        tmp.path(),
+        "gen.yaml",
+        &format!(
+            "agent_id: gen\nwebhook: {{url: \"https://hooks.example.com/h\", secret_token: hook-s3cret}}\n{WATCHES}"
+        ),
+    );
+    assert!(kept.status.success(), "{}", text(&kept.stderr));
+    assert_eq!(text(&kept.stdout), "");
+    assert!(
+        text(&kept.stderr).contains("keeps its token"),
+        "{}",
+        text(&kept.stderr)
+    );
+    assert_eq!(stored_hash(&nats, "gen").await, hash);
+
+    // Another new agent from a tokenless file: a different token.
     let again = put_file(
         &url,
         tmp.path(),

@@ -86,6 +86,11 @@ pub fn redact(cfg: &mut AgentConfig) {
 #[error("cannot generate an agent token: no randomness from the OS: {0}")]
 pub struct TokenError(String);
 
+/// What the registry stores of a token: its hex SHA-256.
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
 /// A fresh agent token: 32 random bytes, hex.
 pub fn generate_token() -> Result<String, TokenError> {
     let mut bytes = [0u8; 32];
@@ -120,7 +125,7 @@ pub struct WebhookFile {
 impl AgentFile {
     pub fn into_config(self) -> Result<AgentConfig, AgentFileError> {
         let token_sha256 = match (self.token, self.token_sha256) {
-            (Some(t), h) if h.is_empty() => hex::encode(Sha256::digest(t.as_bytes())),
+            (Some(t), h) if h.is_empty() => token_sha256(&t),
             (None, h) => h,
             (Some(_), _) => return Err(AgentFileError::TokenTwice),
         };
