@@ -1,5 +1,8 @@
 //! `pushbus agents put|get|list|delete`: agent registrations from YAML or
-//! JSON files, validated before anything is written.
+//! JSON files, validated before anything is written. `get` never shows a
+//! secret. `put` of a file without a token (and not `public: true`) keeps
+//! the agent's current token, or for a new agent generates one and prints
+//! it, the only time it is ever shown.
 
 use std::path::PathBuf;
 
@@ -13,12 +16,14 @@ use pushbus_shared::service::NatsArgs;
 
 #[derive(clap::Subcommand)]
 pub enum AgentsCommand {
-    /// Register or replace an agent from a YAML or JSON file.
+    /// Register or replace an agent from a YAML or JSON file; a file with
+    /// no token keeps the agent's token, or (new agent) gets a generated
+    /// one, printed once on stdout.
     Put {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
-    /// Print one agent as YAML.
+    /// Print one agent as YAML, secrets redacted.
     Get { agent_id: String },
     /// List registered agent IDs.
     List,
@@ -26,7 +31,14 @@ pub enum AgentsCommand {
     Delete { agent_id: String },
 }
 
-pub fn parse_file(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
+/// A validated agent file.
+pub struct Parsed {
+    pub config: AgentConfig,
+    /// Names no token and is not public: it needs one.
+    pub needs_token: bool,
+}
+
+pub fn parse_file(path: &std::path::Path) -> anyhow::Result<Parsed> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let file = if path.extension().is_some_and(|e| e == "json") {
@@ -35,9 +47,15 @@ pub fn parse_file(path: &std::path::Path) -> anyhow::Result<AgentConfig> {
         AgentFile::from_yaml(&text)
     }
     .with_context(|| format!("in {}", path.display()))?;
-    let cfg = file.into_config()?;
-    pushbus_filter::agent::compile(&cfg).context("invalid agent")?;
-    Ok(cfg)
+    let needs_token = file.token.is_none() && file.token_sha256.is_empty() && !file.public;
+    let config = file
+        .into_config()
+        .with_context(|| format!("in {}", path.display()))?;
+    pushbus_filter::agent::compile(&config).context("invalid agent")?;
+    Ok(Parsed {
+        config,
+        needs_token,
+    })
 }
 
 pub async fn run(nats: &NatsArgs, command: AgentsCommand) -> anyhow::Result<()> {
@@ -55,16 +73,47 @@ pub async fn run(nats: &NatsArgs, command: AgentsCommand) -> anyhow::Result<()> 
         .await?;
     match command {
         AgentsCommand::Put { .. } => {
-            let cfg = parsed.context("parsed above")?;
+            let Parsed {
+                config: mut cfg,
+                needs_token,
+            } = parsed.context("parsed above")?;
+            let mut generated = None;
+            if needs_token {
+                // Re-putting a file to change watches must not lock the
+                // running agent out: keep the token it has.
+                let current = match kv.get(&cfg.agent_id).await? {
+                    Some(bytes) => AgentConfig::decode(bytes.as_ref())
+                        .map(|c| c.token_sha256)
+                        .unwrap_or_default(),
+                    None => String::new(),
+                };
+                if current.is_empty() {
+                    let token = pushbus_filter::file::generate_token()?;
+                    cfg.token_sha256 = pushbus_filter::file::token_sha256(&token);
+                    generated = Some(token);
+                } else {
+                    eprintln!(
+                        "agent {} keeps its token (the file names none; give token: to replace it)",
+                        cfg.agent_id
+                    );
+                    cfg.token_sha256 = current;
+                }
+            }
             let revision = pushbus_filter::put_agent(&kv, &cfg).await?;
             eprintln!("agent {} stored (revision {revision})", cfg.agent_id);
+            if let Some(token) = generated {
+                // Only its hash is stored: this is the one chance to see it.
+                eprintln!("generated token (shown only now; give it to the agent):");
+                println!("{token}");
+            }
         }
         AgentsCommand::Get { agent_id } => {
             let bytes = kv
                 .get(&agent_id)
                 .await?
                 .with_context(|| format!("no agent {agent_id:?}"))?;
-            let cfg = AgentConfig::decode(bytes.as_ref())?;
+            let mut cfg = AgentConfig::decode(bytes.as_ref())?;
+            pushbus_filter::file::redact(&mut cfg);
             print!("{}", serde_yaml::to_string(&AgentFile::from_config(cfg))?);
         }
         AgentsCommand::List => {

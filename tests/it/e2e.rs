@@ -443,7 +443,7 @@ async fn path_filtered_agent_is_poked_only_for_its_paths() {
     agents_put(
         &nats.url(),
         tmp.path(),
-        "agent_id: deployer\nwatches:\n  - project_id: 55\n    refs:\n      branch: main\n    paths: [\"deploy/**\"]\n",
+        "agent_id: deployer\npublic: true\nwatches:\n  - project_id: 55\n    refs:\n      branch: main\n    paths: [\"deploy/**\"]\n",
     );
     let stack = Stack::start(&nats.url()).await;
     let url = format!("http://{}/v1/agents/deployer/pokes", stack.notifier);

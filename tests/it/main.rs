@@ -8,5 +8,6 @@ mod ingest;
 mod lag;
 mod notifier;
 mod observe;
+mod secrets;
 mod support;
 mod webhook;

@@ -361,6 +361,7 @@ async fn grpc_watcher_receives_pokes_with_correlation_id() {
             }),
             ..Default::default()
         }],
+        public: true,
         ..Default::default()
     };
     pushbus_filter::put_agent(&kv, &cfg).await.unwrap();

@@ -332,7 +332,7 @@ impl Replica {
     }
 }
 
-/// Registers `agent_id` watching any branch of each of `projects`.
+/// Registers public (tokenless) `agent_id` watching any branch of each of `projects`.
 pub async fn register(
     nats: &pushbus_shared::testkit::NatsServer,
     agent_id: &str,
@@ -356,6 +356,7 @@ pub async fn register(
                 ..Default::default()
             })
             .collect(),
+        public: true,
         ..Default::default()
     };
     pushbus_filter::put_agent(&kv, &cfg).await.unwrap();

@@ -1061,3 +1061,67 @@ async fn webhook_from_a_real_git_push_satisfies_argo_cds_gitlab_handler() {
     filter.stop().await;
     ingest.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_allowlist_admits_listed_networks_and_hosts_only() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    let port = addr.port();
+    // Every agent here carries a secret over plain http: only allowlisted
+    // targets may get it.
+    register(
+        &nats,
+        "listed",
+        &format!("http://127.0.0.1:{port}/ok/listed"),
+    )
+    .await;
+    register(&nats, "named", &format!("http://localhost:{port}/ok/named")).await;
+    register(
+        &nats,
+        "unlisted",
+        &format!("http://127.0.0.2:{port}/ok/unlisted"),
+    )
+    .await;
+    let allow = |entries: &[&str]| WebhookConfig {
+        allow: entries.iter().map(|e| e.parse().unwrap()).collect(),
+        ..fast(false)
+    };
+
+    // A /32 on loopback: the literal and a name resolving into it are called.
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), allow(&["127.0.0.1/32"])).await;
+    poke(&publisher, "listed", 1).await;
+    poke(&publisher, "named", 2).await;
+    poke(&publisher, "unlisted", 3).await;
+    receiver
+        .wait_for("ok/listed", 1, Duration::from_secs(10))
+        .await;
+    receiver
+        .wait_for("ok/named", 1, Duration::from_secs(10))
+        .await;
+    let by_agent = wait_dead_letters(&nats, 1, Duration::from_secs(15)).await;
+    let (reason, delivered) = &by_agent["unlisted"];
+    assert!(reason.starts_with("permanent"), "{reason}");
+    assert!(
+        reason.contains("127.0.0.2") && reason.contains("loopback"),
+        "{reason}"
+    );
+    assert_eq!(delivered, "1");
+    assert!(receiver.hits("ok/unlisted").is_empty());
+    notifier.stop().await;
+
+    // A host name: that name is called whatever it resolves to, the bare
+    // address it resolves to is not.
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), allow(&["localhost"])).await;
+    poke(&publisher, "named", 4).await;
+    poke(&publisher, "listed", 5).await;
+    receiver
+        .wait_for("ok/named", 2, Duration::from_secs(10))
+        .await;
+    let by_agent = wait_dead_letters(&nats, 2, Duration::from_secs(15)).await;
+    let (reason, _) = &by_agent["listed"];
+    assert!(
+        reason.contains("127.0.0.1") && reason.contains("loopback"),
+        "{reason}"
+    );
+    assert_eq!(receiver.hits("ok/listed").len(), 1);
+    notifier.stop().await;
+}

@@ -24,6 +24,46 @@ pub enum AgentConfigError {
     WatchKind(usize, i32),
     #[error("watches[{0}].paths[{1}]: {2}")]
     PathGlob(usize, usize, String),
+    // Never echo the value: it may be a secret pasted into the wrong field.
+    #[error("token_sha256: must be the hex SHA-256 of the token (64 hex characters)")]
+    TokenSha256,
+    #[error(
+        "token_sha256: \"<redacted>\" is what reads show in its place; give the token or its SHA-256"
+    )]
+    TokenPlaceholder,
+    #[error("public: a public agent has no token_sha256")]
+    PublicWithToken,
+    #[error("webhook.{0}: \"<set>\" is what reads show in its place; give the secret itself")]
+    SecretPlaceholder(&'static str),
+}
+
+/// Longest ref name or glob accepted, in bytes. Globs are matched for every
+/// push under the index lock: their size bounds the work (matching is
+/// O(pattern × path)) and the memory a registration can claim.
+pub const MAX_PATTERN_BYTES: usize = 1024;
+/// Most `/`-separated segments in a glob; real ones have a handful.
+pub const MAX_PATTERN_SEGMENTS: usize = 64;
+
+/// Checks the size limits, then compiles.
+fn glob(pattern: &str) -> Result<Glob, String> {
+    check_length(pattern)?;
+    let segments = pattern.split('/').count();
+    if segments > MAX_PATTERN_SEGMENTS {
+        return Err(format!(
+            "glob has {segments} segments; at most {MAX_PATTERN_SEGMENTS} are allowed"
+        ));
+    }
+    Glob::new(pattern)
+}
+
+fn check_length(pattern: &str) -> Result<(), String> {
+    if pattern.len() > MAX_PATTERN_BYTES {
+        return Err(format!(
+            "{} bytes long; at most {MAX_PATTERN_BYTES} are allowed",
+            pattern.len()
+        ));
+    }
+    Ok(())
 }
 
 /// A watch ready to match: globs compiled once.
@@ -68,12 +108,37 @@ pub fn compile(cfg: &AgentConfig) -> Result<Vec<CompiledWatch>, AgentConfigError
     if cfg.watches.is_empty() {
         return Err(AgentConfigError::NoWatches);
     }
+    check_secrets(cfg)?;
     let agent_id: Arc<str> = cfg.agent_id.as_str().into();
     cfg.watches
         .iter()
         .enumerate()
         .map(|(i, w)| compile_watch(i, &agent_id, w))
         .collect()
+}
+
+/// A config read back (redacted) and written again must not store the
+/// placeholders in place of the secrets.
+fn check_secrets(cfg: &AgentConfig) -> Result<(), AgentConfigError> {
+    let hash = cfg.token_sha256.as_str();
+    if hash == crate::file::REDACTED {
+        return Err(AgentConfigError::TokenPlaceholder);
+    }
+    if !hash.is_empty() && (hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(AgentConfigError::TokenSha256);
+    }
+    if cfg.public && !hash.is_empty() {
+        return Err(AgentConfigError::PublicWithToken);
+    }
+    if let Some(w) = cfg.webhook.as_ref() {
+        if w.secret_token == crate::file::SECRET_SET {
+            return Err(AgentConfigError::SecretPlaceholder("secret_token"));
+        }
+        if w.hmac_secret == crate::file::SECRET_SET {
+            return Err(AgentConfigError::SecretPlaceholder("hmac_secret"));
+        }
+    }
+    Ok(())
 }
 
 fn compile_watch(
@@ -99,7 +164,7 @@ fn compile_watch(
             paths
                 .iter()
                 .enumerate()
-                .map(|(j, p)| Glob::new(p).map_err(|e| AgentConfigError::PathGlob(i, j, e)))
+                .map(|(j, p)| glob(p).map_err(|e| AgentConfigError::PathGlob(i, j, e)))
                 .collect::<Result<Box<[Glob]>, _>>()?,
         )
     };
@@ -121,10 +186,11 @@ fn compile_refs(i: usize, sel: Option<&RefSelector>) -> Result<RefMatcher, Agent
         if pattern.is_empty() {
             Err(AgentConfigError::Pattern(i, "must not be empty".into()))
         } else {
+            check_length(pattern).map_err(|e| AgentConfigError::Pattern(i, e))?;
             Ok(pattern)
         }
     };
-    let compiled = |p: &str| Glob::new(p).map_err(|e| AgentConfigError::Pattern(i, e));
+    let compiled = |p: &str| glob(p).map_err(|e| AgentConfigError::Pattern(i, e));
     Ok(match kind {
         Kind::Unspecified => return Err(AgentConfigError::SelectorKind(i)),
         Kind::AnyBranch => RefMatcher::AnyBranch,
@@ -187,5 +253,126 @@ impl Interner {
     /// Forgets strings no watch uses any more.
     pub fn sweep(&mut self) {
         self.0.retain(|s| Arc::strong_count(s) > 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(kind: Kind, pattern: &str, paths: Vec<String>) -> AgentConfig {
+        AgentConfig {
+            agent_id: "a".into(),
+            watches: vec![Watch {
+                project_id: 1,
+                refs: Some(RefSelector {
+                    kind: kind as i32,
+                    pattern: pattern.into(),
+                }),
+                paths,
+                kind: WatchKind::Gitops as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// A change to a valid config, and the start of the error it must cause.
+    type Case = (fn(&mut AgentConfig), Option<&'static str>);
+
+    #[test]
+    fn secrets_are_checked_and_placeholders_refused() {
+        let ok = with(Kind::AnyBranch, "", vec![]);
+        let cases: [Case; 8] = [
+            (|_| {}, None),
+            (|c| c.token_sha256 = "aB".repeat(32), None),
+            (|c| c.public = true, None),
+            (
+                |c| c.token_sha256 = "<redacted>".into(),
+                Some("token_sha256: \"<redacted>\""),
+            ),
+            (
+                |c| c.token_sha256 = "s3cret".into(),
+                Some("token_sha256: must be"),
+            ),
+            (
+                |c| {
+                    c.public = true;
+                    c.token_sha256 = "0".repeat(64);
+                },
+                Some("public: "),
+            ),
+            (
+                |c| {
+                    c.webhook = Some(pushbus_shared::proto::Webhook {
+                        url: "https://x.example/h".into(),
+                        secret_token: "<set>".into(),
+                        ..Default::default()
+                    })
+                },
+                Some("webhook.secret_token: \"<set>\""),
+            ),
+            (
+                |c| {
+                    c.webhook = Some(pushbus_shared::proto::Webhook {
+                        url: "https://x.example/h".into(),
+                        hmac_secret: "<set>".into(),
+                        ..Default::default()
+                    })
+                },
+                Some("webhook.hmac_secret: \"<set>\""),
+            ),
+        ];
+        for (change, want) in cases {
+            let mut cfg = ok.clone();
+            change(&mut cfg);
+            match (compile(&cfg), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(want)) => {
+                    assert!(e.to_string().starts_with(want), "{e}");
+                    assert!(!e.to_string().contains("s3cret"), "{e}");
+                }
+                (got, want) => panic!("{cfg:?}: {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn glob_size_is_capped_at_registration() {
+        let at_limit = format!("{}b", "a/".repeat(MAX_PATTERN_SEGMENTS - 1));
+        assert!(compile(&with(Kind::AnyBranch, "", vec![at_limit.clone()])).is_ok());
+        assert!(compile(&with(Kind::BranchGlob, &at_limit, vec![])).is_ok());
+        let too_many = format!("a/{at_limit}");
+        let err = compile(&with(
+            Kind::AnyBranch,
+            "",
+            vec!["x".into(), too_many.clone()],
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("watches[0].paths[1]: glob has 65 segments; at most 64"),
+            "{err}"
+        );
+        let err = compile(&with(Kind::TagGlob, &too_many, vec![])).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("watches[0].refs.pattern: glob has 65"),
+            "{err}"
+        );
+        let long = "x".repeat(MAX_PATTERN_BYTES + 1);
+        for cfg in [
+            with(Kind::AnyBranch, "", vec![long.clone()]),
+            with(Kind::BranchGlob, &long, vec![]),
+            with(Kind::Branch, &long, vec![]),
+        ] {
+            let err = compile(&cfg).unwrap_err();
+            assert!(
+                err.to_string().contains("1025 bytes long; at most 1024"),
+                "{err}"
+            );
+        }
+        let exact = "x".repeat(MAX_PATTERN_BYTES);
+        assert!(compile(&with(Kind::Tag, &exact, vec![exact.clone()])).is_ok());
     }
 }

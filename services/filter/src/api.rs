@@ -1,7 +1,8 @@
 //! The agent registry's request API on `pushbus.api.agents.<op>`, so other
 //! services can register agents without linking this crate. Every write is
 //! validated exactly as `pushbus agents put` validates it, and the reply is
-//! sent only after the KV bucket acknowledged the write.
+//! sent only after the KV bucket acknowledged the write. Reads are redacted:
+//! no token hash, no webhook secret.
 
 use async_nats::jetstream::kv::{Operation, Store};
 use futures::{StreamExt, TryStreamExt};
@@ -201,8 +202,10 @@ async fn get(kv: &Store, agent_id: &str) -> Answer {
     let entry = kv.entry(agent_id).await.map_err(|e| e.to_string())?;
     match entry {
         Some(e) if e.operation == Operation::Put => {
-            let agent = AgentConfig::decode(e.value.as_ref())
+            let mut agent = AgentConfig::decode(e.value.as_ref())
                 .map_err(|err| format!("stored config of {agent_id:?} is undecodable: {err}"))?;
+            // Readers of the registry never get its secrets.
+            crate::file::redact(&mut agent);
             Ok(AgentRegistryReply {
                 revision: e.revision,
                 agent: Some(agent),

@@ -1,6 +1,7 @@
 //! The agent file format (`agent.yaml` / `agent.json`): what operators
 //! write, what `pushbus agents get` prints, and the JSON form of the request
-//! API. Only its compiled `AgentConfig` is stored.
+//! API. Only its compiled `AgentConfig` is stored, and what is read back
+//! never carries a secret (see [`redact`]).
 
 use pushbus_shared::proto::{
     AgentConfig, RefSelector, Watch, WatchKind, Webhook, ref_selector::Kind,
@@ -12,6 +13,8 @@ use sha2::{Digest, Sha256};
 pub enum AgentFileError {
     #[error("give token or token_sha256, not both")]
     TokenTwice,
+    #[error("public: a public agent has no token; drop public or the token/token_sha256")]
+    PublicWithToken,
     #[error("watches[{0}].kind: unknown kind {1:?} (gitops or configuration)")]
     Kind(usize, String),
     #[error("cannot parse agent {format}: {detail}")]
@@ -31,6 +34,10 @@ pub struct AgentFile {
     pub token: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token_sha256: String,
+    /// Connects without a token. Without it, an agent with no token is
+    /// refused by gitops-notifier (it may still get webhooks).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub public: bool,
     pub watches: Vec<WatchFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<WebhookFile>,
@@ -50,6 +57,47 @@ pub struct WatchFile {
     pub paths: Vec<String>,
     #[serde(default = "gitops")]
     pub kind: String,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// What a read shows instead of the token's hash.
+pub const REDACTED: &str = "<redacted>";
+/// What a read shows instead of a webhook's secret token.
+pub const SECRET_SET: &str = "<set>";
+
+/// Blanks out the secrets of a config about to be shown or sent: the token
+/// hash (a fast hash of a possibly weak token is as good as the token to an
+/// offline guesser) and the webhook's secret token and HMAC key.
+pub fn redact(cfg: &mut AgentConfig) {
+    if !cfg.token_sha256.is_empty() {
+        cfg.token_sha256 = REDACTED.into();
+    }
+    if let Some(hook) = cfg.webhook.as_mut() {
+        for secret in [&mut hook.secret_token, &mut hook.hmac_secret] {
+            if !secret.is_empty() {
+                *secret = SECRET_SET.into();
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot generate an agent token: no randomness from the OS: {0}")]
+pub struct TokenError(String);
+
+/// What the registry stores of a token: its hex SHA-256.
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A fresh agent token: 32 random bytes, hex.
+pub fn generate_token() -> Result<String, TokenError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| TokenError(e.to_string()))?;
+    Ok(hex::encode(bytes))
 }
 
 fn gitops() -> String {
@@ -82,10 +130,13 @@ pub struct WebhookFile {
 impl AgentFile {
     pub fn into_config(self) -> Result<AgentConfig, AgentFileError> {
         let token_sha256 = match (self.token, self.token_sha256) {
-            (Some(t), h) if h.is_empty() => hex::encode(Sha256::digest(t.as_bytes())),
+            (Some(t), h) if h.is_empty() => token_sha256(&t),
             (None, h) => h,
             (Some(_), _) => return Err(AgentFileError::TokenTwice),
         };
+        if self.public && !token_sha256.is_empty() {
+            return Err(AgentFileError::PublicWithToken);
+        }
         let watches = self
             .watches
             .into_iter()
@@ -126,6 +177,7 @@ impl AgentFile {
                 hmac_secret: w.hmac_secret,
             }),
             token_sha256,
+            public: self.public,
         })
     }
 }
@@ -151,6 +203,7 @@ impl AgentFile {
             agent_id: cfg.agent_id,
             token: None,
             token_sha256: cfg.token_sha256,
+            public: cfg.public,
             webhook: cfg.webhook.map(|w| WebhookFile {
                 url: w.url,
                 secret_token: w.secret_token,
@@ -227,5 +280,50 @@ mod tests {
                 .is_some_and(|c| crate::agent::compile(&c).is_ok());
             assert!(!ok, "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn public_agents_and_redaction() {
+        let yaml = "agent_id: a\npublic: true\nwatches:\n  - project_id: 1\n    refs: any_ref\n";
+        let cfg = AgentFile::from_yaml(yaml).unwrap().into_config().unwrap();
+        assert!(cfg.public);
+        assert!(cfg.token_sha256.is_empty());
+        let back = serde_yaml::to_string(&AgentFile::from_config(cfg)).unwrap();
+        assert!(back.contains("public: true"), "{back}");
+        for with_token in ["token: t\n", "token_sha256: abc\n"] {
+            let file = AgentFile::from_yaml(&format!("{with_token}{yaml}")).unwrap();
+            assert_eq!(file.into_config(), Err(AgentFileError::PublicWithToken));
+        }
+
+        let yaml = "agent_id: a\ntoken: s3cret\nwebhook: {url: \"https://x.example/h\", secret_token: hook-s3cret, hmac_secret: hmac-s3cret}\nwatches:\n  - project_id: 1\n    refs: any_ref\n";
+        let mut cfg = AgentFile::from_yaml(yaml).unwrap().into_config().unwrap();
+        let hash = cfg.token_sha256.clone();
+        redact(&mut cfg);
+        let shown = serde_json::to_string(&AgentFile::from_config(cfg.clone())).unwrap();
+        assert!(shown.contains(r#""token_sha256":"<redacted>""#), "{shown}");
+        assert!(shown.contains(r#""secret_token":"<set>""#), "{shown}");
+        assert!(shown.contains(r#""hmac_secret":"<set>""#), "{shown}");
+        assert!(
+            !shown.contains(&hash) && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        // Written back as read, it is refused rather than stored.
+        assert!(crate::agent::compile(&cfg).is_err());
+        // Nothing to hide: nothing shown.
+        let mut open = AgentConfig {
+            webhook: Some(Webhook::default()),
+            ..Default::default()
+        };
+        redact(&mut open);
+        assert_eq!(open.token_sha256, "");
+        assert_eq!(open.webhook.unwrap().secret_token, "");
+    }
+
+    #[test]
+    fn generated_tokens_are_32_random_bytes() {
+        let (a, b) = (generate_token().unwrap(), generate_token().unwrap());
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 }

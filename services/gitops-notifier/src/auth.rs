@@ -1,5 +1,6 @@
 //! Agent authentication: the token's SHA-256 must equal the hash stored in
-//! the agent's registry entry.
+//! the agent's registry entry; an agent without one connects only if its
+//! entry says `public`.
 
 use async_nats::jetstream::kv::Store;
 use prost::Message;
@@ -32,8 +33,16 @@ pub async fn authenticate(
         .ok_or(AuthError::Denied)?;
     let cfg = AgentConfig::decode(entry.as_ref()).map_err(|_| AuthError::Denied)?;
     if cfg.token_sha256.is_empty() {
-        // An agent registered without a token is open (local development).
-        return Ok(());
+        // Open only when registered as public: a forgotten token must not
+        // mean anyone can follow the agent's pokes.
+        if cfg.public {
+            return Ok(());
+        }
+        tracing::info!(
+            agent_id,
+            "agent has no token and is not public: connection refused"
+        );
+        return Err(AuthError::Denied);
     }
     let given = token.ok_or(AuthError::Denied)?;
     let digest = hex::encode(Sha256::digest(given.as_bytes()));

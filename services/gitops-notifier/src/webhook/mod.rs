@@ -84,15 +84,24 @@ pub struct WebhookConfig {
         default_value_t = 32
     )]
     pub concurrency: usize,
-    /// Allow webhook targets on loopback, private, link-local and other
-    /// non-public addresses (refused by default: agent configs must not
-    /// reach into our own network).
+    /// Deprecated (use --webhook-allow): allow every loopback, private,
+    /// link-local and other non-public address.
     #[arg(
         id = "webhook_allow_private",
         long = "webhook-allow-private",
         env = "PUSHBUS_WEBHOOK_ALLOW_PRIVATE"
     )]
     pub allow_private: bool,
+    /// Non-public targets webhooks may reach anyway: CIDRs, addresses, host
+    /// names or `*.suffix` names (repeat, or comma-separate in the env).
+    #[arg(
+        id = "webhook_allow",
+        long = "webhook-allow",
+        env = "PUSHBUS_WEBHOOK_ALLOW",
+        value_name = "CIDR|HOST",
+        value_delimiter = ','
+    )]
+    pub allow: Vec<guard::Allow>,
     /// How long an agent's webhook setting is cached; a config change
     /// applies within this time.
     #[arg(
@@ -115,6 +124,7 @@ impl Default for WebhookConfig {
             concurrency_per_target: 4,
             concurrency: 32,
             allow_private: false,
+            allow: Vec::new(),
             config_cache_ms: 2000,
         }
     }
@@ -187,7 +197,9 @@ pub struct WebhookHandler {
     client: reqwest::Client,
     site: GitLabSite,
     agents: Store,
-    allow_private: bool,
+    policy: Arc<guard::Policy>,
+    /// For plain http carrying a secret: reaches allowlisted addresses only.
+    allowlisted_client: reqwest::Client,
     cache: Mutex<HashMap<String, (Instant, Option<Webhook>)>>,
     cache_ttl: Duration,
     targets: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -202,23 +214,25 @@ impl WebhookHandler {
         agents: Store,
     ) -> Result<WebhookHandler, WebhookError> {
         let timeout = Duration::from_millis(config.timeout_ms);
-        let client = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            // A redirect could lead anywhere, past the address check.
-            .redirect(reqwest::redirect::Policy::none())
-            // A proxy would resolve the name itself, past the guard.
-            .no_proxy()
-            .dns_resolver(Arc::new(guard::GuardedResolver {
-                allow_private: config.allow_private,
-            }))
-            .build()?;
+        let policy = Arc::new(guard::Policy::new(config.allow_private, &config.allow));
+        let client = |route| {
+            reqwest::Client::builder()
+                .user_agent(USER_AGENT)
+                .timeout(timeout)
+                .connect_timeout(timeout)
+                // A redirect could lead anywhere, past the address check.
+                .redirect(reqwest::redirect::Policy::none())
+                // A proxy would resolve the name itself, past the guard.
+                .no_proxy()
+                .dns_resolver(Arc::new(guard::GuardedResolver::new(policy.clone(), route)))
+                .build()
+        };
         Ok(WebhookHandler {
-            client,
+            client: client(guard::Route::Any)?,
+            allowlisted_client: client(guard::Route::AllowlistedOnly)?,
             site,
             agents,
-            allow_private: config.allow_private,
+            policy,
             cache: Mutex::default(),
             cache_ttl: Duration::from_millis(config.config_cache_ms),
             targets: Mutex::default(),
@@ -285,8 +299,11 @@ impl WebhookHandler {
     ) -> Result<StatusCode, HandleError> {
         let url = Url::parse(&hook.url)
             .map_err(|e| HandleError::Permanent(format!("invalid webhook URL: {e}")))?;
-        guard::check_url(&url, self.allow_private)
-            .map_err(|e| HandleError::Permanent(e.to_string()))?;
+        let client = match self.policy.check_url(&url, !hook.secret_token.is_empty()) {
+            Ok(guard::Route::Any) => &self.client,
+            Ok(guard::Route::AllowlistedOnly) => &self.allowlisted_client,
+            Err(e) => return Err(HandleError::Permanent(e.to_string())),
+        };
         let slots = self.target_slots(&url);
         let _slot = match tokio::time::timeout(self.slot_wait, slots.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
@@ -298,8 +315,7 @@ impl WebhookHandler {
                 )));
             }
         };
-        let mut request = self
-            .client
+        let mut request = client
             .post(url.clone())
             .header("Content-Type", "application/json")
             .header("X-Gitlab-Event", kind.header())
