@@ -184,7 +184,22 @@ where
     M: Message + Name + Default + Send + 'static,
     H: Handler<M>,
 {
-    let (mut consumer, epoch) = create(&js, &spec).await?;
+    // NATS may be out of reach for a while (a restart, an election): keep
+    // trying rather than fail the service.
+    let mut delay = Duration::from_millis(200);
+    let (mut consumer, epoch) = loop {
+        match create(&js, &spec).await {
+            Ok(created) => break created,
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot create the consumer yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    };
     let worker = Arc::new(Worker {
         handler,
         dead_letters: DeadLetters::new(js.clone(), &spec.durable),
