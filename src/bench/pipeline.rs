@@ -246,6 +246,8 @@ async fn register_agents(js: &jetstream::Context, n: u64) -> anyhow::Result<()> 
                 kind: WatchKind::Gitops as i32,
                 ..Default::default()
             }],
+            // No token to check: the bench measures delivery, not login.
+            public: true,
             ..Default::default()
         };
         if a == 0 {

@@ -258,3 +258,121 @@ async fn one_push_is_one_trace_across_three_services_under_the_callers_trace_id(
         "OTEL_RESOURCE_ATTRIBUTES not applied"
     );
 }
+
+/// Metric names a PromQL expression uses (histogram series back to their
+/// histogram).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("pushbus_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &expr[start..end];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.push(base.to_owned());
+        i = end;
+    }
+    names
+}
+
+// Every query of the shipped dashboard names a metric pushbus exports
+// (ops::METRICS, which also gives each its HELP line), histograms as such.
+#[test]
+fn every_dashboard_query_names_an_exported_metric() {
+    use pushbus_shared::ops::{Kind, METRICS};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/pushbus.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let names = metric_names(expr);
+            assert!(!names.is_empty(), "query names no pushbus metric: {expr}");
+            for name in names {
+                let known = METRICS.iter().find(|(n, ..)| *n == name);
+                let Some((_, kind, _)) = known else {
+                    panic!("{expr}: {name} is not a metric pushbus exports");
+                };
+                if expr.contains(&format!("{name}_bucket")) {
+                    assert_eq!(*kind, Kind::Histogram, "{name} used as a histogram");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "only {checked} metric references");
+}
+
+// What /metrics of a running stack shows after a push: every metric has a
+// HELP line and is in the catalogue; latencies are histograms with buckets,
+// not summaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_described_and_latencies_are_histograms() {
+    use pushbus_shared::ops::METRICS;
+    let nats = NatsServer::start();
+    register(&nats, "measured", 61..=61).await;
+    let stack = crate::support::Stack::start(&nats.url()).await;
+    let mut sse = SseReader::new(
+        SseReader::connect(
+            &format!("http://{}/v1/agents/measured/pokes", stack.notifier),
+            None,
+        )
+        .await,
+    );
+    assert_eq!(sse.next_event(Duration::from_secs(5)).await.unwrap().0, "status");
+    let body = serde_json::json!({
+        "gl_repository": "project-61",
+        "identifier": "user-1",
+        "changes": format!("{} {} refs/heads/main\n", "1".repeat(40), "2".repeat(40)),
+    });
+    assert_eq!(stack.post_receive(&body, &[]).await.status(), 200);
+    assert_eq!(sse.next_event(Duration::from_secs(10)).await.unwrap().0, "poke");
+    let text = reqwest::get(format!("http://{}/metrics", stack.ops))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut typed = HashMap::new();
+    let mut helped = BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("#"), Some("TYPE"), Some(name), Some(kind)) => {
+                typed.insert(name.to_owned(), kind.to_owned());
+            }
+            (Some("#"), Some("HELP"), Some(name), Some(_)) => {
+                helped.insert(name.to_owned());
+            }
+            _ => {}
+        }
+    }
+    for want in [
+        "pushbus_ingest_pushes_total",
+        "pushbus_push_to_poke_seconds",
+        "pushbus_handle_seconds",
+        "pushbus_publish_ack_seconds",
+        "pushbus_notifier_connections",
+    ] {
+        assert!(typed.contains_key(want), "{want} not exported:\n{text}");
+    }
+    for (name, kind) in &typed {
+        assert!(helped.contains(name), "{name} has no HELP line");
+        assert!(
+            METRICS.iter().any(|(n, ..)| n == name),
+            "{name} is exported but not in ops::METRICS"
+        );
+        assert_ne!(kind, "summary", "{name} is a summary");
+    }
+    assert_eq!(typed["pushbus_push_to_poke_seconds"], "histogram");
+    assert!(text.contains("pushbus_push_to_poke_seconds_bucket{le=\"0.005\"}"));
+    stack.stop().await;
+}
