@@ -30,6 +30,8 @@ pub const SUBJECTS_GEO_LAG: &str = "pushbus.geo.lag.*";
 /// Core NATS request/reply (no stream), served by filter:
 /// `pushbus.api.agents.<put|get|delete|list>`.
 pub const SUBJECTS_AGENTS_API: &str = "pushbus.api.agents.*";
+/// The same, as the prefix of the NATS micro endpoints `put`, `get`, ….
+pub const AGENTS_API_PREFIX: &str = "pushbus.api.agents";
 
 /// KV bucket: agent ID -> `AgentConfig`.
 pub const BUCKET_AGENTS: &str = "pushbus-agents";

@@ -327,14 +327,20 @@ async fn metrics_are_described_and_latencies_are_histograms() {
         )
         .await,
     );
-    assert_eq!(sse.next_event(Duration::from_secs(5)).await.unwrap().0, "status");
+    assert_eq!(
+        sse.next_event(Duration::from_secs(5)).await.unwrap().0,
+        "status"
+    );
     let body = serde_json::json!({
         "gl_repository": "project-61",
         "identifier": "user-1",
         "changes": format!("{} {} refs/heads/main\n", "1".repeat(40), "2".repeat(40)),
     });
     assert_eq!(stack.post_receive(&body, &[]).await.status(), 200);
-    assert_eq!(sse.next_event(Duration::from_secs(10)).await.unwrap().0, "poke");
+    assert_eq!(
+        sse.next_event(Duration::from_secs(10)).await.unwrap().0,
+        "poke"
+    );
     let text = reqwest::get(format!("http://{}/metrics", stack.ops))
         .await
         .unwrap()
@@ -374,5 +380,106 @@ async fn metrics_are_described_and_latencies_are_histograms() {
     }
     assert_eq!(typed["pushbus_push_to_poke_seconds"], "histogram");
     assert!(text.contains("pushbus_push_to_poke_seconds_bucket{le=\"0.005\"}"));
+    stack.stop().await;
+}
+
+/// Every answer to `subject` within `wait` (NATS micro discovery is
+/// scatter-gather: each instance answers).
+async fn gather(
+    client: &async_nats::Client,
+    subject: &str,
+    wait: Duration,
+) -> Vec<serde_json::Value> {
+    use futures::StreamExt;
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply(subject.to_owned(), inbox, "".into())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(wait, replies.next()).await {
+        out.push(serde_json::from_slice(&msg.payload).unwrap());
+    }
+    out
+}
+
+// The agents request API and the Geo lag responder are NATS micro services:
+// `nats micro ls/info/stats` find them with endpoints, versions and counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_apis_answer_nats_micro_discovery() {
+    let nats = NatsServer::start();
+    let stack = crate::support::Stack::start(&nats.url()).await;
+    let client = pushbus_shared::testkit::client(&nats).await;
+    let wait = Duration::from_millis(500);
+    let names: BTreeSet<String> = gather(&client, "$SRV.PING", wait)
+        .await
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.contains("pushbus-agents"), "{names:?}");
+    assert!(names.contains("pushbus-geo-lag"), "{names:?}");
+
+    let info = gather(&client, "$SRV.INFO.pushbus-agents", wait).await;
+    assert_eq!(info.len(), 1, "{info:?}");
+    assert_eq!(info[0]["version"], env!("CARGO_PKG_VERSION"));
+    let subjects: BTreeSet<String> = info[0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_owned())
+        .collect();
+    let want: BTreeSet<String> = ["put", "get", "delete", "list"]
+        .iter()
+        .map(|op| format!("pushbus.api.agents.{op}"))
+        .collect();
+    assert_eq!(subjects, want);
+    assert!(
+        info[0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["queue_group"] == "filter")
+    );
+
+    // One refused and one good request to the registry, one bad lag request.
+    let refused = client
+        .request("pushbus.api.agents.get", r#"{"agent_id": "nobody"}"#.into())
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&refused.payload).contains("error"));
+    client
+        .request("pushbus.api.agents.list", "{}".into())
+        .await
+        .unwrap();
+    let bad = client
+        .request("pushbus.geo.lag.node-1", vec![0xff, 0xff].into())
+        .await
+        .unwrap();
+    let status = bad
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error"));
+    assert_eq!(status.map(|s| s.as_str()), Some("undecodable LagRequest"));
+
+    let stats = gather(&client, "$SRV.STATS.pushbus-agents", wait).await;
+    let endpoints = stats[0]["endpoints"].as_array().unwrap();
+    let by_name = |op: &str| {
+        let subject = format!("pushbus.api.agents.{op}");
+        endpoints
+            .iter()
+            .find(|e| e["subject"] == subject.as_str())
+            .unwrap_or_else(|| panic!("no {subject} in {endpoints:?}"))
+            .clone()
+    };
+    assert_eq!(by_name("get")["num_requests"], 1);
+    assert_eq!(by_name("get")["data"]["refused"], 1);
+    assert_eq!(by_name("list")["num_requests"], 1);
+    assert_eq!(by_name("list")["data"]["refused"], 0);
+    let lag = gather(&client, "$SRV.STATS.pushbus-geo-lag", wait).await;
+    let lag_endpoint = &lag[0]["endpoints"][0];
+    assert_eq!(lag_endpoint["subject"], "pushbus.geo.lag.*");
+    assert_eq!(lag_endpoint["num_requests"], 1);
+    assert_eq!(lag_endpoint["num_errors"], 1);
     stack.stop().await;
 }

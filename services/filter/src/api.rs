@@ -4,6 +4,10 @@
 //! sent only after the KV bucket acknowledged the write. Reads are redacted:
 //! no token hash, no webhook secret.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use async_nats::jetstream::kv::{Operation, Store};
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
@@ -15,46 +19,86 @@ use tokio_util::sync::CancellationToken;
 use crate::agent;
 use crate::file::AgentFile;
 
-/// Answers registry requests (queue group `filter`) until `shutdown`;
-/// requests already received are answered before it returns.
+/// Requests answered at once; more wait in the subscription (bounds the
+/// tasks a request flood can spawn).
+const IN_FLIGHT: usize = 64;
+
+/// The NATS micro service name (`nats micro ls` shows it).
+pub const SERVICE_NAME: &str = "pushbus-agents";
+
+/// Answers registry requests (queue group `filter`) until `shutdown`, as the
+/// NATS micro service `pushbus-agents` (endpoints put, get, delete, list;
+/// `nats micro info pushbus-agents`); requests already received are
+/// answered before it returns.
 pub async fn serve(
     client: async_nats::Client,
     kv: Store,
     shutdown: CancellationToken,
-) -> Result<(), async_nats::SubscribeError> {
-    let mut requests = client
-        .queue_subscribe(names::SUBJECTS_AGENTS_API, names::QUEUE_FILTER.into())
+) -> Result<(), async_nats::Error> {
+    use async_nats::service::ServiceExt;
+    let refused: Arc<HashMap<&'static str, AtomicU64>> =
+        Arc::new(OPS.iter().map(|op| (*op, AtomicU64::new(0))).collect());
+    let service = client
+        .service_builder()
+        .description("pushbus agent registry: put, get, delete, list (protobuf or JSON)")
+        .queue_group(names::QUEUE_FILTER)
+        .stats_handler({
+            let refused = refused.clone();
+            move |endpoint, _| {
+                // The endpoint's name may come with the group's prefix.
+                let op = endpoint.rsplit('.').next().unwrap_or_default();
+                let n = refused.get(op).map_or(0, |c| c.load(Ordering::Relaxed));
+                serde_json::json!({ "refused": n })
+            }
+        })
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await?;
+    let group = service.group(names::AGENTS_API_PREFIX);
+    let mut endpoints = Vec::with_capacity(OPS.len());
+    for op in OPS {
+        endpoints.push(group.endpoint(*op).await?);
+    }
+    let mut requests = futures::stream::select_all(endpoints);
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
-        let msg = tokio::select! {
+        let request = tokio::select! {
             _ = shutdown.cancelled() => break,
-            msg = requests.next() => match msg { Some(m) => m, None => break },
+            r = requests.next() => match r { Some(r) => r, None => break },
         };
-        let Some(reply_to) = msg.reply.clone() else {
-            tracing::warn!(subject = %msg.subject, "agent registry request without a reply subject ignored");
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
         };
-        let (kv, client) = (kv.clone(), client.clone());
+        let (kv, refused) = (kv.clone(), refused.clone());
         in_flight.spawn(async move {
-            let op = msg
+            let _slot = slot;
+            let op = request
+                .message
                 .subject
                 .as_str()
                 .rsplit('.')
                 .next()
                 .unwrap_or_default()
                 .to_owned();
-            let reply = answer(&kv, &op, &msg.payload).await;
-            if let Err(err) = client.publish(reply_to, reply).await {
+            let (reply, ok) = answer(&kv, &op, &request.message.payload).await;
+            if !ok && let Some(count) = refused.get(op.as_str()) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Err(err) = request.respond(Ok(reply)).await {
                 tracing::warn!(error = %err, op, "cannot send agent registry reply");
             }
         });
         while in_flight.try_join_next().is_some() {}
     }
-    let _ = requests.unsubscribe().await;
+    drop(requests);
     while in_flight.join_next().await.is_some() {}
+    if let Err(err) = service.stop().await {
+        tracing::debug!(error = %err, "agent registry service stop");
+    }
     Ok(())
 }
+
+const OPS: &[&str] = &["put", "get", "delete", "list"];
 
 /// JSON requests begin with `{`; a protobuf `AgentRegistryRequest` never
 /// does (its first byte is a field tag 0x0a..0x18), and an empty body is an
@@ -86,7 +130,8 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-async fn answer(kv: &Store, op: &str, payload: &[u8]) -> bytes::Bytes {
+/// The reply, and whether the request succeeded.
+async fn answer(kv: &Store, op: &str, payload: &[u8]) -> (bytes::Bytes, bool) {
     if is_json(payload) {
         let reply = match json_request(op, payload) {
             Ok(req) => execute(kv, op, req).await,
@@ -95,13 +140,14 @@ async fn answer(kv: &Store, op: &str, payload: &[u8]) -> bytes::Bytes {
                 ..Default::default()
             },
         };
+        let ok = reply.error.is_empty();
         let json = JsonReply {
             error: reply.error,
             revision: reply.revision,
             agent: reply.agent.map(AgentFile::from_config),
             agent_ids: (op == "list").then_some(reply.agent_ids),
         };
-        serde_json::to_vec(&json).unwrap_or_default().into()
+        (serde_json::to_vec(&json).unwrap_or_default().into(), ok)
     } else {
         let reply = match AgentRegistryRequest::decode(payload) {
             Ok(req) => execute(kv, op, req).await,
@@ -110,7 +156,8 @@ async fn answer(kv: &Store, op: &str, payload: &[u8]) -> bytes::Bytes {
                 ..Default::default()
             },
         };
-        reply.encode_to_vec().into()
+        let ok = reply.error.is_empty();
+        (reply.encode_to_vec().into(), ok)
     }
 }
 

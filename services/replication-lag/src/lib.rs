@@ -23,6 +23,9 @@ use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, envelope, names};
 use tracing::Instrument;
 
+/// The NATS micro service name (`nats micro ls` shows it).
+pub const SERVICE_NAME: &str = "pushbus-geo-lag";
+
 #[derive(clap::Args, Clone, Debug)]
 #[group(id = "lag")]
 pub struct Config {
@@ -105,11 +108,23 @@ pub async fn run(
             .map_err(|e| open("geo status")(e.into()))?,
         config,
     };
-    let mut requests = ctx
+    // A NATS micro service, so `nats micro ls/info/stats` show the
+    // responder, its endpoint and its request and error counts.
+    use async_nats::service::ServiceExt;
+    let service = ctx
         .client
-        .queue_subscribe(names::SUBJECTS_GEO_LAG, names::QUEUE_REPLICATION_LAG.into())
+        .service_builder()
+        .description("pushbus Geo replication lag: LagRequest -> LagReply (protobuf)")
+        .queue_group(names::QUEUE_REPLICATION_LAG)
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
         .await
-        .map_err(|e| open("lag subscription")(e.into()))?;
+        .map_err(open("lag service"))?;
+    let mut requests = service
+        .endpoint_builder()
+        .name("lag")
+        .add(names::SUBJECTS_GEO_LAG)
+        .await
+        .map_err(open("lag endpoint"))?;
     // Ready only once the server has the subscription: a request right after
     // /readyz (e.g. after a restart) must not meet "no responders".
     ctx.client
@@ -120,29 +135,43 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
-        let msg = tokio::select! {
+        let request = tokio::select! {
             _ = &mut shutdown => break,
-            msg = requests.next() => match msg { Some(m) => m, None => break },
+            r = requests.next() => match r { Some(r) => r, None => break },
         };
-        let (lag, client) = (lag.clone(), ctx.client.clone());
+        let lag = lag.clone();
         in_flight.spawn(async move {
-            let Some(reply_to) = msg.reply.clone() else { return };
-            match LagRequest::decode(msg.payload.as_ref()) {
+            let refusal = |status: &str| async_nats::service::error::Error {
+                status: status.to_owned(),
+                code: 400,
+            };
+            let result = match LagRequest::decode(request.message.payload.as_ref()) {
                 Ok(req) if envelope::is_valid_correlation_id(&req.correlation_id) => {
                     let span = tracing::info_span!("lag", correlation_id = %req.correlation_id, geo_node_id = %req.geo_node_id);
                     let reply = lag.answer(req).instrument(span).await;
-                    if let Err(err) = client.publish(reply_to, reply.encode_to_vec().into()).await {
-                        tracing::warn!(error = %err, "cannot send lag reply");
-                    }
+                    Ok(reply.encode_to_vec().into())
                 }
-                Ok(req) => tracing::warn!(correlation_id = %req.correlation_id, "lag request with malformed correlation ID ignored"),
-                Err(err) => tracing::warn!(error = %err, "undecodable lag request ignored"),
+                Ok(req) => {
+                    tracing::warn!(correlation_id = %req.correlation_id, "lag request with malformed correlation ID refused");
+                    Err(refusal("malformed correlation_id"))
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "undecodable lag request refused");
+                    Err(refusal("undecodable LagRequest"))
+                }
+            };
+            if let Err(err) = request.respond(result).await {
+                tracing::warn!(error = %err, "cannot send lag reply");
             }
         });
         while in_flight.try_join_next().is_some() {}
     }
     ctx.ready.set(false);
+    drop(requests);
     while in_flight.join_next().await.is_some() {}
+    if let Err(err) = service.stop().await {
+        tracing::debug!(error = %err, "lag service stop");
+    }
     ctx.drain().await;
     Ok(())
 }
