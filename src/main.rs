@@ -3,9 +3,13 @@
 
 mod agents;
 mod bench;
+mod dlq;
 mod embedded;
+mod events;
 mod geo;
 mod run;
+mod show;
+mod status;
 
 use clap::{Parser, Subcommand};
 use pushbus_shared::service::NatsArgs;
@@ -48,6 +52,28 @@ enum Command {
         #[command(subcommand)]
         command: geo::GeoCommand,
     },
+    /// Follow the streams, every message decoded (`events tail`).
+    Events {
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Dead letters in PUSHBUS_DLQ: list, show, replay, purge.
+    Dlq {
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+    /// Streams, consumers and their backlog, dead letters, and every running
+    /// service instance (agents connected, readiness, last error).
+    Status {
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[command(flatten)]
+        args: status::StatusArgs,
+    },
     /// Benchmarks that print our figures next to a baseline from the same run.
     Bench {
         #[command(subcommand)]
@@ -58,6 +84,13 @@ enum Command {
         #[command(subcommand)]
         command: HookCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print every new message of the given subjects (default: pushes,
+    /// pokes, webhook jobs) with its envelope and payload decoded.
+    Tail(events::TailArgs),
 }
 
 #[derive(Subcommand)]
@@ -103,6 +136,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Agents { nats, command } => agents::run(&nats, command).await,
         Command::Geo { nats, command } => geo::run(&nats, command).await,
+        Command::Events { nats, command } => {
+            let EventsCommand::Tail(args) = command;
+            events::tail(async_nats::jetstream::new(connect(&nats).await?), args).await
+        }
+        Command::Dlq { nats, command } => {
+            dlq::run(async_nats::jetstream::new(connect(&nats).await?), command).await
+        }
+        Command::Status { nats, args } => status::run(connect(&nats).await?, args).await,
         Command::Bench { command } => {
             // Benchmarks print their own figures; the log shows warnings only.
             pushbus_shared::telemetry::init_with_default("pushbus-bench", false, "warn");
@@ -155,4 +196,11 @@ async fn post_receive(args: pushbus_hook_ingest::hook::HookArgs) {
     for line in outcome.lines {
         eprintln!("{line}");
     }
+}
+
+async fn connect(nats: &NatsArgs) -> anyhow::Result<async_nats::Client> {
+    use anyhow::Context;
+    async_nats::connect(nats.url())
+        .await
+        .with_context(|| format!("connecting to {}", nats.url()))
 }

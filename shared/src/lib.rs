@@ -12,6 +12,7 @@ pub mod ops;
 pub mod proto;
 pub mod secret;
 pub mod service;
+pub mod status;
 pub mod telemetry;
 pub mod topology;
 pub mod trace;

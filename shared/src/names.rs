@@ -71,6 +71,10 @@ pub mod headers {
     pub const DLQ_SEQUENCE: &str = "Pushbus-Dlq-Sequence";
     pub const DLQ_CONSUMER: &str = "Pushbus-Dlq-Consumer";
     pub const DLQ_DELIVERED: &str = "Pushbus-Dlq-Delivered";
+    /// On a message `pushbus dlq replay` published again: the dead letter's
+    /// PUSHBUS_DLQ sequence, and where the original stood in its stream.
+    pub const REPLAY_OF: &str = "Pushbus-Replay-Of";
+    pub const REPLAY_SEQUENCE: &str = "Pushbus-Replay-Sequence";
     /// CloudEvents binary content mode (NATS binding), on every message.
     pub const CONTENT_TYPE: &str = "Content-Type";
     pub const CE_SPECVERSION: &str = "ce-specversion";
@@ -115,6 +119,12 @@ pub fn geo_lag_subject(node_id: &str) -> String {
 
 pub fn agents_api_subject(op: &str) -> String {
     format!("pushbus.api.agents.{op}")
+}
+
+/// Where every instance of `service` answers with its status
+/// (`pushbus status`).
+pub fn status_subject(service: &str) -> String {
+    format!("pushbus.status.{service}")
 }
 
 pub fn geo_status_subject(node_id: &str) -> String {

@@ -159,6 +159,7 @@ pub async fn host(
     for launcher in services {
         let ready = readiness.component(launcher.name);
         let connected = readiness.component(&format!("{} (nats)", launcher.name));
+        let status_readiness = readiness.clone();
         let token = token.clone();
         let url = nats_url.to_owned();
         running.spawn(async move {
@@ -170,6 +171,12 @@ pub async fn host(
                 return (name, Ok(()));
             };
             tokio::spawn(follow_connection(client.clone(), connected, token.clone()));
+            tokio::spawn(crate::status::announce(
+                client.clone(),
+                name,
+                status_readiness,
+                token.clone(),
+            ));
             tracing::info!(service = name, "starting");
             let ctx = ServiceContext::new(name, client, ready);
             let result = (launcher.start)(ctx, token).await;

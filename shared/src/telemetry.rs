@@ -33,7 +33,10 @@ pub fn init_with_default(service: &'static str, json: bool, default_filter: &str
     opentelemetry::global::set_tracer_provider(provider.clone());
     *PROVIDER.lock().unwrap_or_else(|e| e.into_inner()) = Some(provider);
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel)
+        .with(LastError);
     // A second init (tests running several services) keeps the first one.
     let _ = if json {
         registry
@@ -156,5 +159,47 @@ impl opentelemetry_http::HttpClient for RuntimeHttpClient {
         let mut response = opentelemetry_http::Response::new(body);
         *response.status_mut() = status;
         Ok(response)
+    }
+}
+
+/// Keeps the last error logged, for `pushbus status`.
+struct LastError;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastError {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() != tracing::Level::ERROR {
+            return;
+        }
+        let mut text = Text::default();
+        event.record(&mut text);
+        let mut line = text.message;
+        line.push_str(&text.fields);
+        crate::status::record_error(line);
+    }
+}
+
+#[derive(Default)]
+struct Text {
+    message: String,
+    fields: String,
+}
+
+impl tracing::field::Visit for Text {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        use std::fmt::Write;
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = write!(self.fields, " {}={value}", field.name());
+        }
     }
 }

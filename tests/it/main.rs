@@ -8,6 +8,7 @@ mod ingest;
 mod lag;
 mod notifier;
 mod observe;
+mod operate;
 mod secrets;
 mod support;
 mod webhook;

@@ -180,7 +180,7 @@ impl Handler<GitPushEvent> for PushHandler {
                 // Heads order by the push, not by when its poke was
                 // published: a replica that died holding an older push
                 // republishes it late, and it must not win.
-                push_sequence: d.stream_sequence,
+                push_sequence: d.order_sequence,
                 push_epoch: d.stream_epoch,
                 pushed_at: d.occurred_at,
                 default_branch: push.default_branch.clone(),

@@ -37,6 +37,10 @@ pub struct Delivery<M> {
     pub meta: EventMeta,
     pub subject: String,
     pub stream_sequence: u64,
+    /// Where the message stands in its stream's order: its sequence, or for
+    /// a dead letter replayed by `pushbus dlq replay` the original's, so a
+    /// replayed push orders as the push it was.
+    pub order_sequence: u64,
     /// When the stream was created (unix nanoseconds): with
     /// `stream_sequence`, a position that still grows if the stream is
     /// deleted and created again.
@@ -468,6 +472,12 @@ where
             meta: EventMeta::from(&env),
             subject: msg.subject.to_string(),
             stream_sequence,
+            order_sequence: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::names::headers::REPLAY_SEQUENCE))
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(stream_sequence),
             stream_epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
             delivered,
             occurred_at: env.occurred_at,

@@ -1,0 +1,134 @@
+//! `pushbus events tail`: follows the streams and prints every message
+//! decoded, as `nats sub` would if it read protobuf envelopes.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
+use futures::StreamExt;
+use pushbus_shared::names;
+
+use crate::show;
+
+#[derive(clap::Args)]
+pub struct TailArgs {
+    /// Subjects to follow (wildcards allowed), e.g. `pushbus.push.42.*` or
+    /// `pushbus.poke.agent-1`. Default: every push, poke and webhook job.
+    subjects: Vec<String>,
+    /// Start from here instead of from now: a stream sequence (`1` is the
+    /// beginning), an RFC 3339 time, or an age such as `90s`, `10m`, `2h`, `1d`.
+    #[arg(long)]
+    since: Option<String>,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<usize>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The stream a subject belongs to.
+fn stream_of(subject: &str) -> Option<&'static str> {
+    let family: Vec<&str> = subject.splitn(4, '.').collect();
+    match family.as_slice() {
+        ["pushbus", "push", ..] => Some(names::STREAM_PUSHES),
+        ["pushbus", "poke", ..] => Some(names::STREAM_POKES),
+        ["pushbus", "webhook", ..] => Some(names::STREAM_WEBHOOKS),
+        ["pushbus", "dlq", ..] => Some(names::STREAM_DLQ),
+        ["pushbus", "geo", "status", ..] => Some(names::STREAM_GEO_STATUS),
+        _ => None,
+    }
+}
+
+fn deliver_policy(since: Option<&str>) -> anyhow::Result<DeliverPolicy> {
+    let Some(since) = since else {
+        return Ok(DeliverPolicy::New);
+    };
+    if let Ok(start_sequence) = since.parse::<u64>() {
+        return Ok(DeliverPolicy::ByStartSequence { start_sequence });
+    }
+    let age = since
+        .strip_suffix('s')
+        .map(|n| (n, 1))
+        .or_else(|| since.strip_suffix('m').map(|n| (n, 60)))
+        .or_else(|| since.strip_suffix('h').map(|n| (n, 3600)))
+        .or_else(|| since.strip_suffix('d').map(|n| (n, 86_400)))
+        .and_then(|(n, unit)| n.parse::<u64>().ok().map(|n| n * unit));
+    let start_time = match age {
+        Some(secs) => time::OffsetDateTime::now_utc() - Duration::from_secs(secs),
+        None => time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+            .with_context(|| {
+                format!(
+                    "--since {since:?}: expected a sequence, an RFC 3339 time or an age like 10m"
+                )
+            })?,
+    };
+    Ok(DeliverPolicy::ByStartTime { start_time })
+}
+
+pub async fn tail(js: jetstream::Context, args: TailArgs) -> anyhow::Result<()> {
+    let subjects = if args.subjects.is_empty() {
+        vec![
+            names::SUBJECTS_PUSHES.to_owned(),
+            names::SUBJECTS_POKES.to_owned(),
+            names::SUBJECTS_WEBHOOKS.to_owned(),
+        ]
+    } else {
+        args.subjects.clone()
+    };
+    let mut by_stream: Vec<(&'static str, Vec<String>)> = Vec::new();
+    for s in subjects {
+        let Some(stream) = stream_of(&s) else {
+            bail!(
+                "{s}: not a pushbus subject (pushbus.push.…, pushbus.poke.…, pushbus.webhook.…, pushbus.dlq.…, pushbus.geo.status.…)"
+            );
+        };
+        match by_stream.iter_mut().find(|(n, _)| *n == stream) {
+            Some((_, list)) => list.push(s),
+            None => by_stream.push((stream, vec![s])),
+        }
+    }
+    let policy = deliver_policy(args.since.as_deref())?;
+    let mut feeds = Vec::new();
+    for (name, filter_subjects) in by_stream {
+        let stream = js
+            .get_stream(name)
+            .await
+            .with_context(|| format!("opening {name}"))?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subjects,
+                deliver_policy: policy,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("following {name}"))?;
+        feeds.push(consumer.messages().await?.map(move |m| (name, m)).boxed());
+    }
+    let mut all = futures::stream::select_all(feeds);
+    let mut shown = 0;
+    while args.count.is_none_or(|c| shown < c) {
+        let next = tokio::select! {
+            next = all.next() => next,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let Some((stream, message)) = next else { break };
+        let m = message?;
+        let Ok(info) = m.info() else { continue };
+        let v = show::message(
+            stream,
+            info.stream_sequence,
+            m.subject.as_str(),
+            show::rfc3339(info.published),
+            m.headers.as_ref(),
+            &m.payload,
+        );
+        if args.json {
+            println!("{v}");
+        } else {
+            println!("{}", show::line(&v));
+        }
+        shown += 1;
+    }
+    Ok(())
+}

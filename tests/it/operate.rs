@@ -1,0 +1,441 @@
+//! The operator's commands through the real binary: `events tail`, `dlq`,
+//! `status`; and messages read back by a CloudEvents SDK.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use pushbus_shared::EventMeta;
+use pushbus_shared::bus::Publisher;
+use pushbus_shared::names;
+use pushbus_shared::proto::{
+    AgentConfig, AgentPoke, ChangeKind, RefKind, RefSelector, Source, Watch, Webhook,
+    ref_selector::Kind,
+};
+use pushbus_shared::testkit::{self, NatsServer};
+use pushbus_shared::topology;
+
+use crate::guarantees::until;
+use crate::support::{Replica, SseReader, Stack, register};
+
+const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
+
+/// `pushbus <args>` against `nats`; its stdout, failing the test on a
+/// non-zero exit.
+fn pushbus(nats: &NatsServer, args: &[&str]) -> String {
+    let out = run(nats, args);
+    assert!(
+        out.status.success(),
+        "pushbus {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn run(nats: &NatsServer, args: &[&str]) -> std::process::Output {
+    let (command, rest) = args.split_first().unwrap();
+    Command::new(PUSHBUS)
+        .arg(command)
+        .args(["--nats-url", &nats.url()])
+        .args(rest)
+        .output()
+        .unwrap()
+}
+
+fn json_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn push_body(project_id: i64, new_sha: &str) -> serde_json::Value {
+    serde_json::json!({
+        "gl_repository": format!("project-{project_id}"),
+        "identifier": "user-1",
+        "changes": format!("{} {new_sha} refs/heads/main\n", "1".repeat(40)),
+    })
+}
+
+// One push and its poke, read back decoded: the push's refs, the poke's
+// agent, one correlation ID, the poke caused by the push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_tail_prints_pushes_and_pokes_decoded() {
+    let nats = NatsServer::start();
+    register(&nats, "tailer", 70..=70).await;
+    let stack = Stack::start(&nats.url()).await;
+    let resp = stack
+        .post_receive(
+            &push_body(70, &"a".repeat(40)),
+            &[("X-Correlation-Id", "tail-1")],
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    until("the poke is stored", || {
+        let js = js.clone();
+        async move {
+            let mut s = js.get_stream(names::STREAM_POKES).await.unwrap();
+            s.info().await.is_ok_and(|i| i.state.messages == 1)
+        }
+    })
+    .await;
+    let out = pushbus(
+        &nats,
+        &[
+            "events",
+            "tail",
+            "--since",
+            "1",
+            "--count",
+            "2",
+            "--json",
+            "pushbus.push.70.*",
+            "pushbus.poke.tailer",
+        ],
+    );
+    let events = json_lines(&out);
+    assert_eq!(events.len(), 2, "{out}");
+    let push = events
+        .iter()
+        .find(|e| e["type"] == "pushbus.v1.GitPushEvent")
+        .unwrap();
+    let poke = events
+        .iter()
+        .find(|e| e["type"] == "pushbus.v1.AgentPoke")
+        .unwrap();
+    assert_eq!(push["payload"]["changes"][0]["new_sha"], "a".repeat(40));
+    assert_eq!(push["payload"]["changes"][0]["ref"], "refs/heads/main");
+    assert_eq!(poke["payload"]["agent_id"], "tailer");
+    assert_eq!(push["correlation_id"], "tail-1");
+    assert_eq!(poke["correlation_id"], "tail-1");
+    assert_eq!(poke["causation_id"], push["event_id"]);
+    // The human form names the same things on one line each.
+    let human = pushbus(
+        &nats,
+        &[
+            "events",
+            "tail",
+            "--since",
+            "1",
+            "--count",
+            "1",
+            "pushbus.poke.tailer",
+        ],
+    );
+    assert!(
+        human.contains("poke agent tailer refs/heads/main"),
+        "{human}"
+    );
+    let bad = run(&nats, &["events", "tail", "--since", "yesterday"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--since"));
+    stack.stop().await;
+}
+
+/// A webhook target that answers 404 until `healthy`, then 200.
+async fn target(
+    healthy: Arc<AtomicBool>,
+    hits: Arc<std::sync::Mutex<Vec<String>>>,
+) -> std::net::SocketAddr {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let (healthy, hits) = (healthy.clone(), hits.clone());
+            async move {
+                let uuid = headers
+                    .get("x-gitlab-event-uuid")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                hits.lock().unwrap().push(uuid);
+                if healthy.load(Ordering::SeqCst) {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::NOT_FOUND
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+// A webhook poke dead-lettered by a 404, listed and shown with its reason,
+// replayed once the target is fixed (same event ID reaches it) and gone
+// from the DLQ; purge needs --yes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_lists_shows_replays_and_purges_dead_letters() {
+    let nats = NatsServer::start();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let hits = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let addr = target(healthy.clone(), hits.clone()).await;
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let kv = js
+        .create_or_update_key_value(topology::agents_bucket())
+        .await
+        .unwrap();
+    pushbus_filter::put_agent(
+        &kv,
+        &AgentConfig {
+            agent_id: "hooked".into(),
+            public: true,
+            watches: vec![Watch {
+                project_id: 73,
+                refs: Some(RefSelector {
+                    kind: Kind::AnyRef as i32,
+                    pattern: String::new(),
+                }),
+                ..Default::default()
+            }],
+            webhook: Some(Webhook {
+                url: format!("http://{addr}/hook"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let webhooks = pushbus_gitops_notifier::webhook::WebhookConfig {
+        allow_private: true,
+        config_cache_ms: 100,
+        ..Default::default()
+    };
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), webhooks).await;
+    let publisher = Publisher::new(js.clone(), Source::default());
+    let meta = EventMeta::fresh("dlq-corr");
+    let poke = AgentPoke {
+        agent_id: "hooked".into(),
+        project_id: 73,
+        project_path: "group/app".into(),
+        r#ref: "refs/heads/main".into(),
+        ref_kind: RefKind::Branch as i32,
+        change_kind: ChangeKind::Update as i32,
+        old_sha: "1".repeat(40),
+        new_sha: "2".repeat(40),
+        ..Default::default()
+    };
+    publisher
+        .publish(names::webhook_subject("hooked"), &poke, &meta)
+        .await
+        .unwrap();
+    // And one undecodable message, dead-lettered at once.
+    js.publish(names::webhook_subject("hooked"), "not protobuf".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    until("two dead letters", || {
+        let js = js.clone();
+        async move {
+            let mut s = js.get_stream(names::STREAM_DLQ).await.unwrap();
+            s.info().await.is_ok_and(|i| i.state.messages == 2)
+        }
+    })
+    .await;
+    let listed = json_lines(&pushbus(&nats, &["dlq", "list", "--json"]));
+    assert_eq!(listed.len(), 2);
+    let letter = listed
+        .iter()
+        .find(|l| l["event_id"] == meta.event_id.as_str())
+        .unwrap();
+    assert_eq!(
+        letter["dead_letter"]["consumer"],
+        names::CONSUMER_NOTIFIER_WEBHOOKS
+    );
+    assert_eq!(letter["dead_letter"]["subject"], "pushbus.webhook.hooked");
+    assert_eq!(letter["dead_letter"]["delivered"], 1);
+    assert!(
+        letter["dead_letter"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("404")
+    );
+    assert_eq!(letter["payload"]["agent_id"], "hooked");
+    let seq = letter["sequence"].as_u64().unwrap().to_string();
+    let shown: serde_json::Value =
+        serde_json::from_str(&pushbus(&nats, &["dlq", "show", &seq, "--json"])).unwrap();
+    assert_eq!(shown["correlation_id"], "dlq-corr");
+    let human = pushbus(&nats, &["dlq", "list"]);
+    assert!(
+        human.contains("dead-lettered by gitops-notifier-webhooks after 1 deliveries"),
+        "{human}"
+    );
+
+    healthy.store(true, Ordering::SeqCst);
+    let replayed = json_lines(&pushbus(&nats, &["dlq", "replay", &seq, "--json"]));
+    assert_eq!(
+        replayed[0]["replayed_to"]["subject"],
+        "pushbus.webhook.hooked"
+    );
+    until("the replayed poke reaches the fixed target", || {
+        let hits = hits.clone();
+        let id = meta.event_id.clone();
+        async move {
+            let h = hits.lock().unwrap();
+            h.len() >= 2 && h.last() == Some(&id)
+        }
+    })
+    .await;
+    let left = json_lines(&pushbus(&nats, &["dlq", "list", "--json"]));
+    assert_eq!(
+        left.len(),
+        1,
+        "the replayed letter is still listed: {left:?}"
+    );
+    assert!(left[0].get("undecodable").is_some());
+
+    let refused = run(&nats, &["dlq", "purge"]);
+    assert!(!refused.status.success());
+    pushbus(&nats, &["dlq", "purge", "--yes"]);
+    assert!(json_lines(&pushbus(&nats, &["dlq", "list", "--json"])).is_empty());
+    notifier.stop().await;
+}
+
+// Streams and consumers with their backlog, and every service instance with
+// its gauges: the notifier counts the agent connected to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_streams_consumers_and_each_instance() {
+    let nats = NatsServer::start();
+    register(&nats, "watcher", 74..=74).await;
+    let stack = Stack::start(&nats.url()).await;
+    let mut sse = SseReader::new(
+        SseReader::connect(
+            &format!("http://{}/v1/agents/watcher/pokes", stack.notifier),
+            None,
+        )
+        .await,
+    );
+    assert_eq!(
+        sse.next_event(Duration::from_secs(5)).await.unwrap().0,
+        "status"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&pushbus(&nats, &["status", "--json"])).unwrap();
+    let pushes = report["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stream"] == names::STREAM_PUSHES)
+        .unwrap();
+    assert!(
+        pushes["consumers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["consumer"] == names::CONSUMER_FILTER)
+    );
+    let instances = report["instances"].as_array().unwrap();
+    let services: std::collections::BTreeSet<&str> = instances
+        .iter()
+        .map(|i| i["service"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        services,
+        [
+            "filter",
+            "gitops-notifier",
+            "hook-ingest",
+            "replication-lag"
+        ]
+        .into()
+    );
+    let notifier = instances
+        .iter()
+        .find(|i| i["service"] == "gitops-notifier")
+        .unwrap();
+    assert_eq!(notifier["ready"], true);
+    assert_eq!(notifier["gauges"]["pushbus_notifier_connections"], 1.0);
+    let human = pushbus(&nats, &["status"]);
+    assert!(human.contains("consumer filter"), "{human}");
+    stack.stop().await;
+}
+
+// Every message carries CloudEvents binary-mode headers; the CloudEvents
+// Python SDK (installed by `make tools`) reads them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_read_back_with_a_cloudevents_sdk() {
+    use base64::Engine;
+    use futures::StreamExt;
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let resp = stack
+        .post_receive(
+            &push_body(75, &"b".repeat(40)),
+            &[("X-Correlation-Id", "ce-1")],
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let event_id = resp.json::<serde_json::Value>().await.unwrap()["event_ids"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let msg = consumer
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let headers: serde_json::Map<String, serde_json::Value> = msg
+        .headers
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v[0].as_str())))
+        .collect();
+    let input = serde_json::json!({
+        "headers": headers,
+        "body_b64": base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+    });
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/python");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/it/tools/cloudevents_read.py"
+    );
+    assert!(
+        std::path::Path::new(python).exists(),
+        "{python} missing: run `make tools` (it installs the CloudEvents SDK)"
+    );
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let event: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(event["specversion"], "1.0");
+    assert_eq!(event["id"], event_id.as_str());
+    assert_eq!(event["type"], "pushbus.v1.GitPushEvent");
+    assert_eq!(event["source"], "/pushbus/hook-ingest");
+    assert_eq!(event["subject"], format!("pushbus.push.75.{event_id}"));
+    assert_eq!(event["datacontenttype"], "application/protobuf");
+    assert_eq!(event["correlationid"], "ce-1");
+    assert!(event["time"].as_str().unwrap().starts_with("20"));
+    stack.stop().await;
+}
