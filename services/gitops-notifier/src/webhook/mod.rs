@@ -10,6 +10,7 @@ pub mod payload;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use async_nats::jetstream::{self, kv::Store};
 use prost::Message;
@@ -409,7 +410,26 @@ impl Handler<AgentPoke> for WebhookHandler {
         let body = serde_json::to_vec(&body)
             .map_err(|e| HandleError::Permanent(format!("cannot encode webhook body: {e}")))?;
         let started = Instant::now();
-        let result = self.deliver(&d, &hook, kind, body).await;
+        // The target's host only: its path and credentials stay out of spans.
+        let target = Url::parse(&hook.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            "webhook attempt",
+            otel.kind = "client",
+            %agent_id,
+            attempt = d.delivered,
+            server.address = %target,
+            http.response.status_code = tracing::field::Empty,
+        );
+        let result = self
+            .deliver(&d, &hook, kind, body)
+            .instrument(span.clone())
+            .await;
+        if let Ok(status) = &result {
+            span.record("http.response.status_code", status.as_u16());
+        }
         let outcome = match &result {
             Ok(_) => "ok",
             Err(HandleError::Retryable(_) | HandleError::RetryAfter { .. }) => "retry",
