@@ -263,8 +263,18 @@ async fn registry_request_api_validates_writes_and_applies() {
     }
     let missing = registry_request(&client, "get", &by_id("api-bad")).await;
     assert!(missing.error.contains("no agent"), "{}", missing.error);
-    let unknown = registry_request(&client, "frobnicate", &by_id("api-a")).await;
-    assert!(unknown.error.contains("unknown operation"));
+    // The API is a NATS micro service with one endpoint per operation: any
+    // other subject has no responder.
+    let unknown = client
+        .request(
+            names::agents_api_subject("frobnicate"),
+            by_id("api-a").encode_to_vec().into(),
+        )
+        .await;
+    assert_eq!(
+        unknown.map(|_| ()).map_err(|e| e.kind()),
+        Err(async_nats::client::RequestErrorKind::NoResponders)
+    );
     let garbage = client
         .request(names::agents_api_subject("put"), vec![0xff, 0x01].into())
         .await

@@ -343,18 +343,27 @@ async fn no_lag_message_but_200_in_time_without_an_answer() {
         messages(&reply),
         vec!["Current replication lag: 12 seconds"]
     );
-    // ... and replication-lag itself refuses one: no reply at all.
+    // ... and replication-lag itself refuses one: a service error, no lag.
     let request = pushbus_shared::proto::LagRequest {
         correlation_id: bad.into(),
         geo_node_id: "eu".into(),
         project_id: 3,
     };
-    let asked = client.request(names::geo_lag_subject("eu"), request.encode_to_vec().into());
+    let refused = client
+        .request(names::geo_lag_subject("eu"), request.encode_to_vec().into())
+        .await
+        .unwrap();
     assert!(
-        tokio::time::timeout(Duration::from_millis(500), asked)
-            .await
-            .is_err(),
-        "a malformed correlation ID got an answer"
+        refused.payload.is_empty(),
+        "a malformed correlation ID got a lag reply"
+    );
+    assert_eq!(
+        refused
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error"))
+            .map(|v| v.as_str()),
+        Some("malformed correlation_id")
     );
     lag.stop().await;
     stack.stop().await;

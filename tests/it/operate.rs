@@ -13,11 +13,11 @@ use pushbus_shared::proto::{
     AgentConfig, AgentPoke, ChangeKind, RefKind, RefSelector, Source, Watch, Webhook,
     ref_selector::Kind,
 };
-use pushbus_shared::testkit::{self, NatsServer};
+use pushbus_shared::testkit::{self, NatsServer, free_port};
 use pushbus_shared::topology;
 
-use crate::guarantees::until;
-use crate::support::{Replica, SseReader, Stack, register};
+use crate::guarantees::{Process, until};
+use crate::support::{Replica, SseReader, Stack, local, register};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
 
@@ -302,13 +302,22 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
 async fn status_shows_streams_consumers_and_each_instance() {
     let nats = NatsServer::start();
     register(&nats, "watcher", 74..=74).await;
-    let stack = Stack::start(&nats.url()).await;
+    // Its own process: gauges are per process, and the test process hosts
+    // other tests' notifiers.
+    let (ingest, notifier) = (local(free_port()), local(free_port()));
+    let _all = Process::start(
+        &nats.url(),
+        "all",
+        &[
+            "--ingest-listen",
+            &ingest.to_string(),
+            "--notifier-listen",
+            &notifier.to_string(),
+        ],
+    )
+    .await;
     let mut sse = SseReader::new(
-        SseReader::connect(
-            &format!("http://{}/v1/agents/watcher/pokes", stack.notifier),
-            None,
-        )
-        .await,
+        SseReader::connect(&format!("http://{notifier}/v1/agents/watcher/pokes"), None).await,
     );
     assert_eq!(
         sse.next_event(Duration::from_secs(5)).await.unwrap().0,
@@ -352,7 +361,6 @@ async fn status_shows_streams_consumers_and_each_instance() {
     assert_eq!(notifier["gauges"]["pushbus_notifier_connections"], 1.0);
     let human = pushbus(&nats, &["status"]);
     assert!(human.contains("consumer filter"), "{human}");
-    stack.stop().await;
 }
 
 // Every message carries CloudEvents binary-mode headers; the CloudEvents

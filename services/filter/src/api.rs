@@ -30,11 +30,7 @@ pub const SERVICE_NAME: &str = "pushbus-agents";
 /// NATS micro service `pushbus-agents` (endpoints put, get, delete, list;
 /// `nats micro info pushbus-agents`); requests already received are
 /// answered before it returns.
-pub async fn serve(
-    client: async_nats::Client,
-    kv: Store,
-    shutdown: CancellationToken,
-) -> Result<(), async_nats::Error> {
+pub async fn start(client: async_nats::Client, kv: Store) -> Result<Api, async_nats::Error> {
     use async_nats::service::ServiceExt;
     let refused: Arc<HashMap<&'static str, AtomicU64>> =
         Arc::new(OPS.iter().map(|op| (*op, AtomicU64::new(0))).collect());
@@ -58,44 +54,71 @@ pub async fn serve(
     for op in OPS {
         endpoints.push(group.endpoint(*op).await?);
     }
-    let mut requests = futures::stream::select_all(endpoints);
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let mut in_flight = tokio::task::JoinSet::new();
-    loop {
-        let request = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = requests.next() => match r { Some(r) => r, None => break },
-        };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let (kv, refused) = (kv.clone(), refused.clone());
-        in_flight.spawn(async move {
-            let _slot = slot;
-            let op = request
-                .message
-                .subject
-                .as_str()
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_owned();
-            let (reply, ok) = answer(&kv, &op, &request.message.payload).await;
-            if !ok && let Some(count) = refused.get(op.as_str()) {
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            if let Err(err) = request.respond(Ok(reply)).await {
-                tracing::warn!(error = %err, op, "cannot send agent registry reply");
-            }
-        });
-        while in_flight.try_join_next().is_some() {}
+    // Subscribed on the server before anyone is told the API is up.
+    client.flush().await?;
+    Ok(Api {
+        service,
+        requests: futures::stream::select_all(endpoints),
+        kv,
+        refused,
+    })
+}
+
+/// The registry API, subscribed and ready to answer.
+pub struct Api {
+    service: async_nats::service::Service,
+    requests: futures::stream::SelectAll<async_nats::service::endpoint::Endpoint>,
+    kv: Store,
+    refused: Arc<HashMap<&'static str, AtomicU64>>,
+}
+
+impl Api {
+    /// Answers until `shutdown`; requests already received are answered
+    /// before it returns.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let Api {
+            service,
+            mut requests,
+            kv,
+            refused,
+        } = self;
+        let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            let request = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = requests.next() => match r { Some(r) => r, None => break },
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let (kv, refused) = (kv.clone(), refused.clone());
+            in_flight.spawn(async move {
+                let _slot = slot;
+                let op = request
+                    .message
+                    .subject
+                    .as_str()
+                    .rsplit('.')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+                let (reply, ok) = answer(&kv, &op, &request.message.payload).await;
+                if !ok && let Some(count) = refused.get(op.as_str()) {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Err(err) = request.respond(Ok(reply)).await {
+                    tracing::warn!(error = %err, op, "cannot send agent registry reply");
+                }
+            });
+            while in_flight.try_join_next().is_some() {}
+        }
+        drop(requests);
+        while in_flight.join_next().await.is_some() {}
+        if let Err(err) = service.stop().await {
+            tracing::debug!(error = %err, "agent registry service stop");
+        }
     }
-    drop(requests);
-    while in_flight.join_next().await.is_some() {}
-    if let Err(err) = service.stop().await {
-        tracing::debug!(error = %err, "agent registry service stop");
-    }
-    Ok(())
 }
 
 const OPS: &[&str] = &["put", "get", "delete", "list"];

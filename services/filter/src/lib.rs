@@ -96,7 +96,12 @@ pub async fn run(
 
     // Registrations are accepted even while the index is still loading:
     // they are KV writes, and the watch brings them into the index.
-    let api = tokio::spawn(api::serve(ctx.client.clone(), kv.clone(), token.clone()));
+    // Subscribed before this replica says it is ready, so a request right
+    // after /readyz meets a responder.
+    let api = api::start(ctx.client.clone(), kv.clone())
+        .await
+        .map_err(|e| Error::Registry(format!("agent registry API: {e}")))?;
+    let api = tokio::spawn(api.serve(token.clone()));
 
     // Phase one: the whole registry, before a single push is matched.
     let index = registry::SharedIndex::default();
@@ -124,10 +129,8 @@ pub async fn run(
     ctx.ready.set(false);
     token.cancel();
     let _ = sync.await;
-    match api.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::error!(error = %e, "agent registry API could not subscribe"),
-        Err(e) => tracing::error!(error = %e, "agent registry API task failed"),
+    if let Err(e) = api.await {
+        tracing::error!(error = %e, "agent registry API task failed");
     }
     ctx.drain().await;
     Ok(())
