@@ -221,6 +221,13 @@ impl Recorder {
         self.begin(u64::MAX, 0, Instant::now(), 1.0)
     }
 
+    /// Whether event `seq` reached its receiver.
+    pub fn seen(&self, seq: u64) -> bool {
+        self.seen
+            .get(seq as usize)
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
+
     pub fn received(&self) -> u64 {
         self.lock().received
     }

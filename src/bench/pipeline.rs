@@ -82,8 +82,14 @@ pub struct Outcome {
     pub step: Step,
     pub sent: u64,
     pub refused: u64,
-    /// Pushes hook-ingest accepted whose poke never reached the agent.
+    /// Pushes hook-ingest accepted whose poke never reached the agent,
+    /// and no newer push of the same agent and ref did either.
     pub lost: i64,
+    /// Accepted pushes whose own poke never arrived because a newer push of
+    /// the same ref reached the agent first: a ref head moves only to the
+    /// newest push, so a poke redelivered after a newer one was recorded is
+    /// dropped, as designed (agents want the newest SHA, not every SHA).
+    pub superseded: u64,
 }
 
 pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
@@ -414,10 +420,14 @@ impl Load {
     /// Push `j` of a step at `rate`: agent j mod agents, and as many
     /// branches as it takes for one agent+ref to get at most one push a
     /// second (the notifier may merge closer ones).
-    fn body(&self, seq: u64, j: u64, rate: u64) -> serde_json::Value {
+    /// Push `j`'s agent and branch.
+    fn key(&self, j: u64, rate: u64) -> (u64, u64) {
         let refs = rate.div_ceil(self.agents).max(1);
-        let a = j % self.agents;
-        let branch = (j / self.agents) % refs;
+        (j % self.agents, (j / self.agents) % refs)
+    }
+
+    fn body(&self, seq: u64, j: u64, rate: u64) -> serde_json::Value {
+        let (a, branch) = self.key(j, rate);
         serde_json::json!({
             "gl_repository": format!("project-{}", PROJECT_BASE + a),
             "identifier": "user-1",
@@ -444,6 +454,8 @@ async fn run_step(
     let ok = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
+    let accepted_each: Arc<Vec<std::sync::atomic::AtomicBool>> =
+        Arc::new((0..n).map(|_| Default::default()).collect());
     let t0 = Instant::now() + Duration::from_millis(50);
     recorder.begin(lo, n, t0, rate as f64);
     let bodies: Vec<serde_json::Value> = (0..n).map(|j| load.body(lo + j, j, rate)).collect();
@@ -455,6 +467,7 @@ async fn run_step(
     let sender = {
         let (http, endpoint) = (load.http.clone(), load.endpoint.clone());
         let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
+        let accepted_each = accepted_each.clone();
         let mut bodies = bodies.into_iter();
         tokio::spawn(async move {
             open_loop(n, rate as f64, t0, |j| {
@@ -463,12 +476,18 @@ async fn run_step(
                     .header("x-request-id", format!("bench-{}", lo + j))
                     .json(&bodies.next().unwrap_or_default());
                 let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
+                let accepted_each = accepted_each.clone();
                 let window = window.clone();
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let _permit = window.acquire_owned().await;
                     match req.send().await {
-                        Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                        Ok(r) if r.status().is_success() => {
+                            if let Some(a) = accepted_each.get(j as usize) {
+                                a.store(true, Ordering::Relaxed);
+                            }
+                            ok.fetch_add(1, Ordering::Relaxed)
+                        }
                         _ => refused.fetch_add(1, Ordering::Relaxed),
                     };
                     in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -512,12 +531,23 @@ async fn run_step(
     let step = recorder
         .finish(accepted, quiet, Duration::from_secs(60))
         .await;
-    Ok(Outcome::new(
-        step,
-        n,
-        accepted,
-        refused.load(Ordering::Relaxed),
-    ))
+    // Walk back from the last push: an accepted push that never arrived
+    // while a later one of its agent and ref did was superseded.
+    let mut later_arrived = std::collections::HashSet::new();
+    let mut superseded = 0;
+    for j in (0..n).rev() {
+        let key = load.key(j, rate);
+        if recorder.seen(lo + j) {
+            later_arrived.insert(key);
+        } else if accepted_each[j as usize].load(Ordering::Relaxed) && later_arrived.contains(&key)
+        {
+            superseded += 1;
+        }
+    }
+    let mut outcome = Outcome::new(step, n, accepted, refused.load(Ordering::Relaxed));
+    outcome.superseded = superseded;
+    outcome.lost -= superseded as i64;
+    Ok(outcome)
 }
 
 /// `n` pushes as fast as hook-ingest answers, 256 requests in flight;
@@ -727,8 +757,8 @@ fn report(plan: &Plan, r: &Report<'_>) {
     );
     for (victim, o, stored, n) in r.restarts {
         println!(
-            "  pushbus, SIGKILL {victim:<16} pushes {n}, refused {}, pokes stored in PUSHBUS_POKES for {stored}, received by agents {} -> lost at agents {}",
-            o.refused, o.step.received, o.lost
+            "  pushbus, SIGKILL {victim:<16} pushes {n}, refused {}, pokes stored in PUSHBUS_POKES for {stored}, received by agents {}, superseded by a newer push of the ref {} -> lost at agents {}",
+            o.refused, o.step.received, o.superseded, o.lost
         );
     }
     if let Some(redis) = r.redis {
@@ -745,6 +775,7 @@ impl Outcome {
     fn new(step: Step, sent: u64, accepted: u64, refused: u64) -> Outcome {
         Outcome {
             lost: accepted as i64 - step.received as i64,
+            superseded: 0,
             sent,
             refused,
             step,
