@@ -1,6 +1,6 @@
 //! Static checks of docker-compose.yml and the Dockerfile against the
-//! `pushbus` CLI. Docker cannot run here, so instead of starting the stack
-//! these tests make sure it cannot drift from the binary's services and flags.
+//! `pushbus` CLI, so the file cannot drift from the binary's services and
+//! flags. They need no Docker; `make compose-test` runs the stack itself.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -459,7 +459,6 @@ fn deliver(hub: &Hub, head: &Head) {
         && let Some(Event::Poke(poke)) = &head.event.event
         && let Some(pushed) = poke
             .pushed_at
-            .clone()
             .and_then(|t| std::time::SystemTime::try_from(t).ok())
         && let Ok(age) = std::time::SystemTime::now().duration_since(pushed)
     {
