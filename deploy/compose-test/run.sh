@@ -495,8 +495,14 @@ for check in "hook-ingest $INGEST_OPS_HOST_PORT pushbus_ingest_pushes_total" \
     "filter $FILTER_OPS_HOST_PORT pushbus_messages_total" \
     "gitops-notifier $NOTIFIER_OPS_HOST_PORT pushbus_messages_total"; do
     read -r svc port metric <<<"$check"
-    line=$(curl -fsS "http://127.0.0.1:$port/metrics" | grep -m1 "^$metric") ||
-        fail "$svc: no $metric on 127.0.0.1:$port/metrics after the push"
+    # A handler's metric is recorded after it acks, which may be just after
+    # the poke reached the stream: allow a few seconds.
+    deadline=$(($(date +%s) + 10))
+    # The whole body first: a reader that stops early makes curl fail (exit 23).
+    until body=$(curl -fsS "http://127.0.0.1:$port/metrics") && line=$(sed -n "/^$metric/{p;q}" <<<"$body") && [[ -n $line ]]; do
+        (($(date +%s) < deadline)) || fail "$svc: no $metric on 127.0.0.1:$port/metrics after the push"
+        sleep 0.5
+    done
     say "$svc (127.0.0.1:$port): $line"
 done
 
