@@ -5,7 +5,8 @@ use async_nats::HeaderMap;
 use prost::{Message, Name};
 use pushbus_shared::names::headers;
 use pushbus_shared::proto::{
-    AgentPoke, ChangeKind, Envelope, GitPushEvent, RefChange, RefKind, ReplicationStatus,
+    AgentPoke, Envelope, GitPushEvent, RefChange, ReplicationStatus, change_kind_name,
+    ref_kind_name,
 };
 use serde_json::{Value, json};
 
@@ -99,8 +100,8 @@ fn change(c: &RefChange) -> Value {
         "ref": c.r#ref,
         "old_sha": c.old_sha,
         "new_sha": c.new_sha,
-        "ref_kind": ref_kind(c.ref_kind),
-        "change": change_kind(c.change_kind),
+        "ref_kind": ref_kind_name(c.ref_kind),
+        "change": change_kind_name(c.change_kind),
         "forced": c.forced,
         "changed_paths": c.changed_paths,
     })
@@ -112,8 +113,8 @@ fn poke(p: &AgentPoke) -> Value {
         "project_id": p.project_id,
         "project_path": p.project_path,
         "ref": p.r#ref,
-        "ref_kind": ref_kind(p.ref_kind),
-        "change": change_kind(p.change_kind),
+        "ref_kind": ref_kind_name(p.ref_kind),
+        "change": change_kind_name(p.change_kind),
         "forced": p.forced,
         "old_sha": p.old_sha,
         "new_sha": p.new_sha,
@@ -122,24 +123,6 @@ fn poke(p: &AgentPoke) -> Value {
         "changed_paths": p.changed_paths,
         "actor": p.actor,
     })
-}
-
-fn ref_kind(k: i32) -> &'static str {
-    match RefKind::try_from(k) {
-        Ok(RefKind::Branch) => "branch",
-        Ok(RefKind::Tag) => "tag",
-        Ok(RefKind::Other) => "other",
-        _ => "unknown",
-    }
-}
-
-fn change_kind(k: i32) -> &'static str {
-    match ChangeKind::try_from(k) {
-        Ok(ChangeKind::Create) => "create",
-        Ok(ChangeKind::Update) => "update",
-        Ok(ChangeKind::Delete) => "delete",
-        _ => "unknown",
-    }
 }
 
 /// The one-line human form of [`message`].

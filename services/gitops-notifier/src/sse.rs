@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, routing::get};
 use futures::StreamExt;
 use pushbus_shared::proto::{
-    ChangeKind, RefKind, WatchEvent, notifier_status::State as NotifierState, watch_event::Event,
+    self, WatchEvent, notifier_status::State as NotifierState, watch_event::Event,
 };
 use serde_json::json;
 
@@ -87,8 +87,8 @@ fn to_sse(ev: &WatchEvent) -> SseEvent {
                     "project_id": p.project_id,
                     "project_path": p.project_path,
                     "ref": p.r#ref,
-                    "ref_kind": ref_kind_name(p.ref_kind),
-                    "change": change_name(p.change_kind),
+                    "ref_kind": proto::ref_kind_name(p.ref_kind),
+                    "change": proto::change_kind_name(p.change_kind),
                     "forced": p.forced,
                     "old_sha": p.old_sha,
                     "new_sha": p.new_sha,
@@ -112,23 +112,5 @@ fn to_sse(ev: &WatchEvent) -> SseEvent {
             event.id(ev.cursor.to_string())
         }
         None => SseEvent::default().comment("empty"),
-    }
-}
-
-fn ref_kind_name(k: i32) -> &'static str {
-    match RefKind::try_from(k) {
-        Ok(RefKind::Branch) => "branch",
-        Ok(RefKind::Tag) => "tag",
-        Ok(RefKind::Other) => "other",
-        _ => "unknown",
-    }
-}
-
-fn change_name(k: i32) -> &'static str {
-    match ChangeKind::try_from(k) {
-        Ok(ChangeKind::Create) => "create",
-        Ok(ChangeKind::Update) => "update",
-        Ok(ChangeKind::Delete) => "delete",
-        _ => "unknown",
     }
 }
