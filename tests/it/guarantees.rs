@@ -415,7 +415,18 @@ async fn the_status_of_a_fresh_system_is_a_resume_point() {
     assert!(matches!(status.event, Some(Event::Status(_))), "{status:?}");
     let status_cursor = status.cursor;
     drop(grpc);
-    push(&stack, 54, "main", &sha(7)).await;
+    let resp = stack
+        .post_receive(
+            &serde_json::json!({
+                "gl_repository": "project-54",
+                "identifier": "user-1",
+                "changes": format!("{} {} refs/heads/main\n", "1".repeat(40), sha(7)),
+                "default_branch": "main",
+            }),
+            &[],
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
     head_is(&nats, "early", 54, "main", &sha(7)).await;
     let resp = reqwest::Client::new()
         .get(&url)
@@ -428,6 +439,9 @@ async fn the_status_of_a_fresh_system_is_a_resume_point() {
     while let Some((event, data)) = sse.next_event(Duration::from_millis(800)).await {
         if event == "poke" {
             got.push(poke_of(&data));
+            // The SSE view carries the repository's default branch too.
+            let v: serde_json::Value = serde_json::from_str(&data).unwrap();
+            assert_eq!(v["default_branch"], "main");
         }
     }
     assert_eq!(got, vec![("refs/heads/main".into(), sha(7))]);

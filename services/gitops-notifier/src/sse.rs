@@ -93,6 +93,7 @@ fn to_sse(ev: &WatchEvent) -> SseEvent {
                     "old_sha": p.old_sha,
                     "new_sha": p.new_sha,
                     "push_event_id": p.push_event_id,
+                    "default_branch": p.default_branch,
                     "cursor": ev.cursor,
                     "catch_up": ev.catch_up,
                 })
