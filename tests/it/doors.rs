@@ -710,3 +710,63 @@ async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
     assert_eq!(post(addr, &push_body(5)).await.0, 200);
     ingest.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn geo_lag_messages_reach_the_pusher_without_escape_sequences() {
+    use futures::StreamExt;
+    use prost::Message;
+    use pushbus_shared::proto::{HookMessage, LagReply, LagRequest};
+    let nats = NatsServer::start();
+    let addr = local(free_port());
+    let mut cfg = ingest_config(addr);
+    cfg.lag_budget_ms = 2000;
+    let ingest = Replica::ingest_with(&nats.url(), cfg).await;
+    // A lag responder whose text (from NATS / KV) is hostile.
+    let client = pushbus_shared::testkit::client(&nats).await;
+    let mut requests = client
+        .subscribe(pushbus_shared::names::geo_lag_subject("node-1"))
+        .await
+        .unwrap();
+    let responder = tokio::spawn({
+        let client = client.clone();
+        async move {
+            while let Some(msg) = requests.next().await {
+                let req = LagRequest::decode(msg.payload.as_ref()).unwrap();
+                let reply = LagReply {
+                    correlation_id: req.correlation_id,
+                    messages: vec![HookMessage {
+                        r#type: "basic".into(),
+                        message: "\u{1b}]0;pwned\u{7}\u{1b}[2JCurrent replication lag: \u{1b}[31m5\u{1b}[0m seconds\u{8}\u{8}\u{202e}".into(),
+                    }],
+                    ..Default::default()
+                };
+                if let Some(to) = msg.reply {
+                    client.publish(to, reply.encode_to_vec().into()).await.unwrap();
+                }
+            }
+        }
+    });
+    let mut body = push_body(41);
+    body["geo_node_id"] = "node-1".into();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v4/internal/post_receive"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let json: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        json["messages"][0]["message"],
+        "Current replication lag: 5 seconds"
+    );
+    let mut grpc = HookIngestClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut req = grpc_push(42);
+    req.geo_node_id = Some("node-1".into());
+    let resp = grpc.notify_git_push(req).await.unwrap().into_inner();
+    assert_eq!(resp.messages[0].message, "Current replication lag: 5 seconds");
+    responder.abort();
+    ingest.stop().await;
+}

@@ -63,6 +63,7 @@ pub struct Config {
 
 /// How the agents' listener bounds slow and greedy clients, and its TLS.
 #[derive(clap::Args, Clone, Debug)]
+#[group(id = "notifier_door")]
 pub struct DoorArgs {
     /// PEM certificate chain: serve SSE and gRPC over TLS (with --notifier-tls-key).
     #[arg(id = "notifier_tls_cert", long = "notifier-tls-cert", env = "PUSHBUS_NOTIFIER_TLS_CERT")]

@@ -47,6 +47,10 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> Self {
         Self {
             status,
@@ -244,6 +248,12 @@ fn read_body(
             )),
         }
     })
+}
+
+/// A post_receive body as the HTTP door reads it: parsed, depth-checked and
+/// validated (authentication aside). What the fuzz tests drive.
+pub fn parse_post_receive(body: &[u8]) -> Result<Push, ApiError> {
+    to_push(parse_body(body)?)
 }
 
 /// Parses a post_receive body, refusing nesting deeper than [`MAX_JSON_DEPTH`].

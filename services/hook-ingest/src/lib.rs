@@ -10,6 +10,7 @@ pub mod http;
 pub mod ingest;
 pub mod lag;
 pub mod routes;
+pub mod terminal;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -66,6 +67,7 @@ pub struct Config {
 
 /// How the ingest listener bounds slow and greedy clients, and its TLS.
 #[derive(clap::Args, Clone, Debug)]
+#[group(id = "ingest_door")]
 pub struct DoorArgs {
     /// PEM certificate chain: serve HTTPS and gRPC over TLS (with --ingest-tls-key).
     #[arg(id = "ingest_tls_cert", long = "ingest-tls-cert", env = "PUSHBUS_INGEST_TLS_CERT")]
