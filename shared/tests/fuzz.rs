@@ -1,8 +1,8 @@
 //! Bounded fuzzing of the envelope decoder: any bytes off the bus decode to
 //! an envelope or an error, and opening one as any type never panics.
 
-use prost::Message;
 use proptest::prelude::*;
+use prost::Message;
 use pushbus_shared::envelope::{self, EventMeta};
 use pushbus_shared::proto::{AgentPoke, Envelope, GitPushEvent, RefHead};
 
@@ -27,7 +27,7 @@ proptest! {
     ) {
         let mut env = Envelope {
             type_url,
-            payload: payload.into(),
+            payload,
             ..Default::default()
         };
         let _ = envelope::open::<GitPushEvent>(&env);

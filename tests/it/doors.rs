@@ -202,7 +202,13 @@ async fn ingest_checks_header_credentials_before_reading_the_body() {
     let mut small = push_body(4);
     small["secret_token"] = "s3cret".into();
     assert_eq!(
-        client.post(&url).json(&small).send().await.unwrap().status(),
+        client
+            .post(&url)
+            .json(&small)
+            .send()
+            .await
+            .unwrap()
+            .status(),
         200
     );
     small["secret_token"] = "wrong".into();
@@ -248,7 +254,8 @@ async fn grpc_ingest_takes_the_jwt_and_refuses_the_raw_secret() {
     assert!(raw.message().contains("send the JWT"), "{raw:?}");
     let none = client.notify_git_push(call(None)).await.unwrap_err();
     assert_eq!(none.code(), tonic::Code::Unauthenticated);
-    let forged = pushbus_hook_ingest::auth::sign_jwt(b"other", pushbus_hook_ingest::auth::now_unix());
+    let forged =
+        pushbus_hook_ingest::auth::sign_jwt(b"other", pushbus_hook_ingest::auth::now_unix());
     let bad = client
         .notify_git_push(call(Some(forged)))
         .await
@@ -281,7 +288,12 @@ async fn agents_kv(nats: &NatsServer) -> async_nats::jetstream::kv::Store {
         .unwrap()
 }
 
-async fn put_agent(kv: &async_nats::jetstream::kv::Store, id: &str, token: Option<&str>, project: i64) {
+async fn put_agent(
+    kv: &async_nats::jetstream::kv::Store,
+    id: &str,
+    token: Option<&str>,
+    project: i64,
+) {
     use pushbus_shared::proto::{RefSelector, Watch, ref_selector::Kind};
     let cfg = AgentConfig {
         agent_id: id.into(),
@@ -356,7 +368,13 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     let b2 = SseReader::connect(&url("b"), None).await;
     assert_eq!(b2.status(), 503);
     let err: serde_json::Value = b2.json().await.unwrap();
-    assert!(err["error"].as_str().unwrap().contains("--notifier-max-streams"), "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("--notifier-max-streams"),
+        "{err}"
+    );
     let refused = grpc.watch(watch_req("b")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     drop(a1);
@@ -400,7 +418,10 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     let url = format!("http://{addr}/v1/agents/ag/pokes");
 
     let mut sse = SseReader::new(SseReader::connect(&url, Some("old")).await);
-    assert_eq!(sse.next_event(Duration::from_secs(3)).await.unwrap().0, "status");
+    assert_eq!(
+        sse.next_event(Duration::from_secs(3)).await.unwrap().0,
+        "status"
+    );
     let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -418,7 +439,10 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     assert!(sse.next_event(Duration::from_millis(700)).await.is_none());
 
     put_agent(&kv, "ag", Some("new"), 2).await;
-    let (event, data) = sse.next_event(Duration::from_secs(3)).await.expect("closed event");
+    let (event, data) = sse
+        .next_event(Duration::from_secs(3))
+        .await
+        .expect("closed event");
     assert_eq!(event, "closed");
     assert!(data.contains("token changed"), "{data}");
     let end = tokio::time::timeout(Duration::from_secs(3), stream.message())
@@ -430,9 +454,15 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     assert_eq!(SseReader::connect(&url, Some("old")).await.status(), 401);
 
     let mut sse = SseReader::new(SseReader::connect(&url, Some("new")).await);
-    assert_eq!(sse.next_event(Duration::from_secs(3)).await.unwrap().0, "status");
+    assert_eq!(
+        sse.next_event(Duration::from_secs(3)).await.unwrap().0,
+        "status"
+    );
     kv.delete("ag").await.unwrap();
-    let (event, data) = sse.next_event(Duration::from_secs(3)).await.expect("closed event");
+    let (event, data) = sse
+        .next_event(Duration::from_secs(3))
+        .await
+        .expect("closed event");
     assert_eq!(event, "closed");
     assert!(data.contains("deleted"), "{data}");
     notifier.stop().await;
@@ -480,7 +510,9 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
         .unwrap();
     let port = ingest_addr.port();
     let resp = https
-        .post(format!("https://localhost:{port}/api/v4/internal/post_receive"))
+        .post(format!(
+            "https://localhost:{port}/api/v4/internal/post_receive"
+        ))
         .json(&push_body(31))
         .send()
         .await
@@ -489,7 +521,9 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
     // Plain HTTP on a TLS port gets no answer a hook could take for success.
     assert!(
         reqwest::Client::new()
-            .post(format!("http://127.0.0.1:{port}/api/v4/internal/post_receive"))
+            .post(format!(
+                "http://127.0.0.1:{port}/api/v4/internal/post_receive"
+            ))
             .json(&push_body(31))
             .timeout(Duration::from_secs(3))
             .send()
@@ -499,7 +533,9 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
     // An unknown CA is refused.
     assert!(
         reqwest::Client::new()
-            .post(format!("https://localhost:{port}/api/v4/internal/post_receive"))
+            .post(format!(
+                "https://localhost:{port}/api/v4/internal/post_receive"
+            ))
             .json(&push_body(31))
             .send()
             .await
@@ -688,7 +724,11 @@ async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
         if let Some(req) = case.grpc {
             let status = grpc.notify_git_push(req).await.unwrap_err();
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", case.name);
-            assert!(status.message().contains(case.field), "{}: {status:?}", case.name);
+            assert!(
+                status.message().contains(case.field),
+                "{}: {status:?}",
+                case.name
+            );
         }
     }
     // Framework refusals carry the same JSON error body.
@@ -705,7 +745,13 @@ async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
         .unwrap();
     assert_eq!(resp.status(), 413);
     let err: serde_json::Value = resp.json().await.unwrap();
-    assert!(err["error"].as_str().unwrap().contains("--ingest-max-body-bytes"), "{err}");
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("--ingest-max-body-bytes"),
+        "{err}"
+    );
     // Nothing hostile was stored; a good push still is.
     assert_eq!(post(addr, &push_body(5)).await.0, 200);
     ingest.stop().await;
@@ -741,7 +787,10 @@ async fn geo_lag_messages_reach_the_pusher_without_escape_sequences() {
                     ..Default::default()
                 };
                 if let Some(to) = msg.reply {
-                    client.publish(to, reply.encode_to_vec().into()).await.unwrap();
+                    client
+                        .publish(to, reply.encode_to_vec().into())
+                        .await
+                        .unwrap();
                 }
             }
         }
@@ -766,7 +815,42 @@ async fn geo_lag_messages_reach_the_pusher_without_escape_sequences() {
     let mut req = grpc_push(42);
     req.geo_node_id = Some("node-1".into());
     let resp = grpc.notify_git_push(req).await.unwrap().into_inner();
-    assert_eq!(resp.messages[0].message, "Current replication lag: 5 seconds");
+    assert_eq!(
+        resp.messages[0].message,
+        "Current replication lag: 5 seconds"
+    );
     responder.abort();
     ingest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_with_an_oversized_seen_list_is_refused() {
+    use pushbus_shared::proto::SeenRef;
+    let nats = NatsServer::start();
+    let kv = agents_kv(&nats).await;
+    put_agent(&kv, "s", None, 1).await;
+    let addr = local(free_port());
+    let notifier =
+        Replica::notifier_with(&nats.url(), pushbus_gitops_notifier::Config::new(addr)).await;
+    let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let seen = |n: usize| WatchRequest {
+        agent_id: "s".into(),
+        seen: (0..n)
+            .map(|i| SeenRef {
+                project_id: 1,
+                r#ref: format!("refs/heads/b{i}"),
+                sha: "1".repeat(40),
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let refused = grpc.watch(seen(10_001)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("seen"), "{refused:?}");
+    let mut ok = grpc.watch(seen(10)).await.unwrap().into_inner();
+    assert!(ok.message().await.unwrap().is_some());
+    drop(ok);
+    notifier.stop().await;
 }

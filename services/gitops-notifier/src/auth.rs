@@ -119,12 +119,10 @@ impl LoginGate {
                 recent.clear();
             }
         }
-        recent
-            .entry(agent_id.to_owned())
-            .or_insert_with(|| Cached {
-                entry,
-                until: now + self.cache_for,
-            });
+        recent.entry(agent_id.to_owned()).or_insert_with(|| Cached {
+            entry,
+            until: now + self.cache_for,
+        });
     }
 
     fn cached(&self, agent_id: &str) -> Option<Option<AgentConfig>> {
@@ -205,7 +203,11 @@ pub fn credential(cfg: &AgentConfig) -> Option<String> {
     }
 }
 
-fn check_token(agent_id: &str, cfg: &AgentConfig, token: Option<&str>) -> Result<String, AuthError> {
+fn check_token(
+    agent_id: &str,
+    cfg: &AgentConfig,
+    token: Option<&str>,
+) -> Result<String, AuthError> {
     if cfg.token_sha256.is_empty() {
         // Open only when registered as public: a forgotten token must not
         // mean anyone can follow the agent's pokes.

@@ -22,6 +22,9 @@ pub struct Conn {
 }
 
 /// What a connection's stream yields.
+// Items go out one at a time and are not stored; boxing the event would
+// cost an allocation per poke for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Out {
     Event(WatchEvent),

@@ -12,6 +12,9 @@ use crate::auth::{self, AuthError};
 use crate::conn::Out;
 use crate::watch::{self, Since};
 
+/// Refs an agent may list in `seen` (each costs memory while catch-up runs).
+pub const MAX_SEEN_REFS: usize = 10_000;
+
 pub struct WatchService {
     pub state: AppState,
 }
@@ -34,6 +37,17 @@ impl GitOpsNotifier for WatchService {
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
         let req = req.into_inner();
+        // The catch-up map built from `seen` lives as long as the stream.
+        if req.seen.len() > MAX_SEEN_REFS {
+            tracing::info!(
+                seen = req.seen.len(),
+                "gRPC watch refused: seen list too long"
+            );
+            return Err(Status::invalid_argument(format!(
+                "seen: {} refs exceed the limit of {MAX_SEEN_REFS}; send since_cursor instead",
+                req.seen.len()
+            )));
+        }
         let agent_id = req.agent_id;
         let credential = self
             .state

@@ -43,9 +43,13 @@ impl Default for StreamCaps {
 /// A stream refused because a cap is reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CapExceeded {
-    #[error("agent already has {0} streams open on this notifier (--notifier-max-streams-per-agent)")]
+    #[error(
+        "agent already has {0} streams open on this notifier (--notifier-max-streams-per-agent)"
+    )]
     PerAgent(usize),
-    #[error("notifier has {0} streams open, its limit (--notifier-max-streams): retry later or elsewhere")]
+    #[error(
+        "notifier has {0} streams open, its limit (--notifier-max-streams): retry later or elsewhere"
+    )]
     Total(usize),
 }
 
@@ -244,7 +248,10 @@ mod tests {
         );
         let a1 = hub.connect("a", 0, "").unwrap();
         let _a2 = hub.connect("a", 0, "").unwrap();
-        assert_eq!(hub.connect("a", 0, "").err(), Some(CapExceeded::PerAgent(2)));
+        assert_eq!(
+            hub.connect("a", 0, "").err(),
+            Some(CapExceeded::PerAgent(2))
+        );
         let _b1 = hub.connect("b", 0, "").unwrap();
         assert_eq!(hub.connect("c", 0, "").err(), Some(CapExceeded::Total(3)));
         drop(a1);

@@ -66,10 +66,18 @@ pub struct Config {
 #[group(id = "notifier_door")]
 pub struct DoorArgs {
     /// PEM certificate chain: serve SSE and gRPC over TLS (with --notifier-tls-key).
-    #[arg(id = "notifier_tls_cert", long = "notifier-tls-cert", env = "PUSHBUS_NOTIFIER_TLS_CERT")]
+    #[arg(
+        id = "notifier_tls_cert",
+        long = "notifier-tls-cert",
+        env = "PUSHBUS_NOTIFIER_TLS_CERT"
+    )]
     pub tls_cert: Option<std::path::PathBuf>,
     /// PEM private key of --notifier-tls-cert.
-    #[arg(id = "notifier_tls_key", long = "notifier-tls-key", env = "PUSHBUS_NOTIFIER_TLS_KEY")]
+    #[arg(
+        id = "notifier_tls_key",
+        long = "notifier-tls-key",
+        env = "PUSHBUS_NOTIFIER_TLS_KEY"
+    )]
     pub tls_key: Option<std::path::PathBuf>,
     /// A connection must finish its TLS handshake and each request head within this.
     #[arg(

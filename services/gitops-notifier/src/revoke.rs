@@ -61,7 +61,8 @@ pub async fn follow(
                 Operation::Delete | Operation::Purge => hub.close_agent(&entry.key, None, DELETED),
             };
             if closed > 0 {
-                metrics::counter!("pushbus_notifier_streams_revoked_total").increment(closed as u64);
+                metrics::counter!("pushbus_notifier_streams_revoked_total")
+                    .increment(closed as u64);
                 tracing::info!(agent_id = %entry.key, closed, "agent's credential changed; its streams closed");
             }
         }

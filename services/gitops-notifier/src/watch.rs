@@ -11,8 +11,8 @@ use pushbus_shared::proto::{SeenRef, notifier_status::State};
 
 use crate::AppState;
 use crate::conn::{self, Conn, Out};
-use crate::hub::CapExceeded;
 use crate::heads;
+use crate::hub::CapExceeded;
 
 /// What the agent says it last saw.
 #[derive(Default, Debug)]

@@ -7,9 +7,9 @@ use pushbus_shared::proto::{NotifyGitPushRequest, NotifyGitPushResponse, Reposit
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::{auth, changes};
 use crate::http::HttpState;
 use crate::ingest::{IngestError, Push};
+use crate::{auth, changes};
 
 pub struct HookIngestService {
     pub state: HttpState,

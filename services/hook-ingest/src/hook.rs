@@ -262,10 +262,7 @@ pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, St
 }
 
 fn terminal_lines(lines: Vec<String>) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| crate::terminal::sanitize(l))
-        .collect()
+    lines.iter().map(|l| crate::terminal::sanitize(l)).collect()
 }
 
 async fn announce(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -> Outcome {

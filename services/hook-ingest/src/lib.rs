@@ -70,10 +70,18 @@ pub struct Config {
 #[group(id = "ingest_door")]
 pub struct DoorArgs {
     /// PEM certificate chain: serve HTTPS and gRPC over TLS (with --ingest-tls-key).
-    #[arg(id = "ingest_tls_cert", long = "ingest-tls-cert", env = "PUSHBUS_INGEST_TLS_CERT")]
+    #[arg(
+        id = "ingest_tls_cert",
+        long = "ingest-tls-cert",
+        env = "PUSHBUS_INGEST_TLS_CERT"
+    )]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --ingest-tls-cert.
-    #[arg(id = "ingest_tls_key", long = "ingest-tls-key", env = "PUSHBUS_INGEST_TLS_KEY")]
+    #[arg(
+        id = "ingest_tls_key",
+        long = "ingest-tls-key",
+        env = "PUSHBUS_INGEST_TLS_KEY"
+    )]
     pub tls_key: Option<PathBuf>,
     /// A connection must finish its TLS handshake and each request head within this.
     #[arg(

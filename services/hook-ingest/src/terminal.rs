@@ -67,11 +67,17 @@ mod tests {
     #[test]
     fn strips_escapes_and_controls_keeps_text() {
         let cases = [
-            ("Current replication lag: 3 seconds", "Current replication lag: 3 seconds"),
+            (
+                "Current replication lag: 3 seconds",
+                "Current replication lag: 3 seconds",
+            ),
             ("\u{1b}[2J\u{1b}[1;1Hgone", "gone"),
             ("red \u{1b}[31mtext\u{1b}[0m", "red text"),
             ("\u{1b}]0;owned title\u{7}after", "after"),
-            ("\u{1b}]8;;http://evil\u{1b}\\link\u{1b}]8;;\u{1b}\\", "link"),
+            (
+                "\u{1b}]8;;http://evil\u{1b}\\link\u{1b}]8;;\u{1b}\\",
+                "link",
+            ),
             ("8-bit \u{9b}31mcsi", "8-bit csi"),
             ("bell\u{7} back\u{8}space del\u{7f}", "bell backspace del"),
             ("a\tb\r\nc", "a b  c"),

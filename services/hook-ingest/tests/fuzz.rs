@@ -27,12 +27,19 @@ fn ref_name() -> impl Strategy<Value = String> {
 fn body() -> impl Strategy<Value = serde_json::Value> {
     let change = (sha(), sha(), ref_name()).prop_map(|(a, b, r)| format!("{a} {b} {r}"));
     (
-        prop_oneof!["(project|wiki|snippet|group|design|x)-[+-]?[0-9]{0,20}", ".{0,20}"],
+        prop_oneof![
+            "(project|wiki|snippet|group|design|x)-[+-]?[0-9]{0,20}",
+            ".{0,20}"
+        ],
         prop_oneof!["(user|key|username)-[a-z0-9]{0,10}", ".{0,10}"],
         proptest::collection::vec(change, 0..5),
         proptest::collection::vec(".{0,20}", 0..3),
         proptest::option::of(prop_oneof!["[a-z/._-]{0,20}", ".{0,10}"]),
-        proptest::collection::hash_map(ref_name(), proptest::collection::vec(".{0,12}", 0..4), 0..3),
+        proptest::collection::hash_map(
+            ref_name(),
+            proptest::collection::vec(".{0,12}", 0..4),
+            0..3,
+        ),
         proptest::option::of(prop_oneof!["[A-Za-z0-9_-]{1,10}", ".{0,10}"]),
     )
         .prop_map(|(repo, id, changes, options, branch, paths, geo)| {
