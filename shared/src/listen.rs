@@ -339,3 +339,49 @@ pub fn peer<B>(req: &axum::http::Request<B>) -> Option<SocketAddr> {
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(limits: Limits) -> SocketAddr {
+        let app = Router::new().route(
+            "/slow",
+            axum::routing::post(|body: String| async move {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                format!("done {}", body.len())
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
+        addr
+    }
+
+    // The head deadline is for reading the head only: a slow answer to a
+    // request whose head and body arrived in time is still sent.
+    #[tokio::test]
+    async fn a_slow_answer_outlives_the_header_read_timeout() {
+        let addr = start(Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&out).contains("done") {
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+                .await
+                .expect("answer in time")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    }
+}

@@ -103,7 +103,7 @@ async fn slow_loris_and_a_connection_flood_leave_valid_pushes_answered_and_memor
     for p in 2..8 {
         let (status, took) = post(addr, &push_body(p)).await;
         assert_eq!(status, 200);
-        assert!(took < Duration::from_secs(1), "valid push took {took:?}");
+        assert!(took < Duration::from_secs(2), "valid push took {took:?}");
     }
     flood.await.unwrap();
     // The server drops every unfinished head after its deadline.
@@ -120,7 +120,7 @@ async fn slow_loris_and_a_connection_flood_leave_valid_pushes_answered_and_memor
     );
     let (status, took) = post(addr, &push_body(9)).await;
     assert_eq!(status, 200);
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
     let grown = vm_rss_kib().saturating_sub(rss_before);
     assert!(grown < 64 * 1024, "VmRSS grew by {grown} KiB");
     ingest.stop().await;
@@ -191,6 +191,8 @@ async fn ingest_checks_header_credentials_before_reading_the_body() {
     big["push_options"] = serde_json::json!(vec!["x".repeat(4000); 30]);
     let resp = client.post(&url).json(&big).send().await.unwrap();
     assert_eq!(resp.status(), 413);
+    // The unread body is still on the connection: it must not be reused.
+    assert_eq!(resp.headers()["connection"], "close");
     let err: serde_json::Value = resp.json().await.unwrap();
     assert!(
         err["error"]
@@ -736,22 +738,15 @@ async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
     assert_eq!(resp.status(), 405);
     let err: serde_json::Value = resp.json().await.unwrap();
     assert!(err["error"].is_string(), "{err}");
-    let resp = client
-        .post(&url)
-        .header("content-type", "application/json")
-        .body(vec![b' '; 3 * 1024 * 1024])
-        .send()
+    // Too large: refused from the announced length, before the body.
+    let mut raw = TcpStream::connect(addr).await.unwrap();
+    raw.write_all(b"POST /api/v4/internal/post_receive HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3145728\r\n\r\n")
         .await
         .unwrap();
-    assert_eq!(resp.status(), 413);
-    let err: serde_json::Value = resp.json().await.unwrap();
-    assert!(
-        err["error"]
-            .as_str()
-            .unwrap()
-            .contains("--ingest-max-body-bytes"),
-        "{err}"
-    );
+    let (answer, _) = read_until_closed(&mut raw, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("--ingest-max-body-bytes"), "{answer}");
+    assert!(answer.contains("\"error\""), "{answer}");
     // Nothing hostile was stored; a good push still is.
     assert_eq!(post(addr, &push_body(5)).await.0, 200);
     ingest.stop().await;

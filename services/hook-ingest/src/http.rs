@@ -44,6 +44,9 @@ pub struct ApiError {
     status: StatusCode,
     error: String,
     field: Option<String>,
+    /// Answered before the body was read: the connection cannot be reused
+    /// (the unread body is still on it), so the client is told.
+    close: bool,
 }
 
 impl ApiError {
@@ -56,6 +59,7 @@ impl ApiError {
             status,
             error: error.into(),
             field: field.map(str::to_owned),
+            close: false,
         }
     }
 }
@@ -69,11 +73,18 @@ impl From<Invalid> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         tracing::warn!(status = self.status.as_u16(), error = %self.error, field = ?self.field, "post_receive refused");
-        (
+        let mut resp = (
             self.status,
             axum::Json(json!({ "error": self.error, "field": self.field })),
         )
-            .into_response()
+            .into_response();
+        if self.close {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 }
 
@@ -108,7 +119,10 @@ async fn post_receive(
 ) -> Result<Response, ApiError> {
     // Header credentials are checked before a byte of the body is read; only
     // the legacy body field needs the body, and then only a small one.
-    let authenticated = authenticate_headers(&st, &headers)?;
+    let authenticated = authenticate_headers(&st, &headers).map_err(|mut e| {
+        e.close = true;
+        e
+    })?;
     let limit = if authenticated {
         st.max_body_bytes
     } else {
@@ -218,7 +232,9 @@ fn too_large(limit: usize, authenticated: bool) -> ApiError {
              Gitlab-Shell-Api-Request JWT (or Gitlab-Shared-Secret) header"
         )
     };
-    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error, None)
+    let mut e = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error, None);
+    e.close = true;
+    e
 }
 
 fn read_body(
