@@ -23,6 +23,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+/// Request headers (names and values) a door accepts, JSON 431 past it.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+
 /// How a door's listener is bounded.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -33,7 +36,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// HTTP/2 streams per connection.
     pub max_streams_per_connection: u32,
-    /// Largest request head (HTTP/1 headers, HTTP/2 header list).
+    /// Largest request head hyper buffers (HTTP/1 head, HTTP/2 header
+    /// list); past it hyper answers 431 itself, without a body. Keep it above
+    /// [`RequestLimits::max_header_bytes`], which refuses with a JSON body.
     pub max_header_bytes: usize,
 }
 
@@ -43,7 +48,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(5),
             max_connections: 1024,
             max_streams_per_connection: 256,
-            max_header_bytes: 64 * 1024,
+            max_header_bytes: 2 * DEFAULT_MAX_HEADER_BYTES,
         }
     }
 }
@@ -217,6 +222,8 @@ pub struct RequestLimits {
     /// Flag names for the refusals, so an operator knows what to raise.
     pub timeout_flag: &'static str,
     pub in_flight_flag: &'static str,
+    /// Header names and values, summed; more is a 431 with the JSON error.
+    pub max_header_bytes: usize,
 }
 
 struct Guard {
@@ -235,6 +242,23 @@ pub fn guard_requests(router: Router, limits: RequestLimits) -> Router {
 
 async fn guarded(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     let grpc = is_grpc(&req);
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if header_bytes > guard.limits.max_header_bytes {
+        let msg = format!(
+            "request headers too large ({header_bytes} bytes, limit {})",
+            guard.limits.max_header_bytes
+        );
+        return refusal(
+            grpc,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            tonic::Code::InvalidArgument,
+            msg,
+        );
+    }
     let Ok(_permit) = guard.in_flight.try_acquire() else {
         let msg = format!(
             "too many requests in flight (limit {}, {})",

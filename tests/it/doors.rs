@@ -738,6 +738,19 @@ async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
     assert_eq!(resp.status(), 405);
     let err: serde_json::Value = resp.json().await.unwrap();
     assert!(err["error"].is_string(), "{err}");
+    let resp = client
+        .post(&url)
+        .header("x-padding", "p".repeat(40 * 1024))
+        .json(&push_body(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 431);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        err["error"].as_str().unwrap().contains("headers too large"),
+        "{err}"
+    );
     // Too large: refused from the announced length, before the body.
     let mut raw = TcpStream::connect(addr).await.unwrap();
     raw.write_all(b"POST /api/v4/internal/post_receive HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3145728\r\n\r\n")

@@ -261,6 +261,7 @@ pub async fn run(
             max_in_flight: config.door.max_requests,
             timeout_flag: "--ingest-request-timeout-ms",
             in_flight_flag: "--ingest-max-requests",
+            max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
         },
     );
     let limits = pushbus_shared::listen::Limits {
