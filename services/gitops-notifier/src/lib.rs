@@ -364,8 +364,8 @@ pub async fn run(
             config.door.header_read_timeout_ms.max(1),
         ),
         max_connections: config.door.max_connections,
-        // An agent may multiplex its watches over one HTTP/2 connection.
-        max_streams_per_connection: config.door.max_streams_per_agent.clamp(1, 1024) as u32 * 4,
+        // The default (256) streams per HTTP/2 connection: a proxy or the
+        // pipeline bench multiplexes many agents over one connection.
         ..Default::default()
     };
     let tls_on = tls.is_some();
