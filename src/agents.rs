@@ -114,7 +114,7 @@ pub async fn run(nats: &NatsArgs, command: AgentsCommand) -> anyhow::Result<()> 
                 .with_context(|| format!("no agent {agent_id:?}"))?;
             let mut cfg = AgentConfig::decode(bytes.as_ref())?;
             pushbus_filter::file::redact(&mut cfg);
-            print!("{}", serde_yaml::to_string(&AgentFile::from_config(cfg))?);
+            print!("{}", serde_norway::to_string(&AgentFile::from_config(cfg))?);
         }
         AgentsCommand::List => {
             let mut keys: Vec<String> = kv.keys().await?.try_collect().await?;

@@ -36,6 +36,7 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
         geo_routes: false,
         routes: Default::default(),
         store_timeout_ms: 2000,
+        door: Default::default(),
     };
     let stop = tokio_util::sync::CancellationToken::new();
     let host = tokio::spawn({

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 /// The services `pushbus run` accepts, each a compose service of that name.
 const SERVICES: [&str; 4] = [
@@ -29,7 +29,7 @@ fn repo_file(name: &str) -> String {
 
 /// The `services` of docker-compose.yml, with `<<:` merge keys applied.
 fn compose_services() -> Mapping {
-    let mut doc: Value = serde_yaml::from_str(&repo_file("docker-compose.yml"))
+    let mut doc: Value = serde_norway::from_str(&repo_file("docker-compose.yml"))
         .expect("docker-compose.yml is not valid YAML");
     doc.apply_merge()
         .expect("docker-compose.yml: bad `<<:` merge key");

@@ -1,5 +1,6 @@
 mod bus;
 mod compose;
+mod doors;
 mod e2e;
 mod filter;
 mod guarantees;

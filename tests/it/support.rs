@@ -71,6 +71,7 @@ impl Stack {
             geo_routes: opts.geo_routes,
             routes: Default::default(),
             store_timeout_ms: 2000,
+            door: Default::default(),
         };
         let notifier_cfg = pushbus_gitops_notifier::Config::new(notifier);
         let mut launchers = vec![
@@ -269,9 +270,26 @@ impl Replica {
             geo_routes: false,
             routes: Default::default(),
             store_timeout_ms: 2000,
+            door: Default::default(),
         };
         let launcher = Launcher::new("hook-ingest", move |ctx, t| {
             pushbus_hook_ingest::run(ctx, config, t.cancelled_owned())
+        });
+        Self::host(nats_url, launcher).await
+    }
+
+    /// One hook-ingest with this configuration.
+    pub async fn ingest_with(nats_url: &str, config: pushbus_hook_ingest::Config) -> Replica {
+        let launcher = Launcher::new("hook-ingest", move |ctx, t| {
+            pushbus_hook_ingest::run(ctx, config, t.cancelled_owned())
+        });
+        Self::host(nats_url, launcher).await
+    }
+
+    /// One gitops-notifier with this configuration.
+    pub async fn notifier_with(nats_url: &str, config: pushbus_gitops_notifier::Config) -> Replica {
+        let launcher = Launcher::new("gitops-notifier", move |ctx, t| {
+            pushbus_gitops_notifier::run(ctx, config, t.cancelled_owned())
         });
         Self::host(nats_url, launcher).await
     }

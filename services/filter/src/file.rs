@@ -51,7 +51,7 @@ pub struct WatchFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_path: Option<String>,
     /// `any_branch`, or a one-key map such as `{branch: main}`.
-    #[serde(with = "serde_yaml::with::singleton_map")]
+    #[serde(with = "serde_norway::with::singleton_map")]
     pub refs: RefsFile,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
@@ -191,7 +191,7 @@ impl AgentFile {
     }
 
     pub fn from_yaml(text: &str) -> Result<Self, AgentFileError> {
-        serde_yaml::from_str(text).map_err(|e| AgentFileError::Parse {
+        serde_norway::from_str(text).map_err(|e| AgentFileError::Parse {
             format: "YAML",
             detail: e.to_string(),
         })
@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn yaml_and_json_agent_files() {
         let yaml = "agent_id: a\ntoken: t\nwatches:\n  - project_path: g/p\n    refs: {branch_glob: \"release/*\"}\n    paths: [\"deploy/**\"]\n  - project_id: 3\n    refs: any_tag\n    kind: configuration\n";
-        let file: AgentFile = serde_yaml::from_str(yaml).unwrap();
+        let file: AgentFile = serde_norway::from_str(yaml).unwrap();
         let cfg = file.into_config().unwrap();
         assert_eq!(cfg.watches.len(), 2);
         assert_eq!(cfg.token_sha256, hex::encode(Sha256::digest(b"t")));
@@ -273,7 +273,7 @@ mod tests {
             "agent_id: a\nwatches: []\n",
             "agent_id: a\nwatches:\n  - project_id: 1\n    refs: {bogus: x}\n",
         ] {
-            let parsed: Result<AgentFile, _> = serde_yaml::from_str(bad);
+            let parsed: Result<AgentFile, _> = serde_norway::from_str(bad);
             let ok = parsed
                 .ok()
                 .and_then(|f| f.into_config().ok())
@@ -288,7 +288,7 @@ mod tests {
         let cfg = AgentFile::from_yaml(yaml).unwrap().into_config().unwrap();
         assert!(cfg.public);
         assert!(cfg.token_sha256.is_empty());
-        let back = serde_yaml::to_string(&AgentFile::from_config(cfg)).unwrap();
+        let back = serde_norway::to_string(&AgentFile::from_config(cfg)).unwrap();
         assert!(back.contains("public: true"), "{back}");
         for with_token in ["token: t\n", "token_sha256: abc\n"] {
             let file = AgentFile::from_yaml(&format!("{with_token}{yaml}")).unwrap();

@@ -9,7 +9,11 @@ use tonic::{Request, Response, Status};
 
 use crate::AppState;
 use crate::auth::{self, AuthError};
+use crate::conn::Out;
 use crate::watch::{self, Since};
+
+/// Refs an agent may list in `seen` (each costs memory while catch-up runs).
+pub const MAX_SEEN_REFS: usize = 10_000;
 
 pub struct WatchService {
     pub state: AppState,
@@ -28,17 +32,49 @@ impl GitOpsNotifier for WatchService {
                 .and_then(|v| v.to_str().ok()),
         )
         .map(str::to_owned);
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
         let req = req.into_inner();
+        // The catch-up map built from `seen` lives as long as the stream.
+        if req.seen.len() > MAX_SEEN_REFS {
+            tracing::info!(
+                seen = req.seen.len(),
+                "gRPC watch refused: seen list too long"
+            );
+            return Err(Status::invalid_argument(format!(
+                "seen: {} refs exceed the limit of {MAX_SEEN_REFS}; send since_cursor instead",
+                req.seen.len()
+            )));
+        }
         let agent_id = req.agent_id;
-        auth::authenticate(&self.state.agents, &agent_id, token.as_deref())
+        let credential = self
+            .state
+            .gate
+            .authenticate(&self.state.agents, &agent_id, token.as_deref(), peer)
             .await
-            .map_err(|err| match err {
-                AuthError::Denied => Status::unauthenticated(err.to_string()),
-                AuthError::Unavailable(_) => Status::unavailable(err.to_string()),
+            .map_err(|err| {
+                tracing::info!(%agent_id, error = %err, "gRPC watch refused");
+                match err {
+                    AuthError::Denied => Status::unauthenticated(err.to_string()),
+                    AuthError::Unavailable(_) => Status::unavailable(err.to_string()),
+                    AuthError::Throttled { .. } => Status::resource_exhausted(err.to_string()),
+                }
             })?;
-        tracing::info!(%agent_id, since_cursor = ?req.since_cursor, "agent connected over gRPC");
         let since = Since::from_request(req.since_cursor, &req.seen);
-        let events = watch::open(&self.state, &agent_id, since).await.map(Ok);
+        let events = watch::open(&self.state, &agent_id, &credential, since)
+            .await
+            .map_err(|cap| {
+                tracing::info!(%agent_id, error = %cap, "gRPC watch refused");
+                Status::resource_exhausted(cap.to_string())
+            })?
+            .map(|out| match out {
+                Out::Event(ev) => Ok(ev),
+                // The stream's end says why, so the agent knows what to fix.
+                Out::Closed(reason) => Err(Status::unauthenticated(reason)),
+            });
+        tracing::info!(%agent_id, since_cursor = ?req.since_cursor, "agent connected over gRPC");
         Ok(Response::new(Box::pin(events)))
     }
 }

@@ -21,6 +21,36 @@ struct Inner {
     /// Kept alongside the map: summing it per connect would make 10,000
     /// reconnects quadratic.
     connections: AtomicUsize,
+    caps: StreamCaps,
+}
+
+/// How many streams this replica holds, in all and per agent.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamCaps {
+    pub total: usize,
+    pub per_agent: usize,
+}
+
+impl Default for StreamCaps {
+    fn default() -> Self {
+        StreamCaps {
+            total: usize::MAX,
+            per_agent: usize::MAX,
+        }
+    }
+}
+
+/// A stream refused because a cap is reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CapExceeded {
+    #[error(
+        "agent already has {0} streams open on this notifier (--notifier-max-streams-per-agent)"
+    )]
+    PerAgent(usize),
+    #[error(
+        "notifier has {0} streams open, its limit (--notifier-max-streams): retry later or elsewhere"
+    )]
+    Total(usize),
 }
 
 /// A registered connection; dropping it (the agent went away, or the
@@ -52,12 +82,17 @@ fn connections_gauge(now: usize) {
 
 impl Hub {
     pub fn new(window: Duration) -> Hub {
+        Hub::with_caps(window, StreamCaps::default())
+    }
+
+    pub fn with_caps(window: Duration, caps: StreamCaps) -> Hub {
         Hub {
             inner: Arc::new(Inner {
                 agents: Mutex::default(),
                 window,
                 degraded: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
+                caps,
             }),
         }
     }
@@ -69,19 +104,53 @@ impl Hub {
     /// Registers a connection of `agent_id` whose agent has every head up
     /// to `cursor`; heads delivered from now on reach it. The caller sends
     /// its first event (`status_event`) and opens it once catch-up is queued.
-    pub fn connect(&self, agent_id: &str, cursor: u64) -> Connection {
-        let conn = Conn::new(self.inner.window, cursor);
+    pub fn connect(
+        &self,
+        agent_id: &str,
+        cursor: u64,
+        credential: &str,
+    ) -> Result<Connection, CapExceeded> {
+        let conn = Conn::new(self.inner.window, cursor, credential);
         let agent_id: Arc<str> = agent_id.into();
-        self.lock()
-            .entry(agent_id.clone())
-            .or_default()
-            .push(conn.clone());
+        let caps = self.inner.caps;
+        let mut agents = self.lock();
+        // Checked under the map's lock, so racing connects cannot overshoot.
+        if self.inner.connections.load(Ordering::SeqCst) >= caps.total {
+            metrics::counter!("pushbus_notifier_streams_refused_total", "cap" => "total")
+                .increment(1);
+            return Err(CapExceeded::Total(caps.total));
+        }
+        let conns = agents.entry(agent_id.clone()).or_default();
+        if conns.len() >= caps.per_agent {
+            metrics::counter!("pushbus_notifier_streams_refused_total", "cap" => "per_agent")
+                .increment(1);
+            return Err(CapExceeded::PerAgent(caps.per_agent));
+        }
+        conns.push(conn.clone());
         connections_gauge(self.inner.connections.fetch_add(1, Ordering::SeqCst) + 1);
-        Connection {
+        drop(agents);
+        Ok(Connection {
             hub: self.clone(),
             agent_id,
             conn,
-        }
+        })
+    }
+
+    /// Ends every stream of `agent_id` on this replica, telling it `reason`
+    /// (its token changed, or it was deleted). Returns how many.
+    /// `credential` None closes them all; Some closes those that
+    /// authenticated against another credential.
+    pub fn close_agent(&self, agent_id: &str, credential: Option<&str>, reason: &str) -> usize {
+        self.lock().get(agent_id).map_or(0, |conns| {
+            let mut closed = 0;
+            for c in conns {
+                if credential.is_none_or(|k| k != c.credential) {
+                    c.close(reason);
+                    closed += 1;
+                }
+            }
+            closed
+        })
     }
 
     /// Connections registered now (what the connections gauge shows).
@@ -154,9 +223,9 @@ mod tests {
     #[test]
     fn leaving_agents_are_forgotten() {
         let hub = Hub::new(Duration::from_millis(500));
-        let a = hub.connect("a", 0);
-        let b = hub.connect("a", 0);
-        let c = hub.connect("c", 0);
+        let a = hub.connect("a", 0, "").unwrap();
+        let b = hub.connect("a", 0, "").unwrap();
+        let c = hub.connect("c", 0, "").unwrap();
         assert_eq!(hub.connection_count(), 3);
         drop((a, c));
         b.conn.open();
@@ -166,5 +235,27 @@ mod tests {
         assert_eq!(hub.deliver("c", &key, 1, &WatchEvent::default()), 0);
         drop(b);
         assert_eq!(hub.connection_count(), 0);
+    }
+
+    #[test]
+    fn caps_refuse_streams_and_free_up_when_they_end() {
+        let hub = Hub::with_caps(
+            Duration::from_millis(500),
+            StreamCaps {
+                total: 3,
+                per_agent: 2,
+            },
+        );
+        let a1 = hub.connect("a", 0, "").unwrap();
+        let _a2 = hub.connect("a", 0, "").unwrap();
+        assert_eq!(
+            hub.connect("a", 0, "").err(),
+            Some(CapExceeded::PerAgent(2))
+        );
+        let _b1 = hub.connect("b", 0, "").unwrap();
+        assert_eq!(hub.connect("c", 0, "").err(), Some(CapExceeded::Total(3)));
+        drop(a1);
+        let _c = hub.connect("c", 0, "").expect("a freed place is taken");
+        assert_eq!(hub.connection_count(), 3);
     }
 }

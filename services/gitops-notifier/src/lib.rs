@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod heads;
 pub mod hub;
 pub mod outbox;
+pub mod revoke;
 pub mod sse;
 pub mod watch;
 pub mod webhook;
@@ -56,6 +57,121 @@ pub struct Config {
     pub ack_wait_secs: u64,
     #[command(flatten)]
     pub webhooks: webhook::WebhookConfig,
+    #[command(flatten)]
+    pub door: DoorArgs,
+}
+
+/// How the agents' listener bounds slow and greedy clients, and its TLS.
+#[derive(clap::Args, Clone, Debug)]
+#[group(id = "notifier_door")]
+pub struct DoorArgs {
+    /// PEM certificate chain: serve SSE and gRPC over TLS (with --notifier-tls-key).
+    #[arg(
+        id = "notifier_tls_cert",
+        long = "notifier-tls-cert",
+        env = "PUSHBUS_NOTIFIER_TLS_CERT"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --notifier-tls-cert.
+    #[arg(
+        id = "notifier_tls_key",
+        long = "notifier-tls-key",
+        env = "PUSHBUS_NOTIFIER_TLS_KEY"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// A connection must finish its TLS handshake and each request head within this.
+    #[arg(
+        id = "notifier_header_read_timeout_ms",
+        long = "notifier-header-read-timeout-ms",
+        env = "PUSHBUS_NOTIFIER_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub header_read_timeout_ms: u64,
+    /// A request must be answered (a stream opened, catch-up queued) within
+    /// this; open streams are not cut.
+    #[arg(
+        id = "notifier_request_timeout_ms",
+        long = "notifier-request-timeout-ms",
+        env = "PUSHBUS_NOTIFIER_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub request_timeout_ms: u64,
+    /// Open connections; further ones are closed at once.
+    #[arg(
+        id = "notifier_max_connections",
+        long = "notifier-max-connections",
+        env = "PUSHBUS_NOTIFIER_MAX_CONNECTIONS",
+        default_value_t = 20_000
+    )]
+    pub max_connections: usize,
+    /// Requests being answered at once (open streams not counted); further
+    /// ones get 503 / RESOURCE_EXHAUSTED.
+    #[arg(
+        id = "notifier_max_requests",
+        long = "notifier-max-requests",
+        env = "PUSHBUS_NOTIFIER_MAX_REQUESTS",
+        default_value_t = 1024
+    )]
+    pub max_requests: usize,
+    /// Streams this replica holds in all; further ones get 503 / RESOURCE_EXHAUSTED.
+    #[arg(
+        id = "notifier_max_streams",
+        long = "notifier-max-streams",
+        env = "PUSHBUS_NOTIFIER_MAX_STREAMS",
+        default_value_t = 20_000
+    )]
+    pub max_streams: usize,
+    /// Streams one agent may hold on this replica; further ones get 429 / RESOURCE_EXHAUSTED.
+    #[arg(
+        id = "notifier_max_streams_per_agent",
+        long = "notifier-max-streams-per-agent",
+        env = "PUSHBUS_NOTIFIER_MAX_STREAMS_PER_AGENT",
+        default_value_t = 16
+    )]
+    pub max_streams_per_agent: usize,
+    /// Failed logins one address may make at once before it is refused (429).
+    #[arg(
+        id = "notifier_login_failure_burst",
+        long = "notifier-login-failure-burst",
+        env = "PUSHBUS_NOTIFIER_LOGIN_FAILURE_BURST",
+        default_value_t = 10
+    )]
+    pub login_failure_burst: u32,
+    /// One more failed login is allowed per this many milliseconds.
+    #[arg(
+        id = "notifier_login_failure_refill_ms",
+        long = "notifier-login-failure-refill-ms",
+        env = "PUSHBUS_NOTIFIER_LOGIN_FAILURE_REFILL_MS",
+        default_value_t = 1000
+    )]
+    pub login_failure_refill_ms: u64,
+    /// After a failed login, the agent's entry is checked from memory for
+    /// this long instead of read again (0: off).
+    #[arg(
+        id = "notifier_login_cache_ms",
+        long = "notifier-login-cache-ms",
+        env = "PUSHBUS_NOTIFIER_LOGIN_CACHE_MS",
+        default_value_t = 5000
+    )]
+    pub login_cache_ms: u64,
+}
+
+impl Default for DoorArgs {
+    fn default() -> Self {
+        DoorArgs {
+            tls_cert: None,
+            tls_key: None,
+            header_read_timeout_ms: 5000,
+            request_timeout_ms: 10_000,
+            max_connections: 20_000,
+            max_requests: 1024,
+            max_streams: 20_000,
+            max_streams_per_agent: 16,
+            login_failure_burst: 10,
+            login_failure_refill_ms: 1000,
+            login_cache_ms: 5000,
+        }
+    }
 }
 
 /// The flags' defaults.
@@ -72,6 +188,7 @@ impl Config {
             coalesce_ms: 500,
             ack_wait_secs: 5,
             webhooks: Default::default(),
+            door: Default::default(),
         }
     }
 }
@@ -93,6 +210,8 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
+    #[error(transparent)]
+    Tls(#[from] pushbus_shared::listen::TlsError),
 }
 
 #[derive(Clone)]
@@ -103,6 +222,7 @@ pub struct AppState {
     pub index: std::sync::Arc<heads::HeadIndex>,
     /// Ends every agent stream on shutdown, so the server can finish.
     pub shutdown: CancellationToken,
+    pub gate: std::sync::Arc<auth::LoginGate>,
 }
 
 pub fn consumer_spec(config: &Config) -> ConsumerSpec {
@@ -141,6 +261,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let token = pushbus_shared::service::cancel_on(shutdown);
+    let tls = pushbus_shared::listen::tls_from_flags(
+        config.door.tls_cert.as_deref(),
+        config.door.tls_key.as_deref(),
+        ("--notifier-tls-cert", "--notifier-tls-key"),
+    )?;
     topology(&config).ensure(&ctx.js).await?;
     let agents = ctx
         .js
@@ -170,12 +295,29 @@ pub async fn run(
     metrics::gauge!("pushbus_notifier_ref_heads").set(index.len() as f64);
     let index = std::sync::Arc::new(index);
     let state = AppState {
-        hub: Hub::new(std::time::Duration::from_millis(config.coalesce_ms)),
+        hub: Hub::with_caps(
+            std::time::Duration::from_millis(config.coalesce_ms),
+            hub::StreamCaps {
+                total: config.door.max_streams,
+                per_agent: config.door.max_streams_per_agent,
+            },
+        ),
         agents,
         heads: heads.clone(),
         index: index.clone(),
         shutdown: token.clone(),
+        gate: std::sync::Arc::new(auth::LoginGate::new(
+            config.door.login_failure_burst,
+            std::time::Duration::from_millis(config.door.login_failure_refill_ms),
+            std::time::Duration::from_millis(config.door.login_cache_ms),
+        )),
     };
+    let revoker = tokio::spawn(revoke::follow(
+        state.agents.clone(),
+        state.hub.clone(),
+        state.gate.clone(),
+        token.clone(),
+    ));
     // Every replica follows every head and keeps the ones for its agents.
     let reconnected = std::sync::Arc::new(tokio::sync::Notify::new());
     let feed = tokio::spawn(heads::follow(
@@ -205,15 +347,36 @@ pub async fn run(
     let app = sse::router(state.clone())
         .merge(grpc)
         .fallback(pushbus_shared::fallback::not_found);
-    let server = tokio::spawn({
-        let token = token.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(token.cancelled_owned())
-                .await
-        }
-    });
-    tracing::info!(listen = %config.listen, "agents may connect");
+    let app = pushbus_shared::listen::guard_requests(
+        pushbus_shared::listen::json_framework_errors(app),
+        pushbus_shared::listen::RequestLimits {
+            timeout: Some(std::time::Duration::from_millis(
+                config.door.request_timeout_ms.max(1),
+            )),
+            max_in_flight: config.door.max_requests,
+            timeout_flag: "--notifier-request-timeout-ms",
+            in_flight_flag: "--notifier-max-requests",
+            max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
+        },
+    );
+    let limits = pushbus_shared::listen::Limits {
+        header_read_timeout: std::time::Duration::from_millis(
+            config.door.header_read_timeout_ms.max(1),
+        ),
+        max_connections: config.door.max_connections,
+        // The default (256) streams per HTTP/2 connection: a proxy or the
+        // pipeline bench multiplexes many agents over one connection.
+        ..Default::default()
+    };
+    let tls_on = tls.is_some();
+    let server = tokio::spawn(pushbus_shared::listen::serve(
+        listener,
+        app,
+        limits,
+        tls,
+        token.clone().cancelled_owned(),
+    ));
+    tracing::info!(listen = %config.listen, tls = tls_on, "agents may connect");
 
     let consumer = tokio::spawn(bus::run_consumer(
         ctx.js.clone(),
@@ -236,6 +399,7 @@ pub async fn run(
     let _ = server.await;
     let _ = feed.await;
     let _ = monitor.await;
+    let _ = revoker.await;
     ctx.drain().await;
     match consumed {
         Ok(result) => result.map_err(Error::from)?,

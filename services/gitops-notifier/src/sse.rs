@@ -16,6 +16,8 @@ use serde_json::json;
 
 use crate::AppState;
 use crate::auth::{self, AuthError};
+use crate::conn::Out;
+use crate::hub::CapExceeded;
 use crate::watch::{self, Since};
 
 pub fn router(state: AppState) -> Router {
@@ -36,7 +38,12 @@ async fn pokes(
     Path(agent_id): Path<String>,
     Query(query): Query<PokesQuery>,
     headers: HeaderMap,
+    parts: axum::http::request::Parts,
 ) -> Response {
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
     let token = auth::bearer(
         headers
             .get(header::AUTHORIZATION)
@@ -56,18 +63,66 @@ async fn pokes(
             return (StatusCode::BAD_REQUEST, Json(error)).into_response();
         }
     };
-    if let Err(err) = auth::authenticate(&st.agents, &agent_id, token).await {
-        let status = match err {
-            AuthError::Denied => StatusCode::UNAUTHORIZED,
-            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        tracing::info!(%agent_id, error = %err, "SSE watch refused");
-        return (status, Json(json!({ "error": err.to_string() }))).into_response();
-    }
-    tracing::info!(%agent_id, cursor = ?cursor, "agent connected over SSE");
-    let events = watch::open(&st, &agent_id, Since::from_request(cursor, &[]))
+    let credential = match st
+        .gate
+        .authenticate(&st.agents, &agent_id, token, peer)
         .await
-        .map(|ev| Ok::<_, Infallible>(to_sse(&ev)));
+    {
+        Ok(c) => c,
+        Err(err) => {
+            let status = match err {
+                AuthError::Denied => StatusCode::UNAUTHORIZED,
+                AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                AuthError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            };
+            tracing::info!(%agent_id, error = %err, "SSE watch refused");
+            let mut resp = (
+                status,
+                Json(json!({ "error": err.to_string(), "field": "authorization" })),
+            )
+                .into_response();
+            if let AuthError::Throttled {
+                retry_after_secs, ..
+            } = err
+            {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, retry_after_secs.into());
+            }
+            return resp;
+        }
+    };
+    let events = match watch::open(
+        &st,
+        &agent_id,
+        &credential,
+        Since::from_request(cursor, &[]),
+    )
+    .await
+    {
+        Ok(events) => events,
+        Err(cap) => {
+            let status = match cap {
+                CapExceeded::PerAgent(_) => StatusCode::TOO_MANY_REQUESTS,
+                CapExceeded::Total(_) => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            tracing::info!(%agent_id, error = %cap, "SSE watch refused");
+            return (
+                status,
+                Json(json!({ "error": cap.to_string(), "field": null })),
+            )
+                .into_response();
+        }
+    };
+    tracing::info!(%agent_id, cursor = ?cursor, "agent connected over SSE");
+    let events = events.map(|out| {
+        Ok::<_, Infallible>(match out {
+            Out::Event(ev) => to_sse(&ev),
+            // The last event: why the notifier ended the stream.
+            Out::Closed(reason) => SseEvent::default()
+                .event("closed")
+                .data(json!({ "reason": reason }).to_string()),
+        })
+    });
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()

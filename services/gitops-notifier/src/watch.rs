@@ -7,11 +7,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use pushbus_shared::proto::{SeenRef, WatchEvent, notifier_status::State};
+use pushbus_shared::proto::{SeenRef, notifier_status::State};
 
 use crate::AppState;
-use crate::conn::{self, Conn};
+use crate::conn::{self, Conn, Out};
 use crate::heads;
+use crate::hub::CapExceeded;
 
 /// What the agent says it last saw.
 #[derive(Default, Debug)]
@@ -56,9 +57,12 @@ const CATCH_UP_TO_CURSOR: Duration = Duration::from_secs(3);
 pub async fn open(
     state: &AppState,
     agent_id: &str,
+    credential: &str,
     since: Since,
-) -> impl Stream<Item = WatchEvent> + Send + 'static {
-    let connection = state.hub.connect(agent_id, since.cursor.unwrap_or(0));
+) -> Result<impl Stream<Item = Out> + Send + 'static, CapExceeded> {
+    let connection = state
+        .hub
+        .connect(agent_id, since.cursor.unwrap_or(0), credential)?;
     let conn = &connection.conn;
     // Read after registering: every head up to it is in the index (catch-up
     // covers it), every later one reaches this connection live.
@@ -85,11 +89,15 @@ pub async fn open(
         _ => catch_up(state, agent_id, &since, position, conn).await,
     }
     conn.open();
-    futures::stream::unfold(connection, |c| async move {
-        let event = c.conn.next().await;
-        Some((event, c))
+    Ok(futures::stream::unfold(Some(connection), |c| async move {
+        let c = c?;
+        match c.conn.next().await {
+            // The last item; the connection unregisters as it drops.
+            closed @ Out::Closed(_) => Some((closed, None)),
+            event => Some((event, Some(c))),
+        }
     })
-    .take_until(state.shutdown.clone().cancelled_owned())
+    .take_until(state.shutdown.clone().cancelled_owned()))
 }
 
 async fn wait_for_position(state: &AppState, cursor: u64) -> u64 {

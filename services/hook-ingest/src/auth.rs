@@ -62,6 +62,25 @@ pub fn check(secret: &str, creds: &Credentials<'_>, now_unix: i64) -> Result<(),
     }
 }
 
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+pub use pushbus_shared::secret::bearer;
+
+/// Whether a bearer token has a JWT's form (three base64url parts).
+pub fn looks_like_jwt(token: &str) -> bool {
+    let parts: Vec<&str> = token.split('.').collect();
+    parts.len() == 3
+        && parts[..2].iter().all(|p| !p.is_empty())
+        && parts.iter().all(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'=')
+        })
+}
+
 pub fn verify_jwt(secret: &[u8], jwt: &str, now: i64) -> Result<(), AuthError> {
     let mut parts = jwt.trim().split('.');
     let (Some(h), Some(p), Some(s), None) =

@@ -99,6 +99,9 @@ pub fn validate(mut changes: Vec<RefChange>) -> Result<Vec<RefChange>, Invalid> 
             (false, false) => ChangeKind::Update,
         } as i32;
         c.ref_kind = ref_kind(&c.r#ref) as i32;
+        if c.paths_known || !c.changed_paths.is_empty() {
+            check_paths(&c.changed_paths, || format!("changes[{i}].changed_paths"))?;
+        }
     }
     Ok(changes)
 }
@@ -114,22 +117,8 @@ pub fn attach_paths(
         let Some(list) = paths.remove(&c.r#ref) else {
             continue;
         };
-        let field = || format!("pushbus_changed_paths[{}]", c.r#ref);
-        if list.len() > MAX_PATHS_PER_REF {
-            return Err(Invalid::new(
-                field(),
-                format!("more than {MAX_PATHS_PER_REF} paths"),
-            ));
-        }
-        if let Some(bad) = list
-            .iter()
-            .find(|p| p.is_empty() || p.len() > 4096 || p.chars().any(char::is_control))
-        {
-            return Err(Invalid::new(
-                field(),
-                format!("invalid path {bad:?} (changes[{i}])"),
-            ));
-        }
+        check_paths(&list, || format!("pushbus_changed_paths[{}]", c.r#ref))
+            .map_err(|e| Invalid::new(e.field, format!("{} (changes[{i}])", e.reason)))?;
         c.changed_paths = list;
         c.paths_known = true;
     }
@@ -139,6 +128,34 @@ pub fn attach_paths(
             "names a ref not in changes",
         )),
         None => Ok(()),
+    }
+}
+
+/// The rules for changed paths, whichever door they came through.
+fn check_paths(list: &[String], field: impl Fn() -> String) -> Result<(), Invalid> {
+    if list.len() > MAX_PATHS_PER_REF {
+        return Err(Invalid::new(
+            field(),
+            format!("more than {MAX_PATHS_PER_REF} paths"),
+        ));
+    }
+    if let Some(bad) = list
+        .iter()
+        .find(|p| p.is_empty() || p.len() > 4096 || p.chars().any(char::is_control))
+    {
+        // Debug form: control characters are shown escaped, never raw.
+        return Err(Invalid::new(
+            field(),
+            format!("invalid path {:?}", truncate(bad, 64)),
+        ));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 
@@ -217,6 +234,10 @@ pub fn parse_gl_repository(s: &str) -> Result<(RepositoryKind, i64), Invalid> {
         "design" => RepositoryKind::Design,
         _ => return Err(bad()),
     };
+    // Digits only: i64's parser also takes "+6161".
+    if id.is_empty() || id.len() > 18 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
     let id: i64 = id.parse().map_err(|_| bad())?;
     if id <= 0 {
         return Err(Invalid::new("gl_repository", "the ID must be positive"));

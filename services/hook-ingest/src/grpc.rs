@@ -7,9 +7,9 @@ use pushbus_shared::proto::{NotifyGitPushRequest, NotifyGitPushResponse, Reposit
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::changes;
 use crate::http::HttpState;
 use crate::ingest::{IngestError, Push};
+use crate::{auth, changes};
 
 pub struct HookIngestService {
     pub state: HttpState,
@@ -24,14 +24,10 @@ impl HookIngest for HookIngestService {
         let md = req.metadata();
         let text = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
         if let Some(secret) = &self.state.secret {
-            let given =
-                text("authorization").and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned));
-            if !given.is_some_and(|g| {
-                pushbus_shared::secret::constant_time_eq(g.as_bytes(), secret.as_bytes())
-            }) {
-                tracing::warn!("NotifyGitPush refused: missing or invalid token");
-                return Err(Status::unauthenticated("missing or invalid token"));
-            }
+            let given = md.get("authorization").and_then(|v| v.to_str().ok());
+            check_bearer(secret, auth::bearer(given)).inspect_err(|status| {
+                tracing::warn!(reason = status.message(), "NotifyGitPush refused");
+            })?;
         }
         let from_caller = ["x-correlation-id", "x-request-id"]
             .iter()
@@ -88,5 +84,43 @@ impl HookIngest for HookIngestService {
             event_ids: accepted.event_ids,
             messages: accepted.messages,
         }))
+    }
+}
+
+/// The gRPC door takes the same short-lived JWT as the HTTP door's
+/// `Gitlab-Shell-Api-Request`, as a bearer token; the raw shell secret is
+/// refused, so it never has to cross the wire.
+fn check_bearer(secret: &str, token: Option<&str>) -> Result<(), Status> {
+    let Some(token) = token else {
+        return Err(Status::unauthenticated(
+            "missing credentials: send authorization: Bearer <JWT signed with the GitLab shell secret, as gitlab-shell signs Gitlab-Shell-Api-Request>",
+        ));
+    };
+    if !auth::looks_like_jwt(token) {
+        // Said the same way for a right or a wrong secret: this answer must
+        // not tell a guesser which.
+        return Err(Status::unauthenticated(
+            "authorization must be Bearer <JWT> (HS256 over the GitLab shell secret, issuer gitlab-shell); a raw secret is refused: send the JWT",
+        ));
+    }
+    auth::verify_jwt(secret.as_bytes(), token, auth::now_unix())
+        .map_err(|e| Status::unauthenticated(format!("authorization: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_must_be_a_valid_jwt_never_the_raw_secret() {
+        let now = auth::now_unix();
+        let jwt = auth::sign_jwt(b"s3cret", now);
+        assert!(check_bearer("s3cret", Some(&jwt)).is_ok());
+        let raw = check_bearer("s3cret", Some("s3cret")).unwrap_err();
+        assert!(raw.message().contains("send the JWT"), "{raw:?}");
+        assert!(check_bearer("s3cret", None).is_err());
+        assert!(check_bearer("other", Some(&jwt)).is_err());
+        let old = auth::sign_jwt(b"s3cret", now - 600);
+        assert!(check_bearer("s3cret", Some(&old)).is_err());
     }
 }

@@ -255,6 +255,17 @@ fn snippet(bytes: &[u8]) -> String {
 
 /// Runs the hook with git's stdin and the process environment.
 pub async fn post_receive(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -> Outcome {
+    let mut outcome = announce(args, stdin, env).await;
+    // Every line reaches the pusher's terminal; some hold server text.
+    outcome.lines = terminal_lines(std::mem::take(&mut outcome.lines));
+    outcome
+}
+
+fn terminal_lines(lines: Vec<String>) -> Vec<String> {
+    lines.iter().map(|l| crate::terminal::sanitize(l)).collect()
+}
+
+async fn announce(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -> Outcome {
     let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
     // Ours first, then the one Gitaly/GitLab hooks carry.
     let correlation_id = ["PUSHBUS_CORRELATION_ID", "CORRELATION_ID"]
@@ -350,7 +361,9 @@ pub async fn flush(args: &HookArgs, env: &HashMap<String, String>) -> Result<Flu
     let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
     let max_age = args.spool_max_age()?;
     let sender = Sender::new(args)?;
-    Ok(flush_spool(&sender, &spool_dir(args, env), max_age, deadline).await)
+    let mut report = flush_spool(&sender, &spool_dir(args, env), max_age, deadline).await;
+    report.lines = terminal_lines(std::mem::take(&mut report.lines));
+    Ok(report)
 }
 
 fn spool_dir(args: &HookArgs, env: &HashMap<String, String>) -> PathBuf {

@@ -1,8 +1,8 @@
 //! GitLab-compatible `POST /api/v4/internal/post_receive`.
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body as RequestBody, Bytes};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -21,14 +21,22 @@ pub struct HttpState {
     pub ingest: Ingest,
     /// The GitLab shell secret; `None` disables authentication (local use).
     pub secret: Option<String>,
+    /// Largest body read from an authenticated caller (or any, without a secret).
+    pub max_body_bytes: usize,
+    /// Largest body read while the caller is not yet authenticated (the
+    /// legacy `secret_token` field is in it).
+    pub unauthenticated_body_bytes: usize,
 }
 
-pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
+pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/api/v4/internal/post_receive", post(post_receive))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
+
+/// Deepest JSON nesting accepted anywhere in a body, unknown fields
+/// included (serde skips those without its recursion limit).
+pub const MAX_JSON_DEPTH: usize = 32;
 
 /// A refusal: status plus `{"error": ..., "field": ...}`.
 #[derive(Debug)]
@@ -36,14 +44,22 @@ pub struct ApiError {
     status: StatusCode,
     error: String,
     field: Option<String>,
+    /// Answered before the body was read: the connection cannot be reused
+    /// (the unread body is still on it), so the client is told.
+    close: bool,
 }
 
 impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> Self {
         Self {
             status,
             error: error.into(),
             field: field.map(str::to_owned),
+            close: false,
         }
     }
 }
@@ -57,11 +73,18 @@ impl From<Invalid> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         tracing::warn!(status = self.status.as_u16(), error = %self.error, field = ?self.field, "post_receive refused");
-        (
+        let mut resp = (
             self.status,
             axum::Json(json!({ "error": self.error, "field": self.field })),
         )
-            .into_response()
+            .into_response();
+        if self.close {
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 }
 
@@ -92,17 +115,24 @@ struct Body {
 async fn post_receive(
     State(st): State<HttpState>,
     headers: HeaderMap,
-    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+    body: RequestBody,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text(), None))?;
-    let parsed: Body = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid JSON body: {e}"),
-            None,
-        )
+    // Header credentials are checked before a byte of the body is read; only
+    // the legacy body field needs the body, and then only a small one.
+    let authenticated = authenticate_headers(&st, &headers).map_err(|mut e| {
+        e.close = true;
+        e
     })?;
-    authenticate(&st, &headers, parsed.secret_token.as_deref())?;
+    let limit = if authenticated {
+        st.max_body_bytes
+    } else {
+        st.unauthenticated_body_bytes.min(st.max_body_bytes)
+    };
+    let body = read_body(body, &headers, limit, authenticated)?.await?;
+    let parsed = parse_body(&body)?;
+    if !authenticated {
+        authenticate_body(&st, parsed.secret_token.as_deref())?;
+    }
     let (correlation_id, from_caller) = match caller_correlation_id(&headers) {
         Some(id) => (id, true),
         None => (envelope::new_correlation_id(), false),
@@ -145,13 +175,12 @@ fn message_json(m: &HookMessage) -> serde_json::Value {
     json!({ "type": m.r#type, "message": m.message })
 }
 
-fn authenticate(
-    st: &HttpState,
-    headers: &HeaderMap,
-    secret_token: Option<&str>,
-) -> Result<(), ApiError> {
+/// Whether the headers authenticate the caller: true also without a secret
+/// configured; false when they carry no credentials (the body may); an
+/// error for credentials that are wrong.
+fn authenticate_headers(st: &HttpState, headers: &HeaderMap) -> Result<bool, ApiError> {
     let Some(secret) = &st.secret else {
-        return Ok(());
+        return Ok(true);
     };
     let header = |name| {
         headers
@@ -161,13 +190,133 @@ fn authenticate(
     let creds = auth::Credentials {
         jwt: header(auth::JWT_HEADER),
         legacy_header: header(auth::LEGACY_HEADER),
+        secret_token: None,
+    };
+    if creds.jwt.is_none() && creds.legacy_header.is_none() {
+        return Ok(false);
+    }
+    auth::check(secret, &creds, auth::now_unix())
+        .map(|()| true)
+        .map_err(unauthorized)
+}
+
+fn authenticate_body(st: &HttpState, secret_token: Option<&str>) -> Result<(), ApiError> {
+    let Some(secret) = &st.secret else {
+        return Ok(());
+    };
+    let creds = auth::Credentials {
+        jwt: None,
+        legacy_header: None,
         secret_token,
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    auth::check(secret, &creds, now)
-        .map_err(|e| ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), None))
+    auth::check(secret, &creds, auth::now_unix()).map_err(unauthorized)
+}
+
+fn unauthorized(e: auth::AuthError) -> ApiError {
+    let field = match e {
+        auth::AuthError::Missing => None,
+        auth::AuthError::Secret => Some("secret_token"),
+        _ => Some(auth::JWT_HEADER),
+    };
+    ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), field)
+}
+
+/// Reads at most `limit` bytes; a declared or actual larger body is a 413
+/// saying what would allow it.
+fn too_large(limit: usize, authenticated: bool) -> ApiError {
+    let error = if authenticated {
+        format!("body larger than {limit} bytes (--ingest-max-body-bytes)")
+    } else {
+        format!(
+            "body larger than {limit} bytes before authentication: send the \
+             Gitlab-Shell-Api-Request JWT (or Gitlab-Shared-Secret) header"
+        )
+    };
+    let mut e = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error, None);
+    e.close = true;
+    e
+}
+
+fn read_body(
+    body: RequestBody,
+    headers: &HeaderMap,
+    limit: usize,
+    authenticated: bool,
+) -> Result<impl std::future::Future<Output = Result<Bytes, ApiError>>, ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large(limit, authenticated));
+    }
+    Ok(async move {
+        use http_body_util::BodyExt;
+        match http_body_util::Limited::new(body, limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(too_large(limit, authenticated))
+            }
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {e}"),
+                None,
+            )),
+        }
+    })
+}
+
+/// A post_receive body as the HTTP door reads it: parsed, depth-checked and
+/// validated (authentication aside). What the fuzz tests drive.
+pub fn parse_post_receive(body: &[u8]) -> Result<Push, ApiError> {
+    to_push(parse_body(body)?)
+}
+
+/// Parses a post_receive body, refusing nesting deeper than [`MAX_JSON_DEPTH`].
+fn parse_body(body: &[u8]) -> Result<Body, ApiError> {
+    if let Err(depth) = check_json_depth(body, MAX_JSON_DEPTH) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: nested deeper than {depth} levels"),
+            None,
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {e}"),
+            None,
+        )
+    })
+}
+
+/// Counts `[`/`{` nesting outside strings; `Err(max)` when it goes deeper.
+/// Malformed JSON is left to the parser.
+pub fn check_json_depth(body: &[u8], max: usize) -> Result<(), usize> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Err(max);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// From `X-Correlation-Id` or `X-Request-Id` when well-formed, else new.

@@ -24,7 +24,15 @@ pub async fn messages(
     let asked = client.request(names::geo_lag_subject(node), request.encode_to_vec().into());
     match tokio::time::timeout(budget, asked).await {
         Ok(Ok(reply)) => match LagReply::decode(reply.payload.as_ref()) {
-            Ok(reply) if reply.correlation_id == correlation_id => reply.messages,
+            // The pusher's terminal shows these as they are: no escapes.
+            Ok(reply) if reply.correlation_id == correlation_id => reply
+                .messages
+                .into_iter()
+                .map(|m| HookMessage {
+                    message: crate::terminal::sanitize(&m.message),
+                    r#type: crate::terminal::sanitize(&m.r#type),
+                })
+                .collect(),
             Ok(reply) => {
                 tracing::warn!(geo_node_id = node, got = %reply.correlation_id, "lag reply for another push ignored");
                 Vec::new()

@@ -10,6 +10,7 @@ pub mod http;
 pub mod ingest;
 pub mod lag;
 pub mod routes;
+pub mod terminal;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,7 +19,6 @@ use std::time::Duration;
 
 use pushbus_shared::ServiceContext;
 use pushbus_shared::topology::{self, Topology};
-use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Clone, Debug)]
 #[group(id = "ingest")]
@@ -61,6 +61,100 @@ pub struct Config {
     pub store_timeout_ms: u64,
     #[command(flatten)]
     pub routes: routes::RouteTtlArgs,
+    #[command(flatten)]
+    pub door: DoorArgs,
+}
+
+/// How the ingest listener bounds slow and greedy clients, and its TLS.
+#[derive(clap::Args, Clone, Debug)]
+#[group(id = "ingest_door")]
+pub struct DoorArgs {
+    /// PEM certificate chain: serve HTTPS and gRPC over TLS (with --ingest-tls-key).
+    #[arg(
+        id = "ingest_tls_cert",
+        long = "ingest-tls-cert",
+        env = "PUSHBUS_INGEST_TLS_CERT"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --ingest-tls-cert.
+    #[arg(
+        id = "ingest_tls_key",
+        long = "ingest-tls-key",
+        env = "PUSHBUS_INGEST_TLS_KEY"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// A connection must finish its TLS handshake and each request head within this.
+    #[arg(
+        id = "ingest_header_read_timeout_ms",
+        long = "ingest-header-read-timeout-ms",
+        env = "PUSHBUS_INGEST_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub header_read_timeout_ms: u64,
+    /// A request (body read, store and answer) must complete within this (408).
+    #[arg(
+        id = "ingest_request_timeout_ms",
+        long = "ingest-request-timeout-ms",
+        env = "PUSHBUS_INGEST_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub request_timeout_ms: u64,
+    /// Open connections; further ones are closed at once.
+    #[arg(
+        id = "ingest_max_connections",
+        long = "ingest-max-connections",
+        env = "PUSHBUS_INGEST_MAX_CONNECTIONS",
+        default_value_t = 1024
+    )]
+    pub max_connections: usize,
+    /// Requests handled at once; further ones are answered 503 (gRPC RESOURCE_EXHAUSTED).
+    #[arg(
+        id = "ingest_max_requests",
+        long = "ingest-max-requests",
+        env = "PUSHBUS_INGEST_MAX_REQUESTS",
+        default_value_t = 256
+    )]
+    pub max_requests: usize,
+    /// Largest body read before the caller is authenticated (only the legacy
+    /// secret_token body field needs it; the JWT and Gitlab-Shared-Secret
+    /// headers are checked before any of the body is read).
+    #[arg(
+        id = "ingest_unauthenticated_body_bytes",
+        long = "ingest-unauthenticated-body-bytes",
+        env = "PUSHBUS_INGEST_UNAUTHENTICATED_BODY_BYTES",
+        default_value_t = 64 * 1024
+    )]
+    pub unauthenticated_body_bytes: usize,
+}
+
+impl Default for DoorArgs {
+    fn default() -> Self {
+        DoorArgs {
+            tls_cert: None,
+            tls_key: None,
+            header_read_timeout_ms: 5000,
+            request_timeout_ms: 10_000,
+            max_connections: 1024,
+            max_requests: 256,
+            unauthenticated_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// The flags' defaults, listening on `listen`.
+    pub fn new(listen: SocketAddr) -> Config {
+        Config {
+            listen,
+            secret_file: None,
+            max_body_bytes: 8 * 1024 * 1024,
+            lag_budget_ms: 250,
+            geo_routes: false,
+            store_timeout_ms: 2000,
+            routes: Default::default(),
+            door: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +173,8 @@ pub enum Error {
     },
     #[error("cannot open the Geo routes bucket: {0}")]
     Routes(String),
-    #[error("HTTP server failed: {0}")]
-    Serve(std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] pushbus_shared::listen::TlsError),
 }
 
 /// With the default route TTL (what `pushbus setup` uses unless told).
@@ -116,6 +210,11 @@ pub async fn run(
             None
         }
     };
+    let tls = pushbus_shared::listen::tls_from_flags(
+        config.door.tls_cert.as_deref(),
+        config.door.tls_key.as_deref(),
+        ("--ingest-tls-cert", "--ingest-tls-key"),
+    )?;
     topology_with(&config.routes).ensure(&ctx.js).await?;
     let routes = if config.geo_routes {
         let bucket = ctx
@@ -142,6 +241,8 @@ pub async fn run(
             routes,
         },
         secret,
+        max_body_bytes: config.max_body_bytes,
+        unauthenticated_body_bytes: config.door.unauthenticated_body_bytes,
     };
     let grpc = tonic::service::Routes::new(
         pushbus_shared::proto::hook_ingest_server::HookIngestServer::new(grpc::HookIngestService {
@@ -149,25 +250,31 @@ pub async fn run(
         }),
     )
     .into_axum_router();
-    // HTTP and gRPC (h2c) share one port.
-    let app = http::router(state, config.max_body_bytes)
+    // HTTP and gRPC (h2c, or h2 over TLS) share one port.
+    let app = http::router(state)
         .merge(grpc)
         .fallback(pushbus_shared::fallback::not_found);
-    let token = CancellationToken::new();
+    let app = pushbus_shared::listen::guard_requests(
+        pushbus_shared::listen::json_framework_errors(app),
+        pushbus_shared::listen::RequestLimits {
+            timeout: Some(Duration::from_millis(config.door.request_timeout_ms.max(1))),
+            max_in_flight: config.door.max_requests,
+            timeout_flag: "--ingest-request-timeout-ms",
+            in_flight_flag: "--ingest-max-requests",
+            max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
+        },
+    );
+    let limits = pushbus_shared::listen::Limits {
+        header_read_timeout: Duration::from_millis(config.door.header_read_timeout_ms.max(1)),
+        max_connections: config.door.max_connections,
+        ..Default::default()
+    };
     ctx.ready.set(true);
-    tracing::info!(listen = %config.listen, "accepting post-receive notifications");
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown({
-            let token = token.clone();
-            async move {
-                shutdown.await;
-                token.cancel();
-            }
-        })
-        .await;
+    tracing::info!(listen = %config.listen, tls = tls.is_some(), "accepting post-receive notifications");
+    pushbus_shared::listen::serve(listener, app, limits, tls, shutdown).await;
     ctx.ready.set(false);
     // In-flight requests have finished (graceful shutdown); their publishes
     // were acked before they answered.
     ctx.drain().await;
-    served.map_err(Error::Serve)
+    Ok(())
 }

@@ -1,0 +1,411 @@
+//! Serving a door (hook-ingest, gitops-notifier) so slow or greedy clients
+//! cannot take it down: a bounded number of connections, a deadline for the
+//! TLS handshake and for each request head, HTTP/2 stream and header caps,
+//! optional TLS, and (through [`guard_requests`]) a request deadline and a
+//! bound on requests in flight. `axum::serve` offers none of the connection
+//! limits, hence hyper-util's server builder.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+/// Request headers (names and values) a door accepts, JSON 431 past it.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// How a door's listener is bounded.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// TLS handshake, first bytes and every HTTP/1 request head must arrive
+    /// within this.
+    pub header_read_timeout: Duration,
+    /// Open connections; one over it is closed at once.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Largest request head hyper buffers (HTTP/1 head, HTTP/2 header
+    /// list); past it hyper answers 431 itself, without a body. Keep it above
+    /// [`RequestLimits::max_header_bytes`], which refuses with a JSON body.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            max_header_bytes: 2 * DEFAULT_MAX_HEADER_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read TLS certificate file {path}: {reason}")]
+    Cert { path: PathBuf, reason: String },
+    #[error("cannot read TLS key file {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("{0} is set without {1}: give both the certificate and the key")]
+    Half(&'static str, &'static str),
+    #[error("invalid TLS certificate or key: {0}")]
+    Config(String),
+}
+
+/// A rustls server config from PEM files (certificate chain, private key);
+/// offers HTTP/2 (gRPC needs it) and HTTP/1.1 by ALPN.
+pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Cert {
+            path: cert.to_owned(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Cert {
+            path: cert.to_owned(),
+            reason: "no certificate in the file".into(),
+        });
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.to_owned(),
+        // The error names the PEM problem, never key material.
+        reason: e.to_string(),
+    })?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TlsError::Config(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key_der)
+    .map_err(|e| TlsError::Config(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Both or neither of `--…-tls-cert` / `--…-tls-key`.
+pub fn tls_from_flags(
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    names: (&'static str, &'static str),
+) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(c), Some(k)) => tls_config(c, k).map(Some),
+        (Some(_), None) => Err(TlsError::Half(names.0, names.1)),
+        (None, Some(_)) => Err(TlsError::Half(names.1, names.0)),
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown`, then lets open requests
+/// finish. Every request carries `ConnectInfo<SocketAddr>` of its peer.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let connections = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        // A peer that stops answering pings is dropped, so a dead or stalled
+        // HTTP/2 client does not hold its connection forever.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(err) => {
+                    // Out of file descriptors and the like: pause instead of
+                    // spinning on the error.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            metrics::counter!("pushbus_listener_refused_connections_total").increment(1);
+            tracing::debug!(%peer, limit = limits.max_connections, "connection limit reached; connection closed");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut req: Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            },
+        ));
+        let builder = builder.clone();
+        let acceptor = acceptor.clone();
+        let timeout = limits.header_read_timeout;
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match acceptor {
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, %err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+                None => {
+                    // hyper's version detection waits for bytes without a
+                    // deadline: a silent connection must not stay forever.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => return,
+                    }
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let _ = watcher.watch(conn.into_owned()).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// The request deadline and in-flight bound of [`guard_requests`].
+#[derive(Clone, Debug)]
+pub struct RequestLimits {
+    /// Until the response head; `None` for none. Long-lived streams (SSE,
+    /// gRPC watch) are not cut: their handler has answered by then.
+    pub timeout: Option<Duration>,
+    /// Requests being handled at once; one over it is refused (503 /
+    /// RESOURCE_EXHAUSTED), not queued.
+    pub max_in_flight: usize,
+    /// Flag names for the refusals, so an operator knows what to raise.
+    pub timeout_flag: &'static str,
+    pub in_flight_flag: &'static str,
+    /// Header names and values, summed; more is a 431 with the JSON error.
+    pub max_header_bytes: usize,
+}
+
+struct Guard {
+    limits: RequestLimits,
+    in_flight: Semaphore,
+}
+
+/// Adds the request deadline and the in-flight bound to `router`.
+pub fn guard_requests(router: Router, limits: RequestLimits) -> Router {
+    let guard = Arc::new(Guard {
+        in_flight: Semaphore::new(limits.max_in_flight.max(1)),
+        limits,
+    });
+    router.layer(axum::middleware::from_fn_with_state(guard, guarded))
+}
+
+async fn guarded(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let grpc = is_grpc(&req);
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if header_bytes > guard.limits.max_header_bytes {
+        let msg = format!(
+            "request headers too large ({header_bytes} bytes, limit {})",
+            guard.limits.max_header_bytes
+        );
+        return refusal(
+            grpc,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            tonic::Code::InvalidArgument,
+            msg,
+        );
+    }
+    let Ok(_permit) = guard.in_flight.try_acquire() else {
+        let msg = format!(
+            "too many requests in flight (limit {}, {})",
+            guard.limits.max_in_flight, guard.limits.in_flight_flag
+        );
+        return refusal(
+            grpc,
+            StatusCode::SERVICE_UNAVAILABLE,
+            tonic::Code::ResourceExhausted,
+            msg,
+        );
+    };
+    match guard.limits.timeout {
+        None => next.run(req).await,
+        Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(resp) => resp,
+            Err(_) => {
+                let msg = format!(
+                    "request not completed within {} ms ({})",
+                    limit.as_millis(),
+                    guard.limits.timeout_flag
+                );
+                refusal(
+                    grpc,
+                    StatusCode::REQUEST_TIMEOUT,
+                    tonic::Code::DeadlineExceeded,
+                    msg,
+                )
+            }
+        },
+    }
+}
+
+pub fn is_grpc<B>(req: &axum::http::Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A refusal in the caller's protocol: a gRPC status, or HTTP `status` with
+/// `{"error", "field"}`.
+pub fn refusal(grpc: bool, status: StatusCode, code: tonic::Code, message: String) -> Response {
+    if grpc {
+        return tonic::Status::new(code, message).into_http();
+    }
+    json_error(status, &message, None)
+}
+
+/// `{"error": message, "field": field}` with `status`, as every door refuses.
+pub fn json_error(status: StatusCode, message: &str, field: Option<&str>) -> Response {
+    let mut resp = (
+        status,
+        axum::Json(serde_json::json!({ "error": message, "field": field })),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// Gives the framework's own refusals (405, 413, 415, ... with a text or
+/// empty body) the JSON error body every other refusal has.
+pub fn json_framework_errors(router: Router) -> Router {
+    router.layer(axum::middleware::map_response(
+        |resp: Response| async move { jsonify(resp) },
+    ))
+}
+
+fn jsonify(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let ct = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    // Ours already (JSON), or gRPC (a status in headers, HTTP 200).
+    if ct.starts_with("application/json") || ct.starts_with("application/grpc") {
+        return resp;
+    }
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method not allowed".to_owned(),
+        StatusCode::PAYLOAD_TOO_LARGE => "request body too large".to_owned(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported content type".to_owned(),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request headers too large".to_owned(),
+        s => s.canonical_reason().unwrap_or("request refused").to_owned(),
+    };
+    let allow = resp.headers().get(header::ALLOW).cloned();
+    let mut out = json_error(status, &message, None);
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
+}
+
+/// The peer of a request served by [`serve`].
+pub fn peer<B>(req: &axum::http::Request<B>) -> Option<SocketAddr> {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn start(limits: Limits) -> SocketAddr {
+        let app = Router::new().route(
+            "/slow",
+            axum::routing::post(|body: String| async move {
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                format!("done {}", body.len())
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, app, limits, None, std::future::pending()));
+        addr
+    }
+
+    // The head deadline is for reading the head only: a slow answer to a
+    // request whose head and body arrived in time is still sent.
+    #[tokio::test]
+    async fn a_slow_answer_outlives_the_header_read_timeout() {
+        let addr = start(Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&out).contains("done") {
+            let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+                .await
+                .expect("answer in time")
+                .unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    }
+}
