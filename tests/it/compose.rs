@@ -320,7 +320,7 @@ fn host_binding(spec: &str) -> (String, u16) {
 
 #[test]
 fn compose_works_with_v1_29_publishes_on_loopback_and_pins_the_tests_nats() {
-    let doc: Value = serde_yaml::from_str(&repo_file("docker-compose.yml")).expect("valid YAML");
+    let doc: Value = serde_norway::from_str(&repo_file("docker-compose.yml")).expect("valid YAML");
     for key in doc.as_mapping().expect("a mapping").keys().map(scalar) {
         assert!(
             key.starts_with("x-")
@@ -390,7 +390,7 @@ fn compose_works_with_v1_29_publishes_on_loopback_and_pins_the_tests_nats() {
     // The override only swaps images, so compose-test runs this file's own
     // ports, commands and healthchecks.
     let local: Value =
-        serde_yaml::from_str(&repo_file("deploy/compose-test/docker-compose.local.yml"))
+        serde_norway::from_str(&repo_file("deploy/compose-test/docker-compose.local.yml"))
             .expect("the override is valid YAML");
     let local = local
         .get("services")

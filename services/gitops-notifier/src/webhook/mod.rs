@@ -10,7 +10,6 @@ pub mod payload;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::Instrument;
 
 use async_nats::jetstream::{self, kv::Store};
 use prost::Message;
@@ -22,6 +21,12 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use payload::{GitLabSite, HookKind};
+use tracing::Instrument;
+
+/// Agents whose webhook config is kept in memory at most.
+const MAX_CACHED: usize = 65_536;
+/// Webhook targets (scheme, host, port) with a concurrency cap kept at most.
+const MAX_TARGETS: usize = 4_096;
 
 const USER_AGENT: &str = concat!("pushbus-gitops-notifier/", env!("CARGO_PKG_VERSION"));
 
@@ -267,8 +272,15 @@ impl WebhookHandler {
                 .filter(|w| !w.url.is_empty()),
         };
         if let Ok(mut cache) = self.cache.lock() {
-            // Bounded by the agents that have pokes; stale entries are
-            // replaced on their next use.
+            // Bounded: past the limit, expired entries go first, then all
+            // (forgetting only costs a KV read).
+            if cache.len() >= MAX_CACHED {
+                let ttl = self.cache_ttl;
+                cache.retain(|_, (at, _)| at.elapsed() < ttl);
+                if cache.len() >= MAX_CACHED {
+                    cache.clear();
+                }
+            }
             cache.insert(agent_id.to_owned(), (Instant::now(), hook.clone()));
         }
         Ok(hook)
@@ -282,10 +294,18 @@ impl WebhookHandler {
             url.port_or_known_default().unwrap_or_default()
         );
         match self.targets.lock() {
-            Ok(mut targets) => targets
-                .entry(key)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_target)))
-                .clone(),
+            Ok(mut targets) => {
+                // Bounded: idle targets (no request in flight) are dropped
+                // past the limit; a new semaphore for one costs nothing.
+                if targets.len() >= MAX_TARGETS {
+                    let per_target = self.per_target;
+                    targets.retain(|_, s| s.available_permits() < per_target);
+                }
+                targets
+                    .entry(key)
+                    .or_insert_with(|| Arc::new(Semaphore::new(self.per_target)))
+                    .clone()
+            }
             // A poisoned map only loses the cap, not the delivery.
             Err(_) => Arc::new(Semaphore::new(self.per_target)),
         }
