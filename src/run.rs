@@ -18,8 +18,6 @@ pub struct RunArgs {
     #[arg(default_value = "all", value_name = "SERVICES")]
     services: String,
     #[command(flatten)]
-    nats: NatsArgs,
-    #[command(flatten)]
     embedded: crate::embedded::EmbeddedArgs,
     #[command(flatten)]
     ops: OpsArgs,
@@ -58,16 +56,20 @@ pub fn parse_services(list: &str) -> anyhow::Result<Vec<&'static str>> {
     Ok(chosen)
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, nats: NatsArgs) -> anyhow::Result<()> {
     let names = parse_services(&args.services)?;
     pushbus_shared::telemetry::init("pushbus", args.ops.log_json);
     // No NATS configured: start one for a laptop.
-    let (url, _embedded) = match &args.nats.nats_url {
-        Some(url) => (url.clone(), None),
+    let (bus, _embedded) = match &nats.nats_url {
+        Some(_) => (nats.bus()?, None),
         None => {
             let server = crate::embedded::start(&args.embedded)
                 .context("starting the embedded nats-server")?;
-            (server.url(), Some(server))
+            let bus = service::BusConfig {
+                connect: nats.connect_config_or(&server.url())?,
+                topology: nats.topology.clone(),
+            };
+            (bus, Some(server))
         }
     };
     let mut launchers = Vec::new();
@@ -99,9 +101,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    tracing::info!(nats = %url, "pushbus starting");
+    tracing::info!(nats = %bus.connect.servers_for_log(), "pushbus starting");
     service::host(
-        &url,
+        bus,
         args.ops.ops_listen,
         launchers,
         service::shutdown_signal(),

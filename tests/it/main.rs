@@ -6,5 +6,6 @@ mod guarantees;
 mod ingest;
 mod lag;
 mod notifier;
+mod secure;
 mod support;
 mod webhook;

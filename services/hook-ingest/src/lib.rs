@@ -116,7 +116,10 @@ pub async fn run(
             None
         }
     };
-    topology_with(&config.routes).ensure(&ctx.js).await?;
+    topology_with(&config.routes)
+        .with(&ctx.topology)
+        .ensure(&ctx.js)
+        .await?;
     let routes = if config.geo_routes {
         let bucket = ctx
             .js
