@@ -1,4 +1,5 @@
 mod bus;
+mod cluster;
 mod compose;
 mod e2e;
 mod filter;
@@ -8,4 +9,5 @@ mod lag;
 mod notifier;
 mod secure;
 mod support;
+mod topology;
 mod webhook;

@@ -15,6 +15,8 @@ pub struct StackOptions {
     pub lag: Option<pushbus_replication_lag::Config>,
     /// hook-ingest's `--ingest-geo-routes`.
     pub geo_routes: bool,
+    /// `--replicas` of every service.
+    pub replicas: u8,
 }
 
 impl Default for StackOptions {
@@ -24,6 +26,7 @@ impl Default for StackOptions {
             lag_budget_ms: 250,
             lag: Some(Default::default()),
             geo_routes: false,
+            replicas: 1,
         }
     }
 }
@@ -90,10 +93,11 @@ impl Stack {
             }));
         }
         let token = CancellationToken::new();
-        let url = nats_url.to_owned();
+        let mut bus = service::BusConfig::from(nats_url);
+        bus.topology.replicas = opts.replicas;
         let task = tokio::spawn({
             let token = token.clone();
-            async move { service::host(&url, ops, launchers, token.cancelled_owned()).await }
+            async move { service::host(bus, ops, launchers, token.cancelled_owned()).await }
         });
         let stack = Stack {
             ingest,
