@@ -266,6 +266,12 @@ impl NatsCluster {
             .join(",")
     }
 
+    /// A client with every node as a seed.
+    pub async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let urls: Vec<String> = self.nodes.iter().map(NatsServer::url).collect();
+        async_nats::connect(urls).await
+    }
+
     /// The node whose server name is `name` (`n0`, `n1`, ...).
     pub fn index_of(name: &str) -> Option<usize> {
         name.strip_prefix('n')?.parse().ok()
@@ -276,7 +282,7 @@ impl NatsCluster {
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(client) = async_nats::connect(self.urls()).await {
+            if let Ok(client) = self.client().await {
                 let js = async_nats::jetstream::new(client);
                 // A scratch replicated stream proves the meta group is formed.
                 let cfg = async_nats::jetstream::stream::Config {

@@ -126,6 +126,11 @@ impl Topology {
         for b in &mut self.buckets {
             b.num_replicas = replicas;
         }
+        // Explicit, not inherited: a stream scaled up keeps consumers at
+        // their old replica count, and an R1 consumer dies with its node.
+        for (_, c) in &mut self.consumers {
+            c.num_replicas = replicas;
+        }
         self
     }
 
@@ -135,40 +140,25 @@ impl Topology {
     /// differences are logged by field name, counted in
     /// `pushbus_topology_drift`, and returned.
     pub async fn ensure(&self, js: &jetstream::Context) -> Result<Vec<Drift>, TopologyError> {
+        let js = &short_timeouts(js);
         let mut drifts = Vec::new();
         for cfg in &self.streams {
-            match stream_info(js, &cfg.name).await? {
+            match retry(|| stream_info(js, &cfg.name)).await? {
                 Some(actual) => drifts.extend(stream_drift(cfg, &actual)),
-                None => create_stream(js, cfg).await?,
+                None => retry(|| create_stream(js, cfg)).await?,
             }
         }
         for cfg in &self.buckets {
-            match stream_info(js, &format!("KV_{}", cfg.bucket)).await? {
+            let name = format!("KV_{}", cfg.bucket);
+            match retry(|| stream_info(js, &name)).await? {
                 Some(actual) => drifts.extend(bucket_drift(cfg, &actual)),
-                None => create_bucket(js, cfg).await?,
+                None => retry(|| create_bucket(js, cfg)).await?,
             }
         }
         for (stream_name, cfg) in &self.consumers {
-            let name = cfg.durable_name.clone().unwrap_or_default();
-            let stream =
-                js.get_stream(stream_name)
-                    .await
-                    .map_err(|source| TopologyError::Info {
-                        name: stream_name.clone(),
-                        source,
-                    })?;
-            match stream.consumer_info(&name).await {
-                Ok(info) => drifts.extend(consumer_drift(stream_name, cfg, &info.config)),
-                Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
-                    create_consumer(js, stream_name, cfg).await?
-                }
-                Err(source) => {
-                    return Err(TopologyError::ConsumerInfo {
-                        stream: stream_name.clone(),
-                        name,
-                        source,
-                    });
-                }
+            match retry(|| consumer_info(js, stream_name, cfg)).await? {
+                Some(have) => drifts.extend(consumer_drift(stream_name, cfg, &have)),
+                None => retry(|| create_consumer(js, stream_name, cfg)).await?,
             }
         }
         for d in &drifts {
@@ -187,14 +177,20 @@ impl Topology {
     /// `pushbus setup`: creates or updates everything to this configuration
     /// (e.g. R1 -> R3 in place), streams first (consumers need them).
     pub async fn apply(&self, js: &jetstream::Context) -> Result<(), TopologyError> {
+        let js = &short_timeouts(js);
         for cfg in &self.streams {
-            create_stream(js, cfg).await?;
+            retry(|| create_stream(js, cfg)).await?;
         }
         for cfg in &self.buckets {
-            create_bucket(js, cfg).await?;
+            retry(|| create_bucket(js, cfg)).await?;
         }
         for (stream_name, cfg) in &self.consumers {
-            create_consumer(js, stream_name, cfg).await?;
+            retry(|| create_consumer(js, stream_name, cfg)).await?;
+        }
+        let mut names: Vec<String> = self.streams.iter().map(|s| s.name.clone()).collect();
+        names.extend(self.buckets.iter().map(|b| format!("KV_{}", b.bucket)));
+        for name in names {
+            wait_current(js, &name).await;
         }
         Ok(())
     }
@@ -218,6 +214,110 @@ pub async fn open_bucket(
     js.get_key_value(&name)
         .await
         .map_err(|source| TopologyError::Open { name, source })
+}
+
+/// How long start-up waits out a cluster that cannot answer yet (a stream
+/// whose leader died is re-elected within seconds).
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Errors a cluster gives while it elects a leader or misses a peer; worth
+/// waiting out. Anything else (bad config, permissions) fails at once.
+fn transient(err: &TopologyError) -> bool {
+    let text = err.to_string().to_ascii_lowercase();
+    [
+        "timed out",
+        "no responders",
+        "temporarily unavailable",
+        "no suitable peers",
+        "leader",
+        "not current",
+    ]
+    .iter()
+    .any(|t| text.contains(t))
+}
+
+/// After a scale-up the new replicas copy the stream; until they have, a
+/// lost leader may leave the stream without quorum. Waits (bounded) until
+/// every replica is current, so `pushbus setup` returning means "done".
+async fn wait_current(js: &jetstream::Context, name: &str) {
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    loop {
+        let state = match js.get_stream(name).await {
+            Ok(mut s) => s.info().await.ok().map(|i| {
+                let want = replicas(i.config.num_replicas);
+                let c = i.cluster.clone().unwrap_or_default();
+                let current = c
+                    .replicas
+                    .iter()
+                    .filter(|r| r.current && !r.offline)
+                    .count();
+                (c.leader.is_some() || want == 1) && current + 1 >= want
+            }),
+            Err(_) => None,
+        };
+        if state == Some(true) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                stream = name,
+                "replicas not all current yet; check `nats stream info`"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A request lost with a dead node is retried after 2 s rather than after
+/// the default 10 s wait.
+fn short_timeouts(js: &jetstream::Context) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(js.client())
+}
+
+async fn retry<T, F, Fut>(mut op: F) -> Result<T, TopologyError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, TopologyError>>,
+{
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match op().await {
+            Err(err) if transient(&err) && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "nats cluster not answering yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn consumer_info(
+    js: &jetstream::Context,
+    stream_name: &str,
+    cfg: &pull::Config,
+) -> Result<Option<jetstream::consumer::Config>, TopologyError> {
+    let name = cfg.durable_name.clone().unwrap_or_default();
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|source| TopologyError::Info {
+            name: stream_name.into(),
+            source,
+        })?;
+    match stream.consumer_info(&name).await {
+        Ok(info) => Ok(Some(info.config)),
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(None),
+        Err(source) => Err(TopologyError::ConsumerInfo {
+            stream: stream_name.into(),
+            name,
+            source,
+        }),
+    }
 }
 
 async fn stream_info(

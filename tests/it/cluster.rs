@@ -29,7 +29,7 @@ fn replicated() -> StackOptions {
 const HOOK_DEADLINE: Duration = Duration::from_secs(3);
 
 async fn js(cluster: &NatsCluster) -> jetstream::Context {
-    jetstream::new(async_nats::connect(cluster.urls()).await.unwrap())
+    jetstream::new(cluster.client().await.unwrap())
 }
 
 async fn register(js: &jetstream::Context, agent_id: &str, project: i64) {
@@ -84,7 +84,11 @@ struct Sent {
 
 /// Pushes to project 42, round-robin over REFS branches with ever larger
 /// SHAs, every `every`, until `stop`.
-fn pusher(ingest: std::net::SocketAddr, every: Duration, stop: CancellationToken) -> tokio::task::JoinHandle<Vec<Sent>> {
+fn pusher(
+    ingest: std::net::SocketAddr,
+    every: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<Sent>> {
     tokio::spawn(async move {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
@@ -124,7 +128,11 @@ fn pusher(ingest: std::net::SocketAddr, every: Duration, stop: CancellationToken
 
 /// Follows an SSE agent, reconnecting with its cursor; keeps the newest SHA
 /// poked per ref.
-fn agent(url: String, seen: Arc<Mutex<HashMap<String, String>>>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+fn agent(
+    url: String,
+    seen: Arc<Mutex<HashMap<String, String>>>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut cursor: Option<String> = None;
         while !stop.is_cancelled() {
@@ -168,6 +176,7 @@ fn agent(url: String, seen: Arc<Mutex<HashMap<String, String>>>, stop: Cancellat
 
 /// What a fault did to the pushes.
 #[derive(Debug)]
+#[allow(dead_code)] // printed, not all asserted
 struct Figures {
     pushes: usize,
     refused: usize,
@@ -324,11 +333,20 @@ async fn cluster_rolling_restart_loses_nothing() {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let mut ok = true;
-                for s in [names::STREAM_PUSHES, names::STREAM_POKES, "KV_pushbus-ref-heads"] {
+                for s in [
+                    names::STREAM_PUSHES,
+                    names::STREAM_POKES,
+                    "KV_pushbus-ref-heads",
+                ] {
                     let current = match js.get_stream(s).await {
-                        Ok(mut st) => st.info().await.ok().and_then(|i| i.cluster.clone()).is_some_and(|c| {
-                            c.leader.is_some() && c.replicas.iter().all(|r| r.current)
-                        }),
+                        Ok(mut st) => st
+                            .info()
+                            .await
+                            .ok()
+                            .and_then(|i| i.cluster.clone())
+                            .is_some_and(|c| {
+                                c.leader.is_some() && c.replicas.iter().all(|r| r.current)
+                            }),
                         Err(_) => false,
                     };
                     ok &= current;
@@ -369,7 +387,14 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
     }
     assert!(all.len() >= 9, "{all:?}");
     for n in &all {
-        let info = js.get_stream(n).await.unwrap().info().await.unwrap().clone();
+        let info = js
+            .get_stream(n)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
         assert_eq!(info.config.num_replicas, 3, "{n}");
     }
     // Scaled in place: the message is still there, same sequence.
@@ -393,7 +418,14 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let js2 = jetstream::new(async_nats::connect(cluster.nodes[0].url()).await.unwrap());
-    let info = js2.get_stream(names::STREAM_PUSHES).await.unwrap().info().await.unwrap().clone();
+    let info = js2
+        .get_stream(names::STREAM_PUSHES)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
     assert_eq!(info.config.num_replicas, 3);
     let text = metrics(&stack).await;
     assert!(

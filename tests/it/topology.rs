@@ -38,7 +38,14 @@ pub async fn metrics(stack: &Stack) -> String {
 }
 
 async fn stream_config(js: &jetstream::Context, name: &str) -> jetstream::stream::Config {
-    js.get_stream(name).await.unwrap().info().await.unwrap().config.clone()
+    js.get_stream(name)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone()
 }
 
 fn push_body(sha: &str) -> serde_json::Value {
@@ -59,7 +66,10 @@ async fn services_keep_operator_changes_and_report_drift_setup_writes() {
     // An operator raises the push stream's size and the filter consumer's
     // in-flight limit by hand.
     let mut pushes = stream_config(&js, names::STREAM_PUSHES).await;
-    assert_eq!(pushes.max_bytes, pushbus_shared::topology::DEFAULT_STREAM_MAX_BYTES);
+    assert_eq!(
+        pushes.max_bytes,
+        pushbus_shared::topology::DEFAULT_STREAM_MAX_BYTES
+    );
     assert_eq!(pushes.discard, jetstream::stream::DiscardPolicy::New);
     pushes.max_bytes = 123_456_789;
     js.update_stream(pushes).await.unwrap();
@@ -112,7 +122,10 @@ async fn a_full_push_stream_refuses_new_pushes_keeps_old_ones_and_the_hook_spool
     setup(&nats.url(), &["--stream-max-bytes", "3000"]);
     let stack = Stack::start(&nats.url()).await;
     let js = jetstream::new(pushbus_shared::testkit::client(&nats).await);
-    assert_eq!(stream_config(&js, names::STREAM_PUSHES).await.max_bytes, 3000);
+    assert_eq!(
+        stream_config(&js, names::STREAM_PUSHES).await.max_bytes,
+        3000
+    );
 
     let mut stored = 0u64;
     let mut refused = false;
