@@ -28,8 +28,12 @@ fn replicated() -> StackOptions {
 /// hook-ingest answers within its 2 s store timeout; the hook waits 3 s.
 const HOOK_DEADLINE: Duration = Duration::from_secs(3);
 
+/// Short request timeouts: a request lost with a killed node is retried
+/// soon, so leader changes are seen when they happen.
 async fn js(cluster: &NatsCluster) -> jetstream::Context {
-    jetstream::new(cluster.client().await.unwrap())
+    jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(1000))
+        .build(cluster.client().await.unwrap())
 }
 
 async fn register(js: &jetstream::Context, agent_id: &str, project: i64) {
@@ -80,6 +84,8 @@ struct Sent {
     sha: String,
     status: u16,
     took: Duration,
+    /// The refusal's reason, for the figures.
+    reason: String,
 }
 
 /// Pushes to project 42, round-robin over REFS branches with ever larger
@@ -105,20 +111,29 @@ fn pusher(
                 "changes": format!("{} {sha} refs/heads/b{}", "0".repeat(40), i as usize % REFS),
             });
             let at = Instant::now();
-            let status = match http
+            let (status, reason) = match http
                 .post(format!("http://{ingest}/api/v4/internal/post_receive"))
                 .json(&body)
                 .send()
                 .await
             {
-                Ok(r) => r.status().as_u16(),
-                Err(_) => 0,
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let text = if status == 200 {
+                        String::new()
+                    } else {
+                        r.text().await.unwrap_or_default()
+                    };
+                    (status, text)
+                }
+                Err(e) => (0, e.to_string()),
             };
             sent.push(Sent {
                 at,
                 sha,
                 status,
                 took: at.elapsed(),
+                reason,
             });
             tokio::time::sleep(every).await;
         }
@@ -180,20 +195,30 @@ fn agent(
 struct Figures {
     pushes: usize,
     refused: usize,
-    /// First refused push to the last one (0 if none).
+    /// Longest run of refused pushes: first refused to the next accepted.
     refused_window: Duration,
     slowest_answer: Duration,
 }
 
 fn figures(sent: &[Sent]) -> Figures {
-    let bad: Vec<&Sent> = sent.iter().filter(|s| s.status != 200).collect();
-    let refused_window = match (bad.first(), bad.last()) {
-        (Some(a), Some(b)) => b.at + b.took - a.at,
-        _ => Duration::ZERO,
-    };
+    let mut refused_window = Duration::ZERO;
+    let mut run_start: Option<Instant> = None;
+    for s in sent {
+        match (s.status == 200, run_start) {
+            (false, None) => run_start = Some(s.at),
+            (true, Some(start)) => {
+                refused_window = refused_window.max(s.at - start);
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(start), Some(last)) = (run_start, sent.last()) {
+        refused_window = refused_window.max(last.at + last.took - start);
+    }
     Figures {
         pushes: sent.len(),
-        refused: bad.len(),
+        refused: sent.iter().filter(|s| s.status != 200).count(),
         refused_window,
         slowest_answer: sent.iter().map(|s| s.took).max().unwrap_or_default(),
     }
@@ -234,7 +259,11 @@ where
     push_stop.cancel();
     let sent = pushing.await.unwrap();
     let f = figures(&sent);
-    eprintln!("{name}: {f:?}");
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    for s in sent.iter().filter(|s| s.status != 200) {
+        *reasons.entry(format!("{} {}", s.status, s.reason)).or_default() += 1;
+    }
+    eprintln!("{name}: {f:?} refusals: {reasons:?}");
     let tail: Vec<u16> = sent.iter().rev().take(10).map(|s| s.status).collect();
     assert!(
         tail.iter().all(|s| *s == 200),
