@@ -261,7 +261,9 @@ where
     let f = figures(&sent);
     let mut reasons: HashMap<String, usize> = HashMap::new();
     for s in sent.iter().filter(|s| s.status != 200) {
-        *reasons.entry(format!("{} {}", s.status, s.reason)).or_default() += 1;
+        *reasons
+            .entry(format!("{} {}", s.status, s.reason))
+            .or_default() += 1;
     }
     eprintln!("{name}: {f:?} refusals: {reasons:?}");
     let tail: Vec<u16> = sent.iter().rev().take(10).map(|s| s.status).collect();
