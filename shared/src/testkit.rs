@@ -45,6 +45,8 @@ pub struct NatsServer {
     extra: Vec<String>,
     /// `nats://` or `tls://`.
     scheme: &'static str,
+    /// Environment of the server process (config files may read it).
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -61,6 +63,7 @@ impl NatsServer {
             child: None,
             extra: Vec::new(),
             scheme: "nats",
+            env: Vec::new(),
         };
         server.spawn();
         server
@@ -71,14 +74,31 @@ impl NatsServer {
     /// sets the port, address and store, so a shipped config runs as is.
     /// `tls`: clients must use `tls://`.
     pub fn start_with_config(config: &str, tls: bool) -> Self {
+        Self::start_configured(config, &[], &[], tls)
+    }
+
+    /// Same, with `files` (name, text) written beside the config (for its
+    /// `include`s) and `env` given to the server process.
+    pub fn start_configured(
+        config: &str,
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+        tls: bool,
+    ) -> Self {
         let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
         let store = tempfile::tempdir().expect("temp store dir");
         let port = free_port();
-        let text = config
-            .replace("{port}", &port.to_string())
-            .replace("{store}", &store.path().display().to_string());
-        let file = store.path().join("nats-server.conf");
-        std::fs::write(&file, text).expect("write nats-server config");
+        let fill = |text: &str| {
+            text.replace("{port}", &port.to_string())
+                .replace("{store}", &store.path().display().to_string())
+        };
+        let dir = store.path().join("conf");
+        std::fs::create_dir_all(&dir).expect("config dir");
+        for (name, text) in files {
+            std::fs::write(dir.join(name), fill(text)).expect("write config include");
+        }
+        let file = dir.join("nats-server.conf");
+        std::fs::write(&file, fill(config)).expect("write nats-server config");
         let mut server = Self {
             bin,
             port,
@@ -86,6 +106,10 @@ impl NatsServer {
             child: None,
             extra: vec!["-c".into(), file.display().to_string()],
             scheme: if tls { "tls" } else { "nats" },
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         server.spawn();
         server
@@ -109,15 +133,40 @@ impl NatsServer {
         self.wait_listening();
     }
 
+    /// `-sd <temp dir>`, unless the config file names its own store.
+    fn store_args(&self) -> Vec<String> {
+        let own = self.extra.iter().position(|a| a == "-c").is_some_and(|i| {
+            self.extra
+                .get(i + 1)
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .is_some_and(|text| text.contains("store_dir"))
+        });
+        if own {
+            Vec::new()
+        } else {
+            vec!["-sd".into(), self.store.path().display().to_string()]
+        }
+    }
+
+    /// The server's own log (appended across restarts), for failures.
+    fn log_file(&self) -> Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.store.path().join("nats-server.log"))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    }
+
     fn spawn_no_wait(&mut self) {
         let child = Command::new(&self.bin)
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(self.store.path())
+            .args(self.store_args())
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
@@ -131,9 +180,13 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let log =
+            std::fs::read_to_string(self.store.path().join("nats-server.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
         panic!(
-            "nats-server did not listen on port {} within 20s",
-            self.port
+            "nats-server did not listen on port {} within 20s; its log ends:\n{}",
+            self.port,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
 
@@ -244,6 +297,7 @@ impl NatsCluster {
                         routes,
                     ],
                     scheme: "nats",
+                    env: Vec::new(),
                 }
             })
             .collect();

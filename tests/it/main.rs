@@ -7,6 +7,7 @@ mod guarantees;
 mod ingest;
 mod lag;
 mod notifier;
+mod privilege;
 mod secure;
 mod support;
 mod topology;

@@ -135,6 +135,9 @@ impl ConnectConfig {
         let mut options = async_nats::ConnectOptions::new()
             .name(name)
             .connection_timeout(Duration::from_secs(5))
+            // Replies come to `_INBOX.<client name>.…`, so a least-privilege
+            // user may subscribe to its own replies and nobody else's.
+            .custom_inbox_prefix(inbox_prefix(name))
             // A production bus reconnects for as long as the service runs.
             .max_reconnects(None);
         options = match &self.auth {
@@ -164,6 +167,11 @@ impl ConnectConfig {
         }
         self.servers.iter().map(|s| parse_server(s)).collect()
     }
+}
+
+/// `_INBOX.pushbus-filter` for client `pushbus-filter`.
+pub fn inbox_prefix(client_name: &str) -> String {
+    format!("_INBOX.{client_name}")
 }
 
 /// The flags' values before their files are read.
