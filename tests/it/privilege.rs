@@ -187,6 +187,7 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     let ingest_addr: SocketAddr = local(free_port());
     let notifier_addr: SocketAddr = local(free_port());
     let ingest_cfg = pushbus_hook_ingest::Config {
+        insecure_no_auth: false,
         listen: ingest_addr,
         secret_file: None,
         max_body_bytes: 8 * 1024 * 1024,

@@ -292,3 +292,44 @@ fn token_nkey_and_seed_lists() {
     assert!(!success);
     assert!(stderr.contains("nkey"), "{stderr}");
 }
+
+#[test]
+fn hook_ingest_refuses_unauthenticated_calls_off_loopback() {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let blank = write(dir.path(), "blank", "\n \n");
+    let run = |extra: &[&str]| {
+        let mut child = Command::new(PUSHBUS)
+            .args(["run", "hook-ingest", "--nats-url", &nats.url()])
+            .args(["--ops-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--ingest-listen", &format!("0.0.0.0:{}", free_port())])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                return Some((status.success(), err));
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let (ok, err) = run(&[]).expect("hook-ingest kept running without a secret on 0.0.0.0");
+    assert!(!ok);
+    assert!(err.contains("refusing to accept unauthenticated calls"), "{err}");
+    let (ok, err) = run(&["--ingest-secret-file", &blank.display().to_string()])
+        .expect("hook-ingest kept running with an empty secret");
+    assert!(!ok);
+    assert!(err.contains("is empty"), "{err}");
+    // Told explicitly, it runs (and is still running when we stop looking).
+    assert!(run(&["--ingest-insecure-no-auth"]).is_none());
+}

@@ -67,6 +67,7 @@ impl Stack {
     pub async fn start_with(nats_url: &str, opts: StackOptions) -> Stack {
         let (ingest, notifier, ops) = (local(free_port()), local(free_port()), local(free_port()));
         let ingest_cfg = pushbus_hook_ingest::Config {
+            insecure_no_auth: false,
             listen: ingest,
             secret_file: opts.secret_file,
             max_body_bytes: 8 * 1024 * 1024,

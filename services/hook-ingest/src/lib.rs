@@ -59,6 +59,10 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub store_timeout_ms: u64,
+    /// Accept unauthenticated calls on a non-loopback address (without it,
+    /// hook-ingest refuses to start there with no --ingest-secret-file).
+    #[arg(long = "ingest-insecure-no-auth", env = "PUSHBUS_INGEST_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
     #[command(flatten)]
     pub routes: routes::RouteTtlArgs,
 }
@@ -72,6 +76,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "refusing to accept unauthenticated calls on {addr}: give --ingest-secret-file \
+         (a non-empty file), listen on loopback, or pass --ingest-insecure-no-auth"
+    )]
+    Insecure { addr: SocketAddr },
+    #[error("the shared secret file {} is empty", path.display())]
+    EmptySecret { path: PathBuf },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -112,10 +123,19 @@ pub async fn run(
                 .to_owned(),
         ),
         None => {
+            // Open only where nobody else can reach it, unless told.
+            if !config.listen.ip().is_loopback() && !config.insecure_no_auth {
+                return Err(Error::Insecure {
+                    addr: config.listen,
+                });
+            }
             tracing::warn!("no --ingest-secret-file: post_receive accepts unauthenticated calls");
             None
         }
     };
+    if let (Some(""), Some(path)) = (secret.as_deref(), &config.secret_file) {
+        return Err(Error::EmptySecret { path: path.clone() });
+    }
     topology_with(&config.routes)
         .with(&ctx.topology)
         .ensure(&ctx.js)
