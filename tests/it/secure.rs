@@ -312,7 +312,12 @@ fn hook_ingest_refuses_unauthenticated_calls_off_loopback() {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut err = String::new();
                 use std::io::Read;
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 return Some((status.success(), err));
             }
             if std::time::Instant::now() > deadline {
@@ -325,7 +330,10 @@ fn hook_ingest_refuses_unauthenticated_calls_off_loopback() {
     };
     let (ok, err) = run(&[]).expect("hook-ingest kept running without a secret on 0.0.0.0");
     assert!(!ok);
-    assert!(err.contains("refusing to accept unauthenticated calls"), "{err}");
+    assert!(
+        err.contains("refusing to accept unauthenticated calls"),
+        "{err}"
+    );
     let (ok, err) = run(&["--ingest-secret-file", &blank.display().to_string()])
         .expect("hook-ingest kept running with an empty secret");
     assert!(!ok);

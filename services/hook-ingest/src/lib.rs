@@ -61,7 +61,10 @@ pub struct Config {
     pub store_timeout_ms: u64,
     /// Accept unauthenticated calls on a non-loopback address (without it,
     /// hook-ingest refuses to start there with no --ingest-secret-file).
-    #[arg(long = "ingest-insecure-no-auth", env = "PUSHBUS_INGEST_INSECURE_NO_AUTH")]
+    #[arg(
+        long = "ingest-insecure-no-auth",
+        env = "PUSHBUS_INGEST_INSECURE_NO_AUTH"
+    )]
     pub insecure_no_auth: bool,
     #[command(flatten)]
     pub routes: routes::RouteTtlArgs,
