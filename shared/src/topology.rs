@@ -424,7 +424,7 @@ fn stream_drift(want: &stream::Config, have: &stream::Config) -> Option<Drift> {
 
 fn bucket_drift(want: &kv::Config, have: &stream::Config) -> Option<Drift> {
     let mut fields = Vec::new();
-    if i64::from(want.history.max(1)) != have.max_messages_per_subject {
+    if want.history.max(1) != have.max_messages_per_subject {
         fields.push("history");
     }
     if want.max_age != have.max_age {
