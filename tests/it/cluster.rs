@@ -465,3 +465,68 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
     );
     stack.stop().await;
 }
+
+/// What a leader change can do to an ephemeral consumer without the client
+/// noticing: it is gone. The notifier's ref-heads feed must rebuild itself
+/// and keep poking a connected agent, with no reconnect on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heads_feed_recovers_when_its_consumer_vanishes() {
+    let nats = pushbus_shared::testkit::NatsServer::start();
+    crate::support::register(&nats, "agent-v", [42].into_iter()).await;
+    let stack = Stack::start(&nats.url()).await;
+    let url = format!("http://{}/v1/agents/agent-v/pokes", stack.notifier);
+    let mut sse = SseReader::new(SseReader::connect(&url, None).await);
+    assert_eq!(
+        sse.next_event(Duration::from_secs(10)).await.unwrap().0,
+        "status"
+    );
+    let push = |sha: String| {
+        serde_json::json!({
+            "gl_repository": "project-42",
+            "identifier": "user-1",
+            "changes": format!("{} {sha} refs/heads/main", "0".repeat(40)),
+        })
+    };
+    assert_eq!(
+        stack
+            .post_receive(&push("a".repeat(40)), &[])
+            .await
+            .status(),
+        200
+    );
+    let (_, data) = sse
+        .next_event(Duration::from_secs(10))
+        .await
+        .expect("first poke");
+    assert!(data.contains(&"a".repeat(40)), "{data}");
+
+    let js = jetstream::new(pushbus_shared::testkit::client(&nats).await);
+    let stream = js.get_stream("KV_pushbus-ref-heads").await.unwrap();
+    let mut names = stream.consumer_names();
+    let mut deleted = 0;
+    while let Some(name) = names.next().await {
+        stream.delete_consumer(&name.unwrap()).await.unwrap();
+        deleted += 1;
+    }
+    assert!(deleted > 0, "no feed consumer found");
+
+    assert_eq!(
+        stack
+            .post_receive(&push("b".repeat(40)), &[])
+            .await
+            .status(),
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (event, data) = sse
+            .next_event(left)
+            .await
+            .expect("no poke after the feed's consumer vanished");
+        if event == "poke" && data.contains(&"b".repeat(40)) {
+            break;
+        }
+    }
+    stack.stop().await;
+}
