@@ -184,13 +184,17 @@ impl Topology {
         for cfg in &self.buckets {
             retry(|| create_bucket(js, cfg)).await?;
         }
+        // Consumers may not have more replicas than their stream has yet.
+        let mut names: Vec<String> = self.streams.iter().map(|s| s.name.clone()).collect();
+        names.extend(self.buckets.iter().map(|b| format!("KV_{}", b.bucket)));
+        for name in &names {
+            wait_current(js, name).await;
+        }
         for (stream_name, cfg) in &self.consumers {
             retry(|| create_consumer(js, stream_name, cfg)).await?;
         }
-        let mut names: Vec<String> = self.streams.iter().map(|s| s.name.clone()).collect();
-        names.extend(self.buckets.iter().map(|b| format!("KV_{}", b.bucket)));
-        for name in names {
-            wait_current(js, &name).await;
+        for (stream_name, cfg) in &self.consumers {
+            wait_consumer_current(js, stream_name, cfg).await;
         }
         Ok(())
     }
@@ -231,6 +235,8 @@ fn transient(err: &TopologyError) -> bool {
         "no suitable peers",
         "leader",
         "not current",
+        // A scale-up the cluster has not applied to the stream yet.
+        "exceeds parent stream",
     ]
     .iter()
     .any(|t| text.contains(t))
@@ -263,6 +269,35 @@ async fn wait_current(js: &jetstream::Context, name: &str) {
                 stream = name,
                 "replicas not all current yet; check `nats stream info`"
             );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The same for a consumer: scaled up, its new replicas catch up too.
+async fn wait_consumer_current(js: &jetstream::Context, stream_name: &str, cfg: &pull::Config) {
+    let name = cfg.durable_name.clone().unwrap_or_default();
+    let want = replicas(cfg.num_replicas);
+    let deadline = tokio::time::Instant::now() + RETRY_FOR;
+    loop {
+        let done = match js.get_stream(stream_name).await {
+            Ok(s) => s.consumer_info(&name).await.ok().is_some_and(|i| {
+                let c = i.cluster.clone().unwrap_or_default();
+                let current = c
+                    .replicas
+                    .iter()
+                    .filter(|r| r.current && !r.offline)
+                    .count();
+                (c.leader.is_some() || want == 1) && current + 1 >= want
+            }),
+            Err(_) => false,
+        };
+        if done {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(stream = stream_name, consumer = %name, "consumer replicas not all current yet");
             return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
