@@ -53,20 +53,38 @@ async fn register(js: &jetstream::Context, agent_id: &str, project: i64) {
     pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
 }
 
-/// Newest SHA per ref among the pushes stored in PUSHBUS_PUSHES.
+/// Newest SHA per ref among the pushes stored in PUSHBUS_PUSHES, and every
+/// stored SHA. Retried: right after a fault the cluster may still be settling.
 async fn stored_heads(js: &jetstream::Context) -> (HashMap<String, String>, Vec<String>) {
-    let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();
-    let count = stream.get_info().await.unwrap().state.messages as usize;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build(js.client());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match try_stored_heads(&js).await {
+            Ok(found) => return found,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot read PUSHBUS_PUSHES: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn try_stored_heads(
+    js: &jetstream::Context,
+) -> Result<(HashMap<String, String>, Vec<String>), async_nats::Error> {
+    let stream = js.get_stream(names::STREAM_PUSHES).await?;
+    let count = stream.get_info().await?.state.messages as usize;
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap().take(count);
+        .await?;
+    let mut messages = consumer.messages().await?.take(count);
     let mut heads: HashMap<String, String> = HashMap::new();
     let mut all = Vec::new();
     while let Some(m) = messages.next().await {
-        let env = pushbus_shared::envelope::decode(&m.unwrap().payload).unwrap();
-        let push: GitPushEvent = pushbus_shared::envelope::open(&env).unwrap();
+        let env = pushbus_shared::envelope::decode(&m?.payload)?;
+        let push: GitPushEvent = pushbus_shared::envelope::open(&env)?;
         for change in push.changes {
             all.push(change.new_sha.clone());
             let e = heads.entry(change.r#ref.clone()).or_default();
@@ -75,7 +93,7 @@ async fn stored_heads(js: &jetstream::Context) -> (HashMap<String, String>, Vec<
             }
         }
     }
-    (heads, all)
+    Ok((heads, all))
 }
 
 /// One push's fate, as the hook would see it.
