@@ -64,13 +64,14 @@ pub async fn run(nats: &NatsArgs, command: AgentsCommand) -> anyhow::Result<()> 
         AgentsCommand::Put { file } => Some(parse_file(file)?),
         _ => None,
     };
-    let client = async_nats::connect(nats.url())
-        .await
-        .with_context(|| format!("connecting to {}", nats.url()))?;
+    let client = crate::connect(nats, "pushbus-agents").await?;
     let js = async_nats::jetstream::new(client);
-    let kv = js
-        .create_or_update_key_value(pushbus_shared::topology::agents_bucket())
-        .await?;
+    let kv = pushbus_shared::topology::open_bucket(
+        &js,
+        pushbus_shared::topology::agents_bucket(),
+        &nats.topology,
+    )
+    .await?;
     match command {
         AgentsCommand::Put { .. } => {
             let Parsed {

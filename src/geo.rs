@@ -1,7 +1,6 @@
 //! `pushbus geo nodes add|list|remove` (KV bucket pushbus-geo-nodes) and
 //! `pushbus geo route` (KV bucket pushbus-geo-push-routes).
 
-use anyhow::Context;
 use pushbus_hook_ingest::routes::{self, RouteTtlArgs};
 use pushbus_replication_lag::nodes;
 use pushbus_shared::proto::GeoNode;
@@ -62,15 +61,16 @@ pub async fn run(nats: &NatsArgs, command: GeoCommand) -> anyhow::Result<()> {
             primary: *primary,
         })?;
     }
-    let client = async_nats::connect(nats.url())
-        .await
-        .with_context(|| format!("connecting to {}", nats.url()))?;
+    let client = crate::connect(nats, "pushbus-geo").await?;
     let js = async_nats::jetstream::new(client);
     match command {
         GeoCommand::Nodes { command } => {
-            let kv = js
-                .create_or_update_key_value(topology::geo_nodes_bucket())
-                .await?;
+            let kv = pushbus_shared::topology::open_bucket(
+                &js,
+                topology::geo_nodes_bucket(),
+                &nats.topology,
+            )
+            .await?;
             match command {
                 NodesCommand::Add {
                     node_id,
@@ -104,9 +104,12 @@ pub async fn run(nats: &NatsArgs, command: GeoCommand) -> anyhow::Result<()> {
             node_id,
             ttl,
         } => {
-            let kv = js
-                .create_or_update_key_value(topology::geo_push_routes_bucket(ttl.ttl()))
-                .await?;
+            let kv = pushbus_shared::topology::open_bucket(
+                &js,
+                topology::geo_push_routes_bucket(ttl.ttl()),
+                &nats.topology,
+            )
+            .await?;
             routes::store_route(&kv, &correlation_id, &node_id).await?;
             eprintln!(
                 "pushes with correlation ID {correlation_id} go through Geo node {node_id} (key {})",

@@ -21,6 +21,8 @@ use pushbus_shared::service::NatsArgs;
     about = "Git push notifications over NATS JetStream"
 )]
 struct Cli {
+    #[command(flatten)]
+    nats: NatsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,44 +35,32 @@ enum Command {
     /// Create or update every stream, KV bucket and consumer, then exit.
     Setup {
         #[command(flatten)]
-        nats: NatsArgs,
-        #[command(flatten)]
         routes: pushbus_hook_ingest::routes::RouteTtlArgs,
     },
     /// Manage agent registrations (KV bucket pushbus-agents).
     Agents {
-        #[command(flatten)]
-        nats: NatsArgs,
         #[command(subcommand)]
         command: agents::AgentsCommand,
     },
     /// Manage Geo nodes (KV pushbus-geo-nodes) and correlation-ID routes
     /// (KV pushbus-geo-push-routes).
     Geo {
-        #[command(flatten)]
-        nats: NatsArgs,
         #[command(subcommand)]
         command: geo::GeoCommand,
     },
     /// Follow the streams, every message decoded (`events tail`).
     Events {
-        #[command(flatten)]
-        nats: NatsArgs,
         #[command(subcommand)]
         command: EventsCommand,
     },
     /// Dead letters in PUSHBUS_DLQ: list, show, replay, purge.
     Dlq {
-        #[command(flatten)]
-        nats: NatsArgs,
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
     /// Streams, consumers and their backlog, dead letters, and every running
     /// service instance (agents connected, readiness, last error).
     Status {
-        #[command(flatten)]
-        nats: NatsArgs,
         #[command(flatten)]
         args: status::StatusArgs,
     },
@@ -120,30 +110,40 @@ enum HookCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run::run(*args).await,
-        Command::Setup { nats, routes } => {
-            let client = async_nats::connect(nats.url()).await?;
+        Command::Run(args) => run::run(*args, cli.nats).await,
+        Command::Setup { routes } => {
+            let nats = cli.nats;
+            let client = connect(&nats, "pushbus-setup").await?;
             let js = async_nats::jetstream::new(client);
             // The configured route TTL, not the default, so setup and
             // hook-ingest do not undo each other's bucket settings (merge
             // keeps the first definition of a bucket).
             pushbus_hook_ingest::topology_with(&routes)
                 .merge(run::full_topology())
-                .ensure(&js)
+                .with(&nats.topology)
+                .apply(&js)
                 .await?;
-            eprintln!("pushbus topology is in place on {}", nats.url());
+            eprintln!(
+                "pushbus topology is in place on {} (replicas {})",
+                nats.url(),
+                nats.topology.replicas
+            );
             Ok(())
         }
-        Command::Agents { nats, command } => agents::run(&nats, command).await,
-        Command::Geo { nats, command } => geo::run(&nats, command).await,
-        Command::Events { nats, command } => {
+        Command::Agents { command } => agents::run(&cli.nats, command).await,
+        Command::Geo { command } => geo::run(&cli.nats, command).await,
+        Command::Events { command } => {
             let EventsCommand::Tail(args) = command;
-            events::tail(async_nats::jetstream::new(connect(&nats).await?), args).await
+            let client = connect(&cli.nats, "pushbus-events").await?;
+            events::tail(async_nats::jetstream::new(client), args).await
         }
-        Command::Dlq { nats, command } => {
-            dlq::run(async_nats::jetstream::new(connect(&nats).await?), command).await
+        Command::Dlq { command } => {
+            let client = connect(&cli.nats, "pushbus-dlq").await?;
+            dlq::run(async_nats::jetstream::new(client), command).await
         }
-        Command::Status { nats, args } => status::run(connect(&nats).await?, args).await,
+        Command::Status { args } => {
+            status::run(connect(&cli.nats, "pushbus-status").await?, args).await
+        }
         Command::Bench { command } => {
             // Benchmarks print their own figures; the log shows warnings only.
             pushbus_shared::telemetry::init_with_default("pushbus-bench", false, "warn");
@@ -184,6 +184,12 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// One attempt, for commands: a refusal names the servers and the method.
+pub async fn connect(nats: &NatsArgs, name: &str) -> anyhow::Result<async_nats::Client> {
+    let config = nats.connect_config()?;
+    Ok(pushbus_shared::bus::connect_once(&config, name).await?)
+}
+
 async fn post_receive(args: pushbus_hook_ingest::hook::HookArgs) {
     use tokio::io::AsyncReadExt;
     let mut stdin = String::new();
@@ -196,11 +202,4 @@ async fn post_receive(args: pushbus_hook_ingest::hook::HookArgs) {
     for line in outcome.lines {
         eprintln!("{line}");
     }
-}
-
-async fn connect(nats: &NatsArgs) -> anyhow::Result<async_nats::Client> {
-    use anyhow::Context;
-    async_nats::connect(nats.url())
-        .await
-        .with_context(|| format!("connecting to {}", nats.url()))
 }

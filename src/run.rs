@@ -18,8 +18,6 @@ pub struct RunArgs {
     #[arg(default_value = "all", value_name = "SERVICES")]
     services: String,
     #[command(flatten)]
-    nats: NatsArgs,
-    #[command(flatten)]
     embedded: crate::embedded::EmbeddedArgs,
     #[command(flatten)]
     ops: OpsArgs,
@@ -58,7 +56,7 @@ pub fn parse_services(list: &str) -> anyhow::Result<Vec<&'static str>> {
     Ok(chosen)
 }
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+pub async fn run(args: RunArgs, nats: NatsArgs) -> anyhow::Result<()> {
     let names = parse_services(&args.services)?;
     // One service: its traces are that service's; several: "pushbus".
     let telemetry_name = match names.as_slice() {
@@ -67,12 +65,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     pushbus_shared::telemetry::init(telemetry_name, args.ops.log_json);
     // No NATS configured: start one for a laptop.
-    let (url, _embedded) = match &args.nats.nats_url {
-        Some(url) => (url.clone(), None),
+    let (bus, _embedded) = match &nats.nats_url {
+        Some(_) => (nats.bus()?, None),
         None => {
             let server = crate::embedded::start(&args.embedded)
                 .context("starting the embedded nats-server")?;
-            (server.url(), Some(server))
+            let bus = service::BusConfig {
+                connect: nats.connect_config_or(&server.url())?,
+                topology: nats.topology.clone(),
+            };
+            (bus, Some(server))
         }
     };
     let mut launchers = Vec::new();
@@ -104,9 +106,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    tracing::info!(nats = %url, "pushbus starting");
+    tracing::info!(nats = %bus.connect.servers_for_log(), "pushbus starting");
     let hosted = service::host(
-        &url,
+        bus,
         args.ops.ops_listen,
         launchers,
         service::shutdown_signal(),

@@ -196,6 +196,31 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         Kind::Counter,
         "Webhook delivery attempts, by outcome.",
     ),
+    (
+        "pushbus_listener_refused_connections_total",
+        Kind::Counter,
+        "Connections closed at once because a listener was at its connection limit, by listener.",
+    ),
+    (
+        "pushbus_notifier_streams_refused_total",
+        Kind::Counter,
+        "Agent streams refused by the per-agent or total stream cap, by reason.",
+    ),
+    (
+        "pushbus_notifier_streams_revoked_total",
+        Kind::Counter,
+        "Agent streams closed because the agent's token changed or it was deleted.",
+    ),
+    (
+        "pushbus_nats_permission_denied_total",
+        Kind::Counter,
+        "NATS permission violations this process met, by client, operation and subject.",
+    ),
+    (
+        "pushbus_topology_drift",
+        Kind::Gauge,
+        "1 for each stream, bucket or consumer whose configuration differs from what this service would create (kept as the operator set it), by object and fields.",
+    ),
 ];
 
 /// Latency buckets in seconds (1 ms to 30 s), so latencies render as

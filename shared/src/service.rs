@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 
 use async_nats::jetstream;
@@ -12,18 +13,131 @@ use crate::bus::{self, Publisher};
 use crate::ops::{self, Readiness, ReadyFlag};
 use crate::proto::Source;
 
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub use crate::bus::DEFAULT_NATS_URL;
+use crate::bus::{ConnectConfig, ConnectConfigError, ConnectFlags};
+use crate::topology::TopologyArgs;
 
+/// How to reach NATS, and the replicas and limits of what pushbus creates
+/// there. Global: `pushbus agents list --nats-url …` works like `pushbus
+/// run --nats-url …`. Secrets are only ever read from files.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct NatsArgs {
-    /// NATS server URL.
-    #[arg(long = "nats-url", env = "PUSHBUS_NATS_URL")]
+    /// NATS seed servers, comma-separated (`nats://host:4222` or `tls://…`).
+    #[arg(long = "nats-url", env = "PUSHBUS_NATS_URL", global = true)]
     pub nats_url: Option<String>,
+    /// A `.creds` file (JWT and nkey seed, operator mode).
+    #[arg(long = "nats-creds", env = "PUSHBUS_NATS_CREDS", global = true)]
+    pub nats_creds: Option<PathBuf>,
+    /// A file holding an nkey seed.
+    #[arg(long = "nats-nkey", env = "PUSHBUS_NATS_NKEY", global = true)]
+    pub nats_nkey: Option<PathBuf>,
+    /// User name (with --nats-password-file).
+    #[arg(long = "nats-user", env = "PUSHBUS_NATS_USER", global = true)]
+    pub nats_user: Option<String>,
+    /// A file holding the password of --nats-user.
+    #[arg(
+        long = "nats-password-file",
+        env = "PUSHBUS_NATS_PASSWORD_FILE",
+        global = true
+    )]
+    pub nats_password_file: Option<PathBuf>,
+    /// A file holding an authentication token.
+    #[arg(
+        long = "nats-token-file",
+        env = "PUSHBUS_NATS_TOKEN_FILE",
+        global = true
+    )]
+    pub nats_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the servers with; implies TLS.
+    #[arg(long = "nats-tls-ca", env = "PUSHBUS_NATS_TLS_CA", global = true)]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --nats-tls-key.
+    #[arg(long = "nats-tls-cert", env = "PUSHBUS_NATS_TLS_CERT", global = true)]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long = "nats-tls-key", env = "PUSHBUS_NATS_TLS_KEY", global = true)]
+    pub nats_tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
 }
 
 impl NatsArgs {
-    pub fn url(&self) -> &str {
-        self.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL)
+    /// The seed list as given (or the default), for messages: never any
+    /// credentials.
+    pub fn url(&self) -> String {
+        crate::bus::redact_url(self.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL))
+    }
+
+    /// Validates the flags and reads the secret files.
+    pub fn connect_config(&self) -> Result<ConnectConfig, ConnectConfigError> {
+        self.connect_config_or(DEFAULT_NATS_URL)
+    }
+
+    /// Same, with `url` when no --nats-url was given (the embedded server).
+    pub fn connect_config_or(&self, url: &str) -> Result<ConnectConfig, ConnectConfigError> {
+        ConnectFlags {
+            url: self.nats_url.clone(),
+            creds: self.nats_creds.clone(),
+            nkey: self.nats_nkey.clone(),
+            user: self.nats_user.clone(),
+            password_file: self.nats_password_file.clone(),
+            token_file: self.nats_token_file.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+        }
+        .resolve(url)
+    }
+
+    /// Everything `host` needs from these flags.
+    pub fn bus(&self) -> Result<BusConfig, ConnectConfigError> {
+        Ok(BusConfig {
+            connect: self.connect_config()?,
+            topology: self.topology.clone(),
+        })
+    }
+}
+
+/// How services reach the bus and what they create there.
+#[derive(Clone, Debug, Default)]
+pub struct BusConfig {
+    pub connect: ConnectConfig,
+    pub topology: TopologyArgs,
+}
+
+impl From<&str> for BusConfig {
+    fn from(urls: &str) -> Self {
+        Self {
+            connect: ConnectConfig::plain(urls),
+            topology: TopologyArgs::default(),
+        }
+    }
+}
+
+impl From<&String> for BusConfig {
+    fn from(urls: &String) -> Self {
+        urls.as_str().into()
+    }
+}
+
+impl From<String> for BusConfig {
+    fn from(urls: String) -> Self {
+        urls.as_str().into()
+    }
+}
+
+impl From<&BusConfig> for BusConfig {
+    fn from(b: &BusConfig) -> Self {
+        b.clone()
+    }
+}
+
+impl From<ConnectConfig> for BusConfig {
+    fn from(connect: ConnectConfig) -> Self {
+        Self {
+            connect,
+            topology: TopologyArgs::default(),
+        }
     }
 }
 
@@ -50,6 +164,8 @@ pub struct ServiceContext {
     pub js: jetstream::Context,
     pub publisher: Publisher,
     pub ready: ReadyFlag,
+    /// Replicas and limits for what this service creates.
+    pub topology: TopologyArgs,
 }
 
 impl ServiceContext {
@@ -66,6 +182,7 @@ impl ServiceContext {
             js,
             client,
             ready,
+            topology: TopologyArgs::default(),
         }
     }
 
@@ -122,6 +239,13 @@ pub enum HostError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("service {name} cannot use nats: {source}")]
+    Connect {
+        name: &'static str,
+        source: crate::bus::ConnectError,
+    },
+    #[error("invalid nats settings: {0}")]
+    Config(#[from] ConnectConfigError),
     #[error("service {name} failed: {source}")]
     Service {
         name: &'static str,
@@ -132,11 +256,15 @@ pub enum HostError {
 /// Runs `services` in this process until `shutdown` resolves or one of them
 /// fails; then stops all of them and waits for each to finish.
 pub async fn host(
-    nats_url: &str,
+    bus: impl Into<BusConfig>,
     ops_listen: SocketAddr,
     services: Vec<Launcher>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), HostError> {
+    let bus: BusConfig = bus.into();
+    // A bad seed list fails start-up, not each service's reconnect loop.
+    bus.connect.server_addrs()?;
+    tracing::info!(nats = %bus.connect.servers_for_log(), auth = %bus.connect.auth.describe(), "nats settings");
     let readiness = Readiness::default();
     let token = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(ops_listen)
@@ -161,15 +289,18 @@ pub async fn host(
         let connected = readiness.component(&format!("{} (nats)", launcher.name));
         let status_readiness = readiness.clone();
         let token = token.clone();
-        let url = nats_url.to_owned();
+        let bus = bus.clone();
         running.spawn(async move {
             let name = launcher.name;
             let client_name = format!("pushbus-{name}");
-            let Some(client) =
-                bus::connect(&url, &client_name, token.clone().cancelled_owned()).await
-            else {
-                return (name, Ok(()));
-            };
+            let client =
+                match bus::connect(&bus.connect, &client_name, token.clone().cancelled_owned())
+                    .await
+                {
+                    Ok(Some(client)) => client,
+                    Ok(None) => return (name, Ok(())),
+                    Err(source) => return (name, Err(ServiceFailure::Connect(source))),
+                };
             tokio::spawn(follow_connection(client.clone(), connected, token.clone()));
             tokio::spawn(crate::status::announce(
                 client.clone(),
@@ -178,9 +309,10 @@ pub async fn host(
                 token.clone(),
             ));
             tracing::info!(service = name, "starting");
-            let ctx = ServiceContext::new(name, client, ready);
+            let mut ctx = ServiceContext::new(name, client, ready);
+            ctx.topology = bus.topology.clone();
             let result = (launcher.start)(ctx, token).await;
-            (name, result)
+            (name, result.map_err(ServiceFailure::Run))
         });
     }
 
@@ -215,15 +347,24 @@ async fn follow_connection(client: async_nats::Client, flag: ReadyFlag, stop: Ca
     }
 }
 
+enum ServiceFailure {
+    Connect(bus::ConnectError),
+    Run(ServiceError),
+}
+
 fn check(
-    joined: Result<(&'static str, Result<(), ServiceError>), tokio::task::JoinError>,
+    joined: Result<(&'static str, Result<(), ServiceFailure>), tokio::task::JoinError>,
 ) -> Option<HostError> {
     match joined {
         Ok((name, Ok(()))) => {
             tracing::info!(service = name, "stopped");
             None
         }
-        Ok((name, Err(source))) => {
+        Ok((name, Err(ServiceFailure::Connect(source)))) => {
+            tracing::error!(service = name, error = %source, "cannot use nats");
+            Some(HostError::Connect { name, source })
+        }
+        Ok((name, Err(ServiceFailure::Run(source)))) => {
             tracing::error!(service = name, error = %source, "service failed");
             Some(HostError::Service { name, source })
         }
@@ -255,7 +396,7 @@ pub async fn run_single(
 ) -> Result<(), HostError> {
     crate::telemetry::init(name, ops.log_json);
     let hosted = host(
-        nats.url(),
+        nats.bus()?,
         ops.ops_listen,
         vec![launcher],
         shutdown_signal(),

@@ -41,6 +41,12 @@ pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra command-line arguments (config file, cluster flags).
+    extra: Vec<String>,
+    /// `nats://` or `tls://`.
+    scheme: &'static str,
+    /// Environment of the server process (config files may read it).
+    env: Vec<(String, String)>,
 }
 
 impl NatsServer {
@@ -55,13 +61,67 @@ impl NatsServer {
             port: free_port(),
             store,
             child: None,
+            extra: Vec::new(),
+            scheme: "nats",
+            env: Vec::new(),
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts a JetStream server with a configuration file. `config` may
+    /// use `{port}` and `{store}`, filled in here; the command line still
+    /// sets the port, address and store, so a shipped config runs as is.
+    /// `tls`: clients must use `tls://`.
+    pub fn start_with_config(config: &str, tls: bool) -> Self {
+        Self::start_configured(config, &[], &[], tls)
+    }
+
+    /// Same, with `files` (name, text) written beside the config (for its
+    /// `include`s) and `env` given to the server process.
+    pub fn start_configured(
+        config: &str,
+        files: &[(&str, &str)],
+        env: &[(&str, &str)],
+        tls: bool,
+    ) -> Self {
+        let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
+        let store = tempfile::tempdir().expect("temp store dir");
+        let port = free_port();
+        let fill = |text: &str| {
+            text.replace("{port}", &port.to_string())
+                .replace("{store}", &store.path().display().to_string())
+        };
+        let dir = store.path().join("conf");
+        std::fs::create_dir_all(&dir).expect("config dir");
+        for (name, text) in files {
+            std::fs::write(dir.join(name), fill(text)).expect("write config include");
+        }
+        let file = dir.join("nats-server.conf");
+        std::fs::write(&file, fill(config)).expect("write nats-server config");
+        let mut server = Self {
+            bin,
+            port,
+            store,
+            child: None,
+            extra: vec!["-c".into(), file.display().to_string()],
+            scheme: if tls { "tls" } else { "nats" },
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         server.spawn();
         server
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+    }
+
+    /// Whether the process is running (not stopped or killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn port(&self) -> u16 {
@@ -69,17 +129,47 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        self.spawn_no_wait();
+        self.wait_listening();
+    }
+
+    /// `-sd <temp dir>`, unless the config file names its own store.
+    fn store_args(&self) -> Vec<String> {
+        let own = self.extra.iter().position(|a| a == "-c").is_some_and(|i| {
+            self.extra
+                .get(i + 1)
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .is_some_and(|text| text.contains("store_dir"))
+        });
+        if own {
+            Vec::new()
+        } else {
+            vec!["-sd".into(), self.store.path().display().to_string()]
+        }
+    }
+
+    /// The server's own log (appended across restarts), for failures.
+    fn log_file(&self) -> Stdio {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.store.path().join("nats-server.log"))
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null())
+    }
+
+    fn spawn_no_wait(&mut self) {
         let child = Command::new(&self.bin)
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(self.store.path())
+            .args(self.store_args())
+            .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin.display()));
         self.child = Some(child);
-        self.wait_listening();
     }
 
     fn wait_listening(&self) {
@@ -90,9 +180,13 @@ impl NatsServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let log =
+            std::fs::read_to_string(self.store.path().join("nats-server.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
         panic!(
-            "nats-server did not listen on port {} within 20s",
-            self.port
+            "nats-server did not listen on port {} within 20s; its log ends:\n{}",
+            self.port,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
 
@@ -164,6 +258,109 @@ impl Drop for NatsServer {
         self.resume();
         self.kill();
     }
+}
+
+/// A 3-node (or n-node) JetStream cluster on loopback: own stores, unique
+/// names, routes to each other, each killable and restartable on its own.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    pub fn start(size: usize) -> Self {
+        let bin = nats_server_bin().unwrap_or_else(|e| panic!("{e}"));
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let mut nodes: Vec<NatsServer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, cluster_port))| {
+                let routes = ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, (_, c))| format!("nats://127.0.0.1:{c}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                NatsServer {
+                    bin: bin.clone(),
+                    port: *port,
+                    store: tempfile::tempdir().expect("temp store dir"),
+                    child: None,
+                    extra: vec![
+                        "--name".into(),
+                        format!("n{i}"),
+                        "--cluster_name".into(),
+                        "pushbus-test".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{cluster_port}"),
+                        "--routes".into(),
+                        routes,
+                    ],
+                    scheme: "nats",
+                    env: Vec::new(),
+                }
+            })
+            .collect();
+        // All at once: JetStream waits for its peers before it serves.
+        for node in &mut nodes {
+            node.spawn_no_wait();
+        }
+        for node in &nodes {
+            node.wait_listening();
+        }
+        Self { nodes }
+    }
+
+    /// Every node's URL, comma-separated (the seed list services get).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client with every node as a seed.
+    pub async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let urls: Vec<String> = self.nodes.iter().map(NatsServer::url).collect();
+        async_nats::connect(urls).await
+    }
+
+    /// The node whose server name is `name` (`n0`, `n1`, ...).
+    pub fn index_of(name: &str) -> Option<usize> {
+        name.strip_prefix('n')?.parse().ok()
+    }
+
+    /// Waits until JetStream answers with a meta leader and `size` peers
+    /// reachable (an R3 stream can be created).
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(client) = self.client().await {
+                let js = async_nats::jetstream::new(client);
+                // A scratch replicated stream proves the meta group is formed.
+                let cfg = async_nats::jetstream::stream::Config {
+                    name: "TESTKIT_READY".into(),
+                    subjects: vec!["testkit.ready".into()],
+                    num_replicas: self.nodes.len(),
+                    ..Default::default()
+                };
+                if js.create_stream(cfg).await.is_ok() {
+                    let _ = js.delete_stream("TESTKIT_READY").await;
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "cluster not ready within 60s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The server name of the current leader of `stream`, if any.
+pub async fn stream_leader(js: &async_nats::jetstream::Context, stream: &str) -> Option<String> {
+    let mut s = js.get_stream(stream).await.ok()?;
+    let info = s.info().await.ok()?;
+    info.cluster.as_ref()?.leader.clone()
 }
 
 /// A client connected to `server`, panicking on failure (tests only).

@@ -29,6 +29,7 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
     let config = pushbus_hook_ingest::Config {
+        insecure_no_auth: false,
         listen,
         secret_file: None,
         max_body_bytes: 8 << 20,

@@ -127,7 +127,7 @@ fn compose_runs_each_service_pushbus_run_accepts() {
 
     let mut names: Vec<String> = services.keys().map(scalar).collect();
     names.sort();
-    let mut expected: Vec<String> = ["nats", "nats-box"]
+    let mut expected: Vec<String> = ["nats", "nats-box", "setup"]
         .iter()
         .chain(&SERVICES)
         .map(|s| s.to_string())
@@ -135,7 +135,17 @@ fn compose_runs_each_service_pushbus_run_accepts() {
     expected.sort();
     assert_eq!(
         names, expected,
-        "docker-compose.yml must hold nats, nats-box and exactly the four pushbus services"
+        "docker-compose.yml must hold nats, nats-box, setup and exactly the four pushbus services"
+    );
+    let setup: Vec<String> = service(&services, "setup")
+        .get("command")
+        .and_then(Value::as_sequence)
+        .map(|c| c.iter().map(scalar).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        setup,
+        ["setup"],
+        "compose service `setup` must run `pushbus setup`"
     );
 
     for name in SERVICES {

@@ -1,4 +1,5 @@
 mod bus;
+mod cluster;
 mod compose;
 mod doors;
 mod e2e;
@@ -10,6 +11,9 @@ mod lag;
 mod notifier;
 mod observe;
 mod operate;
+mod privilege;
 mod secrets;
+mod secure;
 mod support;
+mod topology;
 mod webhook;

@@ -15,6 +15,8 @@ pub struct StackOptions {
     pub lag: Option<pushbus_replication_lag::Config>,
     /// hook-ingest's `--ingest-geo-routes`.
     pub geo_routes: bool,
+    /// `--replicas` of every service.
+    pub replicas: u8,
 }
 
 impl Default for StackOptions {
@@ -24,6 +26,7 @@ impl Default for StackOptions {
             lag_budget_ms: 250,
             lag: Some(Default::default()),
             geo_routes: false,
+            replicas: 1,
         }
     }
 }
@@ -64,6 +67,7 @@ impl Stack {
     pub async fn start_with(nats_url: &str, opts: StackOptions) -> Stack {
         let (ingest, notifier, ops) = (local(free_port()), local(free_port()), local(free_port()));
         let ingest_cfg = pushbus_hook_ingest::Config {
+            insecure_no_auth: false,
             listen: ingest,
             secret_file: opts.secret_file,
             max_body_bytes: 8 * 1024 * 1024,
@@ -91,10 +95,11 @@ impl Stack {
             }));
         }
         let token = CancellationToken::new();
-        let url = nats_url.to_owned();
+        let mut bus = service::BusConfig::from(nats_url);
+        bus.topology.replicas = opts.replicas;
         let task = tokio::spawn({
             let token = token.clone();
-            async move { service::host(&url, ops, launchers, token.cancelled_owned()).await }
+            async move { service::host(bus, ops, launchers, token.cancelled_owned()).await }
         });
         let stack = Stack {
             ingest,
@@ -262,16 +267,7 @@ impl Replica {
 
     /// One hook-ingest listening on `listen`, without authentication.
     pub async fn ingest(nats_url: &str, listen: SocketAddr) -> Replica {
-        let config = pushbus_hook_ingest::Config {
-            listen,
-            secret_file: None,
-            max_body_bytes: 8 * 1024 * 1024,
-            lag_budget_ms: 250,
-            geo_routes: false,
-            routes: Default::default(),
-            store_timeout_ms: 2000,
-            door: Default::default(),
-        };
+        let config = pushbus_hook_ingest::Config::new(listen);
         let launcher = Launcher::new("hook-ingest", move |ctx, t| {
             pushbus_hook_ingest::run(ctx, config, t.cancelled_owned())
         });

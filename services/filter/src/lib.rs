@@ -87,7 +87,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let token = pushbus_shared::service::cancel_on(shutdown);
-    topology(&config).ensure(&ctx.js).await?;
+    topology(&config)
+        .with(&ctx.topology)
+        .ensure(&ctx.js)
+        .await?;
     let kv = ctx
         .js
         .get_key_value(names::BUCKET_AGENTS)

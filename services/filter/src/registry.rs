@@ -32,7 +32,7 @@ pub async fn sync(
                 *write(&index) = fresh;
                 loaded.send_replace(true);
                 tracing::info!(last_revision, "agent registry loaded; following updates");
-                follow(watch, &index, &shutdown).await;
+                follow(&kv, watch, last_revision, &index, &shutdown).await;
             }
             Err(err) => tracing::warn!(error = %err, "cannot load agent registry; retrying"),
         }
@@ -77,14 +77,40 @@ pub async fn snapshot(kv: &Store) -> Result<Index, async_nats::Error> {
     Ok(load(kv).await?.0)
 }
 
-async fn follow(mut watch: Watch, index: &SharedIndex, shutdown: &CancellationToken) {
+/// How long a quiet watch goes before we ask the server whether it missed
+/// something: a watch's ephemeral consumer can vanish with a cluster node
+/// (or a stream leader change) without an error reaching us.
+const STALL_CHECK: Duration = Duration::from_secs(3);
+
+async fn follow(
+    kv: &Store,
+    mut watch: Watch,
+    mut seen: u64,
+    index: &SharedIndex,
+    shutdown: &CancellationToken,
+) {
+    let mut check = tokio::time::interval(STALL_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet_since = Instant::now();
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = check.tick() => {
+                if quiet_since.elapsed() >= STALL_CHECK
+                    && let Ok(info) = kv.stream.get_info().await
+                    && info.state.last_sequence > seen
+                {
+                    tracing::warn!(seen, last = info.state.last_sequence, "agent registry watch stalled; reloading");
+                    return;
+                }
+                continue;
+            }
             next = watch.next() => next,
         };
+        quiet_since = Instant::now();
         match next {
             Some(Ok(entry)) => {
+                seen = seen.max(entry.revision);
                 let mut idx = write(index);
                 apply(&mut idx, &entry);
                 metrics::gauge!("pushbus_filter_registry_agents").set(idx.agent_count() as f64);

@@ -402,14 +402,30 @@ pub async fn follow(
             }
         };
         hub.bus_back();
+        let mut check = tokio::time::interval(STALL_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quiet_since = tokio::time::Instant::now();
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 // The server may have lost this ephemeral consumer; a new
                 // one from `next` is cheap and certain.
                 _ = reconnected.notified() => break,
+                // So may a leader change or a dead node, silently: a quiet
+                // feed with heads waiting on the server is rebuilt.
+                _ = check.tick() => {
+                    if quiet_since.elapsed() >= STALL_CHECK
+                        && let Ok(info) = kv.stream.get_info().await
+                        && info.state.last_sequence >= next
+                    {
+                        tracing::warn!(next, last = info.state.last_sequence, "ref heads feed stalled; following again");
+                        break;
+                    }
+                    continue;
+                }
                 msg = messages.next() => msg,
             };
+            quiet_since = tokio::time::Instant::now();
             match msg {
                 Some(Ok(msg)) => {
                     let sequence = msg.info().ok().map(|i| i.stream_sequence);
@@ -466,6 +482,10 @@ fn deliver(hub: &Hub, head: &Head) {
     }
     tracing::debug!(connections = took, "head delivered");
 }
+
+/// How long a quiet feed goes before we ask the server whether it missed
+/// something.
+const STALL_CHECK: Duration = Duration::from_secs(2);
 
 async fn broken(hub: &Hub, err: &str, shutdown: &CancellationToken) {
     if hub.bus_lost() {

@@ -266,7 +266,10 @@ pub async fn run(
         config.door.tls_key.as_deref(),
         ("--notifier-tls-cert", "--notifier-tls-key"),
     )?;
-    topology(&config).ensure(&ctx.js).await?;
+    topology(&config)
+        .with(&ctx.topology)
+        .ensure(&ctx.js)
+        .await?;
     let agents = ctx
         .js
         .get_key_value(names::BUCKET_AGENTS)

@@ -59,6 +59,13 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub store_timeout_ms: u64,
+    /// Accept unauthenticated calls on a non-loopback address (without it,
+    /// hook-ingest refuses to start there with no --ingest-secret-file).
+    #[arg(
+        long = "ingest-insecure-no-auth",
+        env = "PUSHBUS_INGEST_INSECURE_NO_AUTH"
+    )]
+    pub insecure_no_auth: bool,
     #[command(flatten)]
     pub routes: routes::RouteTtlArgs,
     #[command(flatten)]
@@ -151,6 +158,7 @@ impl Config {
             lag_budget_ms: 250,
             geo_routes: false,
             store_timeout_ms: 2000,
+            insecure_no_auth: false,
             routes: Default::default(),
             door: Default::default(),
         }
@@ -166,6 +174,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "refusing to accept unauthenticated calls on {addr}: give --ingest-secret-file \
+         (a non-empty file), listen on loopback, or pass --ingest-insecure-no-auth"
+    )]
+    Insecure { addr: SocketAddr },
+    #[error("the shared secret file {} is empty", path.display())]
+    EmptySecret { path: PathBuf },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -206,6 +221,12 @@ pub async fn run(
                 .to_owned(),
         ),
         None => {
+            // Open only where nobody else can reach it, unless told.
+            if !config.listen.ip().is_loopback() && !config.insecure_no_auth {
+                return Err(Error::Insecure {
+                    addr: config.listen,
+                });
+            }
             tracing::warn!("no --ingest-secret-file: post_receive accepts unauthenticated calls");
             None
         }
@@ -215,7 +236,13 @@ pub async fn run(
         config.door.tls_key.as_deref(),
         ("--ingest-tls-cert", "--ingest-tls-key"),
     )?;
-    topology_with(&config.routes).ensure(&ctx.js).await?;
+    if let (Some(""), Some(path)) = (secret.as_deref(), &config.secret_file) {
+        return Err(Error::EmptySecret { path: path.clone() });
+    }
+    topology_with(&config.routes)
+        .with(&ctx.topology)
+        .ensure(&ctx.js)
+        .await?;
     let routes = if config.geo_routes {
         let bucket = ctx
             .js

@@ -83,7 +83,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    topology().ensure(&ctx.js).await?;
+    topology().with(&ctx.topology).ensure(&ctx.js).await?;
     let open = |what: &'static str| {
         move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
             what,

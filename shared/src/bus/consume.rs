@@ -360,10 +360,15 @@ async fn create(
             source: e,
         })?;
     let epoch = i64::try_from(stream.cached_info().created.unix_timestamp_nanos()).unwrap_or(0);
-    let consumer = stream
-        .create_consumer(spec.pull_config())
-        .await
-        .map_err(err)?;
+    let consumer = match stream.get_consumer(&spec.durable).await {
+        Ok(consumer) => consumer,
+        // Missing (or unreadable): create it; a consumer that exists keeps what an
+        // operator (or `pushbus setup`) set.
+        Err(_) => stream
+            .create_consumer(spec.pull_config())
+            .await
+            .map_err(err)?,
+    };
     Ok((consumer, epoch))
 }
 

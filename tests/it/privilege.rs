@@ -1,0 +1,408 @@
+//! The shipped least-privilege configuration (deploy/nats/) in use: the
+//! whole pipeline over mutual TLS with each service as its own user, and a
+//! service reaching outside its permissions refused, with the subject named.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pushbus_shared::bus::{self, ConnectConfig};
+use pushbus_shared::service::{self, BusConfig, Launcher, NatsArgs};
+use pushbus_shared::testkit::{NatsServer, free_port};
+use tokio_util::sync::CancellationToken;
+
+use crate::secure::Pki;
+use crate::support::{SseReader, local};
+
+const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
+const SERVER_CONF: &str = include_str!("../../deploy/nats/nats-server.conf");
+const AUTH_CONF: &str = include_str!("../../deploy/nats/auth.conf");
+const USERS: [&str; 6] = [
+    "hook-ingest",
+    "filter",
+    "gitops-notifier",
+    "replication-lag",
+    "geo-2",
+    "admin",
+];
+
+struct Secured {
+    nats: NatsServer,
+    pki: Pki,
+    dir: tempfile::TempDir,
+}
+
+impl Secured {
+    /// The shipped config, as is; the test supplies what the environment
+    /// would: certificate paths, a server name, one password per user.
+    fn start() -> Secured {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::generate(dir.path());
+        let mut env: Vec<(String, String)> = vec![
+            ("PUSHBUS_NATS_SERVER_NAME".into(), "pushbus-secured".into()),
+            (
+                "PUSHBUS_NATS_STORE_DIR".into(),
+                path(&dir.path().join("js")),
+            ),
+            ("PUSHBUS_NATS_TLS_CERT".into(), path(&pki.server_cert)),
+            ("PUSHBUS_NATS_TLS_KEY".into(), path(&pki.server_key)),
+            ("PUSHBUS_NATS_TLS_CA".into(), path(&pki.ca)),
+        ];
+        for user in USERS {
+            let password = format!("pw-{user}-{}", free_port());
+            std::fs::write(dir.path().join(format!("{user}.password")), &password).unwrap();
+            env.push((password_var(user), password));
+        }
+        let env_refs: Vec<(&str, &str)> =
+            env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let nats =
+            NatsServer::start_configured(SERVER_CONF, &[("auth.conf", AUTH_CONF)], &env_refs, true);
+        Secured { nats, pki, dir }
+    }
+
+    fn password_file(&self, user: &str) -> PathBuf {
+        self.dir.path().join(format!("{user}.password"))
+    }
+
+    fn args(&self, user: &str) -> NatsArgs {
+        NatsArgs {
+            nats_url: Some(self.nats.url()),
+            nats_user: Some(user.into()),
+            nats_password_file: Some(self.password_file(user)),
+            nats_tls_ca: Some(self.pki.ca.clone()),
+            nats_tls_cert: Some(self.pki.client_cert.clone()),
+            nats_tls_key: Some(self.pki.client_key.clone()),
+            ..Default::default()
+        }
+    }
+
+    fn connect_config(&self, user: &str) -> ConnectConfig {
+        self.args(user).connect_config().unwrap()
+    }
+
+    fn cli(&self, user: &str, args: &[&str]) -> std::process::Output {
+        let a = self.args(user);
+        Command::new(PUSHBUS)
+            .args(args)
+            .arg("--nats-url")
+            .arg(self.nats.url())
+            .args(["--nats-user", user, "--nats-password-file"])
+            .arg(self.password_file(user))
+            .arg("--nats-tls-ca")
+            .arg(a.nats_tls_ca.unwrap())
+            .arg("--nats-tls-cert")
+            .arg(a.nats_tls_cert.unwrap())
+            .arg("--nats-tls-key")
+            .arg(a.nats_tls_key.unwrap())
+            .output()
+            .unwrap()
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn password_var(user: &str) -> String {
+    format!(
+        "PUSHBUS_{}_PASSWORD",
+        user.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+/// One service in its own host, as its own user.
+struct Hosted {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), service::HostError>>,
+}
+
+async fn host(bus: BusConfig, launcher: Launcher) -> Hosted {
+    let ops = local(free_port());
+    let token = CancellationToken::new();
+    let task = tokio::spawn({
+        let token = token.clone();
+        async move { service::host(bus, ops, vec![launcher], token.cancelled_owned()).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !reqwest::get(format!("http://{ops}/readyz"))
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        assert!(!task.is_finished(), "service stopped before it was ready");
+        assert!(Instant::now() < deadline, "service not ready within 30s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Hosted { token, task }
+}
+
+impl Hosted {
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("service did not stop")
+            .unwrap()
+            .expect("service failed");
+    }
+}
+
+fn denials(client: &str) -> Vec<String> {
+    pushbus_shared::ops::metrics_handle()
+        .render()
+        .lines()
+        .filter(|l| {
+            l.starts_with("pushbus_nats_permission_denied_total")
+                && l.contains(&format!("client=\"{client}\""))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_the_subject() {
+    // Denials are counted by the process-wide recorder: install it first.
+    pushbus_shared::ops::metrics_handle();
+    let secured = Secured::start();
+    let out = secured.cli("admin", &["setup"]);
+    assert!(
+        out.status.success(),
+        "setup as admin: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = secured.dir.path().join("agent.yaml");
+    std::fs::write(
+        &agent,
+        "agent_id: agent-p\ntoken: s3cret\nwatches:\n  - project_id: 42\n    refs: any_branch\n",
+    )
+    .unwrap();
+    let out = secured.cli("admin", &["agents", "put", "-f", &path(&agent)]);
+    assert!(
+        out.status.success(),
+        "agents put as admin: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bus_for = |user: &str| BusConfig::from(secured.connect_config(user));
+    let ingest_addr: SocketAddr = local(free_port());
+    let notifier_addr: SocketAddr = local(free_port());
+    let ingest_cfg = pushbus_hook_ingest::Config {
+        insecure_no_auth: false,
+        listen: ingest_addr,
+        secret_file: None,
+        max_body_bytes: 8 * 1024 * 1024,
+        lag_budget_ms: 250,
+        geo_routes: true,
+        routes: Default::default(),
+        store_timeout_ms: 2000,
+        door: Default::default(),
+    };
+    let notifier_cfg = pushbus_gitops_notifier::Config::new(notifier_addr);
+    let lag = host(
+        bus_for("replication-lag"),
+        Launcher::new("replication-lag", |ctx, t| {
+            pushbus_replication_lag::run(ctx, Default::default(), t.cancelled_owned())
+        }),
+    )
+    .await;
+    let filter = host(
+        bus_for("filter"),
+        Launcher::new("filter", |ctx, t| {
+            pushbus_filter::run(ctx, Default::default(), t.cancelled_owned())
+        }),
+    )
+    .await;
+    let notifier = host(
+        bus_for("gitops-notifier"),
+        Launcher::new("gitops-notifier", move |ctx, t| {
+            pushbus_gitops_notifier::run(ctx, notifier_cfg, t.cancelled_owned())
+        }),
+    )
+    .await;
+    let ingest = host(
+        bus_for("hook-ingest"),
+        Launcher::new("hook-ingest", move |ctx, t| {
+            pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())
+        }),
+    )
+    .await;
+
+    let url = format!("http://{notifier_addr}/v1/agents/agent-p/pokes");
+    assert_eq!(SseReader::connect(&url, Some("wrong")).await.status(), 401);
+    let mut sse = SseReader::new(SseReader::connect(&url, Some("s3cret")).await);
+    let (event, _) = sse
+        .next_event(Duration::from_secs(10))
+        .await
+        .expect("status");
+    assert_eq!(event, "status");
+
+    // A push through a Geo node: hook-ingest asks replication-lag too.
+    let body = serde_json::json!({
+        "gl_repository": "project-42",
+        "identifier": "user-1",
+        "changes": format!("{} {} refs/heads/main", "0".repeat(40), "d".repeat(40)),
+        "geo_node_id": "geo-2",
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{ingest_addr}/api/v4/internal/post_receive"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (event, data) = sse
+        .next_event(Duration::from_secs(15))
+        .await
+        .expect("poke over the least-privilege pipeline");
+    assert_eq!(event, "poke");
+    let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(poke["new_sha"], "d".repeat(40));
+
+    // The agents request API answers the admin (filter responds).
+    let admin = bus::connect_once(&secured.connect_config("admin"), "pushbus-admin-test")
+        .await
+        .unwrap();
+    let reply = admin
+        .request(
+            "pushbus.api.agents.get",
+            serde_json::to_vec(&serde_json::json!({"agent_id": "agent-p"}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&reply.payload).contains("agent-p"),
+        "{:?}",
+        reply.payload
+    );
+
+    // The geo node user can report its own status.
+    let geo = bus::connect_once(&secured.connect_config("geo-2"), "geo-2")
+        .await
+        .unwrap();
+    geo.publish("pushbus.geo.status.geo-2", "x".into())
+        .await
+        .unwrap();
+    geo.flush().await.unwrap();
+
+    // Nothing any service did was refused: the allow-lists are complete.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for client in [
+        "pushbus-hook-ingest",
+        "pushbus-filter",
+        "pushbus-gitops-notifier",
+        "pushbus-replication-lag",
+        "geo-2",
+    ] {
+        assert_eq!(denials(client), Vec::<String>::new(), "{client}");
+    }
+
+    outside_permissions_refused_with_subject(&secured).await;
+
+    ingest.stop().await;
+    notifier.stop().await;
+    filter.stop().await;
+    lag.stop().await;
+}
+
+/// Outside its permissions a user is refused, and the log and metrics name
+/// the subject. Run after the pipeline, whose check that no service was
+/// refused anything would otherwise see these.
+async fn outside_permissions_refused_with_subject(secured: &Secured) {
+    // hook-ingest may not poke agents, nor read the agent registry.
+    let ingest = bus::connect_once(
+        &secured.connect_config("hook-ingest"),
+        "pushbus-hook-ingest",
+    )
+    .await
+    .unwrap();
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(ingest.clone());
+    let poke = js.publish("pushbus.poke.agent-x", "fake".into()).await;
+    if let Ok(ack) = poke {
+        assert!(ack.await.is_err(), "a denied publish was acked");
+    }
+    assert!(js.get_key_value("pushbus-agents").await.is_err());
+
+    // gitops-notifier reads agents but may not write them or serve the API.
+    let notifier = bus::connect_once(
+        &secured.connect_config("gitops-notifier"),
+        "pushbus-gitops-notifier",
+    )
+    .await
+    .unwrap();
+    let njs = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(notifier.clone());
+    let kv = njs.get_key_value("pushbus-agents").await.unwrap();
+    assert!(kv.get("agent-x").await.unwrap().is_none());
+    assert!(kv.put("agent-x", "evil".into()).await.is_err());
+    let _sub = notifier.subscribe("pushbus.api.agents.*").await.unwrap();
+    notifier.flush().await.unwrap();
+
+    // A Geo node may report only as itself.
+    let geo = bus::connect_once(&secured.connect_config("geo-2"), "geo-2")
+        .await
+        .unwrap();
+    geo.publish("pushbus.geo.status.geo-1", "lie".into())
+        .await
+        .unwrap();
+    geo.flush().await.unwrap();
+
+    // Each refusal is logged and counted with its subject.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let want = [
+        ("pushbus-hook-ingest", "publish", "pushbus.poke.agent-x"),
+        (
+            "pushbus-hook-ingest",
+            "publish",
+            "$JS.API.STREAM.INFO.KV_pushbus-agents",
+        ),
+        (
+            "pushbus-gitops-notifier",
+            "publish",
+            "$KV.pushbus-agents.agent-x",
+        ),
+        (
+            "pushbus-gitops-notifier",
+            "subscription",
+            "pushbus.api.agents.*",
+        ),
+        ("geo-2", "publish", "pushbus.geo.status.geo-1"),
+    ];
+    loop {
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|(client, op, subject)| {
+                !denials(client).iter().any(|l| {
+                    l.contains(&format!("operation=\"{op}\""))
+                        && l.contains(&format!("subject=\"{subject}\""))
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "denials not reported: {missing:?}\n{}",
+            pushbus_shared::ops::metrics_handle().render()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing was stored by the refused publish.
+    let admin = bus::connect_once(&secured.connect_config("admin"), "pushbus-admin-test")
+        .await
+        .unwrap();
+    let ajs = async_nats::jetstream::new(admin);
+    let pokes = ajs.get_stream("PUSHBUS_POKES").await.unwrap();
+    assert!(
+        pokes
+            .get_last_raw_message_by_subject("pushbus.poke.agent-x")
+            .await
+            .is_err(),
+        "a refused poke was stored"
+    );
+}
