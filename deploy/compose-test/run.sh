@@ -42,6 +42,7 @@ STARTED_DAEMON=0
 DOCKERD_PID=
 STACK_UP=0
 STACK_DOWN=0
+MADE_SECRETS=0
 declare -A HOST_BEFORE=()
 
 elapsed() { echo $(($(date +%s) - T0)); }
@@ -207,6 +208,7 @@ cleanup() {
         fi
     fi
     [[ -n $WORK ]] && rm -rf "$WORK"
+    ((MADE_SECRETS)) && rm -rf "$ROOT/deploy/secrets"
     if ((NO_DOCKER_OK)); then
         printf '\ncompose-test: not run (no Docker daemon), %ss\n' "$(elapsed)"
     elif ((rc == 0)); then
@@ -370,6 +372,11 @@ export NATS_HOST_PORT NATS_MONITOR_HOST_PORT INGEST_HOST_PORT INGEST_OPS_HOST_PO
 say "nats $NATS_HOST_PORT, monitor $NATS_MONITOR_HOST_PORT, hook-ingest $INGEST_HOST_PORT, gitops-notifier $NOTIFIER_HOST_PORT"
 say "ops: hook-ingest $INGEST_OPS_HOST_PORT, filter $FILTER_OPS_HOST_PORT, gitops-notifier $NOTIFIER_OPS_HOST_PORT, replication-lag $LAG_OPS_HOST_PORT"
 
+step secrets "deploy/make-secrets.sh: a password per NATS user and the GitLab shell secret"
+# Ours to remove afterwards only if this run made them.
+[ -d "$ROOT/deploy/secrets" ] || MADE_SECRETS=1
+"$ROOT/deploy/make-secrets.sh" | sed 's/^/    /'
+
 step up "docker-compose up -d (project $PROJECT)"
 STACK_UP=1
 compose up -d --no-build
@@ -461,7 +468,7 @@ git -C "$WORK/repo.git" config pushbus.projectId 42
 git -C "$WORK/repo.git" config pushbus.projectPath group/compose-test
 cat >"$WORK/repo.git/hooks/post-receive" <<EOF
 #!/bin/sh
-exec "$PUSHBUS_BIN" hook post-receive --ingest-url http://127.0.0.1:$INGEST_HOST_PORT
+exec "$PUSHBUS_BIN" hook post-receive --ingest-url http://127.0.0.1:$INGEST_HOST_PORT --secret-file "$ROOT/deploy/secrets/gitlab-shell-secret"
 EOF
 chmod +x "$WORK/repo.git/hooks/post-receive"
 git clone -q "$WORK/repo.git" "$WORK/clone" 2>/dev/null
@@ -506,8 +513,8 @@ for check in "hook-ingest $INGEST_OPS_HOST_PORT pushbus_ingest_pushes_total" \
     say "$svc (127.0.0.1:$port): $line"
 done
 
-step streams "docker-compose exec nats-box nats stream ls"
-compose exec -T nats-box nats stream ls >"$WORK/streams"
+step streams "docker-compose exec nats-box nats stream ls (as the admin user)"
+compose exec -T nats-box sh -c 'NATS_USER=admin NATS_PASSWORD="$(cat /run/secrets/admin)" nats stream ls' >"$WORK/streams"
 sed 's/^/    | /' "$WORK/streams"
 for stream in PUSHBUS_PUSHES PUSHBUS_POKES PUSHBUS_WEBHOOKS PUSHBUS_DLQ PUSHBUS_GEO_STATUS KV_pushbus-agents; do
     grep -q "^$stream " "$WORK/streams" || fail "stream $stream is not listed"

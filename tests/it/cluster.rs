@@ -48,6 +48,8 @@ async fn register(js: &jetstream::Context, agent_id: &str, project: i64) {
             }),
             ..Default::default()
         }],
+        // No token: the agent's stream is opened without one.
+        public: true,
         ..Default::default()
     };
     pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
