@@ -9,4 +9,9 @@ for name in hook-ingest filter gitops-notifier replication-lag geo-2 admin gitla
   f="$dir/$name"
   [ -s "$f" ] || head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$f"
 done
+# Compose bind-mounts each file into its containers, which run as their own
+# user (pushbus: uid 10001): the files are readable, the directory is not
+# open to anyone else on the host.
+chmod 700 "$dir"
+chmod 444 "$dir"/*
 echo "secrets in $dir"

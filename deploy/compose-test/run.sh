@@ -433,12 +433,12 @@ curl -fsS -o /dev/null "http://127.0.0.1:$NATS_MONITOR_HOST_PORT/healthz?js-enab
 
 AGENT=compose-test-agent
 TOKEN=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-step agent "registering $AGENT (project 42, any branch, deploy/**) with docker-compose exec filter pushbus agents put"
-# Inside the filter container the command has that service's NATS URL and
-# whatever credentials compose gives it; the token goes over stdin, not argv.
+step agent "registering $AGENT (project 42, any branch, deploy/**) with docker-compose run setup agents put (the admin user)"
+# The setup service is the admin's: its NATS URL and credentials; the token
+# goes over stdin, not argv.
 printf 'agent_id: %s\ntoken: %s\nwatches:\n  - project_id: 42\n    refs: any_branch\n    paths: ["deploy/**"]\n' "$AGENT" "$TOKEN" |
-    compose exec -T filter pushbus agents put -f /dev/stdin
-compose exec -T filter pushbus agents get "$AGENT" | sed 's/^/    /'
+    compose run --rm -T setup agents put -f /dev/stdin
+compose run --rm -T setup agents get "$AGENT" | sed 's/^/    /'
 
 step sse "curl -N the agent's SSE stream on 127.0.0.1:$NOTIFIER_HOST_PORT"
 printf 'Authorization: Bearer %s\n' "$TOKEN" >"$WORK/auth-header"
