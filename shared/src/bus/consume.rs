@@ -208,6 +208,7 @@ where
         handler,
         dead_letters: DeadLetters::new(js.clone(), &spec.durable),
         epoch: std::sync::atomic::AtomicI64::new(epoch),
+        span_name: format!("process {}", spec.stream),
         spec: spec.clone(),
         _message: std::marker::PhantomData::<fn() -> M>,
     });
@@ -408,6 +409,8 @@ struct Worker<M, H> {
     handler: H,
     dead_letters: DeadLetters,
     epoch: std::sync::atomic::AtomicI64,
+    /// `process <stream>`: the span name, made once rather than per message.
+    span_name: String,
     spec: ConsumerSpec,
     _message: std::marker::PhantomData<fn() -> M>,
 }
@@ -431,7 +434,7 @@ where
         };
         let span = tracing::info_span!(
             "handle",
-            otel.name = %format!("process {}", self.spec.stream),
+            otel.name = %self.span_name,
             otel.kind = "consumer",
             messaging.system = "nats",
             messaging.operation.type = "process",

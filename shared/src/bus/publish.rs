@@ -48,6 +48,8 @@ impl PublishError {
 pub struct Publisher {
     js: jetstream::Context,
     source: Source,
+    /// `ce-source`, made once rather than per message.
+    ce_source: String,
 }
 
 /// A publish that was sent; its ack has not been awaited yet. Awaiting acks
@@ -76,7 +78,12 @@ impl PendingAck {
 
 impl Publisher {
     pub fn new(js: jetstream::Context, source: Source) -> Self {
-        Self { js, source }
+        let ce_source = format!("/pushbus/{}", source.service);
+        Self {
+            js,
+            source,
+            ce_source,
+        }
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
@@ -150,7 +157,7 @@ impl Publisher {
         map.insert(headers::EVENT_TYPE, M::full_name().as_str());
         let trace = span.in_scope(|| trace::inject_current(&mut map));
         let env = envelope::seal(msg, meta, &self.source, trace);
-        cloud_event_headers(&mut map, &env, &M::full_name(), &subject, &self.source);
+        cloud_event_headers(&mut map, &env, &M::full_name(), &subject, &self.ce_source);
         let mut publish = PublishMessage::build()
             .headers(map)
             .message_id(&meta.event_id)
@@ -194,16 +201,13 @@ fn cloud_event_headers(
     env: &crate::proto::Envelope,
     type_name: &str,
     subject: &str,
-    source: &Source,
+    ce_source: &str,
 ) {
     map.insert(headers::CONTENT_TYPE, "application/protobuf");
     map.insert(headers::CE_SPECVERSION, "1.0");
     map.insert(headers::CE_ID, env.event_id.as_str());
     map.insert(headers::CE_TYPE, type_name);
-    map.insert(
-        headers::CE_SOURCE,
-        format!("/pushbus/{}", source.service).as_str(),
-    );
+    map.insert(headers::CE_SOURCE, ce_source);
     map.insert(headers::CE_SUBJECT, subject);
     map.insert(
         headers::CE_DATASCHEMA,
