@@ -126,10 +126,13 @@ impl Topology {
         for b in &mut self.buckets {
             b.num_replicas = replicas;
         }
-        // Explicit, not inherited: a stream scaled up keeps consumers at
-        // their old replica count, and an R1 consumer dies with its node.
+        // Inherited (0), never pinned: the server scales a named consumer
+        // with its stream, also when an operator raises the stream by hand
+        // (`nats stream edit --replicas 3`). A consumer pinned at R1 stays
+        // on one node of an R3 stream and dies with it: every push is still
+        // stored and matched, but nothing downstream of it moves.
         for (_, c) in &mut self.consumers {
-            c.num_replicas = replicas;
+            c.num_replicas = 0;
         }
         self
     }
@@ -278,11 +281,15 @@ async fn wait_current(js: &jetstream::Context, name: &str) {
 /// The same for a consumer: scaled up, its new replicas catch up too.
 async fn wait_consumer_current(js: &jetstream::Context, stream_name: &str, cfg: &pull::Config) {
     let name = cfg.durable_name.clone().unwrap_or_default();
-    let want = replicas(cfg.num_replicas);
     let deadline = tokio::time::Instant::now() + RETRY_FOR;
     loop {
         let done = match js.get_stream(stream_name).await {
             Ok(s) => s.consumer_info(&name).await.ok().is_some_and(|i| {
+                // Inherited replicas: as many as the stream has.
+                let want = match cfg.num_replicas {
+                    0 => replicas(s.cached_info().config.num_replicas),
+                    n => n,
+                };
                 let c = i.cluster.clone().unwrap_or_default();
                 let current = c
                     .replicas
@@ -497,6 +504,10 @@ fn consumer_drift(
     }
     if want.filter_subject != have.filter_subject {
         fields.push("filter_subject");
+    }
+    // Pinned by an older pushbus or by hand: it will not follow its stream.
+    if want.num_replicas == 0 && have.num_replicas != 0 {
+        fields.push("num_replicas");
     }
     (!fields.is_empty()).then(|| Drift {
         object: format!(

@@ -252,13 +252,42 @@ where
     F: FnOnce(Arc<Mutex<NatsCluster>>, jetstream::Context) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    under_steady_pushes_scaled(name, Scaled::BySetup, fault).await
+}
+
+/// How the cluster's streams came to R3.
+#[derive(Clone, Copy)]
+enum Scaled {
+    /// `pushbus setup --replicas 3`, services told `--replicas 3`.
+    BySetup,
+    /// Created at R1 by services with the default `--replicas 1`, then every
+    /// stream and bucket raised to R3 by an operator (`nats stream edit`),
+    /// consumers left alone.
+    ByHand,
+}
+
+async fn under_steady_pushes_scaled<F, Fut>(name: &str, scaled: Scaled, fault: F) -> Figures
+where
+    F: FnOnce(Arc<Mutex<NatsCluster>>, jetstream::Context) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let cluster = NatsCluster::start(3);
     cluster.wait_ready().await;
     let urls = cluster.urls();
-    setup(&urls, &["--replicas", "3"]);
     let js = js(&cluster).await;
-    register(&js, "agent-c", 42).await;
-    let stack = Stack::start_with(&urls, replicated()).await;
+    let stack = match scaled {
+        Scaled::BySetup => {
+            setup(&urls, &["--replicas", "3"]);
+            register(&js, "agent-c", 42).await;
+            Stack::start_with(&urls, replicated()).await
+        }
+        Scaled::ByHand => {
+            setup(&urls, &[]);
+            scale_streams_by_hand(&js, 3).await;
+            register(&js, "agent-c", 42).await;
+            Stack::start(&urls).await
+        }
+    };
 
     let agent_stop = CancellationToken::new();
     let push_stop = CancellationToken::new();
@@ -346,6 +375,111 @@ async fn kill_leader_of(cluster: Arc<Mutex<NatsCluster>>, js: jetstream::Context
 }
 
 const WINDOW_BOUND: Duration = Duration::from_secs(10);
+
+/// What `nats stream edit --replicas N` does to every stream and bucket:
+/// the stream configuration only. Waits until every replica is current.
+async fn scale_streams_by_hand(js: &jetstream::Context, replicas: usize) {
+    let mut names_ = js.stream_names();
+    let mut all = Vec::new();
+    while let Some(n) = names_.next().await {
+        all.push(n.unwrap());
+    }
+    for n in &all {
+        let mut cfg = js
+            .get_stream(n)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+        cfg.num_replicas = replicas;
+        js.update_stream(&cfg).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in &all {
+        loop {
+            let current = match js.get_stream(n).await {
+                Ok(mut st) => st
+                    .info()
+                    .await
+                    .ok()
+                    .and_then(|i| i.cluster.clone())
+                    .is_some_and(|c| {
+                        c.leader.is_some()
+                            && c.replicas.len() + 1 == replicas
+                            && c.replicas.iter().all(|r| r.current)
+                    }),
+                Err(_) => false,
+            };
+            if current {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{n} did not reach R{replicas}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// How many nodes hold `consumer` on `stream` (its leader and replicas).
+async fn consumer_peers(js: &jetstream::Context, stream: &str, consumer: &str) -> Option<usize> {
+    let stream = js.get_stream(stream).await.ok()?;
+    let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await.ok()?;
+    let info = c.info().await.ok()?;
+    let cluster = info.cluster.as_ref()?;
+    Some(usize::from(cluster.leader.is_some()) + cluster.replicas.len())
+}
+
+/// The node leading `consumer` on `stream`.
+async fn consumer_leader(js: &jetstream::Context, stream: &str, consumer: &str) -> Option<String> {
+    let stream = js.get_stream(stream).await.ok()?;
+    let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await.ok()?;
+    c.info().await.ok()?.cluster.as_ref()?.leader.clone()
+}
+
+/// Seen on a cluster whose streams an operator raised to R3 by hand: after
+/// a node died, filter matched every push but no agent was poked again.
+/// Consumers pinned to their replica count at creation stayed R1 and died
+/// with their node; consumers that inherit the stream's replicas follow it
+/// to R3 and survive. The node holding the notifier's consumer (and with it
+/// the PUSHBUS_PUSHES leader, if it is the same) stays down to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_scaled_by_hand_survives_the_loss_of_a_consumers_node() {
+    let f = under_steady_pushes_scaled(
+        "node loss after scaling by hand",
+        Scaled::ByHand,
+        |c, js| async move {
+            for (stream, consumer) in [
+                (names::STREAM_POKES, names::CONSUMER_NOTIFIER),
+                (names::STREAM_PUSHES, names::CONSUMER_FILTER),
+            ] {
+                let mut c_ = js
+                    .get_stream(stream)
+                    .await
+                    .unwrap()
+                    .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+                    .await
+                    .unwrap();
+                let info = c_.info().await.unwrap();
+                eprintln!(
+                    "{stream}/{consumer}: R{} {:?}",
+                    info.config.num_replicas,
+                    info.cluster.as_ref().map(|c| (&c.leader, c.replicas.len()))
+                );
+            }
+            let leader = consumer_leader(&js, names::STREAM_POKES, names::CONSUMER_NOTIFIER)
+                .await
+                .expect("the notifier's consumer has a leader");
+            let i = NatsCluster::index_of(&leader).unwrap();
+            c.lock().unwrap().nodes[i].kill();
+            eprintln!("killed {leader}, the notifier's consumer leader");
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        },
+    )
+    .await;
+    assert!(f.refused_window < WINDOW_BOUND, "{f:?}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_pushes_leader_sigkill_loses_no_acked_push() {
@@ -447,6 +581,24 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
             .unwrap()
             .clone();
         assert_eq!(info.config.num_replicas, 3, "{n}");
+    }
+    // Consumers follow their streams (they inherit the replica count).
+    for (stream, consumer) in [
+        (names::STREAM_PUSHES, names::CONSUMER_FILTER),
+        (names::STREAM_POKES, names::CONSUMER_NOTIFIER),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let peers = consumer_peers(&js, stream, consumer).await;
+            if peers == Some(3) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{stream}/{consumer}: {peers:?} peers"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     // Scaled in place: the message is still there, same sequence.
     let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();

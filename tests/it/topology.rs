@@ -64,7 +64,7 @@ async fn services_keep_operator_changes_and_report_drift_setup_writes() {
     let js = jetstream::new(pushbus_shared::testkit::client(&nats).await);
 
     // An operator raises the push stream's size and the filter consumer's
-    // in-flight limit by hand.
+    // in-flight limit by hand, and pins its replicas (as older pushbus did).
     let mut pushes = stream_config(&js, names::STREAM_PUSHES).await;
     assert_eq!(
         pushes.max_bytes,
@@ -79,6 +79,7 @@ async fn services_keep_operator_changes_and_report_drift_setup_writes() {
         .find(|(s, _)| s == names::STREAM_PUSHES)
         .unwrap();
     consumer.max_ack_pending = 777;
+    consumer.num_replicas = 1;
     js.create_consumer_on_stream(consumer, &stream_name)
         .await
         .unwrap();
@@ -98,7 +99,7 @@ async fn services_keep_operator_changes_and_report_drift_setup_writes() {
         "{text}"
     );
     assert!(
-        text.contains(r#"object="consumer PUSHBUS_PUSHES/filter",fields="max_ack_pending""#),
+        text.contains(r#"object="consumer PUSHBUS_PUSHES/filter",fields="max_ack_pending,num_replicas""#),
         "{text}"
     );
     // Pushes still flow through the kept configuration.
@@ -114,6 +115,8 @@ async fn services_keep_operator_changes_and_report_drift_setup_writes() {
     );
     let info = stream.consumer_info(names::CONSUMER_FILTER).await.unwrap();
     assert_ne!(info.config.max_ack_pending, 777);
+    // Unpinned: it follows its stream's replicas again.
+    assert_eq!(info.config.num_replicas, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
