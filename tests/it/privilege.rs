@@ -292,6 +292,8 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
             config_cache_ms: 200,
             ..Default::default()
         },
+        // The sweep for unregistered agents' heads runs within the test.
+        prune_interval_secs: 1,
         ..pushbus_gitops_notifier::Config::new(notifier_addr)
     };
     let lag = host(
