@@ -388,10 +388,20 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
         .await
         .is_err()
     {
-        assert!(Instant::now() < deadline, "no dead letter for the failing webhook");
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter for the failing webhook"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(hits.lock().unwrap().iter().filter(|p| *p == "/down").count() >= 2);
+    assert!(
+        hits.lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == "/down")
+            .count()
+            >= 2
+    );
 
     // Deleting an agent purges its ref heads (the notifier's own purge).
     let heads = admin_js.get_key_value("pushbus-ref-heads").await.unwrap();
@@ -408,9 +418,16 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     };
     assert_eq!(heads_of("hooked").await, 1);
     let out = secured.cli("admin", &["agents", "delete", "hooked"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     while heads_of("hooked").await > 0 {
-        assert!(Instant::now() < deadline, "deleted agent's heads not purged");
+        assert!(
+            Instant::now() < deadline,
+            "deleted agent's heads not purged"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

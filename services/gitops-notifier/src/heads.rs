@@ -485,23 +485,6 @@ impl HeadIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Adds a head without the bucket, for the memory benchmark.
-    pub fn insert_for_bench(&self, agent_id: &str, key: RefKey, revision: u64, sha: &str) {
-        self.record(&Head {
-            agent_id: agent_id.to_owned(),
-            key,
-            revision,
-            event: WatchEvent {
-                event: Some(Event::Poke(AgentPoke {
-                    new_sha: sha.to_owned(),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            },
-            trace: None,
-        });
-    }
 }
 
 fn gauge(heads: usize) {
