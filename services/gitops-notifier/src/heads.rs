@@ -260,6 +260,9 @@ pub struct Head {
 }
 
 /// What one message of the bucket says.
+// Returned per message and consumed at once: boxing the head would cost an
+// allocation per head.
+#[allow(clippy::large_enum_variant)]
 enum Change {
     Put(Head),
     /// A delete or purge marker, or the marker the server leaves when a
