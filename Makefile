@@ -4,11 +4,13 @@
 NATS_SERVER_VERSION := 2.15.1
 # The CloudEvents SDK the tests read pushbus messages back with.
 CLOUDEVENTS_VERSION := 2.2.0
+# Supply-chain checks (deny.toml), built from crates.io into .tools/bin.
+CARGO_DENY_VERSION := 0.19.0
 TOOLS := .tools
 NATS_SERVER_BIN ?= $(CURDIR)/$(TOOLS)/venv/bin/nats-server
 export NATS_SERVER_BIN
 
-.PHONY: run test tools lint fmt setup bench compose-test clean-tools
+.PHONY: run test tools lint deny fmt setup bench compose-test clean-tools
 
 ## Start the whole stack locally (embedded nats-server on :14222).
 run: tools
@@ -33,6 +35,17 @@ $(NATS_SERVER_BIN):
 $(CLOUDEVENTS_STAMP): $(NATS_SERVER_BIN)
 	$(TOOLS)/venv/bin/pip install --quiet --disable-pip-version-check cloudevents==$(CLOUDEVENTS_VERSION)
 	touch $@
+
+## cargo-deny (pinned, built once into .tools/bin): duplicate versions and
+## banned crates, licenses, sources. Offline; advisories: see .ci/deny.
+CARGO_DENY := $(TOOLS)/bin/cargo-deny
+CARGO_DENY_STAMP := $(TOOLS)/.cargo-deny-$(CARGO_DENY_VERSION)
+$(CARGO_DENY_STAMP):
+	cargo install --locked --quiet cargo-deny --version $(CARGO_DENY_VERSION) --root $(TOOLS) --no-track
+	touch $@
+
+deny: $(CARGO_DENY_STAMP)
+	.ci/deny
 
 lint:
 	cargo fmt --all -- --check

@@ -95,6 +95,9 @@ enum BenchCommand {
     /// the raw JetStream ceiling and Redis pub/sub, plus loss on subscriber
     /// restart.
     Pipeline(bench::pipeline::PipelineArgs),
+    /// The notifier's ref heads in memory: resident memory per head and
+    /// per agent, loaded from a real bucket, against the process before.
+    Heads(bench::heads::HeadsBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -151,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 BenchCommand::Ingest(args) => bench::ingest::ingest(args).await,
                 BenchCommand::Filter(args) => bench::filter::filter(args).await,
                 BenchCommand::Pipeline(args) => bench::pipeline::pipeline(args).await,
+                BenchCommand::Heads(args) => bench::heads::heads(args).await,
             }
         }
         Command::Hook {

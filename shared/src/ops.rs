@@ -164,7 +164,12 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "pushbus_notifier_ref_heads",
         Kind::Gauge,
-        "Ref heads this notifier replica loaded at start.",
+        "Ref heads (tombstones of deleted refs included) this notifier replica holds in memory.",
+    ),
+    (
+        "pushbus_notifier_ref_heads_purged_total",
+        Kind::Counter,
+        "Ref heads of deleted agents this notifier replica purged from the bucket.",
     ),
     (
         "pushbus_notifier_catch_up_pokes_total",

@@ -481,6 +481,9 @@ fn bucket_drift(want: &kv::Config, have: &stream::Config) -> Option<Drift> {
     if limit(want.max_bytes) != limit(have.max_bytes) {
         fields.push("max_bytes");
     }
+    if want.limit_markers.is_some() && !have.allow_message_ttl {
+        fields.push("limit_markers");
+    }
     (!fields.is_empty()).then(|| Drift {
         object: format!("bucket {}", want.bucket),
         fields,
@@ -593,12 +596,20 @@ pub fn geo_status_stream() -> stream::Config {
     }
 }
 
+/// How long the marker of a removed ref head lives (a deleted ref's expired
+/// tombstone, a deleted agent's purged heads): every notifier replica's feed
+/// sees it well within this, and one starting within it learns the removal.
+pub const REF_HEAD_MARKER_TTL: Duration = DAY;
+
 pub fn ref_heads_bucket() -> kv::Config {
     kv::Config {
         bucket: names::BUCKET_REF_HEADS.into(),
         description: "pushbus: latest poke per agent, project and ref (RefHead)".into(),
         history: 1,
         storage: stream::StorageType::File,
+        // Per-message TTLs: deleted refs' tombstones and removal markers
+        // expire, so the bucket stays bounded.
+        limit_markers: Some(REF_HEAD_MARKER_TTL),
         ..Default::default()
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod ceiling;
 pub mod filter;
+pub mod heads;
 pub mod ingest;
 pub mod pipeline;
 pub mod redis;

@@ -70,6 +70,11 @@ impl Process {
         }
     }
 
+    /// Its /metrics, /readyz address.
+    pub(crate) fn ops(&self) -> std::net::SocketAddr {
+        self.ops
+    }
+
     pub(crate) fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child's pid.
         unsafe {

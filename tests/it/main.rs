@@ -12,6 +12,7 @@ mod notifier;
 mod observe;
 mod operate;
 mod privilege;
+mod prune;
 mod secrets;
 mod secure;
 mod support;

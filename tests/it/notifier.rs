@@ -491,7 +491,10 @@ async fn heads_only_move_forward_across_replicas() {
         .create_or_update_key_value(pushbus_shared::topology::ref_heads_bucket())
         .await
         .unwrap();
-    let (a, b) = (HeadWriter::new(kv.clone()), HeadWriter::new(kv.clone()));
+    let (a, b) = (
+        HeadWriter::new(kv.clone(), js.clone(), Default::default()),
+        HeadWriter::new(kv.clone(), js.clone(), Default::default()),
+    );
     let head = |seq: u64| RefHead {
         poke: Some(AgentPoke {
             agent_id: "racer".into(),

@@ -5,12 +5,16 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pushbus_shared::bus::{self, ConnectConfig};
+use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
+use pushbus_shared::proto::{WatchEvent, WatchRequest, watch_event::Event};
 use pushbus_shared::service::{self, BusConfig, Launcher, NatsArgs};
 use pushbus_shared::testkit::{NatsServer, free_port};
 use tokio_util::sync::CancellationToken;
+use tonic::Streaming;
 
 use crate::secure::Pki;
 use crate::support::{SseReader, local};
@@ -147,6 +151,70 @@ impl Hosted {
     }
 }
 
+/// A webhook target: `/ok` answers 200, anything else 500. Returns the
+/// paths it was sent, in order.
+async fn webhook_receiver() -> (Arc<Mutex<Vec<String>>>, SocketAddr) {
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(uri.path().to_owned());
+            if uri.path() == "/ok" {
+                axum::http::StatusCode::OK
+            } else {
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (hits, addr)
+}
+
+async fn push(ingest: SocketAddr, project_id: i64, new_sha: &str) {
+    let body = serde_json::json!({
+        "gl_repository": format!("project-{project_id}"),
+        "identifier": "user-1",
+        "changes": format!("{} {new_sha} refs/heads/main", "1".repeat(40)),
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("http://{ingest}/api/v4/internal/post_receive"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+async fn grpc_watch(addr: SocketAddr, since_cursor: Option<u64>) -> Streaming<WatchEvent> {
+    let mut client = GitOpsNotifierClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut req = tonic::Request::new(WatchRequest {
+        agent_id: "agent-p".into(),
+        since_cursor,
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    client.watch(req).await.unwrap().into_inner()
+}
+
+async fn grpc_next_poke(stream: &mut Streaming<WatchEvent>) -> WatchEvent {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(15), stream.message())
+            .await
+            .expect("no poke over gRPC")
+            .unwrap()
+            .expect("gRPC stream ended");
+        if matches!(ev.event, Some(Event::Poke(_))) {
+            return ev;
+        }
+    }
+}
+
 fn denials(client: &str) -> Vec<String> {
     pushbus_shared::ops::metrics_handle()
         .render()
@@ -182,6 +250,25 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
         "agents put as admin: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Two agents with webhooks: one target answers, one never does (its
+    // pokes end as dead letters).
+    let (hits, receiver) = webhook_receiver().await;
+    for (id, project, path_) in [("hooked", 43, "ok"), ("dead", 44, "down")] {
+        let file = secured.dir.path().join(format!("{id}.yaml"));
+        std::fs::write(
+            &file,
+            format!(
+                "agent_id: {id}\npublic: true\nwebhook:\n  url: http://{receiver}/{path_}\n  secret_token: hook-s3cret\nwatches:\n  - project_id: {project}\n    refs: any_branch\n"
+            ),
+        )
+        .unwrap();
+        let out = secured.cli("admin", &["agents", "put", "-f", &path(&file)]);
+        assert!(
+            out.status.success(),
+            "agents put {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let bus_for = |user: &str| BusConfig::from(secured.connect_config(user));
     let ingest_addr: SocketAddr = local(free_port());
@@ -197,7 +284,18 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
         store_timeout_ms: 2000,
         door: Default::default(),
     };
-    let notifier_cfg = pushbus_gitops_notifier::Config::new(notifier_addr);
+    let notifier_cfg = pushbus_gitops_notifier::Config {
+        webhooks: pushbus_gitops_notifier::webhook::WebhookConfig {
+            allow: vec!["127.0.0.1".parse().unwrap()],
+            max_attempts: 2,
+            backoff_base_ms: 100,
+            config_cache_ms: 200,
+            ..Default::default()
+        },
+        // The sweep for unregistered agents' heads runs within the test.
+        prune_interval_secs: 1,
+        ..pushbus_gitops_notifier::Config::new(notifier_addr)
+    };
     let lag = host(
         bus_for("replication-lag"),
         Launcher::new("replication-lag", |ctx, t| {
@@ -257,6 +355,81 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     assert_eq!(event, "poke");
     let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
     assert_eq!(poke["new_sha"], "d".repeat(40));
+
+    // A gRPC agent: live pokes, and catch-up from a cursor (heads read by
+    // direct get).
+    let mut grpc = grpc_watch(notifier_addr, Some(0)).await;
+    let caught = grpc_next_poke(&mut grpc).await;
+    assert!(caught.catch_up, "{caught:?}");
+    push(ingest_addr, 42, &"e".repeat(40)).await;
+    let live = grpc_next_poke(&mut grpc).await;
+    assert!(!live.catch_up);
+    assert!(
+        matches!(&live.event, Some(Event::Poke(p)) if p.new_sha == "e".repeat(40)),
+        "{live:?}"
+    );
+
+    // Webhook delivery, and a dead letter for the target that fails.
+    push(ingest_addr, 43, &"f".repeat(40)).await;
+    push(ingest_addr, 44, &"a".repeat(40)).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !hits.lock().unwrap().iter().any(|p| p == "/ok") {
+        assert!(Instant::now() < deadline, "webhook never delivered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin_js = async_nats::jetstream::new(
+        bus::connect_once(&secured.connect_config("admin"), "pushbus-admin-test")
+            .await
+            .unwrap(),
+    );
+    let dlq = admin_js.get_stream("PUSHBUS_DLQ").await.unwrap();
+    while dlq
+        .get_last_raw_message_by_subject("pushbus.dlq.gitops-notifier-webhooks")
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter for the failing webhook"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        hits.lock()
+            .unwrap()
+            .iter()
+            .filter(|p| *p == "/down")
+            .count()
+            >= 2
+    );
+
+    // Deleting an agent purges its ref heads (the notifier's own purge).
+    let heads = admin_js.get_key_value("pushbus-ref-heads").await.unwrap();
+    let heads_of = |agent: &'static str| {
+        let heads = heads.clone();
+        async move {
+            let mut keys = heads.keys().await.unwrap();
+            let mut n = 0;
+            while let Some(k) = futures::StreamExt::next(&mut keys).await {
+                n += usize::from(k.unwrap().starts_with(&format!("{agent}.")));
+            }
+            n
+        }
+    };
+    assert_eq!(heads_of("hooked").await, 1);
+    let out = secured.cli("admin", &["agents", "delete", "hooked"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    while heads_of("hooked").await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "deleted agent's heads not purged"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The agents request API answers the admin (filter responds).
     let admin = bus::connect_once(&secured.connect_config("admin"), "pushbus-admin-test")

@@ -4,6 +4,12 @@
 //! its own connections of that agent. Catch-up on connect reads the same
 //! bucket, so live and catch-up share one ordering: the head's revision,
 //! which is also the cursor agents resume from.
+//!
+//! The bucket stays bounded: a deleted ref's head is a tombstone (the
+//! deletion's poke, ordered like any head) that the server expires after
+//! [`Pruning::deleted_ref_ttl`], longer than any older push can still come
+//! back; a deleted agent's heads are purged. Either leaves a marker (itself
+//! expiring) that every replica's feed sees and drops from memory.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,12 +17,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use async_nats::jetstream::kv::{self, Operation, Store};
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv::{Operation, Store};
 use async_nats::jetstream::message::Message as JsMessage;
 use futures::StreamExt;
 use prost::Message;
 use pushbus_shared::names;
-use pushbus_shared::proto::{AgentPoke, RefHead, WatchEvent, watch_event::Event};
+use pushbus_shared::proto::{AgentPoke, ChangeKind, RefHead, WatchEvent, watch_event::Event};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +69,43 @@ pub fn push_order(head: &RefHead) -> (i64, u64) {
 /// before it; a stale memory (another replica wrote) costs one failed try.
 pub struct HeadWriter {
     kv: Store,
+    js: async_nats::jetstream::Context,
     known: Mutex<HashMap<String, Written>>,
+    /// How long a deleted ref's tombstone lives; None when the bucket does
+    /// not allow per-message TTLs (made before they were used: `pushbus
+    /// setup` updates it), and tombstones then stay.
+    deleted_ttl: Option<Duration>,
+}
+
+/// How the ref heads are kept bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct Pruning {
+    /// A deleted ref's tombstone lives this long: past it, no push older
+    /// than the deletion can still arrive (PUSHBUS_PUSHES keeps pushes 7
+    /// days, PUSHBUS_POKES pokes 1 day).
+    pub deleted_ref_ttl: Duration,
+    /// How long the marker a removal leaves lives (every replica's feed
+    /// must see it; a replica starting within it learns the removal too).
+    pub marker_ttl: Duration,
+}
+
+impl Default for Pruning {
+    fn default() -> Self {
+        Pruning {
+            deleted_ref_ttl: DELETED_REF_TTL,
+            marker_ttl: pushbus_shared::topology::REF_HEAD_MARKER_TTL,
+        }
+    }
+}
+
+/// PUSHBUS_PUSHES' 7 days plus PUSHBUS_POKES' 1 day: a push redelivered on
+/// its last day still makes a poke that lives one more day.
+pub const DELETED_REF_TTL: Duration = Duration::from_secs(8 * 24 * 3600);
+
+/// Whether the bucket accepts per-message TTLs (tombstones and markers
+/// expire only then).
+pub fn allows_ttl(kv: &Store) -> bool {
+    kv.stream.cached_info().config.allow_message_ttl
 }
 
 #[derive(Clone, Copy)]
@@ -76,10 +119,56 @@ struct Written {
 const REMEMBERED_KEYS: usize = 200_000;
 
 impl HeadWriter {
-    pub fn new(kv: Store) -> HeadWriter {
+    pub fn new(kv: Store, js: async_nats::jetstream::Context, pruning: Pruning) -> HeadWriter {
+        let deleted_ttl = allows_ttl(&kv).then_some(pruning.deleted_ref_ttl);
+        if deleted_ttl.is_none() {
+            tracing::warn!(
+                bucket = names::BUCKET_REF_HEADS,
+                "bucket without per-message TTLs: deleted refs' tombstones are kept (run `pushbus setup`)"
+            );
+        }
         HeadWriter {
             kv,
+            js,
             known: Mutex::default(),
+            deleted_ttl,
+        }
+    }
+
+    /// Writes `value` at `key` if the key's last revision is `last` (0: no
+    /// value); None when it is not (someone else wrote).
+    async fn swap(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        last: u64,
+        ttl: Option<Duration>,
+    ) -> Result<Option<u64>, HeadsError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            last.to_string().as_str(),
+        );
+        if let Some(ttl) = ttl {
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_TTL,
+                ttl.as_secs().max(1).to_string().as_str(),
+            );
+        }
+        let subject = format!(
+            "{}{key}",
+            self.kv.put_prefix.as_ref().unwrap_or(&self.kv.prefix)
+        );
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, value)
+            .await
+            .map_err(kv_err)?
+            .await;
+        match ack {
+            Ok(ack) => Ok(Some(ack.sequence)),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(None),
+            Err(e) => Err(kv_err(e)),
         }
     }
 
@@ -109,35 +198,29 @@ impl HeadWriter {
         let key = head_key(poke);
         let value: bytes::Bytes = head.encode_to_vec().into();
         let order = push_order(head);
+        // A deletion's head is a tombstone: it keeps the deletion's push
+        // order (no older push brings the ref back) until no older push can
+        // come any more, then the server removes it.
+        let ttl = self
+            .deleted_ttl
+            .filter(|_| poke.change_kind == ChangeKind::Delete as i32);
         let mine = |revision| Written { revision, order };
         // Fast path. Heads only move forward, so a remembered order at or
         // past this push's means the bucket's is too.
-        let attempt =
-            match self.recall(&key) {
-                Some(w) if w.order >= order => return Ok(false),
-                Some(w) => self
-                    .kv
-                    .update(&key, value.clone(), w.revision)
-                    .await
-                    .map_err(|e| {
-                        (e.kind() != kv::UpdateErrorKind::WrongLastRevision).then(|| kv_err(e))
-                    }),
-                None => self.kv.create(&key, value.clone()).await.map_err(|e| {
-                    (e.kind() != kv::CreateErrorKind::AlreadyExists).then(|| kv_err(e))
-                }),
-            };
-        match attempt {
-            Ok(revision) => {
-                self.remember(&key, mine(revision));
-                return Ok(true);
-            }
-            Err(Some(err)) => return Err(err),
-            Err(None) => {} // someone else wrote: read and decide
+        let last = match self.recall(&key) {
+            Some(w) if w.order >= order => return Ok(false),
+            Some(w) => w.revision,
+            None => 0,
+        };
+        if let Some(revision) = self.swap(&key, value.clone(), last, ttl).await? {
+            self.remember(&key, mine(revision));
+            return Ok(true);
         }
         // Compare-and-set against what is there; a lost race re-reads.
         for _ in 0..16 {
             let current = self.kv.entry(&key).await.map_err(kv_err)?;
-            let written = match current {
+            // A removed head (marker) or none: the ref starts afresh.
+            let last = match current {
                 Some(e) => {
                     let there = (e.operation == Operation::Put)
                         .then(|| RefHead::decode(e.value.as_ref()).ok())
@@ -154,19 +237,11 @@ impl HeadWriter {
                         );
                         return Ok(false);
                     }
-                    match self.kv.update(&key, value.clone(), e.revision).await {
-                        Ok(revision) => Some(revision),
-                        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => None,
-                        Err(e) => return Err(kv_err(e)),
-                    }
+                    e.revision
                 }
-                None => match self.kv.create(&key, value.clone()).await {
-                    Ok(revision) => Some(revision),
-                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
-                    Err(e) => return Err(kv_err(e)),
-                },
+                None => 0,
             };
-            if let Some(revision) = written {
+            if let Some(revision) = self.swap(&key, value.clone(), last, ttl).await? {
                 self.remember(&key, mine(revision));
                 return Ok(true);
             }
@@ -184,19 +259,39 @@ pub struct Head {
     pub trace: Option<pushbus_shared::proto::TraceContext>,
 }
 
-fn parse(msg: &JsMessage) -> Option<Head> {
-    let deleted = msg
-        .headers
-        .as_ref()
+/// What one message of the bucket says.
+// Returned per message and consumed at once: boxing the head would cost an
+// allocation per head.
+#[allow(clippy::large_enum_variant)]
+enum Change {
+    Put(Head),
+    /// A delete or purge marker, or the marker the server leaves when a
+    /// tombstone expires: the ref has no head any more.
+    Removed {
+        agent_id: String,
+        key: RefKey,
+        revision: u64,
+    },
+}
+
+fn parse(msg: &JsMessage) -> Option<Change> {
+    let headers = msg.headers.as_ref();
+    let removed = headers
         .and_then(|h| h.get("KV-Operation"))
-        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-    if deleted {
-        return None;
-    }
+        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
+        || headers.is_some_and(|h| h.get(async_nats::header::NATS_MARKER_REASON).is_some());
     let prefix = format!("$KV.{}.", names::BUCKET_REF_HEADS);
     let key = msg.subject.as_str().strip_prefix(&prefix)?;
     let revision = msg.info().ok()?.stream_sequence;
-    head(key, revision, &msg.payload)
+    if removed {
+        let (agent_id, ref_key) = key.split_once('.')?;
+        return Some(Change::Removed {
+            agent_id: agent_id.to_owned(),
+            key: ref_key.into(),
+            revision,
+        });
+    }
+    head(key, revision, &msg.payload).map(Change::Put)
 }
 
 /// A head from its full key (`<agent>.<ref key>`), revision and value.
@@ -238,10 +333,26 @@ impl Head {
 /// agents reconnecting at once would otherwise each create a consumer).
 #[derive(Default)]
 pub struct HeadIndex {
-    agents: Mutex<HashMap<Arc<str>, HashMap<RefKey, Known>>>,
+    inner: Mutex<Agents>,
     /// Every head up to this revision is in the index; later ones are still
     /// to come through the feed (and so reach connections registered now).
     position: AtomicU64,
+}
+
+#[derive(Default)]
+struct Agents {
+    by_id: HashMap<Arc<str>, AgentHeads>,
+    /// Heads in all (the `pushbus_notifier_ref_heads` gauge).
+    heads: usize,
+}
+
+#[derive(Default)]
+struct AgentHeads {
+    refs: HashMap<RefKey, Known>,
+    /// The highest revision of a head of this agent that was removed: an
+    /// agent whose cursor is below it may have missed that removal, which
+    /// catch-up can no longer show it.
+    removed_up_to: u64,
 }
 
 struct Known {
@@ -250,18 +361,23 @@ struct Known {
 }
 
 impl HeadIndex {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, HashMap<RefKey, Known>>> {
-        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Agents> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn record(&self, h: &Head) {
         let mut agents = self.lock();
-        let refs = agents.entry(h.agent_id.as_str().into()).or_default();
-        match refs.get_mut(&h.key) {
-            Some(k) if k.revision >= h.revision => {}
+        let refs = &mut agents
+            .by_id
+            .entry(h.agent_id.as_str().into())
+            .or_default()
+            .refs;
+        let added = match refs.get_mut(&h.key) {
+            Some(k) if k.revision >= h.revision => false,
             Some(k) => {
                 k.revision = h.revision;
                 k.sha = h.sha().into();
+                false
             }
             None => {
                 refs.insert(
@@ -271,21 +387,89 @@ impl HeadIndex {
                         sha: h.sha().into(),
                     },
                 );
+                true
             }
+        };
+        if added {
+            agents.heads += 1;
+            gauge(agents.heads);
+        }
+    }
+
+    /// The ref's head was removed by the marker at `revision`.
+    fn remove(&self, agent_id: &str, key: &RefKey, revision: u64) {
+        let mut agents = self.lock();
+        let agent = agents.by_id.entry(agent_id.into()).or_default();
+        let removed = match agent.refs.get(key) {
+            // A later head of the ref (loaded, or a feed that went back).
+            Some(k) if k.revision > revision => return,
+            Some(k) => {
+                let r = k.revision;
+                agent.refs.remove(key);
+                Some(r)
+            }
+            None => None,
+        };
+        // Without the head (a replica that started after it went), the
+        // marker's own revision: later than the head's, so never too low.
+        agent.removed_up_to = agent.removed_up_to.max(removed.unwrap_or(revision));
+        if removed.is_some() {
+            agents.heads -= 1;
+            gauge(agents.heads);
+        }
+    }
+
+    /// Forgets everything about a deleted agent.
+    pub fn forget_agent(&self, agent_id: &str) {
+        let mut agents = self.lock();
+        if let Some(gone) = agents.by_id.remove(agent_id) {
+            agents.heads -= gone.refs.len();
+            gauge(agents.heads);
         }
     }
 
     /// The agent's refs `wanted` selects, by (ref key, revision, SHA).
     pub fn select(&self, agent_id: &str, wanted: impl Fn(&str, u64, &str) -> bool) -> Vec<RefKey> {
         self.lock()
+            .by_id
             .get(agent_id)
-            .map(|refs| {
-                refs.iter()
+            .map(|agent| {
+                agent
+                    .refs
+                    .iter()
                     .filter(|(key, k)| wanted(key, k.revision, &k.sha))
                     .map(|(key, _)| key.clone())
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// (ref key, revision) of every head of the agent.
+    pub fn heads_of(&self, agent_id: &str) -> Vec<(RefKey, u64)> {
+        self.lock()
+            .by_id
+            .get(agent_id)
+            .map(|agent| {
+                agent
+                    .refs
+                    .iter()
+                    .map(|(key, k)| (key.clone(), k.revision))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every agent the index holds something for.
+    pub fn agents(&self) -> Vec<Arc<str>> {
+        self.lock().by_id.keys().cloned().collect()
+    }
+
+    /// See [`AgentHeads::removed_up_to`]; 0 when nothing was removed.
+    pub fn removed_up_to(&self, agent_id: &str) -> u64 {
+        self.lock()
+            .by_id
+            .get(agent_id)
+            .map_or(0, |a| a.removed_up_to)
     }
 
     /// The cursor a connection registered now may resume from.
@@ -298,11 +482,26 @@ impl HeadIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().values().map(HashMap::len).sum()
+        self.lock().heads
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn gauge(heads: usize) {
+    metrics::gauge!("pushbus_notifier_ref_heads").set(heads as f64);
+}
+
+fn apply(index: &HeadIndex, change: &Change) {
+    match change {
+        Change::Put(h) => index.record(h),
+        Change::Removed {
+            agent_id,
+            key,
+            revision,
+        } => index.remove(agent_id, key, *revision),
     }
 }
 
@@ -332,8 +531,8 @@ pub async fn load(kv: &Store) -> Result<(HeadIndex, u64), HeadsError> {
     let count = consumer.cached_info().num_pending as usize;
     let mut messages = consumer.messages().await.map_err(kv_err)?.take(count);
     while let Some(msg) = messages.next().await {
-        if let Some(h) = parse(&msg.map_err(kv_err)?) {
-            index.record(&h);
+        if let Some(change) = parse(&msg.map_err(kv_err)?) {
+            apply(&index, &change);
         }
     }
     index.advance(last);
@@ -432,9 +631,9 @@ pub async fn follow(
                     if let Some(s) = sequence {
                         next = s + 1;
                     }
-                    let head = parse(&msg);
-                    if let Some(head) = &head {
-                        index.record(head);
+                    let change = parse(&msg);
+                    if let Some(change) = &change {
+                        apply(&index, change);
                     }
                     // Recorded first, then the position, then delivery: a
                     // connection that reads the position has every head up
@@ -442,7 +641,9 @@ pub async fn follow(
                     if let Some(s) = sequence {
                         index.advance(s);
                     }
-                    if let Some(head) = head {
+                    // A removal is no news to agents: the deletion's poke
+                    // went out when it happened.
+                    if let Some(Change::Put(head)) = change {
                         deliver(&hub, &head);
                     }
                 }

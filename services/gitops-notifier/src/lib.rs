@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod heads;
 pub mod hub;
 pub mod outbox;
+pub mod prune;
 pub mod revoke;
 pub mod sse;
 pub mod watch;
@@ -55,6 +56,25 @@ pub struct Config {
         default_value_t = 5
     )]
     pub ack_wait_secs: u64,
+    /// Seconds a deleted branch's or tag's tombstone head is kept: it must
+    /// outlive every older push that could still arrive (PUSHBUS_PUSHES
+    /// keeps pushes 7 days, PUSHBUS_POKES pokes 1 day), or such a push
+    /// brings the deleted ref back.
+    #[arg(
+        id = "notifier_deleted_ref_ttl_secs",
+        long = "notifier-deleted-ref-ttl-secs",
+        env = "PUSHBUS_NOTIFIER_DELETED_REF_TTL_SECS",
+        default_value_t = heads::DELETED_REF_TTL.as_secs()
+    )]
+    pub deleted_ref_ttl_secs: u64,
+    /// Seconds between sweeps for ref heads of agents no longer registered.
+    #[arg(
+        id = "notifier_prune_interval_secs",
+        long = "notifier-prune-interval-secs",
+        env = "PUSHBUS_NOTIFIER_PRUNE_INTERVAL_SECS",
+        default_value_t = 300
+    )]
+    pub prune_interval_secs: u64,
     #[command(flatten)]
     pub webhooks: webhook::WebhookConfig,
     #[command(flatten)]
@@ -187,6 +207,8 @@ impl Config {
             listen,
             coalesce_ms: 500,
             ack_wait_secs: 5,
+            deleted_ref_ttl_secs: heads::DELETED_REF_TTL.as_secs(),
+            prune_interval_secs: 300,
             webhooks: Default::default(),
             door: Default::default(),
         }
@@ -315,10 +337,27 @@ pub async fn run(
             std::time::Duration::from_millis(config.door.login_cache_ms),
         )),
     };
+    let pruning = heads::Pruning {
+        deleted_ref_ttl: std::time::Duration::from_secs(config.deleted_ref_ttl_secs.max(1)),
+        ..Default::default()
+    };
     let revoker = tokio::spawn(revoke::follow(
         state.agents.clone(),
         state.hub.clone(),
         state.gate.clone(),
+        revoke::HeadsOf {
+            kv: heads.clone(),
+            index: index.clone(),
+            marker_ttl: pruning.marker_ttl,
+        },
+        token.clone(),
+    ));
+    let sweeper = tokio::spawn(prune::sweep(
+        state.agents.clone(),
+        heads.clone(),
+        index.clone(),
+        std::time::Duration::from_secs(config.prune_interval_secs.max(1)),
+        pruning.marker_ttl,
         token.clone(),
     ));
     // Every replica follows every head and keeps the ones for its agents.
@@ -385,7 +424,7 @@ pub async fn run(
         ctx.js.clone(),
         consumer_spec(&config),
         PokeHandler {
-            writer: heads::HeadWriter::new(heads),
+            writer: heads::HeadWriter::new(heads, ctx.js.clone(), pruning),
         },
         token.clone(),
     ));
@@ -403,6 +442,7 @@ pub async fn run(
     let _ = feed.await;
     let _ = monitor.await;
     let _ = revoker.await;
+    let _ = sweeper.await;
     ctx.drain().await;
     match consumed {
         Ok(result) => result.map_err(Error::from)?,

@@ -1,6 +1,7 @@
 //! Follows the agent registry and ends the live streams of an agent whose
 //! token changed or which was deleted: a stream authenticated once must not
-//! outlive the credential it was opened with.
+//! outlive the credential it was opened with. A deleted agent's ref heads
+//! are purged too.
 
 use std::time::Duration;
 
@@ -16,10 +17,19 @@ use crate::auth::{self, LoginGate};
 pub const TOKEN_CHANGED: &str = "agent token changed: reconnect with the new token";
 pub const DELETED: &str = "agent deleted from the registry";
 
+/// Where a deleted agent's ref heads are purged.
+#[derive(Clone)]
+pub struct HeadsOf {
+    pub kv: Store,
+    pub index: std::sync::Arc<crate::heads::HeadIndex>,
+    pub marker_ttl: Duration,
+}
+
 pub async fn follow(
     agents: Store,
     hub: Hub,
     gate: std::sync::Arc<LoginGate>,
+    heads: HeadsOf,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -58,7 +68,25 @@ pub async fn follow(
                         None => hub.close_agent(&entry.key, None, TOKEN_CHANGED),
                     }
                 }
-                Operation::Delete | Operation::Purge => hub.close_agent(&entry.key, None, DELETED),
+                Operation::Delete | Operation::Purge => {
+                    // Off this loop: a big agent's purge must not hold up
+                    // revocations. Idempotent, so every replica may.
+                    let heads = heads.clone();
+                    let agent_id = entry.key.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = crate::prune::purge_agent(
+                            &heads.kv,
+                            &heads.index,
+                            &agent_id,
+                            heads.marker_ttl,
+                        )
+                        .await
+                        {
+                            tracing::warn!(%agent_id, %err, "cannot purge a deleted agent's ref heads yet; the sweep will");
+                        }
+                    });
+                    hub.close_agent(&entry.key, None, DELETED)
+                }
             };
             if closed > 0 {
                 metrics::counter!("pushbus_notifier_streams_revoked_total")

@@ -85,6 +85,18 @@ pub async fn open(
                 ),
             );
         }
+        // A head it may not have had was removed since (a deleted ref's
+        // tombstone expired): catch-up can no longer show that ref.
+        Some(cursor) if cursor < state.index.removed_up_to(agent_id) => {
+            tracing::info!(%agent_id, cursor, "refs removed since the cursor; agent told to poll");
+            conn.reset(
+                position,
+                conn::status(
+                    State::Live,
+                    "refs were removed since this cursor: poll everything",
+                ),
+            );
+        }
         _ if !since.asks_catch_up() => conn.advance_to(position),
         _ => catch_up(state, agent_id, &since, position, conn).await,
     }
