@@ -99,7 +99,9 @@ async fn services_keep_operator_changes_and_report_drift_setup_writes() {
         "{text}"
     );
     assert!(
-        text.contains(r#"object="consumer PUSHBUS_PUSHES/filter",fields="max_ack_pending,num_replicas""#),
+        text.contains(
+            r#"object="consumer PUSHBUS_PUSHES/filter",fields="max_ack_pending,num_replicas""#
+        ),
         "{text}"
     );
     // Pushes still flow through the kept configuration.
