@@ -14,7 +14,7 @@ use pushbus_shared::testkit::{NatsCluster, stream_leader};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{SseReader, Stack, StackOptions};
-use crate::topology::{metrics, setup};
+use crate::topology::{metrics, setup, stream_config};
 
 const REFS: usize = 4;
 
@@ -385,57 +385,50 @@ async fn scale_streams_by_hand(js: &jetstream::Context, replicas: usize) {
         all.push(n.unwrap());
     }
     for n in &all {
-        let mut cfg = js
-            .get_stream(n)
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .config
-            .clone();
+        let mut cfg = stream_config(js, n).await;
         cfg.num_replicas = replicas;
         js.update_stream(&cfg).await.unwrap();
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     for n in &all {
-        loop {
-            let current = match js.get_stream(n).await {
-                Ok(mut st) => st
-                    .info()
-                    .await
-                    .ok()
-                    .and_then(|i| i.cluster.clone())
-                    .is_some_and(|c| {
-                        c.leader.is_some()
-                            && c.replicas.len() + 1 == replicas
-                            && c.replicas.iter().all(|r| r.current)
-                    }),
-                Err(_) => false,
-            };
-            if current {
-                break;
-            }
+        while current_peers(js, n).await != Some(replicas) {
             assert!(Instant::now() < deadline, "{n} did not reach R{replicas}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
 
-/// How many nodes hold `consumer` on `stream` (its leader and replicas).
-async fn consumer_peers(js: &jetstream::Context, stream: &str, consumer: &str) -> Option<usize> {
-    let stream = js.get_stream(stream).await.ok()?;
-    let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await.ok()?;
-    let info = c.info().await.ok()?;
-    let cluster = info.cluster.as_ref()?;
-    Some(usize::from(cluster.leader.is_some()) + cluster.replicas.len())
+/// How many nodes hold `stream` (leader and replicas), if it has a leader
+/// and every replica is current.
+async fn current_peers(js: &jetstream::Context, stream: &str) -> Option<usize> {
+    let cluster = js
+        .get_stream(stream)
+        .await
+        .ok()?
+        .info()
+        .await
+        .ok()?
+        .cluster
+        .clone()?;
+    (cluster.leader.is_some() && cluster.replicas.iter().all(|r| r.current))
+        .then(|| 1 + cluster.replicas.len())
 }
 
-/// The node leading `consumer` on `stream`.
-async fn consumer_leader(js: &jetstream::Context, stream: &str, consumer: &str) -> Option<String> {
+/// The cluster view of `consumer` on `stream`: its leader and replicas.
+async fn consumer_cluster(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Option<jetstream::stream::ClusterInfo> {
     let stream = js.get_stream(stream).await.ok()?;
     let mut c: jetstream::consumer::PullConsumer = stream.get_consumer(consumer).await.ok()?;
-    c.info().await.ok()?.cluster.as_ref()?.leader.clone()
+    c.info().await.ok()?.cluster.clone()
+}
+
+/// How many nodes hold `consumer` on `stream` (its leader and replicas).
+async fn consumer_peers(js: &jetstream::Context, stream: &str, consumer: &str) -> Option<usize> {
+    let cluster = consumer_cluster(js, stream, consumer).await?;
+    Some(usize::from(cluster.leader.is_some()) + cluster.replicas.len())
 }
 
 /// Seen on a cluster whose streams an operator raised to R3 by hand: after
@@ -454,22 +447,15 @@ async fn cluster_scaled_by_hand_survives_the_loss_of_a_consumers_node() {
                 (names::STREAM_POKES, names::CONSUMER_NOTIFIER),
                 (names::STREAM_PUSHES, names::CONSUMER_FILTER),
             ] {
-                let mut c_ = js
-                    .get_stream(stream)
-                    .await
-                    .unwrap()
-                    .get_consumer::<jetstream::consumer::pull::Config>(consumer)
-                    .await
-                    .unwrap();
-                let info = c_.info().await.unwrap();
+                let c = consumer_cluster(&js, stream, consumer).await;
                 eprintln!(
-                    "{stream}/{consumer}: R{} {:?}",
-                    info.config.num_replicas,
-                    info.cluster.as_ref().map(|c| (&c.leader, c.replicas.len()))
+                    "{stream}/{consumer}: {:?}",
+                    c.map(|c| (c.leader, c.replicas.len()))
                 );
             }
-            let leader = consumer_leader(&js, names::STREAM_POKES, names::CONSUMER_NOTIFIER)
+            let leader = consumer_cluster(&js, names::STREAM_POKES, names::CONSUMER_NOTIFIER)
                 .await
+                .and_then(|c| c.leader)
                 .expect("the notifier's consumer has a leader");
             let i = NatsCluster::index_of(&leader).unwrap();
             c.lock().unwrap().nodes[i].kill();
@@ -523,18 +509,7 @@ async fn cluster_rolling_restart_loses_nothing() {
                     names::STREAM_POKES,
                     "KV_pushbus-ref-heads",
                 ] {
-                    let current = match js.get_stream(s).await {
-                        Ok(mut st) => st
-                            .info()
-                            .await
-                            .ok()
-                            .and_then(|i| i.cluster.clone())
-                            .is_some_and(|c| {
-                                c.leader.is_some() && c.replicas.iter().all(|r| r.current)
-                            }),
-                        Err(_) => false,
-                    };
-                    ok &= current;
+                    ok &= current_peers(&js, s).await.is_some();
                 }
                 if ok {
                     break;

@@ -37,7 +37,7 @@ pub async fn metrics(stack: &Stack) -> String {
         .unwrap()
 }
 
-async fn stream_config(js: &jetstream::Context, name: &str) -> jetstream::stream::Config {
+pub async fn stream_config(js: &jetstream::Context, name: &str) -> jetstream::stream::Config {
     js.get_stream(name)
         .await
         .unwrap()
