@@ -7,7 +7,9 @@ mod dlq;
 mod embedded;
 mod events;
 mod geo;
+mod hook;
 mod run;
+mod setup;
 mod show;
 mod status;
 
@@ -33,10 +35,7 @@ enum Command {
     /// hook-ingest, filter, gitops-notifier, replication-lag.
     Run(Box<run::RunArgs>),
     /// Create or update every stream, KV bucket and consumer, then exit.
-    Setup {
-        #[command(flatten)]
-        routes: pushbus_hook_ingest::routes::RouteTtlArgs,
-    },
+    Setup(setup::SetupArgs),
     /// Manage agent registrations (KV bucket pushbus-agents).
     Agents {
         #[command(subcommand)]
@@ -72,7 +71,7 @@ enum Command {
     /// Git hook commands, run by a bare repository.
     Hook {
         #[command(subcommand)]
-        command: HookCommand,
+        command: hook::HookCommand,
     },
 }
 
@@ -100,39 +99,12 @@ enum BenchCommand {
     Heads(bench::heads::HeadsBenchArgs),
 }
 
-#[derive(Subcommand)]
-enum HookCommand {
-    /// Forward git's post-receive input to hook-ingest; prints the messages
-    /// for the pusher on stderr. Always exits 0: a push is never failed.
-    PostReceive(pushbus_hook_ingest::hook::HookArgs),
-    /// Replay notifications spooled while hook-ingest was unreachable.
-    Flush(pushbus_hook_ingest::hook::HookArgs),
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run::run(*args, cli.nats).await,
-        Command::Setup { routes } => {
-            let nats = cli.nats;
-            let client = connect(&nats, "pushbus-setup").await?;
-            let js = async_nats::jetstream::new(client);
-            // The configured route TTL, not the default, so setup and
-            // hook-ingest do not undo each other's bucket settings (merge
-            // keeps the first definition of a bucket).
-            pushbus_hook_ingest::topology_with(&routes)
-                .merge(run::full_topology())
-                .with(&nats.topology)
-                .apply(&js)
-                .await?;
-            eprintln!(
-                "pushbus topology is in place on {} (replicas {})",
-                nats.url(),
-                nats.topology.replicas
-            );
-            Ok(())
-        }
+        Command::Setup(args) => setup::run(&cli.nats, args).await,
         Command::Agents { command } => agents::run(&cli.nats, command).await,
         Command::Geo { command } => geo::run(&cli.nats, command).await,
         Command::Events { command } => {
@@ -157,34 +129,7 @@ async fn main() -> anyhow::Result<()> {
                 BenchCommand::Heads(args) => bench::heads::heads(args).await,
             }
         }
-        Command::Hook {
-            command: HookCommand::PostReceive(args),
-        } => {
-            post_receive(args).await;
-            Ok(())
-        }
-        Command::Hook {
-            command: HookCommand::Flush(args),
-        } => {
-            let env = std::env::vars().collect();
-            let report = pushbus_hook_ingest::hook::flush(&args, &env)
-                .await
-                .map_err(anyhow::Error::msg)?;
-            for line in &report.lines {
-                eprintln!("{line}");
-            }
-            eprintln!(
-                "pushbus: {} spooled notification(s) delivered, {} left, {} expired",
-                report.delivered, report.left, report.expired
-            );
-            if report.left > 0 {
-                if let Some(why) = &report.stopped {
-                    eprintln!("pushbus: stopped: {why}");
-                }
-                anyhow::bail!("hook-ingest still unreachable");
-            }
-            Ok(())
-        }
+        Command::Hook { command } => hook::run(command).await,
     }
 }
 
@@ -192,18 +137,4 @@ async fn main() -> anyhow::Result<()> {
 pub async fn connect(nats: &NatsArgs, name: &str) -> anyhow::Result<async_nats::Client> {
     let config = nats.connect_config()?;
     Ok(pushbus_shared::bus::connect_once(&config, name).await?)
-}
-
-async fn post_receive(args: pushbus_hook_ingest::hook::HookArgs) {
-    use tokio::io::AsyncReadExt;
-    let mut stdin = String::new();
-    if let Err(err) = tokio::io::stdin().read_to_string(&mut stdin).await {
-        eprintln!("pushbus: cannot read the hook's input: {err}");
-        return;
-    }
-    let env = std::env::vars().collect();
-    let outcome = pushbus_hook_ingest::hook::post_receive(&args, &stdin, &env).await;
-    for line in outcome.lines {
-        eprintln!("{line}");
-    }
 }

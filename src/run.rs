@@ -1,15 +1,35 @@
 //! `pushbus run`: any subset of the services in one process.
 
 use anyhow::{Context, bail};
-use pushbus_shared::service::{self, Launcher, NatsArgs, OpsArgs};
-use pushbus_shared::topology::Topology;
+use pushbus_filter::Filter;
+use pushbus_gitops_notifier::GitopsNotifier;
+use pushbus_hook_ingest::HookIngest;
+use pushbus_replication_lag::ReplicationLag;
+use pushbus_shared::service::{self, Launcher, NatsArgs, OpsArgs, Service};
 
-pub const SERVICES: [&str; 4] = [
-    "hook-ingest",
-    "filter",
-    "gitops-notifier",
-    "replication-lag",
+/// Every service `pushbus run` can host, in start order, and how it is
+/// started from the flags: the one list of names.
+const SERVICES: [(&str, StartFrom); 4] = [
+    (HookIngest::NAME, |a| {
+        Launcher::service::<HookIngest>(a.ingest.clone())
+    }),
+    (Filter::NAME, |a| {
+        Launcher::service::<Filter>(a.filter.clone())
+    }),
+    (GitopsNotifier::NAME, |a| {
+        Launcher::service::<GitopsNotifier>(a.notifier.clone())
+    }),
+    (ReplicationLag::NAME, |a| {
+        Launcher::service::<ReplicationLag>(a.lag.clone())
+    }),
 ];
+
+/// Builds a service's launcher from `pushbus run`'s flags.
+type StartFrom = fn(&RunArgs) -> Launcher;
+
+fn service_names() -> String {
+    SERVICES.map(|(name, _)| name).join(", ")
+}
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -32,25 +52,25 @@ pub struct RunArgs {
 }
 
 /// Validates the list before anything starts: an unknown name fails start-up.
-pub fn parse_services(list: &str) -> anyhow::Result<Vec<&'static str>> {
+fn parse_services(list: &str) -> anyhow::Result<Vec<&'static str>> {
     let mut chosen = Vec::new();
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if name == "all" {
-            return Ok(SERVICES.to_vec());
+            return Ok(SERVICES.map(|(name, _)| name).to_vec());
         }
-        match SERVICES.iter().find(|s| **s == name) {
-            Some(s) if !chosen.contains(s) => chosen.push(*s),
+        match SERVICES.iter().find(|(s, _)| *s == name) {
+            Some((s, _)) if !chosen.contains(s) => chosen.push(*s),
             Some(_) => {}
             None => bail!(
                 "unknown service {name:?}; expected all or some of {}",
-                SERVICES.join(", ")
+                service_names()
             ),
         }
     }
     if chosen.is_empty() {
         bail!(
             "no service named; expected all or some of {}",
-            SERVICES.join(", ")
+            service_names()
         );
     }
     Ok(chosen)
@@ -77,56 +97,22 @@ pub async fn run(args: RunArgs, nats: NatsArgs) -> anyhow::Result<()> {
             (bus, Some(server))
         }
     };
-    let mut launchers = Vec::new();
-    for name in names {
-        launchers.push(match name {
-            "hook-ingest" => {
-                let c = args.ingest.clone();
-                Launcher::new(name, move |ctx, t| {
-                    pushbus_hook_ingest::run(ctx, c, t.cancelled_owned())
-                })
-            }
-            "filter" => {
-                let c = args.filter.clone();
-                Launcher::new(name, move |ctx, t| {
-                    pushbus_filter::run(ctx, c, t.cancelled_owned())
-                })
-            }
-            "gitops-notifier" => {
-                let c = args.notifier.clone();
-                Launcher::new(name, move |ctx, t| {
-                    pushbus_gitops_notifier::run(ctx, c, t.cancelled_owned())
-                })
-            }
-            _ => {
-                let c = args.lag.clone();
-                Launcher::new(name, move |ctx, t| {
-                    pushbus_replication_lag::run(ctx, c, t.cancelled_owned())
-                })
-            }
-        });
-    }
+    let launchers = SERVICES
+        .iter()
+        .filter(|(name, _)| names.contains(name))
+        .map(|(_, start)| start(&args))
+        .collect();
     tracing::info!(nats = %bus.connect.servers_for_log(), "pushbus starting");
     let hosted = service::host(
         bus,
         args.ops.ops_listen,
         launchers,
-        service::shutdown_signal(),
+        service::shutdown_token(),
     )
     .await;
     pushbus_shared::telemetry::shutdown();
     hosted?;
     Ok(())
-}
-
-/// Everything every service needs, for `pushbus setup`.
-pub fn full_topology() -> Topology {
-    pushbus_hook_ingest::topology()
-        .merge(pushbus_filter::topology(&pushbus_filter::Config::default()))
-        .merge(pushbus_gitops_notifier::topology(
-            &pushbus_gitops_notifier::Config::default(),
-        ))
-        .merge(pushbus_replication_lag::topology())
 }
 
 #[cfg(test)]
@@ -135,12 +121,24 @@ mod tests {
 
     #[test]
     fn service_lists() {
-        assert_eq!(parse_services("all").unwrap(), SERVICES.to_vec());
+        assert_eq!(
+            parse_services("all").unwrap(),
+            vec![
+                "hook-ingest",
+                "filter",
+                "gitops-notifier",
+                "replication-lag"
+            ]
+        );
         assert_eq!(
             parse_services("filter, hook-ingest").unwrap(),
             vec!["filter", "hook-ingest"]
         );
-        assert!(parse_services("filter,bogus").is_err());
+        let unknown = parse_services("filter,bogus").unwrap_err().to_string();
+        assert!(
+            unknown.contains("\"bogus\"") && unknown.contains("replication-lag"),
+            "{unknown}"
+        );
         assert!(parse_services("").is_err());
     }
 }

@@ -1,6 +1,13 @@
 //! The stable names users see in the `nats` CLI. Changing one is a breaking
 //! change for deployed systems: the README lists them all.
 
+/// The services, as `pushbus run` takes them and as they name their NATS
+/// connections (`pushbus-<service>`), readiness and status reports.
+pub const SERVICE_HOOK_INGEST: &str = "hook-ingest";
+pub const SERVICE_FILTER: &str = "filter";
+pub const SERVICE_GITOPS_NOTIFIER: &str = "gitops-notifier";
+pub const SERVICE_REPLICATION_LAG: &str = "replication-lag";
+
 /// Every push part, one subject per event: `pushbus.push.<project_id>.<event_id>`.
 /// A subject of its own lets the stream refuse a second copy of the same
 /// event for as long as the first is kept (see [`push_subject`]).

@@ -42,10 +42,8 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
     let stop = tokio_util::sync::CancellationToken::new();
     let host = tokio::spawn({
         let (url, stop) = (url.clone(), stop.clone());
-        let launcher = Launcher::new("hook-ingest", move |ctx, t| {
-            pushbus_hook_ingest::run(ctx, config, t.cancelled_owned())
-        });
-        async move { service::host(&url, ops, vec![launcher], stop.cancelled_owned()).await }
+        let launcher = Launcher::service::<pushbus_hook_ingest::HookIngest>(config);
+        async move { service::host(&url, ops, vec![launcher], stop).await }
     });
     let http = reqwest::Client::new();
     let ready = format!("http://{ops}/readyz");

@@ -8,12 +8,12 @@ use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
 use pushbus_shared::proto::hook_ingest_client::HookIngestClient;
 use pushbus_shared::proto::watch_event::Event;
 use pushbus_shared::proto::{AgentConfig, NotifyGitPushRequest, RefChange, WatchRequest};
-use pushbus_shared::testkit::{NatsServer, free_port};
+use pushbus_shared::testkit::NatsServer;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Replica, SseReader, Stack, local};
+use crate::support::{Replica, SseReader, Stack, bind_local};
 
 fn ingest_config(listen: SocketAddr) -> pushbus_hook_ingest::Config {
     pushbus_hook_ingest::Config::new(listen)
@@ -66,10 +66,10 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_and_a_connection_flood_leave_valid_pushes_answered_and_memory_bounded() {
     let nats = NatsServer::start();
-    let addr = local(free_port());
+    let (listener, addr) = bind_local().await;
     let mut cfg = ingest_config(addr);
     cfg.door.header_read_timeout_ms = 1000;
-    let ingest = Replica::ingest_with(&nats.url(), cfg).await;
+    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
     assert_eq!(post(addr, &push_body(1)).await.0, 200);
     let rss_before = vm_rss_kib();
 
@@ -129,11 +129,11 @@ async fn slow_loris_and_a_connection_flood_leave_valid_pushes_answered_and_memor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_closed_at_once_and_stalled_bodies_time_out() {
     let nats = NatsServer::start();
-    let addr = local(free_port());
+    let (listener, addr) = bind_local().await;
     let mut cfg = ingest_config(addr);
     cfg.door.max_connections = 20;
     cfg.door.request_timeout_ms = 800;
-    let ingest = Replica::ingest_with(&nats.url(), cfg).await;
+    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
 
     // A body that stops halfway: 408 with the JSON error naming the flag.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -169,10 +169,10 @@ async fn ingest_checks_header_credentials_before_reading_the_body() {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, "s3cret\n").unwrap();
-    let addr = local(free_port());
+    let (listener, addr) = bind_local().await;
     let mut cfg = ingest_config(addr);
     cfg.secret_file = Some(secret);
-    let ingest = Replica::ingest_with(&nats.url(), cfg).await;
+    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
 
     // A bad JWT announcing 8 MB: refused before any of the body is sent.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -337,13 +337,13 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     put_agent(&kv, "a", None, 1).await;
     put_agent(&kv, "b", None, 1).await;
     put_agent(&kv, "c", Some("right"), 1).await;
-    let addr = local(free_port());
+    let (listener, addr) = bind_local().await;
     let mut cfg = pushbus_gitops_notifier::Config::new(addr);
     cfg.door.max_streams = 3;
     cfg.door.max_streams_per_agent = 2;
     cfg.door.login_failure_burst = 3;
     cfg.door.login_failure_refill_ms = 60_000;
-    let notifier = Replica::notifier_with(&nats.url(), cfg).await;
+    let notifier = Replica::notifier_on(&nats.url(), cfg, listener).await;
     let url = |id: &str| format!("http://{addr}/v1/agents/{id}/pokes");
 
     let a1 = SseReader::connect(&url("a"), None).await;
@@ -414,9 +414,8 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     let nats = NatsServer::start();
     let kv = agents_kv(&nats).await;
     put_agent(&kv, "ag", Some("old"), 1).await;
-    let addr = local(free_port());
-    let notifier =
-        Replica::notifier_with(&nats.url(), pushbus_gitops_notifier::Config::new(addr)).await;
+    let (listener, addr) = bind_local().await;
+    let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;
     let url = format!("http://{addr}/v1/agents/ag/pokes");
 
     let mut sse = SseReader::new(SseReader::connect(&url, Some("old")).await);
@@ -495,15 +494,16 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
     let (ca_pem, cert, key) = test_certs(dir.path());
     let kv = agents_kv(&nats).await;
     put_agent(&kv, "tls-agent", Some("t0ken"), 1).await;
-    let (ingest_addr, notifier_addr) = (local(free_port()), local(free_port()));
+    let (ingest_listener, ingest_addr) = bind_local().await;
+    let (notifier_listener, notifier_addr) = bind_local().await;
     let mut icfg = ingest_config(ingest_addr);
     icfg.door.tls_cert = Some(cert.clone());
     icfg.door.tls_key = Some(key.clone());
     let mut ncfg = pushbus_gitops_notifier::Config::new(notifier_addr);
     ncfg.door.tls_cert = Some(cert);
     ncfg.door.tls_key = Some(key);
-    let ingest = Replica::ingest_with(&nats.url(), icfg).await;
-    let notifier = Replica::notifier_with(&nats.url(), ncfg).await;
+    let ingest = Replica::ingest_on(&nats.url(), icfg, ingest_listener).await;
+    let notifier = Replica::notifier_on(&nats.url(), ncfg, notifier_listener).await;
 
     let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
     let https = reqwest::Client::builder()
@@ -694,10 +694,10 @@ fn hostile_inputs() -> Vec<Hostile> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
     let nats = NatsServer::start();
-    let addr = local(free_port());
+    let (listener, addr) = bind_local().await;
     let mut cfg = ingest_config(addr);
     cfg.max_body_bytes = 2 * 1024 * 1024;
-    let ingest = Replica::ingest_with(&nats.url(), cfg).await;
+    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/api/v4/internal/post_receive");
     let mut grpc = HookIngestClient::connect(format!("http://{addr}"))
@@ -771,10 +771,10 @@ async fn geo_lag_messages_reach_the_pusher_without_escape_sequences() {
     use prost::Message;
     use pushbus_shared::proto::{HookMessage, LagReply, LagRequest};
     let nats = NatsServer::start();
-    let addr = local(free_port());
+    let (listener, addr) = bind_local().await;
     let mut cfg = ingest_config(addr);
     cfg.lag_budget_ms = 2000;
-    let ingest = Replica::ingest_with(&nats.url(), cfg).await;
+    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
     // A lag responder whose text (from NATS / KV) is hostile.
     let client = pushbus_shared::testkit::client(&nats).await;
     let mut requests = client
@@ -837,9 +837,8 @@ async fn a_watch_with_an_oversized_seen_list_is_refused() {
     let nats = NatsServer::start();
     let kv = agents_kv(&nats).await;
     put_agent(&kv, "s", None, 1).await;
-    let addr = local(free_port());
-    let notifier =
-        Replica::notifier_with(&nats.url(), pushbus_gitops_notifier::Config::new(addr)).await;
+    let (listener, addr) = bind_local().await;
+    let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;
     let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -148,8 +148,8 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     register(&nats, "stale", 50..=50).await;
     let url = nats.url();
     let js = jetstream::new(testkit::client(&nats).await);
-    let notifier_addr = local(free_port());
-    let notifier = Replica::notifier(&url, notifier_addr).await;
+    let (notifier_listener, notifier_addr) = crate::support::bind_local().await;
+    let notifier = Replica::notifier(&url, notifier_listener).await;
     let a = Process::start(
         &url,
         "filter",

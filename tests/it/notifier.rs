@@ -10,10 +10,10 @@ use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
 use pushbus_shared::proto::{
     RefHead, SeenRef, WatchEvent, WatchRequest, notifier_status::State, watch_event::Event,
 };
-use pushbus_shared::testkit::{self, NatsServer, free_port};
+use pushbus_shared::testkit::{self, NatsServer};
 use tonic::Streaming;
 
-use crate::support::{Replica, SseReader, Stack, local, register};
+use crate::support::{Replica, SseReader, Stack, bind_local, register};
 
 pub(crate) fn sha(n: u64) -> String {
     format!("{n:040x}")
@@ -280,8 +280,8 @@ async fn two_replicas_deliver_every_poke_exactly_once() {
         register(&nats, id, 43..=43).await;
     }
     let stack = Stack::start(&nats.url()).await;
-    let second_addr = local(free_port());
-    let second = Replica::notifier(&nats.url(), second_addr).await;
+    let (second_listener, second_addr) = bind_local().await;
+    let second = Replica::notifier(&nats.url(), second_listener).await;
     let mut first_stream = watch(stack.notifier, agent("on-first", None)).await;
     let mut second_stream = watch(second_addr, agent("on-second", None)).await;
     // Distinct branches: nothing may be coalesced.
@@ -463,8 +463,8 @@ async fn a_replica_started_later_serves_catch_up_from_the_bucket() {
     push(&stack, 48, "main", &sha(2)).await;
     push(&stack, 48, "dev", &sha(3)).await;
     head_is(&nats, "mover", 48, "dev", &sha(3)).await;
-    let addr = local(free_port());
-    let later = Replica::notifier(&nats.url(), addr).await;
+    let (listener, addr) = bind_local().await;
+    let later = Replica::notifier(&nats.url(), listener).await;
     let mut back = watch(addr, agent("mover", Some(cursor))).await;
     let mut got = pokes(&drain(&mut back, Duration::from_secs(1)).await);
     got.sort();

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
 use crate::secure::Pki;
-use crate::support::{SseReader, local};
+use crate::support::SseReader;
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
 const SERVER_CONF: &str = include_str!("../../deploy/nats/nats-server.conf");
@@ -122,11 +122,11 @@ struct Hosted {
 }
 
 async fn host(bus: BusConfig, launcher: Launcher) -> Hosted {
-    let ops = local(free_port());
+    let (ops_listener, ops) = crate::support::bind_local().await;
     let token = CancellationToken::new();
     let task = tokio::spawn({
         let token = token.clone();
-        async move { service::host(bus, ops, vec![launcher], token.cancelled_owned()).await }
+        async move { service::host(bus, ops_listener, vec![launcher], token).await }
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     while !reqwest::get(format!("http://{ops}/readyz"))
@@ -271,8 +271,8 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     }
 
     let bus_for = |user: &str| BusConfig::from(secured.connect_config(user));
-    let ingest_addr: SocketAddr = local(free_port());
-    let notifier_addr: SocketAddr = local(free_port());
+    let (ingest_listener, ingest_addr) = crate::support::bind_local().await;
+    let (notifier_listener, notifier_addr) = crate::support::bind_local().await;
     let ingest_cfg = pushbus_hook_ingest::Config {
         insecure_no_auth: false,
         listen: ingest_addr,
@@ -298,30 +298,22 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     };
     let lag = host(
         bus_for("replication-lag"),
-        Launcher::new("replication-lag", |ctx, t| {
-            pushbus_replication_lag::run(ctx, Default::default(), t.cancelled_owned())
-        }),
+        Launcher::service::<pushbus_replication_lag::ReplicationLag>(Default::default()),
     )
     .await;
     let filter = host(
         bus_for("filter"),
-        Launcher::new("filter", |ctx, t| {
-            pushbus_filter::run(ctx, Default::default(), t.cancelled_owned())
-        }),
+        Launcher::service::<pushbus_filter::Filter>(Default::default()),
     )
     .await;
     let notifier = host(
         bus_for("gitops-notifier"),
-        Launcher::new("gitops-notifier", move |ctx, t| {
-            pushbus_gitops_notifier::run(ctx, notifier_cfg, t.cancelled_owned())
-        }),
+        Launcher::bound::<pushbus_gitops_notifier::GitopsNotifier>(notifier_cfg, notifier_listener),
     )
     .await;
     let ingest = host(
         bus_for("hook-ingest"),
-        Launcher::new("hook-ingest", move |ctx, t| {
-            pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())
-        }),
+        Launcher::bound::<pushbus_hook_ingest::HookIngest>(ingest_cfg, ingest_listener),
     )
     .await;
 

@@ -3,8 +3,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use pushbus_shared::service::{self, Launcher};
-use pushbus_shared::testkit::free_port;
+use pushbus_filter::Filter;
+use pushbus_gitops_notifier::GitopsNotifier;
+use pushbus_hook_ingest::HookIngest;
+use pushbus_replication_lag::ReplicationLag;
+use pushbus_shared::service::{self, Launcher, Listen};
 use tokio_util::sync::CancellationToken;
 
 /// What `Stack::start_with` varies.
@@ -43,6 +46,14 @@ pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// A listener on 127.0.0.1, port chosen by the OS, and its address: held
+/// from here on, so no other process can take the port in between.
+pub async fn bind_local() -> (Listen, SocketAddr) {
+    let listen = Listen::local().await.expect("bind 127.0.0.1:0");
+    let addr = listen.addr().expect("bound address");
+    (listen, addr)
+}
+
 impl Stack {
     /// Starts all four services and waits until /readyz says ready.
     pub async fn start(nats_url: &str) -> Stack {
@@ -65,7 +76,9 @@ impl Stack {
     }
 
     pub async fn start_with(nats_url: &str, opts: StackOptions) -> Stack {
-        let (ingest, notifier, ops) = (local(free_port()), local(free_port()), local(free_port()));
+        let (ingest_listener, ingest) = bind_local().await;
+        let (notifier_listener, notifier) = bind_local().await;
+        let (ops_listener, ops) = bind_local().await;
         let ingest_cfg = pushbus_hook_ingest::Config {
             insecure_no_auth: false,
             listen: ingest,
@@ -79,27 +92,19 @@ impl Stack {
         };
         let notifier_cfg = pushbus_gitops_notifier::Config::new(notifier);
         let mut launchers = vec![
-            Launcher::new("hook-ingest", move |ctx, t| {
-                pushbus_hook_ingest::run(ctx, ingest_cfg, t.cancelled_owned())
-            }),
-            Launcher::new("filter", move |ctx, t| {
-                pushbus_filter::run(ctx, pushbus_filter::Config::default(), t.cancelled_owned())
-            }),
-            Launcher::new("gitops-notifier", move |ctx, t| {
-                pushbus_gitops_notifier::run(ctx, notifier_cfg, t.cancelled_owned())
-            }),
+            Launcher::bound::<HookIngest>(ingest_cfg, ingest_listener),
+            Launcher::service::<Filter>(Default::default()),
+            Launcher::bound::<GitopsNotifier>(notifier_cfg, notifier_listener),
         ];
         if let Some(lag_cfg) = opts.lag {
-            launchers.push(Launcher::new("replication-lag", move |ctx, t| {
-                pushbus_replication_lag::run(ctx, lag_cfg, t.cancelled_owned())
-            }));
+            launchers.push(Launcher::service::<ReplicationLag>(lag_cfg));
         }
         let token = CancellationToken::new();
         let mut bus = service::BusConfig::from(nats_url);
         bus.topology.replicas = opts.replicas;
         let task = tokio::spawn({
             let token = token.clone();
-            async move { service::host(bus, ops, launchers, token.cancelled_owned()).await }
+            async move { service::host(bus, ops_listener, launchers, token).await }
         });
         let stack = Stack {
             ingest,
@@ -250,43 +255,43 @@ impl Replica {
             ack_wait_secs: 2,
             ..Default::default()
         };
-        let launcher = Launcher::new("filter", move |ctx, t| {
-            pushbus_filter::run(ctx, config, t.cancelled_owned())
-        });
-        Self::host(nats_url, launcher).await
+        Self::host(nats_url, Launcher::service::<Filter>(config)).await
     }
 
-    /// One gitops-notifier replica listening on `listen`.
-    pub async fn notifier(nats_url: &str, listen: SocketAddr) -> Replica {
-        let config = pushbus_gitops_notifier::Config::new(listen);
-        let launcher = Launcher::new("gitops-notifier", move |ctx, t| {
-            pushbus_gitops_notifier::run(ctx, config, t.cancelled_owned())
-        });
-        Self::host(nats_url, launcher).await
+    /// One gitops-notifier replica listening on `listen` (an address to
+    /// bind, e.g. again after a restart, or a bound listener).
+    pub async fn notifier(nats_url: &str, listen: impl Into<Listen>) -> Replica {
+        let config = pushbus_gitops_notifier::Config::default();
+        Self::notifier_on(nats_url, config, listen).await
     }
 
     /// One hook-ingest listening on `listen`, without authentication.
-    pub async fn ingest(nats_url: &str, listen: SocketAddr) -> Replica {
-        let config = pushbus_hook_ingest::Config::new(listen);
-        let launcher = Launcher::new("hook-ingest", move |ctx, t| {
-            pushbus_hook_ingest::run(ctx, config, t.cancelled_owned())
-        });
-        Self::host(nats_url, launcher).await
+    pub async fn ingest(nats_url: &str, listen: impl Into<Listen>) -> Replica {
+        let listen = listen.into();
+        let config = pushbus_hook_ingest::Config::new(listen.addr().expect("listen address"));
+        Self::host(nats_url, Launcher::bound::<HookIngest>(config, listen)).await
     }
 
-    /// One hook-ingest with this configuration.
-    pub async fn ingest_with(nats_url: &str, config: pushbus_hook_ingest::Config) -> Replica {
-        let launcher = Launcher::new("hook-ingest", move |ctx, t| {
-            pushbus_hook_ingest::run(ctx, config, t.cancelled_owned())
-        });
-        Self::host(nats_url, launcher).await
+    /// One hook-ingest with this configuration on `listen`.
+    pub async fn ingest_on(
+        nats_url: &str,
+        config: pushbus_hook_ingest::Config,
+        listen: impl Into<Listen>,
+    ) -> Replica {
+        Self::host(
+            nats_url,
+            Launcher::bound::<HookIngest>(config, listen.into()),
+        )
+        .await
     }
 
-    /// One gitops-notifier with this configuration.
-    pub async fn notifier_with(nats_url: &str, config: pushbus_gitops_notifier::Config) -> Replica {
-        let launcher = Launcher::new("gitops-notifier", move |ctx, t| {
-            pushbus_gitops_notifier::run(ctx, config, t.cancelled_owned())
-        });
+    /// One gitops-notifier with this configuration on `listen`.
+    pub async fn notifier_on(
+        nats_url: &str,
+        config: pushbus_gitops_notifier::Config,
+        listen: impl Into<Listen>,
+    ) -> Replica {
+        let launcher = Launcher::bound::<GitopsNotifier>(config, listen.into());
         Self::host(nats_url, launcher).await
     }
 
@@ -295,10 +300,7 @@ impl Replica {
         nats_url: &str,
         config: pushbus_replication_lag::Config,
     ) -> Replica {
-        let launcher = Launcher::new("replication-lag", move |ctx, t| {
-            pushbus_replication_lag::run(ctx, config, t.cancelled_owned())
-        });
-        Self::host(nats_url, launcher).await
+        Self::host(nats_url, Launcher::service::<ReplicationLag>(config)).await
     }
 
     /// One gitops-notifier with these webhook settings (its agent port free).
@@ -308,21 +310,18 @@ impl Replica {
     ) -> Replica {
         let config = pushbus_gitops_notifier::Config {
             webhooks,
-            ..pushbus_gitops_notifier::Config::new(local(free_port()))
+            ..Default::default()
         };
-        let launcher = Launcher::new("gitops-notifier", move |ctx, t| {
-            pushbus_gitops_notifier::run(ctx, config, t.cancelled_owned())
-        });
-        Self::host(nats_url, launcher).await
+        Self::notifier_on(nats_url, config, bind_local().await.0).await
     }
 
     async fn host(nats_url: &str, launcher: Launcher) -> Replica {
-        let ops = local(free_port());
+        let (ops_listener, ops) = bind_local().await;
         let token = CancellationToken::new();
         let url = nats_url.to_owned();
         let task = tokio::spawn({
             let token = token.clone();
-            async move { service::host(&url, ops, vec![launcher], token.cancelled_owned()).await }
+            async move { service::host(&url, ops_listener, vec![launcher], token).await }
         });
         let ready = format!("http://{ops}/readyz");
         let deadline = Instant::now() + Duration::from_secs(30);

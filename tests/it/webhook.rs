@@ -964,8 +964,8 @@ async fn webhook_from_a_real_git_push_satisfies_argo_cds_gitlab_handler() {
         },
     )
     .await;
-    let listen = crate::support::local(testkit::free_port());
-    let ingest = Replica::ingest(&nats.url(), listen).await;
+    let (listener, listen) = crate::support::bind_local().await;
+    let ingest = Replica::ingest(&nats.url(), listener).await;
     let filter = Replica::filter(&nats.url()).await;
     let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
 

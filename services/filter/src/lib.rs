@@ -8,7 +8,7 @@ pub mod glob;
 pub mod index;
 pub mod registry;
 
-use std::future::Future;
+use tokio_util::sync::CancellationToken;
 
 use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
 use pushbus_shared::proto::{AgentPoke, GitPushEvent};
@@ -81,12 +81,40 @@ pub fn topology(config: &Config) -> Topology {
     }
 }
 
+/// The filter service, for hosts (`Launcher::service::<Filter>`).
+pub struct Filter;
+
+impl pushbus_shared::service::Service for Filter {
+    const NAME: &'static str = names::SERVICE_FILTER;
+    const ABOUT: &'static str =
+        "pushbus filter: matches pushes against agent watches and emits pokes";
+    type Config = Config;
+    type Listener = ();
+    type Error = Error;
+
+    fn topology(config: &Config) -> Topology {
+        topology(config)
+    }
+
+    fn listener(_: &Config) {}
+
+    async fn run(
+        ctx: ServiceContext,
+        config: Config,
+        (): (),
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        run(ctx, config, shutdown).await
+    }
+}
+
 pub async fn run(
     ctx: ServiceContext,
     config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let token = pushbus_shared::service::cancel_on(shutdown);
+    // Its own child: stopping this service's tasks stops nothing else.
+    let token = shutdown.child_token();
     topology(&config)
         .with(&ctx.topology)
         .ensure(&ctx.js)

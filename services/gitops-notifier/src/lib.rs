@@ -13,13 +13,13 @@ pub mod sse;
 pub mod watch;
 pub mod webhook;
 
-use std::future::Future;
 use std::net::SocketAddr;
 
 use async_nats::jetstream::kv::Store;
 use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
 use pushbus_shared::proto::git_ops_notifier_server::GitOpsNotifierServer;
 use pushbus_shared::proto::{AgentPoke, RefHead};
+use pushbus_shared::service::{Listen, ListenError, Service};
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, names};
 use tokio_util::sync::CancellationToken;
@@ -223,11 +223,10 @@ pub enum Error {
     Consume(#[from] bus::ConsumeError),
     #[error("cannot open the agent registry: {0}")]
     Registry(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot read the listener's address: {0}")]
+    ListenAddr(#[source] std::io::Error),
     #[error("poke consumer task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
@@ -277,12 +276,45 @@ pub fn topology(config: &Config) -> Topology {
     }
 }
 
+/// The gitops-notifier service, for hosts (`Launcher::service::<GitopsNotifier>`).
+pub struct GitopsNotifier;
+
+impl Service for GitopsNotifier {
+    const NAME: &'static str = names::SERVICE_GITOPS_NOTIFIER;
+    const ABOUT: &'static str = "pushbus gitops-notifier: streams pokes to connected agents";
+    type Config = Config;
+    type Listener = Listen;
+    type Error = Error;
+
+    fn topology(config: &Config) -> Topology {
+        topology(config)
+    }
+
+    fn listener(config: &Config) -> Listen {
+        Listen::At(config.listen)
+    }
+
+    async fn run(
+        ctx: ServiceContext,
+        config: Config,
+        listener: Listen,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        run(ctx, config, listener, shutdown).await
+    }
+}
+
+/// Serves agents on `listener` (`config.listen` is only the default of
+/// [`Service::listener`]).
 pub async fn run(
     ctx: ServiceContext,
     config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    listener: Listen,
+    shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let token = pushbus_shared::service::cancel_on(shutdown);
+    // Its own child: stopping this service's tasks stops nothing else.
+    let token = shutdown.child_token();
+    let listen = listener.addr().map_err(Error::ListenAddr)?;
     let tls = pushbus_shared::listen::tls_from_flags(
         config.door.tls_cert.as_deref(),
         config.door.tls_key.as_deref(),
@@ -376,12 +408,7 @@ pub async fn run(
         reconnected,
         token.clone(),
     ));
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = listener.bind().await?;
     let grpc = tonic::service::Routes::new(GitOpsNotifierServer::new(grpc::WatchService {
         state: state.clone(),
     }))
@@ -418,7 +445,7 @@ pub async fn run(
         tls,
         token.clone().cancelled_owned(),
     ));
-    tracing::info!(listen = %config.listen, tls = tls_on, "agents may connect");
+    tracing::info!(%listen, tls = tls_on, "agents may connect");
 
     let consumer = tokio::spawn(bus::run_consumer(
         ctx.js.clone(),

@@ -12,13 +12,14 @@ pub mod lag;
 pub mod routes;
 pub mod terminal;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pushbus_shared::ServiceContext;
+use pushbus_shared::service::{Listen, ListenError, Service};
 use pushbus_shared::topology::{self, Topology};
+use pushbus_shared::{ServiceContext, names};
+use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Clone, Debug)]
 #[group(id = "ingest")]
@@ -181,11 +182,10 @@ pub enum Error {
     Insecure { addr: SocketAddr },
     #[error("the shared secret file {} is empty", path.display())]
     EmptySecret { path: PathBuf },
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error("cannot read the listener's address: {0}")]
+    ListenAddr(#[source] std::io::Error),
     #[error("cannot open the Geo routes bucket: {0}")]
     Routes(String),
     #[error(transparent)]
@@ -205,11 +205,44 @@ pub fn topology_with(routes: &routes::RouteTtlArgs) -> Topology {
     }
 }
 
+/// The hook-ingest service, for hosts (`Launcher::service::<HookIngest>`).
+pub struct HookIngest;
+
+impl Service for HookIngest {
+    const NAME: &'static str = names::SERVICE_HOOK_INGEST;
+    const ABOUT: &'static str =
+        "pushbus hook-ingest: receives post-receive notifications and stores them as events";
+    type Config = Config;
+    type Listener = Listen;
+    type Error = Error;
+
+    fn topology(config: &Config) -> Topology {
+        topology_with(&config.routes)
+    }
+
+    fn listener(config: &Config) -> Listen {
+        Listen::At(config.listen)
+    }
+
+    async fn run(
+        ctx: ServiceContext,
+        config: Config,
+        listener: Listen,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        run(ctx, config, listener, shutdown).await
+    }
+}
+
+/// Serves the HTTP and gRPC doors on `listener` (`config.listen` is only
+/// the default of [`Service::listener`]).
 pub async fn run(
     ctx: ServiceContext,
     config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    listener: Listen,
+    shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    let listen = listener.addr().map_err(Error::ListenAddr)?;
     let secret = match &config.secret_file {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -222,10 +255,8 @@ pub async fn run(
         ),
         None => {
             // Open only where nobody else can reach it, unless told.
-            if !config.listen.ip().is_loopback() && !config.insecure_no_auth {
-                return Err(Error::Insecure {
-                    addr: config.listen,
-                });
+            if !listen.ip().is_loopback() && !config.insecure_no_auth {
+                return Err(Error::Insecure { addr: listen });
             }
             tracing::warn!("no --ingest-secret-file: post_receive accepts unauthenticated calls");
             None
@@ -253,12 +284,7 @@ pub async fn run(
     } else {
         None
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = listener.bind().await?;
     let state = http::HttpState {
         ingest: ingest::Ingest {
             publisher: ctx.publisher.clone(),
@@ -297,8 +323,8 @@ pub async fn run(
         ..Default::default()
     };
     ctx.ready.set(true);
-    tracing::info!(listen = %config.listen, tls = tls.is_some(), "accepting post-receive notifications");
-    pushbus_shared::listen::serve(listener, app, limits, tls, shutdown).await;
+    tracing::info!(%listen, tls = tls.is_some(), "accepting post-receive notifications");
+    pushbus_shared::listen::serve(listener, app, limits, tls, shutdown.cancelled_owned()).await;
     ctx.ready.set(false);
     // In-flight requests have finished (graceful shutdown); their publishes
     // were acked before they answered.

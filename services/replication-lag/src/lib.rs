@@ -8,7 +8,6 @@
 
 pub mod nodes;
 
-use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::message::StreamMessage;
@@ -21,6 +20,7 @@ use pushbus_shared::proto::{
 };
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, envelope, names};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// The NATS micro service name (`nats micro ls` shows it).
@@ -78,10 +78,37 @@ struct Lag {
     config: Config,
 }
 
+/// The replication-lag service, for hosts (`Launcher::service::<ReplicationLag>`).
+pub struct ReplicationLag;
+
+impl pushbus_shared::service::Service for ReplicationLag {
+    const NAME: &'static str = names::SERVICE_REPLICATION_LAG;
+    const ABOUT: &'static str =
+        "pushbus replication-lag: the Geo replication-lag message for each push";
+    type Config = Config;
+    type Listener = ();
+    type Error = Error;
+
+    fn topology(_: &Config) -> Topology {
+        topology()
+    }
+
+    fn listener(_: &Config) {}
+
+    async fn run(
+        ctx: ServiceContext,
+        config: Config,
+        (): (),
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        run(ctx, config, shutdown).await
+    }
+}
+
 pub async fn run(
     ctx: ServiceContext,
     config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: CancellationToken,
 ) -> Result<(), Error> {
     topology().with(&ctx.topology).ensure(&ctx.js).await?;
     let open = |what: &'static str| {
@@ -132,11 +159,10 @@ pub async fn run(
         .await
         .map_err(|e| open("lag subscription")(e.into()))?;
     ctx.ready.set(true);
-    tokio::pin!(shutdown);
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
         let request = tokio::select! {
-            _ = &mut shutdown => break,
+            _ = shutdown.cancelled() => break,
             r = requests.next() => match r { Some(r) => r, None => break },
         };
         let lag = lag.clone();

@@ -1,5 +1,10 @@
-//! Hosting services in a process: common flags, one NATS connection per
-//! service, the ops server, and shutdown on SIGTERM/SIGINT.
+//! What every service is: the [`Service`] trait, the flags all of them
+//! share, and what a host hands each one ([`ServiceContext`]). Hosting
+//! them (connections, the ops server, shutdown) is in [`host`].
+
+mod host;
+
+pub use host::{HostError, host, run_single, shutdown_signal, shutdown_token};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,13 +14,99 @@ use std::pin::Pin;
 use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{self, Publisher};
-use crate::ops::{self, Readiness, ReadyFlag};
+use crate::bus::Publisher;
+use crate::ops::ReadyFlag;
 use crate::proto::Source;
 
 pub use crate::bus::DEFAULT_NATS_URL;
 use crate::bus::{ConnectConfig, ConnectConfigError, ConnectFlags};
-use crate::topology::TopologyArgs;
+use crate::topology::{Topology, TopologyArgs};
+
+/// One pushbus service: its name, its flags, what it needs on the bus, and
+/// how it runs. The per-service binaries, `pushbus run` and the tests all
+/// start services through this one shape.
+pub trait Service: 'static {
+    /// Its name in `pushbus run`, logs, readiness and NATS client names.
+    const NAME: &'static str;
+    /// One line for `--help`.
+    const ABOUT: &'static str;
+    /// Its own flags (each also a `PUSHBUS_…` variable).
+    type Config: clap::Args + Clone + Send + 'static;
+    /// Where it accepts clients: [`Listen`] for a service with a door, `()`
+    /// for one that only talks to the bus.
+    type Listener: Send + 'static;
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The streams, buckets and consumers it uses.
+    fn topology(config: &Self::Config) -> Topology;
+
+    /// The listener its flags ask for.
+    fn listener(config: &Self::Config) -> Self::Listener;
+
+    /// Runs until `shutdown` is cancelled, then finishes in-flight work and
+    /// drains its connection.
+    fn run(
+        ctx: ServiceContext,
+        config: Self::Config,
+        listener: Self::Listener,
+        shutdown: CancellationToken,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Where a door listens: an address bound when the service starts, or a
+/// listener the caller bound already (tests bind port 0 and read the
+/// address back, so no port is picked and then lost to another process).
+#[derive(Debug)]
+pub enum Listen {
+    At(SocketAddr),
+    Bound(tokio::net::TcpListener),
+}
+
+impl Listen {
+    /// Binds 127.0.0.1 on a free port.
+    pub async fn local() -> std::io::Result<Self> {
+        tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map(Self::Bound)
+    }
+
+    /// The address it listens on (for `Bound`, the one the OS gave).
+    pub fn addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Self::At(addr) => Ok(*addr),
+            Self::Bound(listener) => listener.local_addr(),
+        }
+    }
+
+    pub async fn bind(self) -> Result<tokio::net::TcpListener, ListenError> {
+        match self {
+            Self::At(addr) => tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ListenError { addr, source }),
+            Self::Bound(listener) => Ok(listener),
+        }
+    }
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(addr: SocketAddr) -> Self {
+        Self::At(addr)
+    }
+}
+
+impl From<tokio::net::TcpListener> for Listen {
+    fn from(listener: tokio::net::TcpListener) -> Self {
+        Self::Bound(listener)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: std::io::Error,
+}
 
 /// How to reach NATS, and the replicas and limits of what pushbus creates
 /// there. Global: `pushbus agents list --nats-url …` works like `pushbus
@@ -213,6 +304,20 @@ pub struct Launcher {
 }
 
 impl Launcher {
+    /// `S` with `config`, listening where its flags say.
+    pub fn service<S: Service>(config: S::Config) -> Self {
+        let listener = S::listener(&config);
+        Self::bound::<S>(config, listener)
+    }
+
+    /// `S` with `config` and a listener the caller chose.
+    pub fn bound<S: Service>(config: S::Config, listener: S::Listener) -> Self {
+        Self::new(S::NAME, move |ctx, token| {
+            S::run(ctx, config, listener, token)
+        })
+    }
+
+    /// Any future as a service (the hosting of other programs, benches).
     pub fn new<F, Fut, E>(name: &'static str, start: F) -> Self
     where
         F: FnOnce(ServiceContext, CancellationToken) -> Fut + Send + 'static,
@@ -229,201 +334,5 @@ impl Launcher {
                 })
             }),
         }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum HostError {
-    #[error("cannot listen for ops on {addr}: {source}")]
-    OpsListen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("service {name} cannot use nats: {source}")]
-    Connect {
-        name: &'static str,
-        source: crate::bus::ConnectError,
-    },
-    #[error("invalid nats settings: {0}")]
-    Config(#[from] ConnectConfigError),
-    #[error("service {name} failed: {source}")]
-    Service {
-        name: &'static str,
-        source: ServiceError,
-    },
-}
-
-/// Runs `services` in this process until `shutdown` resolves or one of them
-/// fails; then stops all of them and waits for each to finish.
-pub async fn host(
-    bus: impl Into<BusConfig>,
-    ops_listen: SocketAddr,
-    services: Vec<Launcher>,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), HostError> {
-    let bus: BusConfig = bus.into();
-    // A bad seed list fails start-up, not each service's reconnect loop.
-    bus.connect.server_addrs()?;
-    tracing::info!(nats = %bus.connect.servers_for_log(), auth = %bus.connect.auth.describe(), "nats settings");
-    let readiness = Readiness::default();
-    let token = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind(ops_listen)
-        .await
-        .map_err(|source| HostError::OpsListen {
-            addr: ops_listen,
-            source,
-        })?;
-    let ops_token = token.clone();
-    let ops_server = tokio::spawn({
-        let app = ops::router(readiness.clone());
-        async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(ops_token.cancelled_owned())
-                .await;
-        }
-    });
-
-    let mut running = tokio::task::JoinSet::new();
-    for launcher in services {
-        let ready = readiness.component(launcher.name);
-        let connected = readiness.component(&format!("{} (nats)", launcher.name));
-        let status_readiness = readiness.clone();
-        let token = token.clone();
-        let bus = bus.clone();
-        running.spawn(async move {
-            let name = launcher.name;
-            let client_name = format!("pushbus-{name}");
-            let client =
-                match bus::connect(&bus.connect, &client_name, token.clone().cancelled_owned())
-                    .await
-                {
-                    Ok(Some(client)) => client,
-                    Ok(None) => return (name, Ok(())),
-                    Err(source) => return (name, Err(ServiceFailure::Connect(source))),
-                };
-            tokio::spawn(follow_connection(client.clone(), connected, token.clone()));
-            tokio::spawn(crate::status::announce(
-                client.clone(),
-                name,
-                status_readiness,
-                token.clone(),
-            ));
-            tracing::info!(service = name, "starting");
-            let mut ctx = ServiceContext::new(name, client, ready);
-            ctx.topology = bus.topology.clone();
-            let result = (launcher.start)(ctx, token).await;
-            (name, result.map_err(ServiceFailure::Run))
-        });
-    }
-
-    tokio::pin!(shutdown);
-    let mut failure = None;
-    tokio::select! {
-        _ = &mut shutdown => tracing::info!("shutting down"),
-        Some(joined) = running.join_next() => {
-            failure = check(joined);
-        }
-    }
-    token.cancel();
-    while let Some(joined) = running.join_next().await {
-        if let Some(err) = check(joined) {
-            failure.get_or_insert(err);
-        }
-    }
-    let _ = ops_server.await;
-    failure.map_or(Ok(()), Err)
-}
-
-/// A service without its bus is not ready, whatever it loaded: /readyz
-/// says so while the connection is down and again once it is back.
-async fn follow_connection(client: async_nats::Client, flag: ReadyFlag, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-    loop {
-        flag.set(client.connection_state() == async_nats::connection::State::Connected);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-    }
-}
-
-enum ServiceFailure {
-    Connect(bus::ConnectError),
-    Run(ServiceError),
-}
-
-fn check(
-    joined: Result<(&'static str, Result<(), ServiceFailure>), tokio::task::JoinError>,
-) -> Option<HostError> {
-    match joined {
-        Ok((name, Ok(()))) => {
-            tracing::info!(service = name, "stopped");
-            None
-        }
-        Ok((name, Err(ServiceFailure::Connect(source)))) => {
-            tracing::error!(service = name, error = %source, "cannot use nats");
-            Some(HostError::Connect { name, source })
-        }
-        Ok((name, Err(ServiceFailure::Run(source)))) => {
-            tracing::error!(service = name, error = %source, "service failed");
-            Some(HostError::Service { name, source })
-        }
-        Err(err) => Some(HostError::Service {
-            name: "unknown",
-            source: Box::new(err),
-        }),
-    }
-}
-
-/// A token cancelled when `shutdown` resolves, to fan one shutdown out to
-/// a service's tasks.
-pub fn cancel_on(shutdown: impl Future<Output = ()> + Send + 'static) -> CancellationToken {
-    let token = CancellationToken::new();
-    let cancel = token.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        cancel.cancel();
-    });
-    token
-}
-
-/// The whole `main` of a single-service binary after parsing its flags.
-pub async fn run_single(
-    name: &'static str,
-    nats: &NatsArgs,
-    ops: &OpsArgs,
-    launcher: Launcher,
-) -> Result<(), HostError> {
-    crate::telemetry::init(name, ops.log_json);
-    let hosted = host(
-        nats.bus()?,
-        ops.ops_listen,
-        vec![launcher],
-        shutdown_signal(),
-    )
-    .await;
-    crate::telemetry::shutdown();
-    hosted
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }
