@@ -37,7 +37,7 @@ struct Service {
 }
 
 fn local() -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port())))
 }
 
 impl Stack {
@@ -60,7 +60,7 @@ impl Stack {
     }
 
     async fn spawn(&self, name: &'static str, ops: SocketAddr) -> anyhow::Result<Service> {
-        let exe = std::env::current_exe().context("locating the pushbus binary")?;
+        let exe = super::pushbus_bin()?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("run")
             .arg(name)

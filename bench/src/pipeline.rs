@@ -1,4 +1,4 @@
-//! `pushbus bench pipeline`: push-to-poke latency and throughput through
+//! `pushbus-bench pipeline`: push-to-poke latency and throughput through
 //! hook-ingest -> filter -> gitops-notifier (each its own process) with
 //! thousands of connected agents, under an open-loop load; next to the raw
 //! JetStream ceiling and a Redis pub/sub baseline measured in the same run;
@@ -94,7 +94,7 @@ pub struct Outcome {
 
 pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let plan = Plan::from(&args);
-    let nats = super::Nats::start()?;
+    let nats = super::Nats::start();
     let url = nats.url();
     let client = async_nats::connect(&url).await?;
     let js = jetstream::new(client.clone());
