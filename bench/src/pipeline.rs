@@ -979,7 +979,7 @@ fn report(plan: &Plan, r: &Report<'_>) {
                 continue;
             };
             println!(
-                "latency at {:.0}/s: pushbus p50 {:.1}x, p99 {:.1}x the same-ack-mode ceiling's",
+                "latency at {:.0}/s: pushbus p50 {:.2}x, p99 {:.2}x the same-ack-mode ceiling's",
                 o.step_rate(),
                 o.step.ms(0.5) / s.ms(0.5),
                 o.step.ms(0.99) / s.ms(0.99)
