@@ -58,6 +58,9 @@ fmt:
 bench: tools
 	cargo run --release -p pushbus-bench -- ingest
 	cargo run --release -p pushbus-bench -- filter
+	# Matcher micro-benchmarks (criterion): index against a linear scan,
+	# our globs against globset's regex matcher.
+	cargo bench -p pushbus-filter --bench matcher
 	# The pipeline bench runs each service as a child `pushbus` process.
 	cargo build --release --bin pushbus
 	cargo run --release -p pushbus-bench -- pipeline
