@@ -56,9 +56,14 @@ fmt:
 
 ## Every benchmark, each against its baseline in the same run (see BENCHMARKS.md).
 bench: tools
-	cargo run --release --bin pushbus -- bench ingest
-	cargo run --release --bin pushbus -- bench filter
-	cargo run --release --bin pushbus -- bench pipeline
+	cargo run --release -p pushbus-bench -- ingest
+	cargo run --release -p pushbus-bench -- filter
+	# Matcher micro-benchmarks (criterion): index against a linear scan,
+	# our globs against globset's regex matcher.
+	cargo bench -p pushbus-filter --bench matcher
+	# The pipeline bench runs each service as a child `pushbus` process.
+	cargo build --release --bin pushbus
+	cargo run --release -p pushbus-bench -- pipeline
 
 ## docker-compose.yml end to end on local stand-in images (root; installs
 ## Docker from Debian, starts and stops its own daemon): deploy/compose-test/.

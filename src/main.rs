@@ -2,7 +2,6 @@
 //! operator commands (setup, agents, the post-receive hook).
 
 mod agents;
-mod bench;
 mod dlq;
 mod embedded;
 mod events;
@@ -63,11 +62,6 @@ enum Command {
         #[command(flatten)]
         args: status::StatusArgs,
     },
-    /// Benchmarks that print our figures next to a baseline from the same run.
-    Bench {
-        #[command(subcommand)]
-        command: BenchCommand,
-    },
     /// Git hook commands, run by a bare repository.
     Hook {
         #[command(subcommand)]
@@ -80,23 +74,6 @@ enum EventsCommand {
     /// Print every new message of the given subjects (default: pushes,
     /// pokes, webhook jobs) with its envelope and payload decoded.
     Tail(events::TailArgs),
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// hook-ingest request -> durable ack, against raw JetStream publishes.
-    Ingest(bench::ingest::BenchArgs),
-    /// The agent registry at 100,000 agents: load time, memory, matches/s,
-    /// against a naive linear scan.
-    Filter(bench::filter::FilterBenchArgs),
-    /// Push-to-poke latency and throughput through the whole stack (each
-    /// service its own process) with connected agents, open loop, against
-    /// the raw JetStream ceiling and Redis pub/sub, plus loss on subscriber
-    /// restart.
-    Pipeline(bench::pipeline::PipelineArgs),
-    /// The notifier's ref heads in memory: resident memory per head and
-    /// per agent, loaded from a real bucket, against the process before.
-    Heads(bench::heads::HeadsBenchArgs),
 }
 
 #[tokio::main]
@@ -118,16 +95,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Status { args } => {
             status::run(connect(&cli.nats, "pushbus-status").await?, args).await
-        }
-        Command::Bench { command } => {
-            // Benchmarks print their own figures; the log shows warnings only.
-            pushbus_shared::telemetry::init_with_default("pushbus-bench", false, "warn");
-            match command {
-                BenchCommand::Ingest(args) => bench::ingest::ingest(args).await,
-                BenchCommand::Filter(args) => bench::filter::filter(args).await,
-                BenchCommand::Pipeline(args) => bench::pipeline::pipeline(args).await,
-                BenchCommand::Heads(args) => bench::heads::heads(args).await,
-            }
         }
         Command::Hook { command } => hook::run(command).await,
     }

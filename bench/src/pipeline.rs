@@ -1,4 +1,4 @@
-//! `pushbus bench pipeline`: push-to-poke latency and throughput through
+//! `pushbus-bench pipeline`: push-to-poke latency and throughput through
 //! hook-ingest -> filter -> gitops-notifier (each its own process) with
 //! thousands of connected agents, under an open-loop load; next to the raw
 //! JetStream ceiling and a Redis pub/sub baseline measured in the same run;
@@ -39,6 +39,11 @@ pub struct PipelineArgs {
     /// The Redis server of the pub/sub baseline.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// Also run the pipeline on an N-node JetStream cluster on loopback
+    /// (every stream and bucket at RN), after the single-node run: flat
+    /// out, 1,000/s, and a SIGKILL of the PUSHBUS_PUSHES leader.
+    #[arg(long)]
+    cluster: Option<usize>,
     /// Everything smaller: runs in under a minute.
     #[arg(long)]
     quick: bool,
@@ -54,6 +59,8 @@ pub struct Plan {
     pub restart_seconds: f64,
     /// Messages pushed flat out through the ceiling chain.
     pub flat_out: u64,
+    /// Length of the cluster's leader-kill run (at `restart_rate`).
+    pub leader_kill_seconds: f64,
 }
 
 impl Plan {
@@ -72,6 +79,7 @@ impl Plan {
             restart_rate: 1_000,
             restart_seconds: if q { 4.0 } else { 10.0 },
             flat_out: if q { 20_000 } else { 100_000 },
+            leader_kill_seconds: if q { 16.0 } else { 30.0 },
         }
     }
 }
@@ -90,11 +98,30 @@ pub struct Outcome {
     /// newest push, so a poke redelivered after a newer one was recorded is
     /// dropped, as designed (agents want the newest SHA, not every SHA).
     pub superseded: u64,
+    /// When a nats-server was killed during the step: how hook-ingest
+    /// answered from then on.
+    pub outage: Option<Outage>,
+}
+
+/// hook-ingest's answers after a stream leader was SIGKILLed.
+pub struct Outage {
+    /// Pushes due after the kill that were refused (503 or no answer).
+    pub refused: u64,
+    /// From the kill until the first 200 after the last refusal (0 if
+    /// nothing was refused; until the step's last answer if never).
+    pub window: Duration,
+    /// Whether hook-ingest accepted pushes again before the step ended.
+    pub recovered: bool,
+    /// The slowest answer to a push due after the kill.
+    pub slowest: Duration,
+    /// The node that led PUSHBUS_PUSHES, and the one that leads it after.
+    pub old_leader: String,
+    pub new_leader: Option<String>,
 }
 
 pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let plan = Plan::from(&args);
-    let nats = super::Nats::start()?;
+    let nats = super::Nats::start();
     let url = nats.url();
     let client = async_nats::connect(&url).await?;
     let js = jetstream::new(client.clone());
@@ -104,9 +131,9 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     );
 
     let started = Instant::now();
-    register_agents(&js, plan.agents).await?;
+    register_agents(&js, plan.agents, 1).await?;
     let logs = std::env::temp_dir().join(format!("pushbus-bench-logs-{}", std::process::id()));
-    let mut stack = Stack::start(&url, logs.clone()).await?;
+    let mut stack = Stack::start(&url, 1, logs.clone()).await?;
     eprintln!(
         "{} agents registered and 3 services ready in {:.1} s (service logs: {})",
         plan.agents,
@@ -136,15 +163,21 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let mut ours = Vec::new();
     for &rate in &plan.rates {
         let n = (rate as f64 * plan.seconds) as u64;
-        let outcome = run_step(&load, &recorder, next_seq, n, rate, None).await?;
-        eprintln!(
-            "{}",
-            outcome
-                .step
-                .line(&format!("pushbus {rate}/s"), outcome.lost)
-        );
+        // A step that fails is reported and the run goes on: one bad step
+        // must not hide the figures of the others.
+        match run_step(&load, &recorder, next_seq, n, rate, None).await {
+            Ok(outcome) => {
+                eprintln!(
+                    "{}",
+                    outcome
+                        .step
+                        .line(&format!("pushbus {rate}/s"), outcome.lost)
+                );
+                ours.push(outcome);
+            }
+            Err(err) => eprintln!("pushbus {rate}/s step failed: {err:#}"),
+        }
         next_seq += n;
-        ours.push(outcome);
         // Keeps one agent+ref's pushes of two steps at least a second apart.
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -178,13 +211,23 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             next_seq,
             n,
             plan.restart_rate,
-            Some((&mut stack, victim, &agents)),
+            Some(Fault::Service(&mut stack, victim, &agents)),
         )
-        .await?;
-        let stored = pokes_in_stream(&js, first_poke, next_seq, n).await?;
-        let name = format!("pushbus, {victim} restarted");
-        eprintln!("{}", outcome.step.line(&name, outcome.lost));
-        restarts.push((victim, outcome, stored, n));
+        .await;
+        match outcome {
+            Ok(outcome) => {
+                let stored = pokes_in_stream(&js, first_poke, next_seq, n)
+                    .await
+                    .unwrap_or_else(|err| {
+                        eprintln!("counting stored pokes failed: {err:#}");
+                        0
+                    });
+                let name = format!("pushbus, {victim} restarted");
+                eprintln!("{}", outcome.step.line(&name, outcome.lost));
+                restarts.push((victim, outcome, stored, n));
+            }
+            Err(err) => eprintln!("{victim} restart step failed: {err:#}"),
+        }
         next_seq += n;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -196,7 +239,23 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
 
     // The ceiling and the baseline, on the same nats-server and machine,
     // with the stack stopped so it does not compete for the cores.
-    let ceiling = super::ceiling::run(&url, &plan, push_size, poke_size).await?;
+    // Bounded: a stuck ceiling must not hold back the figures of the rest.
+    let ceiling = tokio::time::timeout(
+        Duration::from_secs(600),
+        super::ceiling::run(&url, &plan, push_size, poke_size),
+    )
+    .await;
+    let ceiling = match ceiling {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(err)) => {
+            eprintln!("ceilings failed: {err:#}");
+            None
+        }
+        Err(_) => {
+            eprintln!("ceilings did not finish within 10 minutes");
+            None
+        }
+    };
     let redis = match super::redis::run(&args.redis_url, &plan, push_size).await {
         Ok(r) => Some(r),
         Err(err) => {
@@ -205,6 +264,17 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         }
     };
     drop(nats);
+
+    let clustered = match args.cluster {
+        Some(size) => match cluster(&plan, size).await {
+            Ok(c) => Some(c),
+            Err(err) => {
+                eprintln!("cluster run failed: {err:#}");
+                None
+            }
+        },
+        None => None,
+    };
 
     report(
         &plan,
@@ -216,13 +286,93 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             ours: &ours,
             flat: &flat,
             restarts: &restarts,
-            ceiling: &ceiling,
+            ceiling: ceiling.as_ref(),
             redis: redis.as_ref(),
             push_size,
             poke_size,
+            clustered: clustered.as_ref(),
         },
     );
     Ok(())
+}
+
+/// The pipeline on an N-node cluster at RN: what replication costs, and
+/// how long hook-ingest refuses pushes when the PUSHBUS_PUSHES leader dies.
+pub struct Clustered {
+    pub size: usize,
+    pub steady: Outcome,
+    pub flat: Outcome,
+    pub leader_kill: Outcome,
+}
+
+async fn cluster(plan: &Plan, size: usize) -> anyhow::Result<Clustered> {
+    use pushbus_shared::testkit::NatsCluster;
+    let replicas = u8::try_from(size).context("cluster size")?;
+    let mut nodes = NatsCluster::start(size);
+    nodes.wait_ready().await;
+    let urls = nodes.urls();
+    eprintln!("{size}-node cluster at {urls}");
+    let started = Instant::now();
+    Stack::setup(&urls, replicas).await?;
+    // Short request timeouts: a request lost with the killed node is
+    // retried soon instead of waiting out the default 5 s.
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(nodes.client().await?);
+    register_agents(&js, plan.agents, replicas).await?;
+    let logs =
+        std::env::temp_dir().join(format!("pushbus-bench-logs-{}-cluster", std::process::id()));
+    let stack = Stack::start(&urls, replicas, logs.clone()).await?;
+    eprintln!(
+        "R{replicas} topology, {} agents and 3 services ready in {:.1} s (service logs: {})",
+        plan.agents,
+        started.elapsed().as_secs_f64(),
+        logs.display()
+    );
+    let steady_n = (1_000.0 * plan.seconds) as u64;
+    let kill_n = (plan.restart_rate as f64 * plan.leader_kill_seconds) as u64;
+    let recorder = Recorder::new(steady_n + plan.flat_out + kill_n);
+    let agents = Agents::connect(stack.notifier, plan.agents, recorder.clone()).await?;
+    let load = Load::new(stack.ingest, plan.agents);
+    let steady = run_step(&load, &recorder, 0, steady_n, 1_000, None).await?;
+    eprintln!(
+        "{}",
+        steady
+            .step
+            .line(&format!("R{replicas} 1000/s"), steady.lost)
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flat = flat_out(&load, &recorder, steady_n, plan.flat_out).await?;
+    eprintln!(
+        "R{replicas} flat out: {} pushes at {:.0}/s, lost {}",
+        plan.flat_out,
+        flat.step.achieved(),
+        flat.lost
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leader_kill = run_step(
+        &load,
+        &recorder,
+        steady_n + plan.flat_out,
+        kill_n,
+        plan.restart_rate,
+        Some(Fault::Leader(&mut nodes, &js)),
+    )
+    .await?;
+    eprintln!(
+        "{}",
+        leader_kill
+            .step
+            .line(&format!("R{replicas}, leader SIGKILLed"), leader_kill.lost)
+    );
+    agents.stop().await;
+    stack.stop().await;
+    Ok(Clustered {
+        size,
+        steady,
+        flat,
+        leader_kill,
+    })
 }
 
 fn agent_id(a: u64) -> String {
@@ -235,8 +385,10 @@ const PROJECT_BASE: u64 = 100_000;
 /// Writes `n` agents to KV pushbus-agents with pipelined puts (what
 /// `put_agent` does, without a round trip per agent). No token hash: the
 /// notifier lets them in without one.
-async fn register_agents(js: &jetstream::Context, n: u64) -> anyhow::Result<()> {
-    js.create_or_update_key_value(topology::agents_bucket())
+async fn register_agents(js: &jetstream::Context, n: u64, replicas: u8) -> anyhow::Result<()> {
+    let mut bucket = topology::agents_bucket();
+    bucket.num_replicas = usize::from(replicas);
+    js.create_or_update_key_value(bucket)
         .await
         .context("creating the agents bucket")?;
     let mut acks = super::AckWindow::new(2048);
@@ -439,19 +591,31 @@ impl Load {
 /// HTTP requests the load generator keeps in flight at most.
 const MAX_IN_FLIGHT: usize = 1024;
 
-type Victim<'a> = (&'a mut Stack, &'static str, &'a Agents);
+/// What a step breaks halfway through.
+enum Fault<'a> {
+    /// SIGKILL this service and start it again at once.
+    Service(&'a mut Stack, &'static str, &'a Agents),
+    /// SIGKILL the nats-server leading PUSHBUS_PUSHES (found through
+    /// `$JS.API.STREAM.INFO`), and leave it down.
+    Leader(
+        &'a mut pushbus_shared::testkit::NatsCluster,
+        &'a jetstream::Context,
+    ),
+}
 
-/// Offers `n` pushes at `rate`, open loop; if `victim` is given, SIGKILLs
-/// that service halfway and starts it again.
+/// Offers `n` pushes at `rate`, open loop; if `victim` is given, breaks
+/// it halfway.
 async fn run_step(
     load: &Load,
     recorder: &Arc<Recorder>,
     lo: u64,
     n: u64,
     rate: u64,
-    victim: Option<Victim<'_>>,
+    victim: Option<Fault<'_>>,
 ) -> anyhow::Result<Outcome> {
     let ok = Arc::new(AtomicU64::new(0));
+    // When each push was answered, in µs after t0 (0: not yet).
+    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| Default::default()).collect());
     let refused = Arc::new(AtomicU64::new(0));
     let in_flight = Arc::new(AtomicU64::new(0));
     let accepted_each: Arc<Vec<std::sync::atomic::AtomicBool>> =
@@ -467,7 +631,7 @@ async fn run_step(
     let sender = {
         let (http, endpoint) = (load.http.clone(), load.endpoint.clone());
         let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
-        let accepted_each = accepted_each.clone();
+        let (accepted_each, answered) = (accepted_each.clone(), answered.clone());
         let mut bodies = bodies.into_iter();
         tokio::spawn(async move {
             open_loop(n, rate as f64, t0, |j| {
@@ -476,7 +640,7 @@ async fn run_step(
                     .header("x-request-id", format!("bench-{}", lo + j))
                     .json(&bodies.next().unwrap_or_default());
                 let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
-                let accepted_each = accepted_each.clone();
+                let (accepted_each, answered) = (accepted_each.clone(), answered.clone());
                 let window = window.clone();
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
@@ -490,6 +654,9 @@ async fn run_step(
                         }
                         _ => refused.fetch_add(1, Ordering::Relaxed),
                     };
+                    if let Some(at) = answered.get(j as usize) {
+                        at.store(t0.elapsed().as_micros().max(1) as u64, Ordering::Relaxed);
+                    }
                     in_flight.fetch_sub(1, Ordering::Relaxed);
                 });
             })
@@ -497,11 +664,34 @@ async fn run_step(
         })
     };
     let mut quiet = Duration::from_secs(3);
-    if let Some((stack, name, agents)) = victim {
+    let mut killed = None;
+    // A service halfway; a leader a quarter in, leaving time to recover.
+    let at = match &victim {
+        Some(Fault::Leader(..)) => 0.25,
+        _ => 0.5,
+    };
+    if victim.is_some() {
         tokio::time::sleep_until(
-            (t0 + Duration::from_secs_f64(n as f64 / rate as f64 / 2.0)).into(),
+            (t0 + Duration::from_secs_f64(n as f64 / rate as f64 * at)).into(),
         )
         .await;
+    }
+    if let Some(Fault::Leader(nodes, js)) = victim {
+        let leader = pushbus_shared::testkit::stream_leader(js, names::STREAM_PUSHES)
+            .await
+            .context("no PUSHBUS_PUSHES leader")?;
+        let i = pushbus_shared::testkit::NatsCluster::index_of(&leader)
+            .filter(|i| *i < nodes.nodes.len())
+            .context("leader is not one of ours")?;
+        nodes.nodes[i].kill();
+        killed = Some((t0.elapsed(), leader, js.clone()));
+        eprintln!(
+            "PUSHBUS_PUSHES leader {} SIGKILLed",
+            killed.as_ref().map_or("", |k| &k.1)
+        );
+        // Pokes held by a consumer whose leader died come back late.
+        quiet = Duration::from_secs(10);
+    } else if let Some(Fault::Service(stack, name, agents)) = victim {
         let back = stack.kill_and_restart(name).await?;
         eprintln!(
             "{name} SIGKILLed and ready again in {:.2} s",
@@ -545,9 +735,61 @@ async fn run_step(
         }
     }
     let mut outcome = Outcome::new(step, n, accepted, refused.load(Ordering::Relaxed));
+    if let Some((at, old_leader, js)) = killed {
+        let mut outage = outage_after(at, rate, &accepted_each, &answered);
+        outage.old_leader = old_leader;
+        outage.new_leader = pushbus_shared::testkit::stream_leader(&js, names::STREAM_PUSHES).await;
+        outcome.outage = Some(outage);
+    }
     outcome.superseded = superseded;
     outcome.lost -= superseded as i64;
     Ok(outcome)
+}
+
+/// How hook-ingest answered the pushes due after `kill` (since t0).
+fn outage_after(
+    kill: Duration,
+    rate: u64,
+    accepted: &[std::sync::atomic::AtomicBool],
+    answered: &[AtomicU64],
+) -> Outage {
+    let kill_us = kill.as_micros() as u64;
+    let due_us = |j: usize| (j as f64 * 1e6 / rate as f64) as u64;
+    let after: Vec<usize> = (0..accepted.len())
+        .filter(|&j| due_us(j) >= kill_us)
+        .collect();
+    let ok = |j: usize| accepted[j].load(Ordering::Relaxed);
+    let at = |j: usize| answered[j].load(Ordering::Relaxed);
+    let refused = after.iter().filter(|&&j| !ok(j)).count() as u64;
+    let (window, recovered) = match after.iter().rposition(|&j| !ok(j)) {
+        None => (0, true),
+        Some(last) => match after[last + 1..]
+            .iter()
+            .filter(|&&j| ok(j))
+            .map(|&j| at(j))
+            .min()
+        {
+            Some(first_ok) => (first_ok.saturating_sub(kill_us), true),
+            // Refused until the end of the step: at least that long.
+            None => {
+                let end = after.iter().map(|&j| at(j)).max().unwrap_or(kill_us);
+                (end.saturating_sub(kill_us), false)
+            }
+        },
+    };
+    let slowest = after
+        .iter()
+        .map(|&j| at(j).saturating_sub(due_us(j)))
+        .max()
+        .unwrap_or(0);
+    Outage {
+        refused,
+        window: Duration::from_micros(window),
+        recovered,
+        slowest: Duration::from_micros(slowest),
+        old_leader: String::new(),
+        new_leader: None,
+    }
 }
 
 /// `n` pushes as fast as hook-ingest answers, 256 requests in flight;
@@ -652,10 +894,11 @@ pub struct Report<'a> {
     ours: &'a [Outcome],
     flat: &'a Outcome,
     restarts: &'a [(&'static str, Outcome, u64, u64)],
-    ceiling: &'a super::ceiling::Ceiling,
+    ceiling: Option<&'a super::ceiling::Ceiling>,
     redis: Option<&'a super::redis::Baseline>,
     push_size: usize,
     poke_size: usize,
+    clustered: Option<&'a Clustered>,
 }
 
 fn mb(b: u64) -> f64 {
@@ -685,7 +928,7 @@ fn report(plan: &Plan, r: &Report<'_>) {
             );
         }
     }
-    for s in &r.ceiling.steps {
+    for s in r.ceiling.iter().flat_map(|c| &c.steps) {
         println!("{}", s.line("ceiling (raw JetStream 2 hops)", s.lost()));
     }
     if let Some(redis) = r.redis {
@@ -708,21 +951,40 @@ fn report(plan: &Plan, r: &Report<'_>) {
     println!(
         "throughput: pushbus sustained {sustained:.0}/s open loop (the highest step with no loss, >= 95% achieved and p99 < 100 ms)"
     );
+    let ours = r.flat.step.achieved();
     println!(
-        "flat out ({} events each): pushbus {:.0}/s (lost {}), ceiling {:.0}/s -> pushbus = {:.2} of the ceiling",
-        plan.flat_out,
-        r.flat.step.achieved(),
-        r.flat.lost,
-        r.ceiling.flat_rate,
-        r.flat.step.achieved() / r.ceiling.flat_rate
+        "flat out ({} events each): pushbus {ours:.0}/s (lost {}, refused {})",
+        plan.flat_out, r.flat.lost, r.flat.refused
     );
-    for (o, c) in r.ours.iter().zip(&r.ceiling.steps) {
-        println!(
-            "latency at {:.0}/s: pushbus p50 {:.1}x, p99 {:.1}x the ceiling's",
-            o.step_rate(),
-            o.step.ms(0.5) / c.ms(0.5),
-            o.step.ms(0.99) / c.ms(0.99)
-        );
+    if let Some(c) = r.ceiling {
+        let flats = [
+            ("same-ack-mode ceiling", Some(&c.flat)),
+            ("physical ceiling", c.physical.as_ref()),
+        ];
+        for (name, flat) in flats {
+            let Some(f) = flat else {
+                println!("  {name}: not measured");
+                continue;
+            };
+            let rate = f.step.achieved();
+            println!(
+                "  {name:<22} {rate:>7.0}/s (lost {}, publishes refused {}) -> pushbus = {:.2} of it",
+                f.lost(),
+                f.failed,
+                if rate > 0.0 { ours / rate } else { f64::NAN }
+            );
+        }
+        for o in r.ours {
+            let Some(s) = c.steps.iter().find(|s| s.rate() == o.step_rate()) else {
+                continue;
+            };
+            println!(
+                "latency at {:.0}/s: pushbus p50 {:.2}x, p99 {:.2}x the same-ack-mode ceiling's",
+                o.step_rate(),
+                o.step.ms(0.5) / s.ms(0.5),
+                o.step.ms(0.99) / s.ms(0.99)
+            );
+        }
     }
     println!();
     println!(
@@ -769,6 +1031,61 @@ fn report(plan: &Plan, r: &Report<'_>) {
             redis.restart_published as i64 - redis.restart_received as i64
         );
     }
+    if let Some(c) = r.clustered {
+        report_cluster(plan, r, c);
+    }
+}
+
+fn report_cluster(plan: &Plan, r: &Report<'_>, c: &Clustered) {
+    let n = c.size;
+    println!();
+    println!("== {n}-node cluster (R{n}) beside single node (R1), same run ==");
+    println!(
+        "flat out ({} pushes): R1 {:.0}/s (lost {}), R{n} {:.0}/s (lost {}) -> R{n} = {:.2} of R1",
+        plan.flat_out,
+        r.flat.step.achieved(),
+        r.flat.lost,
+        c.flat.step.achieved(),
+        c.flat.lost,
+        c.flat.step.achieved() / r.flat.step.achieved()
+    );
+    let one = |o: &Outcome| {
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, lost {}, refused {}",
+            o.step.ms(0.5),
+            o.step.ms(0.99),
+            o.step.hist.max() as f64 / 1000.0,
+            o.lost,
+            o.refused
+        )
+    };
+    if let Some(r1) = r.ours.iter().find(|o| o.step_rate() == 1_000.0) {
+        println!("push -> poke at 1000/s: R1 {}", one(r1));
+    }
+    println!("push -> poke at 1000/s: R{n} {}", one(&c.steady));
+    let k = &c.leader_kill;
+    if let Some(o) = &k.outage {
+        println!(
+            "SIGKILL of the PUSHBUS_PUSHES leader ({}) at {}/s: new leader {}; {} of the pushes due after the kill refused; hook-ingest accepting again {}{:.2} s after the kill; slowest answer {:.2} s",
+            o.old_leader,
+            plan.restart_rate,
+            o.new_leader.as_deref().unwrap_or("none seen"),
+            o.refused,
+            if o.recovered {
+                ""
+            } else {
+                "NOT by the end of the run, >= "
+            },
+            o.window.as_secs_f64(),
+            o.slowest.as_secs_f64()
+        );
+    }
+    println!(
+        "  over the whole kill run ({} pushes): {}, superseded {}",
+        k.sent,
+        one(k),
+        k.superseded
+    );
 }
 
 impl Outcome {
@@ -776,6 +1093,7 @@ impl Outcome {
         Outcome {
             lost: accepted as i64 - step.received as i64,
             superseded: 0,
+            outage: None,
             sent,
             refused,
             step,

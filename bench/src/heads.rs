@@ -1,4 +1,4 @@
-//! `pushbus bench heads`: what the notifier's in-memory index of ref heads
+//! `pushbus-bench heads`: what the notifier's in-memory index of ref heads
 //! costs. N heads spread over A agents are written to a real
 //! `pushbus-ref-heads` bucket, then loaded exactly as a notifier replica
 //! loads them on start (`heads::load`); the process's resident memory
@@ -26,7 +26,7 @@ pub struct HeadsBenchArgs {
 
 pub async fn heads(args: HeadsBenchArgs) -> anyhow::Result<()> {
     let agents = args.agents.clamp(1, args.heads.max(1));
-    let nats = super::Nats::start()?;
+    let nats = super::Nats::start();
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let kv = js

@@ -1,4 +1,4 @@
-//! `pushbus bench ingest`: hook-ingest requests (request -> durable ack) at
+//! `pushbus-bench ingest`: hook-ingest requests (request -> durable ack) at
 //! a fixed concurrency, next to raw async-nats JetStream publishes of the
 //! same payload size measured in the same run.
 
@@ -24,10 +24,10 @@ pub struct BenchArgs {
 
 pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
     let n = if args.quick { 2_000 } else { args.requests };
-    let nats = super::Nats::start()?;
+    let nats = super::Nats::start();
     let url = nats.url();
-    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let config = pushbus_hook_ingest::Config {
         insecure_no_auth: false,
         listen,

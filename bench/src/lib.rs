@@ -1,4 +1,4 @@
-//! `pushbus bench …`: each benchmark prints our figures next to a baseline
+//! `pushbus-bench …`: each benchmark prints our figures next to a baseline
 //! measured in the same run, on a fresh nats-server of its own.
 
 pub mod ceiling;
@@ -16,39 +16,24 @@ use std::time::Instant;
 
 use hdrhistogram::Histogram;
 
-/// A private nats-server (free port, temporary store), removed on drop.
-pub struct Nats {
-    server: Option<crate::embedded::Embedded>,
-    dir: PathBuf,
-}
+/// A private nats-server (free port, temporary store, gone on drop): the
+/// test kit's, so tests and benches start servers one way.
+pub use pushbus_shared::testkit::{NatsServer as Nats, free_port};
 
-impl Nats {
-    pub fn start() -> anyhow::Result<Nats> {
-        let dir = std::env::temp_dir().join(format!(
-            "pushbus-bench-{}-{}",
-            std::process::id(),
-            free_port()?
-        ));
-        let server = crate::embedded::start(&crate::embedded::EmbeddedArgs {
-            port: free_port()?,
-            dir: dir.clone(),
-        })?;
-        Ok(Nats {
-            server: Some(server),
-            dir,
-        })
+/// The `pushbus` binary the pipeline bench runs each service with:
+/// `PUSHBUS_BIN`, else the one beside this executable (same cargo profile).
+pub fn pushbus_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("PUSHBUS_BIN") {
+        return Ok(PathBuf::from(p));
     }
-
-    pub fn url(&self) -> String {
-        self.server.as_ref().map(|s| s.url()).unwrap_or_default()
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        drop(self.server.take());
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    let exe = std::env::current_exe()?;
+    let bin = exe.with_file_name(format!("pushbus{}", std::env::consts::EXE_SUFFIX));
+    anyhow::ensure!(
+        bin.is_file(),
+        "{} not found: build it first (`cargo build --release --bin pushbus`) or set PUSHBUS_BIN",
+        bin.display()
+    );
+    Ok(bin)
 }
 
 /// Resident set size of this process, in bytes (Linux).
@@ -87,12 +72,6 @@ impl Figures {
             self.hist.max() as f64 / 1000.0
         )
     }
-}
-
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Runs `op(i)` for i in 0..n with `concurrency` workers; latency in µs.

@@ -1,4 +1,4 @@
-//! `pushbus bench filter`: the agent registry at scale. Writes N agents × W
+//! `pushbus-bench filter`: the agent registry at scale. Writes N agents × W
 //! watches to a real `pushbus-agents` bucket, loads them the way filter does
 //! on start-up, and matches a realistic push mix on one core, next to a
 //! naive linear scan over the same watches measured in the same run.
@@ -204,7 +204,7 @@ fn sorted(m: Vec<Match>) -> Vec<(String, usize)> {
 pub async fn filter(args: FilterBenchArgs) -> anyhow::Result<()> {
     let agents = if args.quick { 10_000 } else { args.agents };
     let seconds = if args.quick { 1.0 } else { args.seconds };
-    let nats = super::Nats::start()?;
+    let nats = super::Nats::start();
     let client = async_nats::connect(nats.url()).await?;
     let js = async_nats::jetstream::new(client);
     let kv = js

@@ -24,6 +24,8 @@ pub const NOTIFIER_ACK_WAIT_SECS: u64 = 5;
 
 pub struct Stack {
     pub nats_url: String,
+    /// `--replicas` of every service (the cluster's size, or 1).
+    pub replicas: u8,
     pub ingest: SocketAddr,
     pub notifier: SocketAddr,
     logs: PathBuf,
@@ -37,16 +39,18 @@ struct Service {
 }
 
 fn local() -> anyhow::Result<SocketAddr> {
-    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port())))
 }
 
 impl Stack {
     /// Starts hook-ingest, filter and gitops-notifier against `nats_url` and
     /// waits until each says ready. Service logs go to files in `logs`.
-    pub async fn start(nats_url: &str, logs: PathBuf) -> anyhow::Result<Stack> {
+    /// `nats_url` may list several servers (comma-separated).
+    pub async fn start(nats_url: &str, replicas: u8, logs: PathBuf) -> anyhow::Result<Stack> {
         std::fs::create_dir_all(&logs)?;
         let mut stack = Stack {
             nats_url: nats_url.to_owned(),
+            replicas,
             ingest: local()?,
             notifier: local()?,
             logs,
@@ -60,13 +64,14 @@ impl Stack {
     }
 
     async fn spawn(&self, name: &'static str, ops: SocketAddr) -> anyhow::Result<Service> {
-        let exe = std::env::current_exe().context("locating the pushbus binary")?;
+        let exe = super::pushbus_bin()?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("run")
             .arg(name)
             .arg("--ops-listen")
             .arg(ops.to_string())
             .env("PUSHBUS_NATS_URL", &self.nats_url)
+            .env("PUSHBUS_REPLICAS", self.replicas.to_string())
             .kill_on_drop(true)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null());
@@ -114,6 +119,23 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Service { name, ops, child })
+    }
+
+    /// `pushbus setup` against `nats_url`: every stream, bucket and consumer
+    /// at `replicas`, waiting until each replica is current.
+    pub async fn setup(nats_url: &str, replicas: u8) -> anyhow::Result<()> {
+        let status = tokio::process::Command::new(super::pushbus_bin()?)
+            .arg("setup")
+            .env("PUSHBUS_NATS_URL", nats_url)
+            .env("PUSHBUS_REPLICAS", replicas.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .await
+            .context("running pushbus setup")?;
+        anyhow::ensure!(status.success(), "pushbus setup exited with {status}");
+        Ok(())
     }
 
     /// VmRSS of each service process, in bytes.
