@@ -2,6 +2,7 @@
 //! operator commands (setup, agents, the post-receive hook).
 
 mod agents;
+#[allow(unsafe_code)] // malloc_trim, kill(2): until bench is its own crate
 mod bench;
 mod dlq;
 mod embedded;

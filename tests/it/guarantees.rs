@@ -76,16 +76,13 @@ impl Process {
     }
 
     pub(crate) fn signal(&self, signal: i32) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, signal);
-        }
+        let _ = pushbus_shared::process::signal(self.child.id(), signal);
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
+        self.signal(pushbus_shared::process::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -162,7 +159,7 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
         async move { c.info().await.is_ok_and(|i| i.num_waiting >= 1) }
     })
     .await;
-    a.signal(libc::SIGSTOP);
+    a.signal(pushbus_shared::process::SIGSTOP);
     let pushes = publisher(&js);
     let first = EventMeta::fresh("c-1");
     pushes
@@ -189,7 +186,7 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
         .await
         .unwrap();
     head_is(&nats, "stale", 50, "main", &sha(2)).await;
-    a.signal(libc::SIGKILL);
+    a.signal(pushbus_shared::process::SIGKILL);
     drop(a);
     // Push 1 comes back to B after ack_wait (2 s) and is handled.
     until("push 1 handled again", || {
