@@ -8,9 +8,9 @@ use pushbus_shared::proto::{WatchEvent, WatchRequest};
 use tonic::{Request, Response, Status};
 
 use crate::AppState;
+use crate::agent_stream::{self, Since};
 use crate::auth::{self, AuthError};
 use crate::conn::Out;
-use crate::watch::{self, Since};
 
 /// Refs an agent may list in `seen` (each costs memory while catch-up runs).
 pub const MAX_SEEN_REFS: usize = 10_000;
@@ -63,7 +63,7 @@ impl GitOpsNotifier for WatchService {
                 }
             })?;
         let since = Since::from_request(req.since_cursor, &req.seen);
-        let events = watch::open(&self.state, &agent_id, &credential, since)
+        let events = agent_stream::open(&self.state, &agent_id, &credential, since)
             .await
             .map_err(|cap| {
                 tracing::info!(%agent_id, error = %cap, "gRPC watch refused");

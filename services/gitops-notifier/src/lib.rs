@@ -1,6 +1,7 @@
 //! gitops-notifier: delivers pokes to connected agents so their polling
 //! loops poll now (SSE and gRPC streaming on one port).
 
+pub mod agent_stream;
 pub mod auth;
 pub mod conn;
 pub mod grpc;
@@ -10,7 +11,6 @@ pub mod outbox;
 pub mod prune;
 pub mod revoke;
 pub mod sse;
-pub mod watch;
 pub mod webhook;
 
 use std::net::SocketAddr;

@@ -15,10 +15,10 @@ use pushbus_shared::proto::{
 use serde_json::json;
 
 use crate::AppState;
+use crate::agent_stream::{self, Since};
 use crate::auth::{self, AuthError};
 use crate::conn::Out;
 use crate::hub::CapExceeded;
-use crate::watch::{self, Since};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -91,7 +91,7 @@ async fn pokes(
             return resp;
         }
     };
-    let events = match watch::open(
+    let events = match agent_stream::open(
         &st,
         &agent_id,
         &credential,

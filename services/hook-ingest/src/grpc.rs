@@ -7,12 +7,12 @@ use pushbus_shared::proto::{NotifyGitPushRequest, NotifyGitPushResponse, Reposit
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::http::HttpState;
+use crate::http::DoorState;
 use crate::ingest::{IngestError, Push};
 use crate::{auth, changes};
 
 pub struct HookIngestService {
-    pub state: HttpState,
+    pub state: DoorState,
 }
 
 #[tonic::async_trait]

@@ -16,8 +16,10 @@ use crate::auth;
 use crate::changes::{self, Invalid};
 use crate::ingest::{Ingest, IngestError, Push};
 
+/// What both doors (HTTP here, gRPC in `grpc`) answer with: the ingest path
+/// and the shell secret; the body limits apply to the HTTP door only.
 #[derive(Clone)]
-pub struct HttpState {
+pub struct DoorState {
     pub ingest: Ingest,
     /// The GitLab shell secret; `None` disables authentication (local use).
     pub secret: Option<String>,
@@ -28,7 +30,7 @@ pub struct HttpState {
     pub unauthenticated_body_bytes: usize,
 }
 
-pub fn router(state: HttpState) -> Router {
+pub fn router(state: DoorState) -> Router {
     Router::new()
         .route("/api/v4/internal/post_receive", post(post_receive))
         .with_state(state)
@@ -113,7 +115,7 @@ struct Body {
 }
 
 async fn post_receive(
-    State(st): State<HttpState>,
+    State(st): State<DoorState>,
     headers: HeaderMap,
     body: RequestBody,
 ) -> Result<Response, ApiError> {
@@ -178,7 +180,7 @@ fn message_json(m: &HookMessage) -> serde_json::Value {
 /// Whether the headers authenticate the caller: true also without a secret
 /// configured; false when they carry no credentials (the body may); an
 /// error for credentials that are wrong.
-fn authenticate_headers(st: &HttpState, headers: &HeaderMap) -> Result<bool, ApiError> {
+fn authenticate_headers(st: &DoorState, headers: &HeaderMap) -> Result<bool, ApiError> {
     let Some(secret) = &st.secret else {
         return Ok(true);
     };
@@ -200,7 +202,7 @@ fn authenticate_headers(st: &HttpState, headers: &HeaderMap) -> Result<bool, Api
         .map_err(unauthorized)
 }
 
-fn authenticate_body(st: &HttpState, secret_token: Option<&str>) -> Result<(), ApiError> {
+fn authenticate_body(st: &DoorState, secret_token: Option<&str>) -> Result<(), ApiError> {
     let Some(secret) = &st.secret else {
         return Ok(());
     };
