@@ -70,7 +70,7 @@ async fn each_geo_push_gets_its_own_nodes_lag_message() {
     stack.stop().await;
 }
 
-// ---- issue 6: the rest of replication-lag ----
+// ---- replication-lag: node health, margins, failures ----
 
 const MARGIN: Duration = Duration::from_millis(1500);
 

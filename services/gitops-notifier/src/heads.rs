@@ -33,11 +33,11 @@ use crate::hub::Hub;
 #[derive(Debug, thiserror::Error)]
 pub enum HeadsError {
     #[error("ref heads bucket: {0}")]
-    Kv(String),
+    Kv(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-fn kv_err(e: impl std::fmt::Display) -> HeadsError {
-    HeadsError::Kv(e.to_string())
+pub(crate) fn kv_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> HeadsError {
+    HeadsError::Kv(e.into())
 }
 
 /// `<project_id>.<hex(ref)>`: refs may hold any byte a KV key may not.

@@ -222,7 +222,7 @@ pub enum Error {
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
     #[error("cannot open the agent registry: {0}")]
-    Registry(String),
+    Registry(#[source] async_nats::jetstream::context::KeyValueError),
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("cannot read the listener's address: {0}")]
@@ -328,12 +328,12 @@ pub async fn run(
         .js
         .get_key_value(names::BUCKET_AGENTS)
         .await
-        .map_err(|e| Error::Registry(e.to_string()))?;
+        .map_err(Error::Registry)?;
     let heads = ctx
         .js
         .get_key_value(names::BUCKET_REF_HEADS)
         .await
-        .map_err(|e| Error::Registry(e.to_string()))?;
+        .map_err(Error::Registry)?;
     // Every head's revision and SHA, before any agent connects, so catch-up
     // never asks the server per connection.
     let (index, after) = loop {

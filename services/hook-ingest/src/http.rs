@@ -135,7 +135,8 @@ async fn post_receive(
     if !authenticated {
         authenticate_body(&st, parsed.secret_token.as_deref())?;
     }
-    let (correlation_id, from_caller) = match caller_correlation_id(&headers) {
+    let from_header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
+    let (correlation_id, from_caller) = match envelope::caller_correlation_id(from_header) {
         Some(id) => (id, true),
         None => (envelope::new_correlation_id(), false),
     };
@@ -215,12 +216,7 @@ fn authenticate_body(st: &DoorState, secret_token: Option<&str>) -> Result<(), A
 }
 
 fn unauthorized(e: auth::AuthError) -> ApiError {
-    let field = match e {
-        auth::AuthError::Missing => None,
-        auth::AuthError::Secret => Some("secret_token"),
-        _ => Some(auth::JWT_HEADER),
-    };
-    ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), field)
+    ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), e.field())
 }
 
 /// Reads at most `limit` bytes; a declared or actual larger body is a 413
@@ -319,21 +315,6 @@ pub fn check_json_depth(body: &[u8], max: usize) -> Result<(), usize> {
         }
     }
     Ok(())
-}
-
-/// From `X-Correlation-Id` or `X-Request-Id` when well-formed, else new.
-pub fn correlation_id(headers: &HeaderMap) -> String {
-    caller_correlation_id(headers).unwrap_or_else(envelope::new_correlation_id)
-}
-
-/// The caller's well-formed `X-Correlation-Id` or `X-Request-Id`, if any; a
-/// malformed one is ignored (and a fresh ID minted by the caller of this).
-pub fn caller_correlation_id(headers: &HeaderMap) -> Option<String> {
-    ["x-correlation-id", "x-request-id"]
-        .iter()
-        .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
-        .find(|v| envelope::is_valid_correlation_id(v))
-        .map(str::to_owned)
 }
 
 fn to_push(b: Body) -> Result<Push, ApiError> {

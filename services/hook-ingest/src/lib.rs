@@ -187,7 +187,7 @@ pub enum Error {
     #[error("cannot read the listener's address: {0}")]
     ListenAddr(#[source] std::io::Error),
     #[error("cannot open the Geo routes bucket: {0}")]
-    Routes(String),
+    Routes(#[source] async_nats::jetstream::context::KeyValueError),
     #[error(transparent)]
     Tls(#[from] pushbus_shared::listen::TlsError),
 }
@@ -279,7 +279,7 @@ pub async fn run(
             .js
             .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
             .await
-            .map_err(|e| Error::Routes(e.to_string()))?;
+            .map_err(Error::Routes)?;
         Some(bucket)
     } else {
         None

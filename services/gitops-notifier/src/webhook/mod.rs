@@ -143,7 +143,7 @@ pub enum WebhookError {
     #[error("cannot build the webhook HTTP client: {0}")]
     Client(#[from] reqwest::Error),
     #[error("cannot open the agent registry: {0}")]
-    Registry(String),
+    Registry(#[source] async_nats::jetstream::context::KeyValueError),
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
 }
@@ -193,7 +193,7 @@ async fn start(
     let agents = js
         .get_key_value(names::BUCKET_AGENTS)
         .await
-        .map_err(|e| WebhookError::Registry(e.to_string()))?;
+        .map_err(WebhookError::Registry)?;
     let handler = WebhookHandler::new(&config, site, agents)?;
     bus::run_consumer(js, consumer_spec(&config), handler, shutdown).await?;
     Ok(())
