@@ -10,16 +10,14 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use pushbus_shared::EventMeta;
-use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher, run_consumer};
+use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler};
 use pushbus_shared::names;
 use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
-use pushbus_shared::proto::{
-    ChangeKind, GitPushEvent, RefChange, RefKind, Source, watch_event::Event,
-};
+use pushbus_shared::proto::{ChangeKind, GitPushEvent, RefChange, RefKind, watch_event::Event};
 use pushbus_shared::testkit::{self, NatsServer, free_port};
-use pushbus_shared::topology::{self, Topology};
-use tokio_util::sync::CancellationToken;
+use pushbus_shared::topology;
 
+use crate::fixtures::{pushes_bus, spawn_consumer, test_publisher};
 use crate::notifier::{agent, drain, head_is, pokes, push, sha, watch};
 use crate::support::{Replica, SseReader, Stack, local, register};
 
@@ -108,16 +106,6 @@ async fn consumer(js: &jetstream::Context, stream: &str, name: &str) -> PullCons
         .unwrap()
 }
 
-fn publisher(js: &jetstream::Context) -> Publisher {
-    Publisher::new(
-        js.clone(),
-        Source {
-            service: "test".into(),
-            ..Default::default()
-        },
-    )
-}
-
 fn branch_push(project_id: i64, branch: &str, new_sha: &str) -> GitPushEvent {
     GitPushEvent {
         project_id,
@@ -160,7 +148,7 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     })
     .await;
     a.signal(pushbus_shared::process::SIGSTOP);
-    let pushes = publisher(&js);
+    let pushes = test_publisher(&js);
     let first = EventMeta::fresh("c-1");
     pushes
         .publish(
@@ -596,19 +584,6 @@ async fn readiness_follows_the_bus() {
     stack.stop().await;
 }
 
-async fn bus(nats: &NatsServer) -> (jetstream::Context, Publisher) {
-    let js = jetstream::new(testkit::client(nats).await);
-    Topology {
-        streams: vec![topology::pushes_stream(), topology::dlq_stream()],
-        ..Default::default()
-    }
-    .ensure(&js)
-    .await
-    .unwrap();
-    let p = publisher(&js);
-    (js, p)
-}
-
 /// Counts handled deliveries, each taking `takes`.
 #[derive(Clone)]
 struct Slow {
@@ -640,17 +615,11 @@ fn slow(takes: Duration) -> Slow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_handler_keeps_its_message_with_progress_acks() {
     let nats = NatsServer::start();
-    let (js, publisher) = bus(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, "long");
     spec.ack_wait = Duration::from_secs(1);
     let handler = slow(Duration::from_secs(3));
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(
-        js.clone(),
-        spec,
-        handler.clone(),
-        stop.clone(),
-    ));
+    let running = spawn_consumer(&js, spec, handler.clone());
     publisher
         .publish(
             names::push_subject(1, "long"),
@@ -667,8 +636,7 @@ async fn a_long_handler_keeps_its_message_with_progress_acks() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(handler.handled.load(Ordering::SeqCst), 1);
     assert_eq!(handler.most_delivered.load(Ordering::SeqCst), 1);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 // Deliveries used up by replicas that stalled holding a message (pulled,
@@ -678,7 +646,7 @@ async fn a_long_handler_keeps_its_message_with_progress_acks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_not_lost() {
     let nats = NatsServer::start();
-    let (js, publisher) = bus(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, "stalls");
     spec.ack_wait = Duration::from_millis(500);
     spec.max_deliver = 2;
@@ -711,13 +679,7 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     let handler = slow(Duration::ZERO);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(
-        js.clone(),
-        spec,
-        handler.clone(),
-        stop.clone(),
-    ));
+    let running = spawn_consumer(&js, spec, handler.clone());
     let dlq = js.get_stream(names::STREAM_DLQ).await.unwrap();
     until("dead-lettered", || {
         let dlq = dlq.clone();
@@ -728,8 +690,7 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
     })
     .await;
     assert_eq!(handler.handled.load(Ordering::SeqCst), 0);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 // A stopping replica hands back what it pulled but had not started, so
@@ -737,18 +698,12 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
     let nats = NatsServer::start();
-    let (js, publisher) = bus(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, "handback");
     spec.ack_wait = Duration::from_secs(30);
     spec.concurrency = 2;
     let first = slow(Duration::from_millis(300));
-    let stop_first = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(
-        js.clone(),
-        spec.clone(),
-        first.clone(),
-        stop_first.clone(),
-    ));
+    let running = spawn_consumer(&js, spec.clone(), first.clone());
     for n in 0..20u64 {
         publisher
             .publish(
@@ -764,11 +719,9 @@ async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
         async move { h.load(Ordering::SeqCst) >= 1 }
     })
     .await;
-    stop_first.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
     let second = slow(Duration::ZERO);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(js.clone(), spec, second.clone(), stop.clone()));
+    let running = spawn_consumer(&js, spec, second.clone());
     let deadline = Instant::now() + Duration::from_secs(15);
     while first.handled.load(Ordering::SeqCst) + second.handled.load(Ordering::SeqCst) < 20 {
         assert!(
@@ -779,6 +732,5 @@ async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }

@@ -10,6 +10,7 @@ mod compose;
 mod doors;
 mod e2e;
 mod filter;
+mod fixtures;
 mod guarantees;
 mod hook;
 mod ingest;
