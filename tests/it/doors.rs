@@ -296,17 +296,9 @@ async fn put_agent(
     token: Option<&str>,
     project: i64,
 ) {
-    use pushbus_shared::proto::{RefSelector, Watch, ref_selector::Kind};
     let cfg = AgentConfig {
         agent_id: id.into(),
-        watches: vec![Watch {
-            project_id: project,
-            refs: Some(RefSelector {
-                kind: Kind::AnyBranch as i32,
-                pattern: String::new(),
-            }),
-            ..Default::default()
-        }],
+        watches: vec![crate::fixtures::any_branch_of(project)],
         token_sha256: token
             .map(|t| hex::encode(sha2::Sha256::digest(t.as_bytes())))
             .unwrap_or_default(),

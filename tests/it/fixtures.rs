@@ -4,7 +4,8 @@
 use async_nats::jetstream;
 use prost::{Message, Name};
 use pushbus_shared::bus::{ConsumeError, ConsumerSpec, Handler, Publisher, run_consumer};
-use pushbus_shared::proto::Source;
+use pushbus_shared::proto::ref_selector::Kind;
+use pushbus_shared::proto::{RefSelector, Source, Watch};
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::topology::{self, Topology};
 use tokio::task::JoinHandle;
@@ -60,5 +61,17 @@ impl RunningConsumer {
     pub(crate) async fn stop(self) {
         self.token.cancel();
         self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A watch on every branch of `project_id`.
+pub(crate) fn any_branch_of(project_id: i64) -> Watch {
+    Watch {
+        project_id,
+        refs: Some(RefSelector {
+            kind: Kind::AnyBranch as i32,
+            pattern: String::new(),
+        }),
+        ..Default::default()
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use pushbus_shared::EventMeta;
-use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler};
+use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher};
 use pushbus_shared::names;
 use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
 use pushbus_shared::proto::{ChangeKind, GitPushEvent, RefChange, RefKind, watch_event::Event};
@@ -602,6 +602,25 @@ impl Handler<GitPushEvent> for Slow {
     }
 }
 
+impl Slow {
+    fn handled_at_least(&self, n: usize) -> impl std::future::Future<Output = bool> + use<> {
+        let handled = self.handled.clone();
+        async move { handled.load(Ordering::SeqCst) >= n }
+    }
+}
+
+/// Publishes a push to branch m of project 1, on the subject of `event`.
+async fn publish_push(publisher: &Publisher, event: &str, n: u64) {
+    publisher
+        .publish(
+            names::push_subject(1, event),
+            &branch_push(1, "m", &sha(n)),
+            &EventMeta::fresh("c"),
+        )
+        .await
+        .unwrap();
+}
+
 fn slow(takes: Duration) -> Slow {
     Slow {
         takes,
@@ -620,19 +639,8 @@ async fn a_long_handler_keeps_its_message_with_progress_acks() {
     spec.ack_wait = Duration::from_secs(1);
     let handler = slow(Duration::from_secs(3));
     let running = spawn_consumer(&js, spec, handler.clone());
-    publisher
-        .publish(
-            names::push_subject(1, "long"),
-            &branch_push(1, "m", &sha(1)),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
-    until("handled", || {
-        let h = handler.handled.clone();
-        async move { h.load(Ordering::SeqCst) >= 1 }
-    })
-    .await;
+    publish_push(&publisher, "long", 1).await;
+    until("handled", || handler.handled_at_least(1)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(handler.handled.load(Ordering::SeqCst), 1);
     assert_eq!(handler.most_delivered.load(Ordering::SeqCst), 1);
@@ -657,14 +665,7 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
         .create_consumer(spec.pull_config())
         .await
         .unwrap();
-    publisher
-        .publish(
-            names::push_subject(1, "stall"),
-            &branch_push(1, "m", &sha(1)),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
+    publish_push(&publisher, "stall", 1).await;
     // Three replicas each pull it and freeze (ack_wait runs out).
     for _ in 0..3 {
         let mut batch = durable
@@ -705,20 +706,9 @@ async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
     let first = slow(Duration::from_millis(300));
     let running = spawn_consumer(&js, spec.clone(), first.clone());
     for n in 0..20u64 {
-        publisher
-            .publish(
-                names::push_subject(1, &format!("hb-{n}")),
-                &branch_push(1, "m", &sha(n)),
-                &EventMeta::fresh("c"),
-            )
-            .await
-            .unwrap();
+        publish_push(&publisher, &format!("hb-{n}"), n).await;
     }
-    until("the first replica started", || {
-        let h = first.handled.clone();
-        async move { h.load(Ordering::SeqCst) >= 1 }
-    })
-    .await;
+    until("the first replica started", || first.handled_at_least(1)).await;
     running.stop().await;
     let second = slow(Duration::ZERO);
     let running = spawn_consumer(&js, spec, second.clone());
