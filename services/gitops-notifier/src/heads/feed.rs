@@ -1,7 +1,21 @@
 //! Loading the heads, reading an agent's, and following the bucket live.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+use async_nats::jetstream::kv::{Operation, Store};
+use futures::StreamExt;
+use pushbus_shared::names;
+use pushbus_shared::proto::watch_event::Event;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
 use super::index::apply;
-use super::*;
+use super::{Change, Head, HeadIndex, HeadsError, head, kv_err, parse};
+use crate::conn::RefKey;
+use crate::hub::Hub;
 
 /// Reads every current head into a new index; returns it with the revision
 /// the live feed must start after.

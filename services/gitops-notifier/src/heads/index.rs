@@ -1,6 +1,11 @@
 //! The in-memory index of every head's revision and SHA, per agent.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::{Change, Head};
+use crate::conn::RefKey;
 
 /// Revision and SHA of every head, per agent: what catch-up needs to pick
 /// the refs an agent missed without asking the server per connection (10,000

@@ -11,24 +11,15 @@
 //! back; a deleted agent's heads are purged. Either leaves a marker (itself
 //! expiring) that every replica's feed sees and drops from memory.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-use async_nats::jetstream::context::PublishErrorKind;
-use async_nats::jetstream::kv::{Operation, Store};
+use async_nats::jetstream::kv::Store;
 use async_nats::jetstream::message::Message as JsMessage;
-use futures::StreamExt;
 use prost::Message;
 use pushbus_shared::names;
-use pushbus_shared::proto::{AgentPoke, ChangeKind, RefHead, WatchEvent, watch_event::Event};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use pushbus_shared::proto::{AgentPoke, RefHead, WatchEvent, watch_event::Event};
 
 use crate::conn::RefKey;
-use crate::hub::Hub;
 
 mod feed;
 mod index;

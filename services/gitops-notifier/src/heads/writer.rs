@@ -1,6 +1,16 @@
 //! Writing ref heads: one compare-and-set per head, newest push wins.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv::{Operation, Store};
+use prost::Message;
+use pushbus_shared::names;
+use pushbus_shared::proto::{ChangeKind, RefHead};
+
+use super::{HeadsError, Pruning, allows_ttl, head_key, kv_err, push_order};
 
 /// Writes ref heads. Remembers the revision and push order it last wrote
 /// or read per key, so the usual write is one compare-and-set with no read
