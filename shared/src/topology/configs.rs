@@ -1,6 +1,11 @@
 //! pushbus's streams and buckets, as configured when nothing overrides them.
 
-use super::*;
+use std::time::Duration;
+
+use async_nats::jetstream::{kv, stream};
+
+use super::{DAY, DEFAULT_MAX_MSG_SIZE, DEFAULT_STREAM_MAX_BYTES};
+use crate::names;
 
 fn limits_stream(
     name: &str,

@@ -1,6 +1,10 @@
 //! What differs between the wanted and the actual configuration.
 
-use super::*;
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::{kv, stream};
+
+use super::Drift;
 
 /// 0 and negative both mean "no limit" (the server reports -1).
 fn limit(v: i64) -> i64 {

@@ -6,8 +6,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, kv, stream};
 
-use crate::names;
-
 mod configs;
 mod drift;
 mod server;
@@ -16,7 +14,7 @@ pub use configs::{
     REF_HEAD_MARKER_TTL, agents_bucket, dlq_stream, geo_nodes_bucket, geo_push_routes_bucket,
     geo_status_stream, pokes_stream, pushes_stream, ref_heads_bucket, webhooks_stream,
 };
-use drift::{bucket_drift, consumer_drift, replicas, stream_drift};
+use drift::{bucket_drift, consumer_drift, stream_drift};
 use server::{
     consumer_info, create_bucket, create_consumer, create_stream, retry, short_timeouts,
     stream_info, wait_consumer_current, wait_current,

@@ -1,7 +1,14 @@
 //! Talking to the server: retries while a cluster elects, waits until every
 //! replica is current, and the create and info calls themselves.
 
-use super::*;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::pull;
+use async_nats::jetstream::{kv, stream};
+
+use super::TopologyError;
+use super::drift::replicas;
 
 /// How long start-up waits out a cluster that cannot answer yet (a stream
 /// whose leader died is re-elected within seconds).

@@ -4,19 +4,16 @@
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::{FutureExt, StreamExt};
 use prost::{Message, Name};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::DeadLetters;
-use crate::envelope::{self, EventMeta};
-use crate::proto::Envelope;
-use crate::trace;
+use crate::envelope::EventMeta;
 
 mod spec;
 mod worker;

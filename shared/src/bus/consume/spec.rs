@@ -1,6 +1,9 @@
 //! A durable pull consumer's configuration and its retry backoff.
 
-use super::*;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 
 /// A durable pull consumer and how to run it.
 #[derive(Clone, Debug)]

@@ -1,7 +1,19 @@
 //! One message at a time: decode, hand to the handler, then ack, nak with
 //! backoff, or dead-letter.
 
-use super::*;
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use async_nats::jetstream::AckKind;
+use prost::{Message, Name};
+use tracing::Instrument;
+
+use super::{ConsumerSpec, Delivery, HandleError, Handler};
+use crate::bus::DeadLetters;
+use crate::envelope::EventMeta;
+use crate::proto::Envelope;
+use crate::{envelope, trace};
 
 /// Differs per message, per delivery and per run: the jitter seed.
 fn jitter_seed(stream_sequence: u64, delivered: i64) -> u64 {
