@@ -1,7 +1,11 @@
 //! Webhook delivery's flags (`--notifier-gitlab-url`, `--webhook-*`) and
 //! what can stop it from starting.
 
-use super::*;
+use std::time::Duration;
+
+use pushbus_shared::bus;
+
+use super::guard;
 
 #[derive(clap::Args, Clone, Debug)]
 #[group(id = "webhooks")]

@@ -1,7 +1,12 @@
 //! Around one webhook call: the body's signature, and what a target's
 //! answer or failure means for the retry (permanent, retry, retry after).
 
-use super::*;
+use std::time::Duration;
+
+use pushbus_shared::bus::HandleError;
+use reqwest::Url;
+
+use super::guard;
 
 /// `sha256=<hex HMAC-SHA256 of the body>`, as Flux's generic-hmac Receiver
 /// verifies `X-Signature`.
