@@ -231,14 +231,12 @@ impl Handler<GitPushEvent> for PushHandler {
                     .publisher
                     .send(subject, &poke, &meta)
                     .await
-                    .map_err(|e| HandleError::Retryable(e.to_string()))?;
+                    .map_err(HandleError::retryable)?;
                 pending.push(sent);
             }
         }
         for p in pending {
-            p.wait()
-                .await
-                .map_err(|e| HandleError::Retryable(e.to_string()))?;
+            p.wait().await.map_err(HandleError::retryable)?;
         }
         metrics::counter!("pushbus_filter_pokes_total").increment(matches.len() as u64);
         tracing::info!(

@@ -534,7 +534,7 @@ impl Handler<AgentPoke> for PokeHandler {
             .writer
             .record(&head)
             .await
-            .map_err(|e| HandleError::Retryable(e.to_string()))?;
+            .map_err(HandleError::retryable)?;
         metrics::counter!("pushbus_notifier_pokes_total").increment(1);
         tracing::debug!(%agent_id, wrote, "ref head recorded");
         Ok(())

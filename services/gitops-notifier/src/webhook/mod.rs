@@ -141,11 +141,11 @@ impl WebhookHandler {
             .agents
             .get(agent_id)
             .await
-            .map_err(|e| HandleError::Retryable(format!("agent registry: {e}")))?;
+            .map_err(|e| HandleError::retryable(format!("agent registry: {e}")))?;
         let hook = match entry {
             None => None,
             Some(bytes) => AgentConfig::decode(bytes)
-                .map_err(|e| HandleError::Permanent(format!("agent {agent_id} config: {e}")))?
+                .map_err(|e| HandleError::permanent(format!("agent {agent_id} config: {e}")))?
                 .webhook
                 .filter(|w| !w.url.is_empty()),
         };
@@ -197,18 +197,18 @@ impl WebhookHandler {
         body: Vec<u8>,
     ) -> Result<StatusCode, HandleError> {
         let url = Url::parse(&hook.url)
-            .map_err(|e| HandleError::Permanent(format!("invalid webhook URL: {e}")))?;
+            .map_err(|e| HandleError::permanent(format!("invalid webhook URL: {e}")))?;
         let client = match self.policy.check_url(&url, !hook.secret_token.is_empty()) {
             Ok(guard::Route::Any) => &self.client,
             Ok(guard::Route::AllowlistedOnly) => &self.allowlisted_client,
-            Err(e) => return Err(HandleError::Permanent(e.to_string())),
+            Err(e) => return Err(HandleError::permanent(e)),
         };
         let slots = self.target_slots(&url);
         let _slot = match tokio::time::timeout(self.slot_wait, slots.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(HandleError::Retryable("target slots closed".into())),
+            Ok(Err(_)) => return Err(HandleError::retryable("target slots closed")),
             Err(_) => {
-                return Err(HandleError::Retryable(format!(
+                return Err(HandleError::retryable(format!(
                     "target busy: {} requests in flight for longer than {:?}",
                     self.per_target, self.slot_wait
                 )));
@@ -251,11 +251,11 @@ impl WebhookHandler {
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::REQUEST_TIMEOUT
         {
-            Err(HandleError::Retryable(detail))
+            Err(HandleError::retryable(detail))
         } else {
             // 4xx (bad token, no such receiver), and 3xx since redirects are
             // not followed: another try would get the same answer.
-            Err(HandleError::Permanent(detail))
+            Err(HandleError::permanent(detail))
         }
     }
 }
@@ -275,7 +275,7 @@ impl Handler<AgentPoke> for WebhookHandler {
             return Ok(());
         };
         let body = serde_json::to_vec(&body)
-            .map_err(|e| HandleError::Permanent(format!("cannot encode webhook body: {e}")))?;
+            .map_err(|e| HandleError::permanent(format!("cannot encode webhook body: {e}")))?;
         let started = Instant::now();
         // The target's host only: its path and credentials stay out of spans.
         let target = Url::parse(&hook.url)

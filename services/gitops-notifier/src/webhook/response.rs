@@ -39,7 +39,7 @@ pub fn retry_after(
 /// Refused by the guard: permanent. Connect errors, timeouts: retry.
 pub(super) fn classify_send_error(err: reqwest::Error) -> HandleError {
     if let Some(refused) = guard::refusal_in(&err) {
-        return HandleError::Permanent(refused.to_string());
+        return HandleError::permanent(refused);
     }
     let what = if err.is_timeout() {
         "timed out"
@@ -59,7 +59,7 @@ pub(super) fn classify_send_error(err: reqwest::Error) -> HandleError {
         detail.push_str(&s.to_string());
         source = s.source();
     }
-    HandleError::Retryable(format!("{what} {url}: {detail}"))
+    HandleError::retryable(format!("{what} {url}: {detail}"))
 }
 
 /// The first bytes of an error response, for the dead-letter reason.

@@ -25,15 +25,27 @@ use worker::Worker;
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     /// Worth another try later (a dependency was down): nak with backoff.
-    #[error("{0}")]
-    Retryable(String),
+    #[error(transparent)]
+    Retryable(Box<dyn std::error::Error + Send + Sync>),
     /// Will never succeed (invalid content): dead-letter now.
-    #[error("{0}")]
-    Permanent(String),
+    #[error(transparent)]
+    Permanent(Box<dyn std::error::Error + Send + Sync>),
     /// Worth another try, not before `after` (a webhook target's
     /// Retry-After): nak with that delay, never past the spec's backoff cap.
     #[error("{reason}")]
     RetryAfter { reason: String, after: Duration },
+}
+
+impl HandleError {
+    /// Retryable, from an error or a message.
+    pub fn retryable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandleError::Retryable(e.into())
+    }
+
+    /// Permanent, from an error or a message.
+    pub fn permanent(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandleError::Permanent(e.into())
+    }
 }
 
 /// One decoded message handed to a handler.

@@ -144,12 +144,14 @@ where
                 }
                 "retry"
             }
-            Err(HandleError::Retryable(reason) | HandleError::RetryAfter { reason, .. }) => {
-                self.dead_letter(&msg, "max_deliveries", &reason).await;
+            Err(e @ (HandleError::Retryable(_) | HandleError::RetryAfter { .. })) => {
+                self.dead_letter(&msg, "max_deliveries", &e.to_string())
+                    .await;
                 "dead_letter"
             }
             Err(HandleError::Permanent(reason)) => {
-                self.dead_letter(&msg, "permanent", &reason).await;
+                self.dead_letter(&msg, "permanent", &reason.to_string())
+                    .await;
                 "dead_letter"
             }
         };
