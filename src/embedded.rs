@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use pushbus_shared::process;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct EmbeddedArgs {
@@ -38,10 +39,8 @@ impl Embedded {
 
 impl Drop for Embedded {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child; SIGTERM lets it flush its store.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
+        // SIGTERM (not kill) lets it flush its store.
+        let _ = process::signal(self.child.id(), process::SIGTERM);
         let _ = self.child.wait();
     }
 }

@@ -1,7 +1,7 @@
 //! `pushbus geo nodes add|list|remove` (KV bucket pushbus-geo-nodes) and
 //! `pushbus geo route` (KV bucket pushbus-geo-push-routes).
 
-use pushbus_hook_ingest::routes::{self, RouteTtlArgs};
+use pushbus_hook_ingest::geo_routes::{self, RouteTtlArgs};
 use pushbus_replication_lag::nodes;
 use pushbus_shared::proto::GeoNode;
 use pushbus_shared::service::NatsArgs;
@@ -110,10 +110,10 @@ pub async fn run(nats: &NatsArgs, command: GeoCommand) -> anyhow::Result<()> {
                 &nats.topology,
             )
             .await?;
-            routes::store_route(&kv, &correlation_id, &node_id).await?;
+            geo_routes::store_route(&kv, &correlation_id, &node_id).await?;
             eprintln!(
                 "pushes with correlation ID {correlation_id} go through Geo node {node_id} (key {})",
-                routes::route_key(&correlation_id)
+                geo_routes::route_key(&correlation_id)
             );
         }
     }

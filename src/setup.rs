@@ -8,7 +8,7 @@ use pushbus_shared::topology::Topology;
 #[derive(clap::Args)]
 pub struct SetupArgs {
     #[command(flatten)]
-    routes: pushbus_hook_ingest::routes::RouteTtlArgs,
+    routes: pushbus_hook_ingest::geo_routes::RouteTtlArgs,
 }
 
 pub async fn run(nats: &NatsArgs, args: SetupArgs) -> anyhow::Result<()> {

@@ -82,6 +82,7 @@ pub async fn heads(args: HeadsBenchArgs) -> anyhow::Result<()> {
     );
     // What the allocator kept of the load's transient buffers.
     // SAFETY: malloc_trim only returns free memory to the OS.
+    #[allow(unsafe_code)]
     unsafe {
         libc::malloc_trim(0);
     }

@@ -172,8 +172,7 @@ impl Stack {
     pub async fn stop(mut self) {
         for s in &self.children {
             if let Some(pid) = s.child.id() {
-                // SAFETY: kill(2) on a child we spawned and have not reaped.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+                let _ = pushbus_shared::process::signal(pid, pushbus_shared::process::SIGTERM);
             }
         }
         for s in &mut self.children {

@@ -1,6 +1,6 @@
 //! The gRPC codec of every pushbus service: prost, with 256-byte starting
 //! buffers. tonic's default allocates 8 KiB per stream up front, which was
-//! most of the memory of an idle agent connection (issue 5 budgets 10 KB);
+//! most of the memory of an idle agent connection (an idle connection should cost under 10 KB);
 //! buffers still grow for larger messages.
 
 use std::marker::PhantomData;

@@ -75,6 +75,20 @@ pub fn is_valid_correlation_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
 }
 
+/// Where a caller may hand over its own correlation ID, in order of preference.
+pub const CALLER_CORRELATION_HEADERS: [&str; 2] = ["x-correlation-id", "x-request-id"];
+
+/// The caller's well-formed `X-Correlation-Id` or `X-Request-Id`, if any, read
+/// through `get` (HTTP headers or gRPC metadata); a malformed one is ignored,
+/// so the caller of this mints a fresh ID instead.
+pub fn caller_correlation_id<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
+    CALLER_CORRELATION_HEADERS
+        .iter()
+        .filter_map(|k| get(k))
+        .find(|v| is_valid_correlation_id(v))
+        .map(str::to_owned)
+}
+
 pub fn new_correlation_id() -> String {
     Uuid::now_v7().simple().to_string()
 }

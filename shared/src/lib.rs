@@ -10,6 +10,7 @@ pub mod fallback;
 pub mod listen;
 pub mod names;
 pub mod ops;
+pub mod process;
 pub mod proto;
 pub mod secret;
 pub mod service;

@@ -62,7 +62,7 @@ pub enum TlsError {
     #[error("{0} is set without {1}: give both the certificate and the key")]
     Half(&'static str, &'static str),
     #[error("invalid TLS certificate or key: {0}")]
-    Config(String),
+    Config(#[source] rustls::Error),
 }
 
 /// A rustls server config from PEM files (certificate chain, private key);
@@ -91,10 +91,10 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| TlsError::Config(e.to_string()))?
+    .map_err(TlsError::Config)?
     .with_no_client_auth()
     .with_single_cert(certs, key_der)
-    .map_err(|e| TlsError::Config(e.to_string()))?;
+    .map_err(TlsError::Config)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -13,6 +13,20 @@ pub fn bearer(value: Option<&str>) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The bearer token in an HTTP request's `Authorization` header.
+pub fn bearer_header(headers: &axum::http::HeaderMap) -> Option<&str> {
+    bearer(
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    )
+}
+
+/// The bearer token in a gRPC call's `authorization` metadata.
+pub fn bearer_metadata(md: &tonic::metadata::MetadataMap) -> Option<&str> {
+    bearer(md.get("authorization").and_then(|v| v.to_str().ok()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

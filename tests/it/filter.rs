@@ -200,13 +200,8 @@ fn watcher(agent_id: &str, project_id: i64, paths: &[&str]) -> AgentConfig {
     AgentConfig {
         agent_id: agent_id.into(),
         watches: vec![Watch {
-            project_id,
-            refs: Some(RefSelector {
-                kind: Kind::AnyBranch as i32,
-                pattern: String::new(),
-            }),
             paths: paths.iter().map(|p| p.to_string()).collect(),
-            ..Default::default()
+            ..crate::fixtures::any_branch_of(project_id)
         }],
         ..Default::default()
     }

@@ -10,16 +10,14 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use pushbus_shared::EventMeta;
-use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher, run_consumer};
+use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher};
 use pushbus_shared::names;
 use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
-use pushbus_shared::proto::{
-    ChangeKind, GitPushEvent, RefChange, RefKind, Source, watch_event::Event,
-};
+use pushbus_shared::proto::{ChangeKind, GitPushEvent, RefChange, RefKind, watch_event::Event};
 use pushbus_shared::testkit::{self, NatsServer, free_port};
-use pushbus_shared::topology::{self, Topology};
-use tokio_util::sync::CancellationToken;
+use pushbus_shared::topology;
 
+use crate::fixtures::{pushes_bus, spawn_consumer, test_publisher};
 use crate::notifier::{agent, drain, head_is, pokes, push, sha, watch};
 use crate::support::{Replica, SseReader, Stack, local, register};
 
@@ -76,16 +74,13 @@ impl Process {
     }
 
     pub(crate) fn signal(&self, signal: i32) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.child.id() as i32, signal);
-        }
+        let _ = pushbus_shared::process::signal(self.child.id(), signal);
     }
 }
 
 impl Drop for Process {
     fn drop(&mut self) {
-        self.signal(libc::SIGCONT);
+        self.signal(pushbus_shared::process::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -109,16 +104,6 @@ async fn consumer(js: &jetstream::Context, stream: &str, name: &str) -> PullCons
         .get_consumer(name)
         .await
         .unwrap()
-}
-
-fn publisher(js: &jetstream::Context) -> Publisher {
-    Publisher::new(
-        js.clone(),
-        Source {
-            service: "test".into(),
-            ..Default::default()
-        },
-    )
 }
 
 fn branch_push(project_id: i64, branch: &str, new_sha: &str) -> GitPushEvent {
@@ -162,8 +147,8 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
         async move { c.info().await.is_ok_and(|i| i.num_waiting >= 1) }
     })
     .await;
-    a.signal(libc::SIGSTOP);
-    let pushes = publisher(&js);
+    a.signal(pushbus_shared::process::SIGSTOP);
+    let pushes = test_publisher(&js);
     let first = EventMeta::fresh("c-1");
     pushes
         .publish(
@@ -189,7 +174,7 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
         .await
         .unwrap();
     head_is(&nats, "stale", 50, "main", &sha(2)).await;
-    a.signal(libc::SIGKILL);
+    a.signal(pushbus_shared::process::SIGKILL);
     drop(a);
     // Push 1 comes back to B after ack_wait (2 s) and is handled.
     until("push 1 handled again", || {
@@ -599,19 +584,6 @@ async fn readiness_follows_the_bus() {
     stack.stop().await;
 }
 
-async fn bus(nats: &NatsServer) -> (jetstream::Context, Publisher) {
-    let js = jetstream::new(testkit::client(nats).await);
-    Topology {
-        streams: vec![topology::pushes_stream(), topology::dlq_stream()],
-        ..Default::default()
-    }
-    .ensure(&js)
-    .await
-    .unwrap();
-    let p = publisher(&js);
-    (js, p)
-}
-
 /// Counts handled deliveries, each taking `takes`.
 #[derive(Clone)]
 struct Slow {
@@ -630,6 +602,25 @@ impl Handler<GitPushEvent> for Slow {
     }
 }
 
+impl Slow {
+    fn handled_at_least(&self, n: usize) -> impl std::future::Future<Output = bool> + use<> {
+        let handled = self.handled.clone();
+        async move { handled.load(Ordering::SeqCst) >= n }
+    }
+}
+
+/// Publishes a push to branch m of project 1, on the subject of `event`.
+async fn publish_push(publisher: &Publisher, event: &str, n: u64) {
+    publisher
+        .publish(
+            names::push_subject(1, event),
+            &branch_push(1, "m", &sha(n)),
+            &EventMeta::fresh("c"),
+        )
+        .await
+        .unwrap();
+}
+
 fn slow(takes: Duration) -> Slow {
     Slow {
         takes,
@@ -643,35 +634,17 @@ fn slow(takes: Duration) -> Slow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_handler_keeps_its_message_with_progress_acks() {
     let nats = NatsServer::start();
-    let (js, publisher) = bus(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, "long");
     spec.ack_wait = Duration::from_secs(1);
     let handler = slow(Duration::from_secs(3));
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(
-        js.clone(),
-        spec,
-        handler.clone(),
-        stop.clone(),
-    ));
-    publisher
-        .publish(
-            names::push_subject(1, "long"),
-            &branch_push(1, "m", &sha(1)),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
-    until("handled", || {
-        let h = handler.handled.clone();
-        async move { h.load(Ordering::SeqCst) >= 1 }
-    })
-    .await;
+    let running = spawn_consumer(&js, spec, handler.clone());
+    publish_push(&publisher, "long", 1).await;
+    until("handled", || handler.handled_at_least(1)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(handler.handled.load(Ordering::SeqCst), 1);
     assert_eq!(handler.most_delivered.load(Ordering::SeqCst), 1);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 // Deliveries used up by replicas that stalled holding a message (pulled,
@@ -681,7 +654,7 @@ async fn a_long_handler_keeps_its_message_with_progress_acks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_not_lost() {
     let nats = NatsServer::start();
-    let (js, publisher) = bus(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, "stalls");
     spec.ack_wait = Duration::from_millis(500);
     spec.max_deliver = 2;
@@ -692,14 +665,7 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
         .create_consumer(spec.pull_config())
         .await
         .unwrap();
-    publisher
-        .publish(
-            names::push_subject(1, "stall"),
-            &branch_push(1, "m", &sha(1)),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
+    publish_push(&publisher, "stall", 1).await;
     // Three replicas each pull it and freeze (ack_wait runs out).
     for _ in 0..3 {
         let mut batch = durable
@@ -714,13 +680,7 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     let handler = slow(Duration::ZERO);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(
-        js.clone(),
-        spec,
-        handler.clone(),
-        stop.clone(),
-    ));
+    let running = spawn_consumer(&js, spec, handler.clone());
     let dlq = js.get_stream(names::STREAM_DLQ).await.unwrap();
     until("dead-lettered", || {
         let dlq = dlq.clone();
@@ -731,8 +691,7 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
     })
     .await;
     assert_eq!(handler.handled.load(Ordering::SeqCst), 0);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }
 
 // A stopping replica hands back what it pulled but had not started, so
@@ -740,38 +699,19 @@ async fn a_message_whose_deliveries_stalled_replicas_used_up_is_dead_lettered_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
     let nats = NatsServer::start();
-    let (js, publisher) = bus(&nats).await;
+    let (js, publisher) = pushes_bus(&nats).await;
     let mut spec = ConsumerSpec::new(names::STREAM_PUSHES, "handback");
     spec.ack_wait = Duration::from_secs(30);
     spec.concurrency = 2;
     let first = slow(Duration::from_millis(300));
-    let stop_first = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(
-        js.clone(),
-        spec.clone(),
-        first.clone(),
-        stop_first.clone(),
-    ));
+    let running = spawn_consumer(&js, spec.clone(), first.clone());
     for n in 0..20u64 {
-        publisher
-            .publish(
-                names::push_subject(1, &format!("hb-{n}")),
-                &branch_push(1, "m", &sha(n)),
-                &EventMeta::fresh("c"),
-            )
-            .await
-            .unwrap();
+        publish_push(&publisher, &format!("hb-{n}"), n).await;
     }
-    until("the first replica started", || {
-        let h = first.handled.clone();
-        async move { h.load(Ordering::SeqCst) >= 1 }
-    })
-    .await;
-    stop_first.cancel();
-    task.await.unwrap().unwrap();
+    until("the first replica started", || first.handled_at_least(1)).await;
+    running.stop().await;
     let second = slow(Duration::ZERO);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(run_consumer(js.clone(), spec, second.clone(), stop.clone()));
+    let running = spawn_consumer(&js, spec, second.clone());
     let deadline = Instant::now() + Duration::from_secs(15);
     while first.handled.load(Ordering::SeqCst) + second.handled.load(Ordering::SeqCst) < 20 {
         assert!(
@@ -782,6 +722,5 @@ async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    running.stop().await;
 }

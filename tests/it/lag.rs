@@ -70,7 +70,7 @@ async fn each_geo_push_gets_its_own_nodes_lag_message() {
     stack.stop().await;
 }
 
-// ---- issue 6: the rest of replication-lag ----
+// ---- replication-lag: node health, margins, failures ----
 
 const MARGIN: Duration = Duration::from_millis(1500);
 
@@ -325,7 +325,7 @@ async fn no_lag_message_but_200_in_time_without_an_answer() {
         .get_key_value(names::BUCKET_GEO_PUSH_ROUTES)
         .await
         .unwrap();
-    pushbus_hook_ingest::routes::store_route(&bucket, "gitlab:req/off", "eu")
+    pushbus_hook_ingest::geo_routes::store_route(&bucket, "gitlab:req/off", "eu")
         .await
         .unwrap();
     let (reply, _) = push(&stack, None, &[("x-request-id", "gitlab:req/off")]).await;
@@ -371,7 +371,7 @@ async fn no_lag_message_but_200_in_time_without_an_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn correlation_id_routes_give_each_push_its_own_nodes_lag() {
-    use pushbus_hook_ingest::routes;
+    use pushbus_hook_ingest::geo_routes;
     use pushbus_shared::proto::GitPushEvent;
     let nats = NatsServer::start();
     let opts = StackOptions {
@@ -395,11 +395,15 @@ async fn correlation_id_routes_give_each_push_its_own_nodes_lag() {
         ("gitlab:req/3", "eu"),
     ];
     for (cid, node) in routed {
-        routes::store_route(&bucket, cid, node).await.unwrap();
+        geo_routes::store_route(&bucket, cid, node).await.unwrap();
     }
-    assert!(routes::store_route(&bucket, "bad id", "eu").await.is_err());
     assert!(
-        routes::store_route(&bucket, "ok", "bad.node")
+        geo_routes::store_route(&bucket, "bad id", "eu")
+            .await
+            .is_err()
+    );
+    assert!(
+        geo_routes::store_route(&bucket, "ok", "bad.node")
             .await
             .is_err()
     );
@@ -443,7 +447,7 @@ async fn correlation_id_routes_give_each_push_its_own_nodes_lag() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn geo_cli_manages_nodes_and_routes() {
-    use pushbus_hook_ingest::routes;
+    use pushbus_hook_ingest::geo_routes;
     let nats = NatsServer::start();
     let pushbus = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_pushbus"))
@@ -508,11 +512,11 @@ async fn geo_cli_manages_nodes_and_routes() {
         .await
         .unwrap();
     assert_eq!(
-        routes::lookup(&bucket, "gitlab:req/9", Duration::from_secs(5)).await,
+        geo_routes::lookup(&bucket, "gitlab:req/9", Duration::from_secs(5)).await,
         Some("main".into())
     );
     let ttl = bucket.status().await.unwrap().max_age();
-    assert_eq!(ttl, Duration::from_secs(routes::DEFAULT_TTL_SECS));
+    assert_eq!(ttl, Duration::from_secs(geo_routes::DEFAULT_TTL_SECS));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

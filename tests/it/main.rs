@@ -1,9 +1,16 @@
+//! The integration suite: real nats-server processes and the real services.
+
+// Helpers outside #[test] fns unwrap too: a panic there fails the test that
+// called it, which is what a test helper should do.
+#![allow(clippy::unwrap_used)]
+
 mod bus;
 mod cluster;
 mod compose;
 mod doors;
 mod e2e;
 mod filter;
+mod fixtures;
 mod guarantees;
 mod hook;
 mod ingest;

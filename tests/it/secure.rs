@@ -99,6 +99,24 @@ fn pushbus(args: &[String]) -> (bool, String) {
     )
 }
 
+/// `pushbus agents list` as user `svc` with the password in `password_file`;
+/// the caller adds the TLS flags under test.
+fn agents_list_as_svc(nats: &NatsServer, password_file: &std::path::Path) -> Vec<String> {
+    let mut list = args(&[
+        "agents",
+        "list",
+        "--nats-url",
+        &nats.url(),
+        "--nats-user",
+        "svc",
+    ]);
+    list.extend([
+        "--nats-password-file".into(),
+        password_file.display().to_string(),
+    ]);
+    list
+}
+
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -118,15 +136,7 @@ fn mutual_tls_with_user_and_password_and_global_flags() {
     let bad = write(dir.path(), "bad", "wrong-pa55\n");
 
     // Flags after the subcommand, as with `pushbus run`.
-    let mut ok = args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &nats.url(),
-        "--nats-user",
-        "svc",
-    ]);
-    ok.extend(["--nats-password-file".into(), good.display().to_string()]);
+    let mut ok = agents_list_as_svc(&nats, &good);
     ok.extend(pki.client_flags());
     let (success, stderr) = pushbus(&ok);
     assert!(success, "{stderr}");
@@ -141,15 +151,7 @@ fn mutual_tls_with_user_and_password_and_global_flags() {
 
     // A wrong password: the error names the server and the method, never
     // the password.
-    let mut wrong = args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &nats.url(),
-        "--nats-user",
-        "svc",
-    ]);
-    wrong.extend(["--nats-password-file".into(), bad.display().to_string()]);
+    let mut wrong = agents_list_as_svc(&nats, &bad);
     wrong.extend(pki.client_flags());
     let (success, stderr) = pushbus(&wrong);
     assert!(!success);
@@ -163,15 +165,7 @@ fn mutual_tls_with_user_and_password_and_global_flags() {
     assert!(!stderr.contains("wrong-pa55"), "{stderr}");
 
     // Without a client certificate the server refuses the TLS handshake.
-    let mut no_cert = args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &nats.url(),
-        "--nats-user",
-        "svc",
-    ]);
-    no_cert.extend(["--nats-password-file".into(), good.display().to_string()]);
+    let mut no_cert = agents_list_as_svc(&nats, &good);
     no_cert.extend(["--nats-tls-ca".into(), pki.ca.display().to_string()]);
     let (success, stderr) = pushbus(&no_cert);
     assert!(!success, "connected without a client certificate");
@@ -181,15 +175,7 @@ fn mutual_tls_with_user_and_password_and_global_flags() {
     );
 
     // Without our CA the server's certificate is not trusted.
-    let mut no_ca = args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &nats.url(),
-        "--nats-user",
-        "svc",
-    ]);
-    no_ca.extend(["--nats-password-file".into(), good.display().to_string()]);
+    let mut no_ca = agents_list_as_svc(&nats, &good);
     no_ca.extend([
         "--nats-tls-cert".into(),
         pki.client_cert.display().to_string(),

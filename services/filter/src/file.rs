@@ -86,7 +86,7 @@ pub fn redact(cfg: &mut AgentConfig) {
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot generate an agent token: no randomness from the OS: {0}")]
-pub struct TokenError(String);
+pub struct TokenError(#[source] getrandom::Error);
 
 /// What the registry stores of a token: its hex SHA-256.
 pub fn token_sha256(token: &str) -> String {
@@ -96,7 +96,7 @@ pub fn token_sha256(token: &str) -> String {
 /// A fresh agent token: 32 random bytes, hex.
 pub fn generate_token() -> Result<String, TokenError> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| TokenError(e.to_string()))?;
+    getrandom::fill(&mut bytes).map_err(TokenError)?;
     Ok(hex::encode(bytes))
 }
 

@@ -99,7 +99,7 @@ impl Index {
         let Some(projects) = self.agents.remove(agent_id) else {
             return;
         };
-        for p in projects.iter() {
+        for p in &projects {
             match p {
                 ProjectKey::Id(id) => retain_others(&mut self.by_id, id, agent_id),
                 ProjectKey::Path(path) => retain_others(&mut self.by_path, &**path, agent_id),

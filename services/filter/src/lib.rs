@@ -55,7 +55,9 @@ pub enum Error {
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
     #[error("cannot open the agent registry: {0}")]
-    Registry(String),
+    Registry(#[source] async_nats::jetstream::context::KeyValueError),
+    #[error("cannot open the agent registry: agent registry API: {0}")]
+    RegistryApi(#[source] async_nats::Error),
 }
 
 pub fn consumer_spec(config: &Config) -> ConsumerSpec {
@@ -123,7 +125,7 @@ pub async fn run(
         .js
         .get_key_value(names::BUCKET_AGENTS)
         .await
-        .map_err(|e| Error::Registry(e.to_string()))?;
+        .map_err(Error::Registry)?;
 
     // Registrations are accepted even while the index is still loading:
     // they are KV writes, and the watch brings them into the index.
@@ -131,7 +133,7 @@ pub async fn run(
     // after /readyz meets a responder.
     let api = api::start(ctx.client.clone(), kv.clone())
         .await
-        .map_err(|e| Error::Registry(format!("agent registry API: {e}")))?;
+        .map_err(Error::RegistryApi)?;
     let api = tokio::spawn(api.serve(token.clone()));
 
     // Phase one: the whole registry, before a single push is matched.
@@ -229,14 +231,12 @@ impl Handler<GitPushEvent> for PushHandler {
                     .publisher
                     .send(subject, &poke, &meta)
                     .await
-                    .map_err(|e| HandleError::Retryable(e.to_string()))?;
+                    .map_err(HandleError::retryable)?;
                 pending.push(sent);
             }
         }
         for p in pending {
-            p.wait()
-                .await
-                .map_err(|e| HandleError::Retryable(e.to_string()))?;
+            p.wait().await.map_err(HandleError::retryable)?;
         }
         metrics::counter!("pushbus_filter_pokes_total").increment(matches.len() as u64);
         tracing::info!(

@@ -168,7 +168,7 @@ pub async fn put_agent(kv: &Store, cfg: &AgentConfig) -> Result<u64, RegistryErr
     agent::compile(cfg)?;
     kv.put(&cfg.agent_id, cfg.encode_to_vec().into())
         .await
-        .map_err(|e| RegistryError::Kv(e.to_string()))
+        .map_err(RegistryError::Kv)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,5 +176,5 @@ pub enum RegistryError {
     #[error("invalid agent config: {0}")]
     Invalid(#[from] agent::AgentConfigError),
     #[error("agent registry: {0}")]
-    Kv(String),
+    Kv(#[source] async_nats::jetstream::kv::PutError),
 }

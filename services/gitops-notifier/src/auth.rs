@@ -19,11 +19,33 @@ pub enum AuthError {
     #[error("unknown agent or invalid token")]
     Denied,
     #[error("agent registry unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] async_nats::jetstream::kv::EntryError),
     #[error(
         "too many failed logins from this address (burst {burst}, --notifier-login-failure-burst): retry in {retry_after_secs} s"
     )]
     Throttled { burst: u32, retry_after_secs: u64 },
+}
+
+impl AuthError {
+    /// What an SSE refusal answers with.
+    pub fn http_status(&self) -> axum::http::StatusCode {
+        use axum::http::StatusCode;
+        match self {
+            AuthError::Denied => StatusCode::UNAUTHORIZED,
+            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    /// What a gRPC `Watch` refusal ends with.
+    pub fn grpc_status(&self) -> tonic::Status {
+        let message = self.to_string();
+        match self {
+            AuthError::Denied => tonic::Status::unauthenticated(message),
+            AuthError::Unavailable(_) => tonic::Status::unavailable(message),
+            AuthError::Throttled { .. } => tonic::Status::resource_exhausted(message),
+        }
+    }
 }
 
 /// Failed logins are throttled per peer address (a token bucket: `burst`
@@ -162,7 +184,7 @@ impl LoginGate {
             None => match agents.get(agent_id).await {
                 Ok(Some(bytes)) => AgentConfig::decode(bytes.as_ref()).ok(),
                 Ok(None) => None,
-                Err(e) => return Err(AuthError::Unavailable(e.to_string())),
+                Err(e) => return Err(AuthError::Unavailable(e)),
             },
         };
         let result = match &entry {
@@ -229,8 +251,6 @@ fn check_token(
         Err(AuthError::Denied)
     }
 }
-
-pub use pushbus_shared::secret::bearer;
 
 #[cfg(test)]
 mod tests {

@@ -8,9 +8,8 @@ use pushbus_shared::proto::{WatchEvent, WatchRequest};
 use tonic::{Request, Response, Status};
 
 use crate::AppState;
-use crate::auth::{self, AuthError};
+use crate::agent_stream::{self, Since};
 use crate::conn::Out;
-use crate::watch::{self, Since};
 
 /// Refs an agent may list in `seen` (each costs memory while catch-up runs).
 pub const MAX_SEEN_REFS: usize = 10_000;
@@ -26,12 +25,7 @@ impl GitOpsNotifier for WatchService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let token = auth::bearer(
-            req.metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok()),
-        )
-        .map(str::to_owned);
+        let token = pushbus_shared::secret::bearer_metadata(req.metadata()).map(str::to_owned);
         let peer = req
             .extensions()
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -56,14 +50,10 @@ impl GitOpsNotifier for WatchService {
             .await
             .map_err(|err| {
                 tracing::info!(%agent_id, error = %err, "gRPC watch refused");
-                match err {
-                    AuthError::Denied => Status::unauthenticated(err.to_string()),
-                    AuthError::Unavailable(_) => Status::unavailable(err.to_string()),
-                    AuthError::Throttled { .. } => Status::resource_exhausted(err.to_string()),
-                }
+                err.grpc_status()
             })?;
         let since = Since::from_request(req.since_cursor, &req.seen);
-        let events = watch::open(&self.state, &agent_id, &credential, since)
+        let events = agent_stream::open(&self.state, &agent_id, &credential, since)
             .await
             .map_err(|cap| {
                 tracing::info!(%agent_id, error = %cap, "gRPC watch refused");

@@ -1,6 +1,7 @@
 //! gitops-notifier: delivers pokes to connected agents so their polling
 //! loops poll now (SSE and gRPC streaming on one port).
 
+pub mod agent_stream;
 pub mod auth;
 pub mod conn;
 pub mod grpc;
@@ -10,7 +11,6 @@ pub mod outbox;
 pub mod prune;
 pub mod revoke;
 pub mod sse;
-pub mod watch;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -222,7 +222,7 @@ pub enum Error {
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
     #[error("cannot open the agent registry: {0}")]
-    Registry(String),
+    Registry(#[source] async_nats::jetstream::context::KeyValueError),
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("cannot read the listener's address: {0}")]
@@ -328,12 +328,12 @@ pub async fn run(
         .js
         .get_key_value(names::BUCKET_AGENTS)
         .await
-        .map_err(|e| Error::Registry(e.to_string()))?;
+        .map_err(Error::Registry)?;
     let heads = ctx
         .js
         .get_key_value(names::BUCKET_REF_HEADS)
         .await
-        .map_err(|e| Error::Registry(e.to_string()))?;
+        .map_err(Error::Registry)?;
     // Every head's revision and SHA, before any agent connects, so catch-up
     // never asks the server per connection.
     let (index, after) = loop {
@@ -534,7 +534,7 @@ impl Handler<AgentPoke> for PokeHandler {
             .writer
             .record(&head)
             .await
-            .map_err(|e| HandleError::Retryable(e.to_string()))?;
+            .map_err(HandleError::retryable)?;
         metrics::counter!("pushbus_notifier_pokes_total").increment(1);
         tracing::debug!(%agent_id, wrote, "ref head recorded");
         Ok(())

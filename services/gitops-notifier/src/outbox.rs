@@ -384,7 +384,7 @@ mod properties {
         last_poke_at: HashMap<u8, Instant>,
     }
 
-    /// What `watch::open` does: a new outbox from the agent's cursor, its
+    /// What `agent_stream::open` does: a new outbox from the agent's cursor, its
     /// status, catch-up of every ref whose head is above the cursor, open.
     fn connect(heads: &Heads, since: u64) -> Outbox {
         let mut o = Outbox::new(WINDOW, since);

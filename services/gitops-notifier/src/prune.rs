@@ -14,7 +14,7 @@ use async_nats::jetstream::kv::{Operation, PurgeErrorKind, Store};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::heads::{self, HeadIndex, HeadsError};
+use crate::heads::{self, HeadIndex, HeadsError, kv_err};
 
 /// Purges every head of `agent_id` this replica knows of and forgets the
 /// agent. Returns how many heads it purged (0 when another replica was
@@ -42,12 +42,12 @@ pub async fn purge_agent(
                     break;
                 }
                 Err(e) if e.kind() == PurgeErrorKind::WrongLastRevision => {
-                    match kv.entry(&full).await.map_err(heads_err)? {
+                    match kv.entry(&full).await.map_err(kv_err)? {
                         Some(e) if e.operation == Operation::Put => last = e.revision,
                         _ => break, // gone already
                     }
                 }
-                Err(e) => return Err(heads_err(e)),
+                Err(e) => return Err(kv_err(e)),
             }
         }
     }
@@ -57,10 +57,6 @@ pub async fn purge_agent(
         tracing::info!(%agent_id, purged, "deleted agent's ref heads purged");
     }
     Ok(purged)
-}
-
-fn heads_err(e: impl std::fmt::Display) -> HeadsError {
-    HeadsError::Kv(e.to_string())
 }
 
 /// Every `interval`, purges the heads of agents the registry no longer has.
@@ -94,16 +90,16 @@ async fn sweep_once(
         return Ok(());
     }
     let mut registered = HashSet::new();
-    let mut keys = agents.keys().await.map_err(heads_err)?;
+    let mut keys = agents.keys().await.map_err(kv_err)?;
     while let Some(key) = keys.next().await {
-        registered.insert(key.map_err(heads_err)?);
+        registered.insert(key.map_err(kv_err)?);
     }
     for agent_id in candidates {
         if registered.contains(agent_id.as_ref()) {
             continue;
         }
         // Registered since the listing?
-        let entry = agents.entry(agent_id.as_ref()).await.map_err(heads_err)?;
+        let entry = agents.entry(agent_id.as_ref()).await.map_err(kv_err)?;
         if entry.is_some_and(|e| e.operation == Operation::Put) {
             continue;
         }

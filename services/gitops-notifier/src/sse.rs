@@ -15,10 +15,10 @@ use pushbus_shared::proto::{
 use serde_json::json;
 
 use crate::AppState;
-use crate::auth::{self, AuthError};
+use crate::agent_stream::{self, Since};
+use crate::auth::AuthError;
 use crate::conn::Out;
 use crate::hub::CapExceeded;
-use crate::watch::{self, Since};
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -44,11 +44,7 @@ async fn pokes(
         .extensions
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip());
-    let token = auth::bearer(
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok()),
-    );
+    let token = pushbus_shared::secret::bearer_header(&headers);
     let since = query.since.or_else(|| {
         headers
             .get("last-event-id")
@@ -70,11 +66,7 @@ async fn pokes(
     {
         Ok(c) => c,
         Err(err) => {
-            let status = match err {
-                AuthError::Denied => StatusCode::UNAUTHORIZED,
-                AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                AuthError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
-            };
+            let status = err.http_status();
             tracing::info!(%agent_id, error = %err, "SSE watch refused");
             let mut resp = (
                 status,
@@ -91,7 +83,7 @@ async fn pokes(
             return resp;
         }
     };
-    let events = match watch::open(
+    let events = match agent_stream::open(
         &st,
         &agent_id,
         &credential,

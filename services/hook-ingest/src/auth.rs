@@ -35,6 +35,17 @@ pub enum AuthError {
     Secret,
 }
 
+impl AuthError {
+    /// The request field a refusal names (None: no credentials at all).
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            AuthError::Missing => None,
+            AuthError::Secret => Some("secret_token"),
+            _ => Some(JWT_HEADER),
+        }
+    }
+}
+
 pub struct Credentials<'a> {
     pub jwt: Option<&'a str>,
     pub legacy_header: Option<&'a str>,
@@ -67,8 +78,6 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
-
-pub use pushbus_shared::secret::bearer;
 
 /// Whether a bearer token has a JWT's form (three base64url parts).
 pub fn looks_like_jwt(token: &str) -> bool {

@@ -7,12 +7,12 @@ use pushbus_shared::proto::{NotifyGitPushRequest, NotifyGitPushResponse, Reposit
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::http::HttpState;
+use crate::http::DoorState;
 use crate::ingest::{IngestError, Push};
 use crate::{auth, changes};
 
 pub struct HookIngestService {
-    pub state: HttpState,
+    pub state: DoorState,
 }
 
 #[tonic::async_trait]
@@ -24,15 +24,14 @@ impl HookIngest for HookIngestService {
         let md = req.metadata();
         let text = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
         if let Some(secret) = &self.state.secret {
-            let given = md.get("authorization").and_then(|v| v.to_str().ok());
-            check_bearer(secret, auth::bearer(given)).inspect_err(|status| {
-                tracing::warn!(reason = status.message(), "NotifyGitPush refused");
-            })?;
+            check_bearer(secret, pushbus_shared::secret::bearer_metadata(md)).inspect_err(
+                |status| {
+                    tracing::warn!(reason = status.message(), "NotifyGitPush refused");
+                },
+            )?;
         }
-        let from_caller = ["x-correlation-id", "x-request-id"]
-            .iter()
-            .filter_map(|k| text(k))
-            .find(|v| envelope::is_valid_correlation_id(v));
+        let from_caller =
+            envelope::caller_correlation_id(|k| md.get(k).and_then(|v| v.to_str().ok()));
         let correlation_from_caller = from_caller.is_some();
         let correlation_id = from_caller.unwrap_or_else(envelope::new_correlation_id);
         // The caller's trace (gRPC metadata) continues into pushbus.

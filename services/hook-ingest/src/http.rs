@@ -16,8 +16,10 @@ use crate::auth;
 use crate::changes::{self, Invalid};
 use crate::ingest::{Ingest, IngestError, Push};
 
+/// What both doors (HTTP here, gRPC in `grpc`) answer with: the ingest path
+/// and the shell secret; the body limits apply to the HTTP door only.
 #[derive(Clone)]
-pub struct HttpState {
+pub struct DoorState {
     pub ingest: Ingest,
     /// The GitLab shell secret; `None` disables authentication (local use).
     pub secret: Option<String>,
@@ -28,7 +30,7 @@ pub struct HttpState {
     pub unauthenticated_body_bytes: usize,
 }
 
-pub fn router(state: HttpState) -> Router {
+pub fn router(state: DoorState) -> Router {
     Router::new()
         .route("/api/v4/internal/post_receive", post(post_receive))
         .with_state(state)
@@ -113,7 +115,7 @@ struct Body {
 }
 
 async fn post_receive(
-    State(st): State<HttpState>,
+    State(st): State<DoorState>,
     headers: HeaderMap,
     body: RequestBody,
 ) -> Result<Response, ApiError> {
@@ -133,7 +135,8 @@ async fn post_receive(
     if !authenticated {
         authenticate_body(&st, parsed.secret_token.as_deref())?;
     }
-    let (correlation_id, from_caller) = match caller_correlation_id(&headers) {
+    let from_header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
+    let (correlation_id, from_caller) = match envelope::caller_correlation_id(from_header) {
         Some(id) => (id, true),
         None => (envelope::new_correlation_id(), false),
     };
@@ -178,7 +181,7 @@ fn message_json(m: &HookMessage) -> serde_json::Value {
 /// Whether the headers authenticate the caller: true also without a secret
 /// configured; false when they carry no credentials (the body may); an
 /// error for credentials that are wrong.
-fn authenticate_headers(st: &HttpState, headers: &HeaderMap) -> Result<bool, ApiError> {
+fn authenticate_headers(st: &DoorState, headers: &HeaderMap) -> Result<bool, ApiError> {
     let Some(secret) = &st.secret else {
         return Ok(true);
     };
@@ -200,7 +203,7 @@ fn authenticate_headers(st: &HttpState, headers: &HeaderMap) -> Result<bool, Api
         .map_err(unauthorized)
 }
 
-fn authenticate_body(st: &HttpState, secret_token: Option<&str>) -> Result<(), ApiError> {
+fn authenticate_body(st: &DoorState, secret_token: Option<&str>) -> Result<(), ApiError> {
     let Some(secret) = &st.secret else {
         return Ok(());
     };
@@ -213,12 +216,7 @@ fn authenticate_body(st: &HttpState, secret_token: Option<&str>) -> Result<(), A
 }
 
 fn unauthorized(e: auth::AuthError) -> ApiError {
-    let field = match e {
-        auth::AuthError::Missing => None,
-        auth::AuthError::Secret => Some("secret_token"),
-        _ => Some(auth::JWT_HEADER),
-    };
-    ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), field)
+    ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), e.field())
 }
 
 /// Reads at most `limit` bytes; a declared or actual larger body is a 413
@@ -317,21 +315,6 @@ pub fn check_json_depth(body: &[u8], max: usize) -> Result<(), usize> {
         }
     }
     Ok(())
-}
-
-/// From `X-Correlation-Id` or `X-Request-Id` when well-formed, else new.
-pub fn correlation_id(headers: &HeaderMap) -> String {
-    caller_correlation_id(headers).unwrap_or_else(envelope::new_correlation_id)
-}
-
-/// The caller's well-formed `X-Correlation-Id` or `X-Request-Id`, if any; a
-/// malformed one is ignored (and a fresh ID minted by the caller of this).
-pub fn caller_correlation_id(headers: &HeaderMap) -> Option<String> {
-    ["x-correlation-id", "x-request-id"]
-        .iter()
-        .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
-        .find(|v| envelope::is_valid_correlation_id(v))
-        .map(str::to_owned)
 }
 
 fn to_push(b: Body) -> Result<Push, ApiError> {

@@ -9,7 +9,7 @@ use pushbus_shared::proto::{GitPushEvent, HookMessage, RefChange, RepositoryKind
 use pushbus_shared::{EventMeta, names};
 
 use crate::changes::Invalid;
-use crate::{lag, routes};
+use crate::{geo_routes, lag};
 
 /// A push that passed validation.
 #[derive(Clone, Debug, Default)]
@@ -133,7 +133,7 @@ impl Ingest {
             && push.correlation_from_caller
         {
             let started = tokio::time::Instant::now();
-            push.geo_node_id = routes::lookup(bucket, &correlation_id, lag_budget).await;
+            push.geo_node_id = geo_routes::lookup(bucket, &correlation_id, lag_budget).await;
             lag_budget = lag_budget.saturating_sub(started.elapsed());
             if let Some(node) = &push.geo_node_id {
                 tracing::info!(geo_node_id = %node, "Geo node taken from the correlation-ID route");

@@ -4,12 +4,12 @@
 
 pub mod auth;
 pub mod changes;
+pub mod geo_routes;
 pub mod grpc;
 pub mod hook;
 pub mod http;
 pub mod ingest;
 pub mod lag;
-pub mod routes;
 pub mod terminal;
 
 use std::net::SocketAddr;
@@ -68,7 +68,7 @@ pub struct Config {
     )]
     pub insecure_no_auth: bool,
     #[command(flatten)]
-    pub routes: routes::RouteTtlArgs,
+    pub routes: geo_routes::RouteTtlArgs,
     #[command(flatten)]
     pub door: DoorArgs,
 }
@@ -187,17 +187,17 @@ pub enum Error {
     #[error("cannot read the listener's address: {0}")]
     ListenAddr(#[source] std::io::Error),
     #[error("cannot open the Geo routes bucket: {0}")]
-    Routes(String),
+    Routes(#[source] async_nats::jetstream::context::KeyValueError),
     #[error(transparent)]
     Tls(#[from] pushbus_shared::listen::TlsError),
 }
 
 /// With the default route TTL (what `pushbus setup` uses unless told).
 pub fn topology() -> Topology {
-    topology_with(&routes::RouteTtlArgs::default())
+    topology_with(&geo_routes::RouteTtlArgs::default())
 }
 
-pub fn topology_with(routes: &routes::RouteTtlArgs) -> Topology {
+pub fn topology_with(routes: &geo_routes::RouteTtlArgs) -> Topology {
     Topology {
         streams: vec![topology::pushes_stream()],
         buckets: vec![topology::geo_push_routes_bucket(routes.ttl())],
@@ -279,13 +279,13 @@ pub async fn run(
             .js
             .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
             .await
-            .map_err(|e| Error::Routes(e.to_string()))?;
+            .map_err(Error::Routes)?;
         Some(bucket)
     } else {
         None
     };
     let listener = listener.bind().await?;
-    let state = http::HttpState {
+    let state = http::DoorState {
         ingest: ingest::Ingest {
             publisher: ctx.publisher.clone(),
             client: ctx.client.clone(),

@@ -210,12 +210,9 @@ impl Lag {
             health: NodeHealth::UnknownNode as i32,
             ..Default::default()
         };
-        let node = match self.node(&req.geo_node_id).await {
-            Some(n) => n,
-            None => {
-                tracing::warn!("lag asked for an unknown Geo node");
-                return reply;
-            }
+        let Some(node) = self.node(&req.geo_node_id).await else {
+            tracing::warn!("lag asked for an unknown Geo node");
+            return reply;
         };
         if node.primary {
             reply.health = NodeHealth::Healthy as i32;

@@ -27,11 +27,11 @@ pub enum NodeError {
         source: prost::DecodeError,
     },
     #[error("Geo node registry: {0}")]
-    Store(String),
+    Store(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-fn store_err(e: impl std::fmt::Display) -> NodeError {
-    NodeError::Store(e.to_string())
+fn store_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> NodeError {
+    NodeError::Store(e.into())
 }
 
 /// Checks one node on its own (the registry-wide primary rule is in `put`).

@@ -23,141 +23,19 @@ use tokio_util::sync::CancellationToken;
 use payload::{GitLabSite, HookKind};
 use tracing::Instrument;
 
+mod config;
+mod response;
+
+pub use config::{WebhookConfig, WebhookError};
+use response::{body_snippet, classify_send_error, redact};
+pub use response::{retry_after, signature};
+
 /// Agents whose webhook config is kept in memory at most.
 const MAX_CACHED: usize = 65_536;
 /// Webhook targets (scheme, host, port) with a concurrency cap kept at most.
 const MAX_TARGETS: usize = 4_096;
 
 const USER_AGENT: &str = concat!("pushbus-gitops-notifier/", env!("CARGO_PKG_VERSION"));
-
-#[derive(clap::Args, Clone, Debug)]
-#[group(id = "webhooks")]
-pub struct WebhookConfig {
-    /// GitLab's external URL: the base of project.web_url / git_http_url /
-    /// git_ssh_url in webhook payloads (receivers match repositories by them).
-    #[arg(
-        id = "webhook_gitlab_url",
-        long = "notifier-gitlab-url",
-        env = "PUSHBUS_NOTIFIER_GITLAB_URL",
-        default_value = "http://localhost"
-    )]
-    pub gitlab_url: String,
-    /// Delivery attempts before a webhook goes to the dead-letter stream.
-    #[arg(
-        id = "webhook_max_attempts",
-        long = "webhook-max-attempts",
-        env = "PUSHBUS_WEBHOOK_MAX_ATTEMPTS",
-        default_value_t = 8
-    )]
-    pub max_attempts: i64,
-    /// Delay before the second attempt; doubles per attempt (±20% jitter).
-    #[arg(
-        id = "webhook_backoff_base_ms",
-        long = "webhook-backoff-base-ms",
-        env = "PUSHBUS_WEBHOOK_BACKOFF_BASE_MS",
-        default_value_t = 1000
-    )]
-    pub backoff_base_ms: u64,
-    /// Cap of the delay between attempts.
-    #[arg(
-        id = "webhook_backoff_max_ms",
-        long = "webhook-backoff-max-ms",
-        env = "PUSHBUS_WEBHOOK_BACKOFF_MAX_MS",
-        default_value_t = 60_000
-    )]
-    pub backoff_max_ms: u64,
-    /// Whole-request timeout of one attempt (connect, send, response).
-    #[arg(
-        id = "webhook_timeout_ms",
-        long = "webhook-timeout-ms",
-        env = "PUSHBUS_WEBHOOK_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub timeout_ms: u64,
-    /// Requests in flight to one target (scheme + host + port) at once.
-    #[arg(
-        id = "webhook_concurrency_per_target",
-        long = "webhook-concurrency-per-target",
-        env = "PUSHBUS_WEBHOOK_CONCURRENCY_PER_TARGET",
-        default_value_t = 4
-    )]
-    pub concurrency_per_target: usize,
-    /// Webhook deliveries in flight at once, all targets together.
-    #[arg(
-        id = "webhook_concurrency",
-        long = "webhook-concurrency",
-        env = "PUSHBUS_WEBHOOK_CONCURRENCY",
-        default_value_t = 32
-    )]
-    pub concurrency: usize,
-    /// Deprecated (use --webhook-allow): allow every loopback, private,
-    /// link-local and other non-public address.
-    #[arg(
-        id = "webhook_allow_private",
-        long = "webhook-allow-private",
-        env = "PUSHBUS_WEBHOOK_ALLOW_PRIVATE"
-    )]
-    pub allow_private: bool,
-    /// Non-public targets webhooks may reach anyway: CIDRs, addresses, host
-    /// names or `*.suffix` names (repeat, or comma-separate in the env).
-    #[arg(
-        id = "webhook_allow",
-        long = "webhook-allow",
-        env = "PUSHBUS_WEBHOOK_ALLOW",
-        value_name = "CIDR|HOST",
-        value_delimiter = ','
-    )]
-    pub allow: Vec<guard::Allow>,
-    /// How long an agent's webhook setting is cached; a config change
-    /// applies within this time.
-    #[arg(
-        id = "webhook_config_cache_ms",
-        long = "webhook-config-cache-ms",
-        env = "PUSHBUS_WEBHOOK_CONFIG_CACHE_MS",
-        default_value_t = 2000
-    )]
-    pub config_cache_ms: u64,
-}
-
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        Self {
-            gitlab_url: "http://localhost".into(),
-            max_attempts: 8,
-            backoff_base_ms: 1000,
-            backoff_max_ms: 60_000,
-            timeout_ms: 10_000,
-            concurrency_per_target: 4,
-            concurrency: 32,
-            allow_private: false,
-            allow: Vec::new(),
-            config_cache_ms: 2000,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum WebhookError {
-    #[error("invalid --notifier-gitlab-url {0}")]
-    GitLabUrl(String),
-    #[error("cannot build the webhook HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
-    #[error("cannot open the agent registry: {0}")]
-    Registry(String),
-    #[error(transparent)]
-    Consume(#[from] bus::ConsumeError),
-}
-
-impl WebhookConfig {
-    /// Longest a handler may wait for a target slot: what is left of
-    /// ack_wait after the request itself, so the server never redelivers a
-    /// poke we are still working on.
-    fn ack_wait(&self) -> Duration {
-        Duration::from_millis(self.timeout_ms)
-            .saturating_mul(3)
-            .max(Duration::from_secs(30))
-    }
-}
 
 pub fn consumer_spec(config: &WebhookConfig) -> ConsumerSpec {
     let mut spec = ConsumerSpec::new(names::STREAM_WEBHOOKS, names::CONSUMER_NOTIFIER_WEBHOOKS);
@@ -193,7 +71,7 @@ async fn start(
     let agents = js
         .get_key_value(names::BUCKET_AGENTS)
         .await
-        .map_err(|e| WebhookError::Registry(e.to_string()))?;
+        .map_err(WebhookError::Registry)?;
     let handler = WebhookHandler::new(&config, site, agents)?;
     bus::run_consumer(js, consumer_spec(&config), handler, shutdown).await?;
     Ok(())
@@ -263,11 +141,11 @@ impl WebhookHandler {
             .agents
             .get(agent_id)
             .await
-            .map_err(|e| HandleError::Retryable(format!("agent registry: {e}")))?;
+            .map_err(|e| HandleError::retryable(format!("agent registry: {e}")))?;
         let hook = match entry {
             None => None,
             Some(bytes) => AgentConfig::decode(bytes)
-                .map_err(|e| HandleError::Permanent(format!("agent {agent_id} config: {e}")))?
+                .map_err(|e| HandleError::permanent(format!("agent {agent_id} config: {e}")))?
                 .webhook
                 .filter(|w| !w.url.is_empty()),
         };
@@ -319,18 +197,18 @@ impl WebhookHandler {
         body: Vec<u8>,
     ) -> Result<StatusCode, HandleError> {
         let url = Url::parse(&hook.url)
-            .map_err(|e| HandleError::Permanent(format!("invalid webhook URL: {e}")))?;
+            .map_err(|e| HandleError::permanent(format!("invalid webhook URL: {e}")))?;
         let client = match self.policy.check_url(&url, !hook.secret_token.is_empty()) {
             Ok(guard::Route::Any) => &self.client,
             Ok(guard::Route::AllowlistedOnly) => &self.allowlisted_client,
-            Err(e) => return Err(HandleError::Permanent(e.to_string())),
+            Err(e) => return Err(HandleError::permanent(e)),
         };
         let slots = self.target_slots(&url);
         let _slot = match tokio::time::timeout(self.slot_wait, slots.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(HandleError::Retryable("target slots closed".into())),
+            Ok(Err(_)) => return Err(HandleError::retryable("target slots closed")),
             Err(_) => {
-                return Err(HandleError::Retryable(format!(
+                return Err(HandleError::retryable(format!(
                     "target busy: {} requests in flight for longer than {:?}",
                     self.per_target, self.slot_wait
                 )));
@@ -373,44 +251,13 @@ impl WebhookHandler {
             || status == StatusCode::TOO_MANY_REQUESTS
             || status == StatusCode::REQUEST_TIMEOUT
         {
-            Err(HandleError::Retryable(detail))
+            Err(HandleError::retryable(detail))
         } else {
             // 4xx (bad token, no such receiver), and 3xx since redirects are
             // not followed: another try would get the same answer.
-            Err(HandleError::Permanent(detail))
+            Err(HandleError::permanent(detail))
         }
     }
-}
-
-/// `sha256=<hex HMAC-SHA256 of the body>`, as Flux's generic-hmac Receiver
-/// verifies `X-Signature`.
-pub fn signature(secret: &str, body: &[u8]) -> String {
-    use hmac::{Hmac, Mac};
-    // HMAC takes keys of any length; new_from_slice cannot fail for it.
-    let mut mac = match Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
-        Ok(mac) => mac,
-        Err(_) => return String::new(),
-    };
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// A `Retry-After` header: delay-seconds or an HTTP date (RFC 9110 10.2.3).
-/// `None` when absent or unparsable (then the usual backoff applies).
-pub fn retry_after(
-    headers: &reqwest::header::HeaderMap,
-    now: std::time::SystemTime,
-) -> Option<Duration> {
-    let value = headers
-        .get(reqwest::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or_default())
 }
 
 impl Handler<AgentPoke> for WebhookHandler {
@@ -428,7 +275,7 @@ impl Handler<AgentPoke> for WebhookHandler {
             return Ok(());
         };
         let body = serde_json::to_vec(&body)
-            .map_err(|e| HandleError::Permanent(format!("cannot encode webhook body: {e}")))?;
+            .map_err(|e| HandleError::permanent(format!("cannot encode webhook body: {e}")))?;
         let started = Instant::now();
         // The target's host only: its path and credentials stay out of spans.
         let target = Url::parse(&hook.url)
@@ -474,61 +321,6 @@ impl Handler<AgentPoke> for WebhookHandler {
                 Err(err)
             }
         }
-    }
-}
-
-/// Refused by the guard: permanent. Connect errors, timeouts: retry.
-fn classify_send_error(err: reqwest::Error) -> HandleError {
-    if let Some(refused) = guard::refusal_in(&err) {
-        return HandleError::Permanent(refused.to_string());
-    }
-    let what = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "cannot connect"
-    } else {
-        "request failed"
-    };
-    // reqwest's text names the URL (paths and credentials of receivers):
-    // only the redacted form goes into logs and dead letters.
-    let url = err.url().map(redact).unwrap_or_default();
-    let bare = err.without_url();
-    let mut detail = bare.to_string();
-    let mut source = std::error::Error::source(&bare);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
-    HandleError::Retryable(format!("{what} {url}: {detail}"))
-}
-
-/// The first bytes of an error response, for the dead-letter reason.
-async fn body_snippet(mut response: reqwest::Response) -> String {
-    const MAX: usize = 200;
-    let mut buf = Vec::new();
-    while buf.len() < MAX {
-        match response.chunk().await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
-    let text = String::from_utf8_lossy(&buf[..buf.len().min(MAX)]).into_owned();
-    if text.is_empty() {
-        "(empty body)".into()
-    } else {
-        text
-    }
-}
-
-/// Webhook URLs may hold credentials (Flux receiver paths are secret-ish,
-/// user:pass in the authority): logs and dead letters get scheme, host and
-/// port only.
-fn redact(url: &Url) -> String {
-    match (url.host_str(), url.port()) {
-        (Some(host), Some(port)) => format!("{}://{host}:{port}", url.scheme()),
-        (Some(host), None) => format!("{}://{host}", url.scheme()),
-        _ => url.scheme().to_owned(),
     }
 }
 

@@ -1,33 +1,51 @@
+//! Running a durable pull consumer: create or bind it, spread messages over
+//! per-key lanes, and stop cleanly, handing unstarted messages back.
+
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer::DeliverPolicy, consumer::pull};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
 use futures::{FutureExt, StreamExt};
 use prost::{Message, Name};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use super::DeadLetters;
-use crate::envelope::{self, EventMeta};
-use crate::proto::Envelope;
-use crate::trace;
+use crate::envelope::EventMeta;
+
+mod spec;
+mod worker;
+
+pub use spec::ConsumerSpec;
+use worker::Worker;
 
 /// How a handler failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HandleError {
     /// Worth another try later (a dependency was down): nak with backoff.
-    #[error("{0}")]
-    Retryable(String),
+    #[error(transparent)]
+    Retryable(Box<dyn std::error::Error + Send + Sync>),
     /// Will never succeed (invalid content): dead-letter now.
-    #[error("{0}")]
-    Permanent(String),
+    #[error(transparent)]
+    Permanent(Box<dyn std::error::Error + Send + Sync>),
     /// Worth another try, not before `after` (a webhook target's
     /// Retry-After): nak with that delay, never past the spec's backoff cap.
     #[error("{reason}")]
     RetryAfter { reason: String, after: Duration },
+}
+
+impl HandleError {
+    /// Retryable, from an error or a message.
+    pub fn retryable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandleError::Retryable(e.into())
+    }
+
+    /// Permanent, from an error or a message.
+    pub fn permanent(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandleError::Permanent(e.into())
+    }
 }
 
 /// One decoded message handed to a handler.
@@ -55,110 +73,6 @@ pub struct Delivery<M> {
 pub trait Handler<M>: Send + Sync + 'static {
     fn handle(&self, delivery: Delivery<M>)
     -> impl Future<Output = Result<(), HandleError>> + Send;
-}
-
-/// A durable pull consumer and how to run it.
-#[derive(Clone, Debug)]
-pub struct ConsumerSpec {
-    pub stream: String,
-    pub durable: String,
-    pub filter_subjects: Vec<String>,
-    /// Messages with different subjects handled at once; one subject's
-    /// messages are always handled one after another, in stream order.
-    pub concurrency: usize,
-    /// Deliveries before a message is dead-lettered. Decided here from the
-    /// delivery count, never by the server (whose MaxDeliver would silently
-    /// park a message with only an advisory).
-    pub max_deliver: i64,
-    pub ack_wait: Duration,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    /// Each nak delay is spread by up to this fraction either way (0.2 =
-    /// ±20%), so messages that failed together (one target down) do not
-    /// all come back in the same instant.
-    pub backoff_jitter: f64,
-    pub deliver_policy: DeliverPolicy,
-    pub max_ack_pending: i64,
-}
-
-impl ConsumerSpec {
-    pub fn new(stream: &str, durable: &str) -> Self {
-        Self {
-            stream: stream.into(),
-            durable: durable.into(),
-            filter_subjects: Vec::new(),
-            concurrency: 16,
-            max_deliver: 5,
-            ack_wait: Duration::from_secs(30),
-            backoff_base: Duration::from_millis(200),
-            backoff_max: Duration::from_secs(30),
-            backoff_jitter: 0.2,
-            deliver_policy: DeliverPolicy::All,
-            max_ack_pending: 1024,
-        }
-    }
-
-    pub fn pull_config(&self) -> pull::Config {
-        pull::Config {
-            durable_name: Some(self.durable.clone()),
-            description: Some(format!("pushbus consumer {}", self.durable)),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: self.ack_wait,
-            // Unlimited: a message the server stopped delivering would be
-            // neither handled nor dead-lettered. Deliveries used up by
-            // replicas that stalled or stopped while holding it end in our
-            // dead-letter stream instead (see `process_envelope`).
-            max_deliver: -1,
-            filter_subjects: self.filter_subjects.clone(),
-            deliver_policy: self.deliver_policy,
-            max_ack_pending: self.max_ack_pending,
-            ..Default::default()
-        }
-    }
-
-    /// Nak delay before delivery `delivered + 1`: exponential, capped.
-    pub fn backoff(&self, delivered: i64) -> Duration {
-        let exp = delivered.clamp(1, 20) as u32 - 1;
-        self.backoff_base
-            .saturating_mul(2u32.saturating_pow(exp))
-            .min(self.backoff_max)
-    }
-
-    /// The delay a target asked for, within the backoff cap (a target must
-    /// not park a message for longer than the operator allows) and never
-    /// below the base (`Retry-After: 0` must not spin).
-    pub fn retry_after_delay(&self, after: Duration) -> Duration {
-        after
-            .max(self.backoff_base)
-            .min(self.backoff_max.max(self.backoff_base))
-    }
-
-    /// [`Self::backoff`] spread by ±`backoff_jitter`, from `seed` (any value
-    /// that differs between messages and deliveries). The cap applies
-    /// before the spread, so capped retries stay spread too.
-    pub fn jittered_backoff(&self, delivered: i64, seed: u64) -> Duration {
-        let jitter = self.backoff_jitter.clamp(0.0, 1.0);
-        // splitmix64 finaliser: turns close seeds into unrelated values.
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let unit = (z >> 11) as f64 / (1u64 << 53) as f64; // [0, 1)
-        self.backoff(delivered)
-            .mul_f64(1.0 + jitter * (2.0 * unit - 1.0))
-    }
-}
-
-/// Differs per message, per delivery and per run: the jitter seed.
-fn jitter_seed(stream_sequence: u64, delivered: i64) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (stream_sequence, delivered).hash(&mut h);
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or_default()
-        .hash(&mut h);
-    h.finish()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -403,179 +317,6 @@ fn lane_of(subject: &str, lanes: usize) -> usize {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut h);
     (h.finish() % lanes as u64) as usize
-}
-
-struct Worker<M, H> {
-    handler: H,
-    dead_letters: DeadLetters,
-    epoch: std::sync::atomic::AtomicI64,
-    /// `process <stream>`: the span name, made once rather than per message.
-    span_name: String,
-    spec: ConsumerSpec,
-    _message: std::marker::PhantomData<fn() -> M>,
-}
-
-impl<M, H> Worker<M, H>
-where
-    M: Message + Name + Default + Send + 'static,
-    H: Handler<M>,
-{
-    async fn process(&self, msg: jetstream::Message) {
-        let (stream_sequence, delivered) = match msg.info() {
-            Ok(info) => (info.stream_sequence, info.delivered),
-            Err(err) => {
-                tracing::warn!(consumer = %self.spec.durable, error = %err, "message without JetStream metadata dropped");
-                return;
-            }
-        };
-        let env: Envelope = match envelope::decode(&msg.payload) {
-            Ok(env) => env,
-            Err(err) => return self.dead_letter(&msg, err.kind(), &err.to_string()).await,
-        };
-        let span = tracing::info_span!(
-            "handle",
-            otel.name = %self.span_name,
-            otel.kind = "consumer",
-            messaging.system = "nats",
-            messaging.operation.type = "process",
-            messaging.destination.name = %msg.subject,
-            messaging.consumer.group.name = %self.spec.durable,
-            messaging.message.id = %env.event_id,
-            messaging.message.conversation_id = %env.correlation_id,
-            consumer = %self.spec.durable,
-            event_id = %env.event_id,
-            correlation_id = %env.correlation_id,
-            subject = %msg.subject,
-            stream_sequence,
-            delivered,
-        );
-        trace::continue_trace(&span, msg.headers.as_ref());
-        self.process_envelope(msg, env, stream_sequence, delivered)
-            .instrument(span)
-            .await
-    }
-
-    async fn process_envelope(
-        &self,
-        msg: jetstream::Message,
-        env: Envelope,
-        stream_sequence: u64,
-        delivered: i64,
-    ) {
-        let message = match envelope::open::<M>(&env) {
-            Ok(m) => m,
-            Err(err) => return self.dead_letter(&msg, err.kind(), &err.to_string()).await,
-        };
-        if delivered > self.spec.max_deliver {
-            return self
-                .dead_letter(
-                    &msg,
-                    "max_deliveries",
-                    "handler did not finish within ack_wait",
-                )
-                .await;
-        }
-        let delivery = Delivery {
-            message,
-            meta: EventMeta::from(&env),
-            subject: msg.subject.to_string(),
-            stream_sequence,
-            order_sequence: msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(crate::names::headers::REPLAY_SEQUENCE))
-                .and_then(|v| v.as_str().parse().ok())
-                .unwrap_or(stream_sequence),
-            stream_epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
-            delivered,
-            occurred_at: env.occurred_at,
-        };
-        let started = Instant::now();
-        let result = self
-            .with_progress(&msg, self.handler.handle(delivery))
-            .await;
-        metrics::histogram!("pushbus_handle_seconds", "consumer" => self.spec.durable.clone())
-            .record(started.elapsed().as_secs_f64());
-        let outcome = match result {
-            Ok(()) => {
-                if let Err(err) = msg.double_ack().await {
-                    // The effect is done; a redelivery is absorbed by dedup IDs.
-                    tracing::warn!(error = %err, "ack not confirmed; message may be redelivered");
-                }
-                "ok"
-            }
-            Err(HandleError::Retryable(reason)) if delivered < self.spec.max_deliver => {
-                let delay = self
-                    .spec
-                    .jittered_backoff(delivered, jitter_seed(stream_sequence, delivered));
-                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
-                if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-                    tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
-                }
-                "retry"
-            }
-            Err(HandleError::RetryAfter { reason, after }) if delivered < self.spec.max_deliver => {
-                let delay = self.spec.retry_after_delay(after);
-                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
-                if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
-                    tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
-                }
-                "retry"
-            }
-            Err(HandleError::Retryable(reason) | HandleError::RetryAfter { reason, .. }) => {
-                self.dead_letter(&msg, "max_deliveries", &reason).await;
-                "dead_letter"
-            }
-            Err(HandleError::Permanent(reason)) => {
-                self.dead_letter(&msg, "permanent", &reason).await;
-                "dead_letter"
-            }
-        };
-        metrics::counter!("pushbus_messages_total", "consumer" => self.spec.durable.clone(), "outcome" => outcome)
-            .increment(1);
-    }
-
-    /// Runs `handling`, telling the server every third of ack_wait that the
-    /// message is still being worked on, so a long handler is not redelivered
-    /// (and its deliveries used up) while it runs.
-    async fn with_progress<T>(
-        &self,
-        msg: &jetstream::Message,
-        handling: impl Future<Output = T>,
-    ) -> T {
-        tokio::pin!(handling);
-        let every = (self.spec.ack_wait / 3).max(Duration::from_millis(50));
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                result = &mut handling => return result,
-                _ = tick.tick() => {
-                    if let Err(err) = msg.ack_with(AckKind::Progress).await {
-                        tracing::debug!(error = %err, "progress ack failed");
-                    }
-                }
-            }
-        }
-    }
-
-    async fn dead_letter(&self, msg: &jetstream::Message, kind: &str, detail: &str) {
-        let reason = format!("{kind}: {detail}");
-        tracing::error!(consumer = %self.spec.durable, subject = %msg.subject, %reason, "dead-lettering message");
-        match self.dead_letters.send(msg, &reason).await {
-            Ok(()) => {
-                if let Err(err) = msg.double_ack_with(AckKind::Term).await {
-                    tracing::warn!(error = %err, "term not confirmed; message may come back and be dead-lettered again (deduplicated)");
-                }
-            }
-            Err(err) => {
-                // Never drop it: try again later.
-                tracing::error!(error = %err, "dead-letter publish failed; will retry");
-                let _ = msg
-                    .ack_with(AckKind::Nak(Some(self.spec.backoff_max)))
-                    .await;
-            }
-        }
-    }
 }
 
 #[cfg(test)]

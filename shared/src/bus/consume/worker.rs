@@ -1,0 +1,203 @@
+//! One message at a time: decode, hand to the handler, then ack, nak with
+//! backoff, or dead-letter.
+
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use async_nats::jetstream::AckKind;
+use prost::{Message, Name};
+use tracing::Instrument;
+
+use super::{ConsumerSpec, Delivery, HandleError, Handler};
+use crate::bus::DeadLetters;
+use crate::envelope::EventMeta;
+use crate::proto::Envelope;
+use crate::{envelope, trace};
+
+/// Differs per message, per delivery and per run: the jitter seed.
+fn jitter_seed(stream_sequence: u64, delivered: i64) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (stream_sequence, delivered).hash(&mut h);
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default()
+        .hash(&mut h);
+    h.finish()
+}
+
+pub(super) struct Worker<M, H> {
+    pub(super) handler: H,
+    pub(super) dead_letters: DeadLetters,
+    pub(super) epoch: std::sync::atomic::AtomicI64,
+    /// `process <stream>`: the span name, made once rather than per message.
+    pub(super) span_name: String,
+    pub(super) spec: ConsumerSpec,
+    pub(super) _message: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M, H> Worker<M, H>
+where
+    M: Message + Name + Default + Send + 'static,
+    H: Handler<M>,
+{
+    pub(super) async fn process(&self, msg: jetstream::Message) {
+        let (stream_sequence, delivered) = match msg.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(err) => {
+                tracing::warn!(consumer = %self.spec.durable, error = %err, "message without JetStream metadata dropped");
+                return;
+            }
+        };
+        let env: Envelope = match envelope::decode(&msg.payload) {
+            Ok(env) => env,
+            Err(err) => return self.dead_letter(&msg, err.kind(), &err.to_string()).await,
+        };
+        let span = tracing::info_span!(
+            "handle",
+            otel.name = %self.span_name,
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %msg.subject,
+            messaging.consumer.group.name = %self.spec.durable,
+            messaging.message.id = %env.event_id,
+            messaging.message.conversation_id = %env.correlation_id,
+            consumer = %self.spec.durable,
+            event_id = %env.event_id,
+            correlation_id = %env.correlation_id,
+            subject = %msg.subject,
+            stream_sequence,
+            delivered,
+        );
+        trace::continue_trace(&span, msg.headers.as_ref());
+        self.process_envelope(msg, env, stream_sequence, delivered)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_envelope(
+        &self,
+        msg: jetstream::Message,
+        env: Envelope,
+        stream_sequence: u64,
+        delivered: i64,
+    ) {
+        let message = match envelope::open::<M>(&env) {
+            Ok(m) => m,
+            Err(err) => return self.dead_letter(&msg, err.kind(), &err.to_string()).await,
+        };
+        if delivered > self.spec.max_deliver {
+            return self
+                .dead_letter(
+                    &msg,
+                    "max_deliveries",
+                    "handler did not finish within ack_wait",
+                )
+                .await;
+        }
+        let delivery = Delivery {
+            message,
+            meta: EventMeta::from(&env),
+            subject: msg.subject.to_string(),
+            stream_sequence,
+            order_sequence: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::names::headers::REPLAY_SEQUENCE))
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(stream_sequence),
+            stream_epoch: self.epoch.load(std::sync::atomic::Ordering::SeqCst),
+            delivered,
+            occurred_at: env.occurred_at,
+        };
+        let started = Instant::now();
+        let result = self
+            .with_progress(&msg, self.handler.handle(delivery))
+            .await;
+        metrics::histogram!("pushbus_handle_seconds", "consumer" => self.spec.durable.clone())
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(()) => {
+                if let Err(err) = msg.double_ack().await {
+                    // The effect is done; a redelivery is absorbed by dedup IDs.
+                    tracing::warn!(error = %err, "ack not confirmed; message may be redelivered");
+                }
+                "ok"
+            }
+            Err(HandleError::Retryable(reason)) if delivered < self.spec.max_deliver => {
+                let delay = self
+                    .spec
+                    .jittered_backoff(delivered, jitter_seed(stream_sequence, delivered));
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
+                if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
+                }
+                "retry"
+            }
+            Err(HandleError::RetryAfter { reason, after }) if delivered < self.spec.max_deliver => {
+                let delay = self.spec.retry_after_delay(after);
+                tracing::warn!(%reason, retry_in_ms = delay.as_millis() as u64, "handler failed; will retry");
+                if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
+                }
+                "retry"
+            }
+            Err(e @ (HandleError::Retryable(_) | HandleError::RetryAfter { .. })) => {
+                self.dead_letter(&msg, "max_deliveries", &e.to_string())
+                    .await;
+                "dead_letter"
+            }
+            Err(HandleError::Permanent(reason)) => {
+                self.dead_letter(&msg, "permanent", &reason.to_string())
+                    .await;
+                "dead_letter"
+            }
+        };
+        metrics::counter!("pushbus_messages_total", "consumer" => self.spec.durable.clone(), "outcome" => outcome)
+            .increment(1);
+    }
+
+    /// Runs `handling`, telling the server every third of ack_wait that the
+    /// message is still being worked on, so a long handler is not redelivered
+    /// (and its deliveries used up) while it runs.
+    async fn with_progress<T>(
+        &self,
+        msg: &jetstream::Message,
+        handling: impl Future<Output = T>,
+    ) -> T {
+        tokio::pin!(handling);
+        let every = (self.spec.ack_wait / 3).max(Duration::from_millis(50));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                result = &mut handling => return result,
+                _ = tick.tick() => {
+                    if let Err(err) = msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %err, "progress ack failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, msg: &jetstream::Message, kind: &str, detail: &str) {
+        let reason = format!("{kind}: {detail}");
+        tracing::error!(consumer = %self.spec.durable, subject = %msg.subject, %reason, "dead-lettering message");
+        match self.dead_letters.send(msg, &reason).await {
+            Ok(()) => {
+                if let Err(err) = msg.double_ack_with(AckKind::Term).await {
+                    tracing::warn!(error = %err, "term not confirmed; message may come back and be dead-lettered again (deduplicated)");
+                }
+            }
+            Err(err) => {
+                // Never drop it: try again later.
+                tracing::error!(error = %err, "dead-letter publish failed; will retry");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(self.spec.backoff_max)))
+                    .await;
+            }
+        }
+    }
+}
