@@ -4,7 +4,7 @@
 //! between.
 //!
 //! - same-ack-mode: acked the way the bus acks (each publish ack awaited
-//!   before the message is acked, double_ack, 16 lanes per hop);
+//!   before the message is acked, a plain ack, 16 lanes per hop);
 //! - physical: the same durability (a push is acked only once its poke is
 //!   stored, explicit acks) but everything pipelined: many publishes in
 //!   flight, pulls of 512, plain acks. What the server and machine allow.
@@ -337,7 +337,7 @@ async fn consumer(
 
 /// Pulls a batch at a time and runs `work` on each message, acking after
 /// its work. Same-ack-mode: batches of 16 (the bus's lanes), at most 16 at
-/// once, double_ack. Physical: batches of 512, no limit but the consumer's
+/// once. Physical: batches of 512, no limit but the consumer's
 /// max_ack_pending, plain ack.
 ///
 /// Each batch is a fresh pull request with a short expiry, so the consumer
@@ -379,11 +379,9 @@ where
             let permit = lanes.clone().acquire_owned().await?;
             let done = work(msg.payload.clone());
             tokio::spawn(async move {
+                // Both modes ack as the bus does: plainly, after the work.
                 if done.await.is_ok() {
-                    let _ = match mode {
-                        Mode::SameAck => msg.double_ack().await,
-                        Mode::Physical => msg.ack().await,
-                    };
+                    let _ = msg.ack().await;
                 }
                 drop(permit);
             });

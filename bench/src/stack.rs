@@ -73,8 +73,7 @@ impl Stack {
             .env("PUSHBUS_NATS_URL", &self.nats_url)
             .env("PUSHBUS_REPLICAS", self.replicas.to_string())
             .kill_on_drop(true)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null());
+            .stdin(std::process::Stdio::null());
         match name {
             "hook-ingest" => cmd.arg("--ingest-listen").arg(self.ingest.to_string()),
             "gitops-notifier" => cmd
@@ -95,6 +94,9 @@ impl Stack {
             .create(true)
             .append(true)
             .open(self.logs.join(format!("{name}.log")))?;
+        // The services log to stdout; both streams go to the log file, so a
+        // stall or an error during a run can be read afterwards.
+        cmd.stdout(log.try_clone()?);
         cmd.stderr(log);
         let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let ready = format!("http://{ops}/readyz");

@@ -106,67 +106,59 @@ impl pushbus_shared::service::Service for Filter {
         (): (),
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        run(ctx, config, shutdown).await
-    }
-}
+        // Its own child: stopping this service's tasks stops nothing else.
+        let token = shutdown.child_token();
+        topology(&config)
+            .with(&ctx.topology)
+            .ensure(&ctx.js)
+            .await?;
+        let kv = ctx
+            .js
+            .get_key_value(names::BUCKET_AGENTS)
+            .await
+            .map_err(Error::Registry)?;
 
-pub async fn run(
-    ctx: ServiceContext,
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    // Its own child: stopping this service's tasks stops nothing else.
-    let token = shutdown.child_token();
-    topology(&config)
-        .with(&ctx.topology)
-        .ensure(&ctx.js)
-        .await?;
-    let kv = ctx
-        .js
-        .get_key_value(names::BUCKET_AGENTS)
-        .await
-        .map_err(Error::Registry)?;
+        // Registrations are accepted even while the index is still loading:
+        // they are KV writes, and the watch brings them into the index.
+        // Subscribed before this replica says it is ready, so a request right
+        // after /readyz meets a responder.
+        let api = api::start(ctx.client.clone(), kv.clone())
+            .await
+            .map_err(Error::RegistryApi)?;
+        let api = tokio::spawn(api.serve(token.clone()));
 
-    // Registrations are accepted even while the index is still loading:
-    // they are KV writes, and the watch brings them into the index.
-    // Subscribed before this replica says it is ready, so a request right
-    // after /readyz meets a responder.
-    let api = api::start(ctx.client.clone(), kv.clone())
-        .await
-        .map_err(Error::RegistryApi)?;
-    let api = tokio::spawn(api.serve(token.clone()));
-
-    // Phase one: the whole registry, before a single push is matched.
-    let index = registry::SharedIndex::default();
-    let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
-    let sync = tokio::spawn(registry::sync(kv, index.clone(), loaded_tx, token.clone()));
-    tokio::select! {
-        _ = token.cancelled() => {}
-        _ = loaded.wait_for(|l| *l) => {}
+        // Phase one: the whole registry, before a single push is matched.
+        let index = registry::SharedIndex::default();
+        let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
+        let sync = tokio::spawn(registry::sync(kv, index.clone(), loaded_tx, token.clone()));
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = loaded.wait_for(|l| *l) => {}
+        }
+        if !token.is_cancelled() {
+            ctx.ready.set(true);
+            // Phase two: pushes.
+            let handler = PushHandler {
+                index,
+                publisher: ctx.publisher.clone(),
+            };
+            bus::run_consumer(
+                ctx.js.clone(),
+                consumer_spec(&config),
+                handler,
+                token.clone(),
+            )
+            .await?;
+        }
+        ctx.ready.set(false);
+        token.cancel();
+        let _ = sync.await;
+        if let Err(e) = api.await {
+            tracing::error!(error = %e, "agent registry API task failed");
+        }
+        ctx.drain().await;
+        Ok(())
     }
-    if !token.is_cancelled() {
-        ctx.ready.set(true);
-        // Phase two: pushes.
-        let handler = PushHandler {
-            index,
-            publisher: ctx.publisher.clone(),
-        };
-        bus::run_consumer(
-            ctx.js.clone(),
-            consumer_spec(&config),
-            handler,
-            token.clone(),
-        )
-        .await?;
-    }
-    ctx.ready.set(false);
-    token.cancel();
-    let _ = sync.await;
-    if let Err(e) = api.await {
-        tracing::error!(error = %e, "agent registry API task failed");
-    }
-    ctx.drain().await;
-    Ok(())
 }
 
 struct PushHandler {

@@ -3,6 +3,7 @@
 
 pub mod agent_stream;
 pub mod auth;
+pub mod config;
 pub mod conn;
 pub mod grpc;
 pub mod heads;
@@ -13,8 +14,6 @@ pub mod revoke;
 pub mod sse;
 pub mod webhook;
 
-use std::net::SocketAddr;
-
 use async_nats::jetstream::kv::Store;
 use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
 use pushbus_shared::proto::git_ops_notifier_server::GitOpsNotifierServer;
@@ -24,196 +23,8 @@ use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, names};
 use tokio_util::sync::CancellationToken;
 
+pub use config::{Config, DoorArgs};
 pub use hub::Hub;
-
-#[derive(clap::Args, Clone, Debug)]
-#[group(id = "notifier")]
-pub struct Config {
-    /// Address for agents: SSE at /v1/agents/{id}/pokes and gRPC
-    /// pushbus.v1.GitOpsNotifier/Watch.
-    #[arg(
-        id = "notifier_listen",
-        long = "notifier-listen",
-        env = "PUSHBUS_NOTIFIER_LISTEN",
-        default_value = "127.0.0.1:8081"
-    )]
-    pub listen: SocketAddr,
-    /// At most one poke per agent and ref per this many milliseconds; the
-    /// first of a burst goes out at once, the last one carries the newest SHA.
-    #[arg(
-        id = "notifier_coalesce_ms",
-        long = "notifier-coalesce-ms",
-        env = "PUSHBUS_NOTIFIER_COALESCE_MS",
-        default_value_t = 500
-    )]
-    pub coalesce_ms: u64,
-    /// Seconds before a poke pulled by a replica that died is handed to
-    /// another (recording a head takes milliseconds, so this can be short).
-    #[arg(
-        id = "notifier_ack_wait_secs",
-        long = "notifier-ack-wait-secs",
-        env = "PUSHBUS_NOTIFIER_ACK_WAIT_SECS",
-        default_value_t = 5
-    )]
-    pub ack_wait_secs: u64,
-    /// Seconds a deleted branch's or tag's tombstone head is kept: it must
-    /// outlive every older push that could still arrive (PUSHBUS_PUSHES
-    /// keeps pushes 7 days, PUSHBUS_POKES pokes 1 day), or such a push
-    /// brings the deleted ref back.
-    #[arg(
-        id = "notifier_deleted_ref_ttl_secs",
-        long = "notifier-deleted-ref-ttl-secs",
-        env = "PUSHBUS_NOTIFIER_DELETED_REF_TTL_SECS",
-        default_value_t = heads::DELETED_REF_TTL.as_secs()
-    )]
-    pub deleted_ref_ttl_secs: u64,
-    /// Seconds between sweeps for ref heads of agents no longer registered.
-    #[arg(
-        id = "notifier_prune_interval_secs",
-        long = "notifier-prune-interval-secs",
-        env = "PUSHBUS_NOTIFIER_PRUNE_INTERVAL_SECS",
-        default_value_t = 300
-    )]
-    pub prune_interval_secs: u64,
-    #[command(flatten)]
-    pub webhooks: webhook::WebhookConfig,
-    #[command(flatten)]
-    pub door: DoorArgs,
-}
-
-/// How the agents' listener bounds slow and greedy clients, and its TLS.
-#[derive(clap::Args, Clone, Debug)]
-#[group(id = "notifier_door")]
-pub struct DoorArgs {
-    /// PEM certificate chain: serve SSE and gRPC over TLS (with --notifier-tls-key).
-    #[arg(
-        id = "notifier_tls_cert",
-        long = "notifier-tls-cert",
-        env = "PUSHBUS_NOTIFIER_TLS_CERT"
-    )]
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// PEM private key of --notifier-tls-cert.
-    #[arg(
-        id = "notifier_tls_key",
-        long = "notifier-tls-key",
-        env = "PUSHBUS_NOTIFIER_TLS_KEY"
-    )]
-    pub tls_key: Option<std::path::PathBuf>,
-    /// A connection must finish its TLS handshake and each request head within this.
-    #[arg(
-        id = "notifier_header_read_timeout_ms",
-        long = "notifier-header-read-timeout-ms",
-        env = "PUSHBUS_NOTIFIER_HEADER_READ_TIMEOUT_MS",
-        default_value_t = 5000
-    )]
-    pub header_read_timeout_ms: u64,
-    /// A request must be answered (a stream opened, catch-up queued) within
-    /// this; open streams are not cut.
-    #[arg(
-        id = "notifier_request_timeout_ms",
-        long = "notifier-request-timeout-ms",
-        env = "PUSHBUS_NOTIFIER_REQUEST_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub request_timeout_ms: u64,
-    /// Open connections; further ones are closed at once.
-    #[arg(
-        id = "notifier_max_connections",
-        long = "notifier-max-connections",
-        env = "PUSHBUS_NOTIFIER_MAX_CONNECTIONS",
-        default_value_t = 20_000
-    )]
-    pub max_connections: usize,
-    /// Requests being answered at once (open streams not counted); further
-    /// ones get 503 / RESOURCE_EXHAUSTED.
-    #[arg(
-        id = "notifier_max_requests",
-        long = "notifier-max-requests",
-        env = "PUSHBUS_NOTIFIER_MAX_REQUESTS",
-        default_value_t = 1024
-    )]
-    pub max_requests: usize,
-    /// Streams this replica holds in all; further ones get 503 / RESOURCE_EXHAUSTED.
-    #[arg(
-        id = "notifier_max_streams",
-        long = "notifier-max-streams",
-        env = "PUSHBUS_NOTIFIER_MAX_STREAMS",
-        default_value_t = 20_000
-    )]
-    pub max_streams: usize,
-    /// Streams one agent may hold on this replica; further ones get 429 / RESOURCE_EXHAUSTED.
-    #[arg(
-        id = "notifier_max_streams_per_agent",
-        long = "notifier-max-streams-per-agent",
-        env = "PUSHBUS_NOTIFIER_MAX_STREAMS_PER_AGENT",
-        default_value_t = 16
-    )]
-    pub max_streams_per_agent: usize,
-    /// Failed logins one address may make at once before it is refused (429).
-    #[arg(
-        id = "notifier_login_failure_burst",
-        long = "notifier-login-failure-burst",
-        env = "PUSHBUS_NOTIFIER_LOGIN_FAILURE_BURST",
-        default_value_t = 10
-    )]
-    pub login_failure_burst: u32,
-    /// One more failed login is allowed per this many milliseconds.
-    #[arg(
-        id = "notifier_login_failure_refill_ms",
-        long = "notifier-login-failure-refill-ms",
-        env = "PUSHBUS_NOTIFIER_LOGIN_FAILURE_REFILL_MS",
-        default_value_t = 1000
-    )]
-    pub login_failure_refill_ms: u64,
-    /// After a failed login, the agent's entry is checked from memory for
-    /// this long instead of read again (0: off).
-    #[arg(
-        id = "notifier_login_cache_ms",
-        long = "notifier-login-cache-ms",
-        env = "PUSHBUS_NOTIFIER_LOGIN_CACHE_MS",
-        default_value_t = 5000
-    )]
-    pub login_cache_ms: u64,
-}
-
-impl Default for DoorArgs {
-    fn default() -> Self {
-        DoorArgs {
-            tls_cert: None,
-            tls_key: None,
-            header_read_timeout_ms: 5000,
-            request_timeout_ms: 10_000,
-            max_connections: 20_000,
-            max_requests: 1024,
-            max_streams: 20_000,
-            max_streams_per_agent: 16,
-            login_failure_burst: 10,
-            login_failure_refill_ms: 1000,
-            login_cache_ms: 5000,
-        }
-    }
-}
-
-/// The flags' defaults.
-impl Default for Config {
-    fn default() -> Self {
-        Config::new(SocketAddr::from(([127, 0, 0, 1], 8081)))
-    }
-}
-
-impl Config {
-    pub fn new(listen: SocketAddr) -> Config {
-        Config {
-            listen,
-            coalesce_ms: 500,
-            ack_wait_secs: 5,
-            deleted_ref_ttl_secs: heads::DELETED_REF_TTL.as_secs(),
-            prune_interval_secs: 300,
-            webhooks: Default::default(),
-            door: Default::default(),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -294,190 +105,181 @@ impl Service for GitopsNotifier {
         Listen::At(config.listen)
     }
 
+    /// Serves agents on `listener` (`config.listen` is only the default of
+    /// [`Service::listener`]).
     async fn run(
         ctx: ServiceContext,
         config: Config,
         listener: Listen,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        run(ctx, config, listener, shutdown).await
-    }
-}
-
-/// Serves agents on `listener` (`config.listen` is only the default of
-/// [`Service::listener`]).
-pub async fn run(
-    ctx: ServiceContext,
-    config: Config,
-    listener: Listen,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    // Its own child: stopping this service's tasks stops nothing else.
-    let token = shutdown.child_token();
-    let listen = listener.addr().map_err(Error::ListenAddr)?;
-    let tls = pushbus_shared::listen::tls_from_flags(
-        config.door.tls_cert.as_deref(),
-        config.door.tls_key.as_deref(),
-        ("--notifier-tls-cert", "--notifier-tls-key"),
-    )?;
-    topology(&config)
-        .with(&ctx.topology)
-        .ensure(&ctx.js)
-        .await?;
-    let agents = ctx
-        .js
-        .get_key_value(names::BUCKET_AGENTS)
-        .await
-        .map_err(Error::Registry)?;
-    let heads = ctx
-        .js
-        .get_key_value(names::BUCKET_REF_HEADS)
-        .await
-        .map_err(Error::Registry)?;
-    // Every head's revision and SHA, before any agent connects, so catch-up
-    // never asks the server per connection.
-    let (index, after) = loop {
-        match heads::load(&heads).await {
-            Ok(loaded) => break loaded,
-            Err(err) => tracing::warn!(%err, "cannot load the ref heads; retrying"),
-        }
-        tokio::select! {
-            _ = token.cancelled() => {
-                ctx.drain().await;
-                return Ok(());
+        // Its own child: stopping this service's tasks stops nothing else.
+        let token = shutdown.child_token();
+        let listen = listener.addr().map_err(Error::ListenAddr)?;
+        let tls = pushbus_shared::listen::tls_from_flags(
+            config.door.tls_cert.as_deref(),
+            config.door.tls_key.as_deref(),
+            ("--notifier-tls-cert", "--notifier-tls-key"),
+        )?;
+        topology(&config)
+            .with(&ctx.topology)
+            .ensure(&ctx.js)
+            .await?;
+        let agents = ctx
+            .js
+            .get_key_value(names::BUCKET_AGENTS)
+            .await
+            .map_err(Error::Registry)?;
+        let heads = ctx
+            .js
+            .get_key_value(names::BUCKET_REF_HEADS)
+            .await
+            .map_err(Error::Registry)?;
+        // Every head's revision and SHA, before any agent connects, so catch-up
+        // never asks the server per connection.
+        let (index, after) = loop {
+            match heads::load(&heads).await {
+                Ok(loaded) => break loaded,
+                Err(err) => tracing::warn!(%err, "cannot load the ref heads; retrying"),
             }
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-        }
-    };
-    metrics::gauge!("pushbus_notifier_ref_heads").set(index.len() as f64);
-    let index = std::sync::Arc::new(index);
-    let state = AppState {
-        hub: Hub::with_caps(
-            std::time::Duration::from_millis(config.coalesce_ms),
-            hub::StreamCaps {
-                total: config.door.max_streams,
-                per_agent: config.door.max_streams_per_agent,
-            },
-        ),
-        agents,
-        heads: heads.clone(),
-        index: index.clone(),
-        shutdown: token.clone(),
-        gate: std::sync::Arc::new(auth::LoginGate::new(
-            config.door.login_failure_burst,
-            std::time::Duration::from_millis(config.door.login_failure_refill_ms),
-            std::time::Duration::from_millis(config.door.login_cache_ms),
-        )),
-    };
-    let pruning = heads::Pruning {
-        deleted_ref_ttl: std::time::Duration::from_secs(config.deleted_ref_ttl_secs.max(1)),
-        ..Default::default()
-    };
-    let revoker = tokio::spawn(revoke::follow(
-        state.agents.clone(),
-        state.hub.clone(),
-        state.gate.clone(),
-        revoke::HeadsOf {
-            kv: heads.clone(),
+            tokio::select! {
+                _ = token.cancelled() => {
+                    ctx.drain().await;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        };
+        metrics::gauge!("pushbus_notifier_ref_heads").set(index.len() as f64);
+        let index = std::sync::Arc::new(index);
+        let state = AppState {
+            hub: Hub::with_caps(
+                std::time::Duration::from_millis(config.coalesce_ms),
+                hub::StreamCaps {
+                    total: config.door.max_streams,
+                    per_agent: config.door.max_streams_per_agent,
+                },
+            ),
+            agents,
+            heads: heads.clone(),
             index: index.clone(),
-            marker_ttl: pruning.marker_ttl,
-        },
-        token.clone(),
-    ));
-    let sweeper = tokio::spawn(prune::sweep(
-        state.agents.clone(),
-        heads.clone(),
-        index.clone(),
-        std::time::Duration::from_secs(config.prune_interval_secs.max(1)),
-        pruning.marker_ttl,
-        token.clone(),
-    ));
-    // Every replica follows every head and keeps the ones for its agents.
-    let reconnected = std::sync::Arc::new(tokio::sync::Notify::new());
-    let feed = tokio::spawn(heads::follow(
-        heads.clone(),
-        state.hub.clone(),
-        index,
-        after,
-        reconnected.clone(),
-        token.clone(),
-    ));
-    let monitor = tokio::spawn(watch_bus(
-        ctx.client.clone(),
-        state.hub.clone(),
-        reconnected,
-        token.clone(),
-    ));
-    let listener = listener.bind().await?;
-    let grpc = tonic::service::Routes::new(GitOpsNotifierServer::new(grpc::WatchService {
-        state: state.clone(),
-    }))
-    .into_axum_router();
-    let app = sse::router(state.clone())
-        .merge(grpc)
-        .fallback(pushbus_shared::fallback::not_found);
-    let app = pushbus_shared::listen::guard_requests(
-        pushbus_shared::listen::json_framework_errors(app),
-        pushbus_shared::listen::RequestLimits {
-            timeout: Some(std::time::Duration::from_millis(
-                config.door.request_timeout_ms.max(1),
+            shutdown: token.clone(),
+            gate: std::sync::Arc::new(auth::LoginGate::new(
+                config.door.login_failure_burst,
+                std::time::Duration::from_millis(config.door.login_failure_refill_ms),
+                std::time::Duration::from_millis(config.door.login_cache_ms),
             )),
-            max_in_flight: config.door.max_requests,
-            timeout_flag: "--notifier-request-timeout-ms",
-            in_flight_flag: "--notifier-max-requests",
-            max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
-        },
-    );
-    let limits = pushbus_shared::listen::Limits {
-        header_read_timeout: std::time::Duration::from_millis(
-            config.door.header_read_timeout_ms.max(1),
-        ),
-        max_connections: config.door.max_connections,
-        // The default (256) streams per HTTP/2 connection: a proxy or the
-        // pipeline bench multiplexes many agents over one connection.
-        ..Default::default()
-    };
-    let tls_on = tls.is_some();
-    let server = tokio::spawn(pushbus_shared::listen::serve(
-        listener,
-        app,
-        limits,
-        tls,
-        token.clone().cancelled_owned(),
-    ));
-    tracing::info!(%listen, tls = tls_on, "agents may connect");
+        };
+        let pruning = heads::Pruning {
+            deleted_ref_ttl: std::time::Duration::from_secs(config.deleted_ref_ttl_secs.max(1)),
+            ..Default::default()
+        };
+        let revoker = tokio::spawn(revoke::follow(
+            state.agents.clone(),
+            state.hub.clone(),
+            state.gate.clone(),
+            revoke::HeadsOf {
+                kv: heads.clone(),
+                index: index.clone(),
+                marker_ttl: pruning.marker_ttl,
+            },
+            token.clone(),
+        ));
+        let sweeper = tokio::spawn(prune::sweep(
+            state.agents.clone(),
+            heads.clone(),
+            index.clone(),
+            std::time::Duration::from_secs(config.prune_interval_secs.max(1)),
+            pruning.marker_ttl,
+            token.clone(),
+        ));
+        // Every replica follows every head and keeps the ones for its agents.
+        let reconnected = std::sync::Arc::new(tokio::sync::Notify::new());
+        let feed = tokio::spawn(heads::follow(
+            heads.clone(),
+            state.hub.clone(),
+            index,
+            after,
+            reconnected.clone(),
+            token.clone(),
+        ));
+        let monitor = tokio::spawn(watch_bus(
+            ctx.client.clone(),
+            state.hub.clone(),
+            reconnected,
+            token.clone(),
+        ));
+        let listener = listener.bind().await?;
+        let grpc = tonic::service::Routes::new(GitOpsNotifierServer::new(grpc::WatchService {
+            state: state.clone(),
+        }))
+        .into_axum_router();
+        let app = sse::router(state.clone())
+            .merge(grpc)
+            .fallback(pushbus_shared::fallback::not_found);
+        let app = pushbus_shared::listen::guard_requests(
+            pushbus_shared::listen::json_framework_errors(app),
+            pushbus_shared::listen::RequestLimits {
+                timeout: Some(std::time::Duration::from_millis(
+                    config.door.request_timeout_ms.max(1),
+                )),
+                max_in_flight: config.door.max_requests,
+                timeout_flag: "--notifier-request-timeout-ms",
+                in_flight_flag: "--notifier-max-requests",
+                max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
+            },
+        );
+        let limits = pushbus_shared::listen::Limits {
+            header_read_timeout: std::time::Duration::from_millis(
+                config.door.header_read_timeout_ms.max(1),
+            ),
+            max_connections: config.door.max_connections,
+            // The default (256) streams per HTTP/2 connection: a proxy or the
+            // pipeline bench multiplexes many agents over one connection.
+            ..Default::default()
+        };
+        let tls_on = tls.is_some();
+        let server = tokio::spawn(pushbus_shared::listen::serve(
+            listener,
+            app,
+            limits,
+            tls,
+            token.clone().cancelled_owned(),
+        ));
+        tracing::info!(%listen, tls = tls_on, "agents may connect");
 
-    let consumer = tokio::spawn(bus::run_consumer(
-        ctx.js.clone(),
-        consumer_spec(&config),
-        PokeHandler {
-            writer: heads::HeadWriter::new(heads, ctx.js.clone(), pruning),
-        },
-        token.clone(),
-    ));
-    let webhooks = tokio::spawn(webhook::run(
-        ctx.js.clone(),
-        config.webhooks.clone(),
-        token.clone(),
-    ));
-    ctx.ready.set(true);
-    let consumed = consumer.await;
-    token.cancel();
-    ctx.ready.set(false);
-    let hooked = webhooks.await;
-    let _ = server.await;
-    let _ = feed.await;
-    let _ = monitor.await;
-    let _ = revoker.await;
-    let _ = sweeper.await;
-    ctx.drain().await;
-    match consumed {
-        Ok(result) => result.map_err(Error::from)?,
-        Err(join) => return Err(Error::Task(join)),
-    }
-    match hooked {
-        Ok(result) => result.map_err(Error::from),
-        Err(join) => Err(Error::Task(join)),
+        let consumer = tokio::spawn(bus::run_consumer(
+            ctx.js.clone(),
+            consumer_spec(&config),
+            PokeHandler {
+                writer: heads::HeadWriter::new(heads, ctx.js.clone(), pruning),
+            },
+            token.clone(),
+        ));
+        let webhooks = tokio::spawn(webhook::run(
+            ctx.js.clone(),
+            config.webhooks.clone(),
+            token.clone(),
+        ));
+        ctx.ready.set(true);
+        let consumed = consumer.await;
+        token.cancel();
+        ctx.ready.set(false);
+        let hooked = webhooks.await;
+        let _ = server.await;
+        let _ = feed.await;
+        let _ = monitor.await;
+        let _ = revoker.await;
+        let _ = sweeper.await;
+        ctx.drain().await;
+        match consumed {
+            Ok(result) => result.map_err(Error::from)?,
+            Err(join) => return Err(Error::Task(join)),
+        }
+        match hooked {
+            Ok(result) => result.map_err(Error::from),
+            Err(join) => Err(Error::Task(join)),
+        }
     }
 }
 

@@ -224,110 +224,105 @@ impl Service for HookIngest {
         Listen::At(config.listen)
     }
 
+    /// Serves the HTTP and gRPC doors on `listener` (`config.listen` is only
+    /// the default of [`Service::listener`]).
     async fn run(
         ctx: ServiceContext,
         config: Config,
         listener: Listen,
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        run(ctx, config, listener, shutdown).await
-    }
-}
-
-/// Serves the HTTP and gRPC doors on `listener` (`config.listen` is only
-/// the default of [`Service::listener`]).
-pub async fn run(
-    ctx: ServiceContext,
-    config: Config,
-    listener: Listen,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    let listen = listener.addr().map_err(Error::ListenAddr)?;
-    let secret = match &config.secret_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|source| Error::Secret {
-                    path: path.clone(),
-                    source,
-                })?
-                .trim()
-                .to_owned(),
-        ),
-        None => {
-            // Open only where nobody else can reach it, unless told.
-            if !listen.ip().is_loopback() && !config.insecure_no_auth {
-                return Err(Error::Insecure { addr: listen });
+        let listen = listener.addr().map_err(Error::ListenAddr)?;
+        let secret = match &config.secret_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|source| Error::Secret {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => {
+                // Open only where nobody else can reach it, unless told.
+                if !listen.ip().is_loopback() && !config.insecure_no_auth {
+                    return Err(Error::Insecure { addr: listen });
+                }
+                tracing::warn!(
+                    "no --ingest-secret-file: post_receive accepts unauthenticated calls"
+                );
+                None
             }
-            tracing::warn!("no --ingest-secret-file: post_receive accepts unauthenticated calls");
-            None
+        };
+        let tls = pushbus_shared::listen::tls_from_flags(
+            config.door.tls_cert.as_deref(),
+            config.door.tls_key.as_deref(),
+            ("--ingest-tls-cert", "--ingest-tls-key"),
+        )?;
+        if let (Some(""), Some(path)) = (secret.as_deref(), &config.secret_file) {
+            return Err(Error::EmptySecret { path: path.clone() });
         }
-    };
-    let tls = pushbus_shared::listen::tls_from_flags(
-        config.door.tls_cert.as_deref(),
-        config.door.tls_key.as_deref(),
-        ("--ingest-tls-cert", "--ingest-tls-key"),
-    )?;
-    if let (Some(""), Some(path)) = (secret.as_deref(), &config.secret_file) {
-        return Err(Error::EmptySecret { path: path.clone() });
+        topology_with(&config.routes)
+            .with(&ctx.topology)
+            .ensure(&ctx.js)
+            .await?;
+        let routes = if config.geo_routes {
+            let bucket = ctx
+                .js
+                .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
+                .await
+                .map_err(Error::Routes)?;
+            Some(bucket)
+        } else {
+            None
+        };
+        let listener = listener.bind().await?;
+        let state = http::DoorState {
+            ingest: ingest::Ingest {
+                publisher: ctx.publisher.clone(),
+                client: ctx.client.clone(),
+                lag_budget: Duration::from_millis(config.lag_budget_ms),
+                store_timeout: Duration::from_millis(config.store_timeout_ms.max(1)),
+                routes,
+            },
+            secret,
+            max_body_bytes: config.max_body_bytes,
+            unauthenticated_body_bytes: config.door.unauthenticated_body_bytes,
+        };
+        let grpc = tonic::service::Routes::new(
+            pushbus_shared::proto::hook_ingest_server::HookIngestServer::new(
+                grpc::HookIngestService {
+                    state: state.clone(),
+                },
+            ),
+        )
+        .into_axum_router();
+        // HTTP and gRPC (h2c, or h2 over TLS) share one port.
+        let app = http::router(state)
+            .merge(grpc)
+            .fallback(pushbus_shared::fallback::not_found);
+        let app = pushbus_shared::listen::guard_requests(
+            pushbus_shared::listen::json_framework_errors(app),
+            pushbus_shared::listen::RequestLimits {
+                timeout: Some(Duration::from_millis(config.door.request_timeout_ms.max(1))),
+                max_in_flight: config.door.max_requests,
+                timeout_flag: "--ingest-request-timeout-ms",
+                in_flight_flag: "--ingest-max-requests",
+                max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
+            },
+        );
+        let limits = pushbus_shared::listen::Limits {
+            header_read_timeout: Duration::from_millis(config.door.header_read_timeout_ms.max(1)),
+            max_connections: config.door.max_connections,
+            ..Default::default()
+        };
+        ctx.ready.set(true);
+        tracing::info!(%listen, tls = tls.is_some(), "accepting post-receive notifications");
+        pushbus_shared::listen::serve(listener, app, limits, tls, shutdown.cancelled_owned()).await;
+        ctx.ready.set(false);
+        // In-flight requests have finished (graceful shutdown); their publishes
+        // were acked before they answered.
+        ctx.drain().await;
+        Ok(())
     }
-    topology_with(&config.routes)
-        .with(&ctx.topology)
-        .ensure(&ctx.js)
-        .await?;
-    let routes = if config.geo_routes {
-        let bucket = ctx
-            .js
-            .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
-            .await
-            .map_err(Error::Routes)?;
-        Some(bucket)
-    } else {
-        None
-    };
-    let listener = listener.bind().await?;
-    let state = http::DoorState {
-        ingest: ingest::Ingest {
-            publisher: ctx.publisher.clone(),
-            client: ctx.client.clone(),
-            lag_budget: Duration::from_millis(config.lag_budget_ms),
-            store_timeout: Duration::from_millis(config.store_timeout_ms.max(1)),
-            routes,
-        },
-        secret,
-        max_body_bytes: config.max_body_bytes,
-        unauthenticated_body_bytes: config.door.unauthenticated_body_bytes,
-    };
-    let grpc = tonic::service::Routes::new(
-        pushbus_shared::proto::hook_ingest_server::HookIngestServer::new(grpc::HookIngestService {
-            state: state.clone(),
-        }),
-    )
-    .into_axum_router();
-    // HTTP and gRPC (h2c, or h2 over TLS) share one port.
-    let app = http::router(state)
-        .merge(grpc)
-        .fallback(pushbus_shared::fallback::not_found);
-    let app = pushbus_shared::listen::guard_requests(
-        pushbus_shared::listen::json_framework_errors(app),
-        pushbus_shared::listen::RequestLimits {
-            timeout: Some(Duration::from_millis(config.door.request_timeout_ms.max(1))),
-            max_in_flight: config.door.max_requests,
-            timeout_flag: "--ingest-request-timeout-ms",
-            in_flight_flag: "--ingest-max-requests",
-            max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
-        },
-    );
-    let limits = pushbus_shared::listen::Limits {
-        header_read_timeout: Duration::from_millis(config.door.header_read_timeout_ms.max(1)),
-        max_connections: config.door.max_connections,
-        ..Default::default()
-    };
-    ctx.ready.set(true);
-    tracing::info!(%listen, tls = tls.is_some(), "accepting post-receive notifications");
-    pushbus_shared::listen::serve(listener, app, limits, tls, shutdown.cancelled_owned()).await;
-    ctx.ready.set(false);
-    // In-flight requests have finished (graceful shutdown); their publishes
-    // were acked before they answered.
-    ctx.drain().await;
-    Ok(())
 }

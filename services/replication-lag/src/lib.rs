@@ -101,72 +101,63 @@ impl pushbus_shared::service::Service for ReplicationLag {
         (): (),
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        run(ctx, config, shutdown).await
-    }
-}
-
-pub async fn run(
-    ctx: ServiceContext,
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    topology().with(&ctx.topology).ensure(&ctx.js).await?;
-    let open = |what: &'static str| {
-        move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
-            what,
-            detail: e.to_string(),
-        }
-    };
-    let lag = Lag {
-        nodes: ctx
-            .js
-            .get_key_value(names::BUCKET_GEO_NODES)
-            .await
-            .map_err(|e| open("geo nodes")(e.into()))?,
-        pushes: ctx
-            .js
-            .get_stream(names::STREAM_PUSHES)
-            .await
-            .map_err(|e| open("pushes")(e.into()))?,
-        statuses: ctx
-            .js
-            .get_stream(names::STREAM_GEO_STATUS)
-            .await
-            .map_err(|e| open("geo status")(e.into()))?,
-        config,
-    };
-    // A NATS micro service, so `nats micro ls/info/stats` show the
-    // responder, its endpoint and its request and error counts.
-    use async_nats::service::ServiceExt;
-    let service = ctx
-        .client
-        .service_builder()
-        .description("pushbus Geo replication lag: LagRequest -> LagReply (protobuf)")
-        .queue_group(names::QUEUE_REPLICATION_LAG)
-        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(open("lag service"))?;
-    let mut requests = service
-        .endpoint_builder()
-        .name("lag")
-        .add(names::SUBJECTS_GEO_LAG)
-        .await
-        .map_err(open("lag endpoint"))?;
-    // Ready only once the server has the subscription: a request right after
-    // /readyz (e.g. after a restart) must not meet "no responders".
-    ctx.client
-        .flush()
-        .await
-        .map_err(|e| open("lag subscription")(e.into()))?;
-    ctx.ready.set(true);
-    let mut in_flight = tokio::task::JoinSet::new();
-    loop {
-        let request = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = requests.next() => match r { Some(r) => r, None => break },
+        topology().with(&ctx.topology).ensure(&ctx.js).await?;
+        let open = |what: &'static str| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
+                what,
+                detail: e.to_string(),
+            }
         };
-        let lag = lag.clone();
-        in_flight.spawn(async move {
+        let lag = Lag {
+            nodes: ctx
+                .js
+                .get_key_value(names::BUCKET_GEO_NODES)
+                .await
+                .map_err(|e| open("geo nodes")(e.into()))?,
+            pushes: ctx
+                .js
+                .get_stream(names::STREAM_PUSHES)
+                .await
+                .map_err(|e| open("pushes")(e.into()))?,
+            statuses: ctx
+                .js
+                .get_stream(names::STREAM_GEO_STATUS)
+                .await
+                .map_err(|e| open("geo status")(e.into()))?,
+            config,
+        };
+        // A NATS micro service, so `nats micro ls/info/stats` show the
+        // responder, its endpoint and its request and error counts.
+        use async_nats::service::ServiceExt;
+        let service = ctx
+            .client
+            .service_builder()
+            .description("pushbus Geo replication lag: LagRequest -> LagReply (protobuf)")
+            .queue_group(names::QUEUE_REPLICATION_LAG)
+            .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(open("lag service"))?;
+        let mut requests = service
+            .endpoint_builder()
+            .name("lag")
+            .add(names::SUBJECTS_GEO_LAG)
+            .await
+            .map_err(open("lag endpoint"))?;
+        // Ready only once the server has the subscription: a request right after
+        // /readyz (e.g. after a restart) must not meet "no responders".
+        ctx.client
+            .flush()
+            .await
+            .map_err(|e| open("lag subscription")(e.into()))?;
+        ctx.ready.set(true);
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            let request = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = requests.next() => match r { Some(r) => r, None => break },
+            };
+            let lag = lag.clone();
+            in_flight.spawn(async move {
             let refusal = |status: &str| async_nats::service::error::Error {
                 status: status.to_owned(),
                 code: 400,
@@ -190,16 +181,17 @@ pub async fn run(
                 tracing::warn!(error = %err, "cannot send lag reply");
             }
         });
-        while in_flight.try_join_next().is_some() {}
+            while in_flight.try_join_next().is_some() {}
+        }
+        ctx.ready.set(false);
+        drop(requests);
+        while in_flight.join_next().await.is_some() {}
+        if let Err(err) = service.stop().await {
+            tracing::debug!(error = %err, "lag service stop");
+        }
+        ctx.drain().await;
+        Ok(())
     }
-    ctx.ready.set(false);
-    drop(requests);
-    while in_flight.join_next().await.is_some() {}
-    if let Err(err) = service.stop().await {
-        tracing::debug!(error = %err, "lag service stop");
-    }
-    ctx.drain().await;
-    Ok(())
 }
 
 impl Lag {

@@ -120,9 +120,13 @@ where
             .record(started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(()) => {
-                if let Err(err) = msg.double_ack().await {
-                    // The effect is done; a redelivery is absorbed by dedup IDs.
-                    tracing::warn!(error = %err, "ack not confirmed; message may be redelivered");
+                // A plain ack, not a confirmed one: the effect is durable
+                // already, and an ack the server never saw only means a
+                // redelivery after ack_wait, which every handler absorbs
+                // (dedup IDs, heads that only move forward). Confirming
+                // cost a request and its reply per message (BENCHMARKS.md).
+                if let Err(err) = msg.ack().await {
+                    tracing::warn!(error = %err, "ack not sent; message may be redelivered");
                 }
                 "ok"
             }

@@ -1,0 +1,195 @@
+//! gitops-notifier's flags: where agents connect, how long pokes may wait,
+//! webhook delivery, and the door's limits and TLS.
+
+use std::net::SocketAddr;
+
+use crate::{heads, webhook};
+
+#[derive(clap::Args, Clone, Debug)]
+#[group(id = "notifier")]
+pub struct Config {
+    /// Address for agents: SSE at /v1/agents/{id}/pokes and gRPC
+    /// pushbus.v1.GitOpsNotifier/Watch.
+    #[arg(
+        id = "notifier_listen",
+        long = "notifier-listen",
+        env = "PUSHBUS_NOTIFIER_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub listen: SocketAddr,
+    /// At most one poke per agent and ref per this many milliseconds; the
+    /// first of a burst goes out at once, the last one carries the newest SHA.
+    #[arg(
+        id = "notifier_coalesce_ms",
+        long = "notifier-coalesce-ms",
+        env = "PUSHBUS_NOTIFIER_COALESCE_MS",
+        default_value_t = 500
+    )]
+    pub coalesce_ms: u64,
+    /// Seconds before a poke pulled by a replica that died is handed to
+    /// another (recording a head takes milliseconds, so this can be short).
+    #[arg(
+        id = "notifier_ack_wait_secs",
+        long = "notifier-ack-wait-secs",
+        env = "PUSHBUS_NOTIFIER_ACK_WAIT_SECS",
+        default_value_t = 5
+    )]
+    pub ack_wait_secs: u64,
+    /// Seconds a deleted branch's or tag's tombstone head is kept: it must
+    /// outlive every older push that could still arrive (PUSHBUS_PUSHES
+    /// keeps pushes 7 days, PUSHBUS_POKES pokes 1 day), or such a push
+    /// brings the deleted ref back.
+    #[arg(
+        id = "notifier_deleted_ref_ttl_secs",
+        long = "notifier-deleted-ref-ttl-secs",
+        env = "PUSHBUS_NOTIFIER_DELETED_REF_TTL_SECS",
+        default_value_t = heads::DELETED_REF_TTL.as_secs()
+    )]
+    pub deleted_ref_ttl_secs: u64,
+    /// Seconds between sweeps for ref heads of agents no longer registered.
+    #[arg(
+        id = "notifier_prune_interval_secs",
+        long = "notifier-prune-interval-secs",
+        env = "PUSHBUS_NOTIFIER_PRUNE_INTERVAL_SECS",
+        default_value_t = 300
+    )]
+    pub prune_interval_secs: u64,
+    #[command(flatten)]
+    pub webhooks: webhook::WebhookConfig,
+    #[command(flatten)]
+    pub door: DoorArgs,
+}
+
+/// How the agents' listener bounds slow and greedy clients, and its TLS.
+#[derive(clap::Args, Clone, Debug)]
+#[group(id = "notifier_door")]
+pub struct DoorArgs {
+    /// PEM certificate chain: serve SSE and gRPC over TLS (with --notifier-tls-key).
+    #[arg(
+        id = "notifier_tls_cert",
+        long = "notifier-tls-cert",
+        env = "PUSHBUS_NOTIFIER_TLS_CERT"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --notifier-tls-cert.
+    #[arg(
+        id = "notifier_tls_key",
+        long = "notifier-tls-key",
+        env = "PUSHBUS_NOTIFIER_TLS_KEY"
+    )]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// A connection must finish its TLS handshake and each request head within this.
+    #[arg(
+        id = "notifier_header_read_timeout_ms",
+        long = "notifier-header-read-timeout-ms",
+        env = "PUSHBUS_NOTIFIER_HEADER_READ_TIMEOUT_MS",
+        default_value_t = 5000
+    )]
+    pub header_read_timeout_ms: u64,
+    /// A request must be answered (a stream opened, catch-up queued) within
+    /// this; open streams are not cut.
+    #[arg(
+        id = "notifier_request_timeout_ms",
+        long = "notifier-request-timeout-ms",
+        env = "PUSHBUS_NOTIFIER_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub request_timeout_ms: u64,
+    /// Open connections; further ones are closed at once.
+    #[arg(
+        id = "notifier_max_connections",
+        long = "notifier-max-connections",
+        env = "PUSHBUS_NOTIFIER_MAX_CONNECTIONS",
+        default_value_t = 20_000
+    )]
+    pub max_connections: usize,
+    /// Requests being answered at once (open streams not counted); further
+    /// ones get 503 / RESOURCE_EXHAUSTED.
+    #[arg(
+        id = "notifier_max_requests",
+        long = "notifier-max-requests",
+        env = "PUSHBUS_NOTIFIER_MAX_REQUESTS",
+        default_value_t = 1024
+    )]
+    pub max_requests: usize,
+    /// Streams this replica holds in all; further ones get 503 / RESOURCE_EXHAUSTED.
+    #[arg(
+        id = "notifier_max_streams",
+        long = "notifier-max-streams",
+        env = "PUSHBUS_NOTIFIER_MAX_STREAMS",
+        default_value_t = 20_000
+    )]
+    pub max_streams: usize,
+    /// Streams one agent may hold on this replica; further ones get 429 / RESOURCE_EXHAUSTED.
+    #[arg(
+        id = "notifier_max_streams_per_agent",
+        long = "notifier-max-streams-per-agent",
+        env = "PUSHBUS_NOTIFIER_MAX_STREAMS_PER_AGENT",
+        default_value_t = 16
+    )]
+    pub max_streams_per_agent: usize,
+    /// Failed logins one address may make at once before it is refused (429).
+    #[arg(
+        id = "notifier_login_failure_burst",
+        long = "notifier-login-failure-burst",
+        env = "PUSHBUS_NOTIFIER_LOGIN_FAILURE_BURST",
+        default_value_t = 10
+    )]
+    pub login_failure_burst: u32,
+    /// One more failed login is allowed per this many milliseconds.
+    #[arg(
+        id = "notifier_login_failure_refill_ms",
+        long = "notifier-login-failure-refill-ms",
+        env = "PUSHBUS_NOTIFIER_LOGIN_FAILURE_REFILL_MS",
+        default_value_t = 1000
+    )]
+    pub login_failure_refill_ms: u64,
+    /// After a failed login, the agent's entry is checked from memory for
+    /// this long instead of read again (0: off).
+    #[arg(
+        id = "notifier_login_cache_ms",
+        long = "notifier-login-cache-ms",
+        env = "PUSHBUS_NOTIFIER_LOGIN_CACHE_MS",
+        default_value_t = 5000
+    )]
+    pub login_cache_ms: u64,
+}
+
+impl Default for DoorArgs {
+    fn default() -> Self {
+        DoorArgs {
+            tls_cert: None,
+            tls_key: None,
+            header_read_timeout_ms: 5000,
+            request_timeout_ms: 10_000,
+            max_connections: 20_000,
+            max_requests: 1024,
+            max_streams: 20_000,
+            max_streams_per_agent: 16,
+            login_failure_burst: 10,
+            login_failure_refill_ms: 1000,
+            login_cache_ms: 5000,
+        }
+    }
+}
+
+/// The flags' defaults.
+impl Default for Config {
+    fn default() -> Self {
+        Config::new(SocketAddr::from(([127, 0, 0, 1], 8081)))
+    }
+}
+
+impl Config {
+    pub fn new(listen: SocketAddr) -> Config {
+        Config {
+            listen,
+            coalesce_ms: 500,
+            ack_wait_secs: 5,
+            deleted_ref_ttl_secs: heads::DELETED_REF_TTL.as_secs(),
+            prune_interval_secs: 300,
+            webhooks: Default::default(),
+            door: Default::default(),
+        }
+    }
+}
