@@ -50,6 +50,8 @@ deny: $(CARGO_DENY_STAMP)
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	# bench = false keeps it out of --all-targets (see services/filter/Cargo.toml).
+	cargo clippy -p pushbus-filter --bench matcher -- -D warnings
 
 fmt:
 	cargo fmt --all
