@@ -2,7 +2,10 @@
 //! configuration. Services create what is missing; this also updates what
 //! exists (replicas, limits) to the flags given.
 
-use pushbus_shared::service::NatsArgs;
+use pushbus_filter::Filter;
+use pushbus_gitops_notifier::GitopsNotifier;
+use pushbus_replication_lag::ReplicationLag;
+use pushbus_shared::service::{NatsArgs, Service};
 use pushbus_shared::topology::Topology;
 
 #[derive(clap::Args)]
@@ -33,9 +36,7 @@ pub async fn run(nats: &NatsArgs, args: SetupArgs) -> anyhow::Result<()> {
 /// Everything every service needs, with their flags' defaults.
 pub fn full_topology() -> Topology {
     pushbus_hook_ingest::topology()
-        .merge(pushbus_filter::topology(&pushbus_filter::Config::default()))
-        .merge(pushbus_gitops_notifier::topology(
-            &pushbus_gitops_notifier::Config::default(),
-        ))
-        .merge(pushbus_replication_lag::topology())
+        .merge(Filter::topology(&Default::default()))
+        .merge(GitopsNotifier::topology(&Default::default()))
+        .merge(ReplicationLag::topology(&Default::default()))
 }
