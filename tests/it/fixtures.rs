@@ -66,10 +66,19 @@ impl RunningConsumer {
 
 /// A watch on every branch of `project_id`.
 pub(crate) fn any_branch_of(project_id: i64) -> Watch {
+    watch_of(project_id, Kind::AnyBranch)
+}
+
+/// A watch on every ref (branches and tags) of `project_id`.
+pub(crate) fn any_ref_of(project_id: i64) -> Watch {
+    watch_of(project_id, Kind::AnyRef)
+}
+
+fn watch_of(project_id: i64, kind: Kind) -> Watch {
     Watch {
         project_id,
         refs: Some(RefSelector {
-            kind: Kind::AnyBranch as i32,
+            kind: kind as i32,
             pattern: String::new(),
         }),
         ..Default::default()

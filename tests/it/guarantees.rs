@@ -161,7 +161,10 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     )
     .await;
     let filter = consumer(&js, names::STREAM_PUSHES, names::CONSUMER_FILTER).await;
-    until_consumer("replica A waits for a push", &filter, |i| i.num_waiting >= 1).await;
+    until_consumer("replica A waits for a push", &filter, |i| {
+        i.num_waiting >= 1
+    })
+    .await;
     a.signal(pushbus_shared::process::SIGSTOP);
     let pushes = test_publisher(&js);
     let first = EventMeta::fresh("c-1");
@@ -173,7 +176,10 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
         )
         .await
         .unwrap();
-    until_consumer("push 1 is held by the frozen replica", &filter, |i| i.num_ack_pending == 1).await;
+    until_consumer("push 1 is held by the frozen replica", &filter, |i| {
+        i.num_ack_pending == 1
+    })
+    .await;
     let b = Replica::filter(&url).await;
     let second = EventMeta::fresh("c-2");
     pushes
