@@ -1,5 +1,9 @@
-//! Small helpers several test modules share for the bus layer: a bus with
-//! the pushes and dead-letter streams, and a consumer on its own task.
+//! Small helpers several test modules share: for the bus layer, a bus with
+//! the pushes and dead-letter streams and a consumer on its own task; for
+//! real pushes, git as a test author and bare repositories with our hook.
+
+use std::path::Path;
+use std::process::{Command, Output};
 
 use async_nats::jetstream;
 use prost::{Message, Name};
@@ -10,6 +14,8 @@ use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::topology::{self, Topology};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
 
 /// A JetStream context with PUSHBUS_PUSHES and the dead-letter stream, and a
 /// publisher on it (source `test`).
@@ -83,4 +89,54 @@ fn watch_of(project_id: i64, kind: Kind) -> Watch {
         }),
         ..Default::default()
     }
+}
+
+/// Runs git in `dir` as a test author, with `env` on top; asserts it succeeded.
+pub(crate) fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub(crate) fn git(dir: &Path, args: &[&str]) -> Output {
+    git_env(dir, args, &[])
+}
+
+/// A bare repository at `bare` whose post-receive hook runs
+/// `pushbus hook post-receive <hook_args>`.
+pub(crate) fn bare_with_hook(dir: &Path, bare: &Path, hook_args: &str) {
+    git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    let hook = bare.join("hooks/post-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive {hook_args}\n"),
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
+}
+
+/// A clone of `bare` at `work`, to push from.
+pub(crate) fn clone(dir: &Path, bare: &Path, work: &Path) {
+    git(
+        dir,
+        &[
+            "clone",
+            "-q",
+            bare.to_str().unwrap(),
+            work.to_str().unwrap(),
+        ],
+    );
 }

@@ -10,60 +10,23 @@ use pushbus_shared::names;
 use pushbus_shared::proto::{GitPushEvent, RepositoryKind};
 use pushbus_shared::testkit::{NatsServer, free_port};
 
+use crate::fixtures::{bare_with_hook, clone, git, git_env};
 use crate::support::{Stack, stored_events};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
-
-pub fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-pub fn git(dir: &Path, args: &[&str]) -> Output {
-    git_env(dir, args, &[])
-}
 
 /// A bare repository named `name` whose post-receive hook runs the hook
 /// command with `hook_args` and no git config of ours, HEAD on `head`, and a
 /// clone with one commit to push from.
 pub fn bare_repo(dir: &Path, name: &str, head: &str, hook_args: &str) -> (PathBuf, PathBuf) {
     let bare = dir.join(format!("{name}.git"));
-    git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    bare_with_hook(dir, &bare, hook_args);
     git(
         &bare,
         &["symbolic-ref", "HEAD", &format!("refs/heads/{head}")],
     );
-    let hook = bare.join("hooks/post-receive");
-    std::fs::write(
-        &hook,
-        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive {hook_args}\n"),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
     let work = dir.join(format!("{name}-work"));
-    git(
-        dir,
-        &[
-            "clone",
-            "-q",
-            bare.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
-    );
+    clone(dir, &bare, &work);
     std::fs::write(work.join("f"), format!("{name}\n")).unwrap();
     git(&work, &["add", "f"]);
     git(&work, &["commit", "-q", "-m", "one"]);

@@ -939,7 +939,8 @@ async fn argo(secret: &'static str) -> (SocketAddr, Arc<Mutex<Vec<ArgoSaw>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_from_a_real_git_push_satisfies_argo_cds_gitlab_handler() {
-    use crate::hook::{bare_repo, git, git_env};
+    use crate::fixtures::{git, git_env};
+    use crate::hook::bare_repo;
     let nats = NatsServer::start();
     let (addr, saw) = argo("argo-secret").await;
     register_webhook(
