@@ -3,7 +3,7 @@
 //! real pushes, git as a test author and bare repositories with our hook.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use async_nats::jetstream;
 use prost::{Message, Name};
@@ -139,4 +139,22 @@ pub(crate) fn clone(dir: &Path, bare: &Path, work: &Path) {
             work.to_str().unwrap(),
         ],
     );
+}
+
+/// Runs `command` with `stdin` written to it, capturing its output.
+pub(crate) fn run_with_stdin(command: &mut Command, stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }

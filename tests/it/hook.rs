@@ -2,7 +2,7 @@
 //! Gitaly run it: real `git push`, real hook-ingest, real HTTP impostors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -10,7 +10,7 @@ use pushbus_shared::names;
 use pushbus_shared::proto::{GitPushEvent, RepositoryKind};
 use pushbus_shared::testkit::{NatsServer, free_port};
 
-use crate::fixtures::{bare_with_hook, clone, git, git_env};
+use crate::fixtures::{bare_with_hook, clone, git, git_env, run_with_stdin};
 use crate::support::{Stack, stored_events};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
@@ -39,23 +39,13 @@ fn stderr(out: &Output) -> String {
 
 /// Runs the hook command directly, with `stdin` as git would give it.
 fn hook(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(PUSHBUS)
-        .arg("hook")
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_with_stdin(
+        Command::new(PUSHBUS)
+            .arg("hook")
+            .args(args)
+            .envs(env.iter().copied()),
+        stdin,
+    )
 }
 
 fn spooled(dir: &Path) -> Vec<PathBuf> {
