@@ -31,6 +31,16 @@ pub(crate) async fn pushes_bus(nats: &NatsServer) -> (jetstream::Context, Publis
     (js.clone(), test_publisher(&js))
 }
 
+/// What the server says of stream `name` now.
+pub(crate) async fn stream_info(js: &jetstream::Context, name: &str) -> jetstream::stream::Info {
+    js.get_stream(name).await.unwrap().get_info().await.unwrap()
+}
+
+/// How many messages stream `name` holds.
+pub(crate) async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
+    stream_info(js, name).await.state.messages
+}
+
 /// A publisher whose envelopes name the service `test`.
 pub(crate) fn test_publisher(js: &jetstream::Context) -> Publisher {
     Publisher::new(

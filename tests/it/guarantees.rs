@@ -17,7 +17,7 @@ use pushbus_shared::proto::{ChangeKind, GitPushEvent, RefChange, RefKind, watch_
 use pushbus_shared::testkit::{self, NatsServer, free_port};
 use pushbus_shared::topology;
 
-use crate::fixtures::{pushes_bus, spawn_consumer, test_publisher};
+use crate::fixtures::{pushes_bus, spawn_consumer, stream_messages, test_publisher};
 use crate::notifier::{agent, drain, head_is, pokes, push, sha, watch};
 use crate::support::{Replica, SseReader, Stack, local, register};
 
@@ -470,17 +470,6 @@ fn ingest_body(project_id: i64, new_sha: &str) -> serde_json::Value {
 
 async fn stored_pushes(js: &jetstream::Context) -> u64 {
     stream_messages(js, names::STREAM_PUSHES).await
-}
-
-async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
-    js.get_stream(stream)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap()
-        .state
-        .messages
 }
 
 /// Shrinks the duplicate window, standing in for a replay that comes after
