@@ -56,6 +56,18 @@ fn push_body(project_id: i64, new_sha: &str) -> serde_json::Value {
     })
 }
 
+/// `until` stream `name` holds `n` messages.
+async fn until_holds(what: &str, js: &async_nats::jetstream::Context, name: &str, n: u64) {
+    until(what, || {
+        let js = js.clone();
+        async move {
+            let mut s = js.get_stream(name).await.unwrap();
+            s.info().await.is_ok_and(|i| i.state.messages == n)
+        }
+    })
+    .await;
+}
+
 /// Posts a push of `project_id` to a SHA of `sha_char`s under
 /// `correlation_id`, and checks it was stored.
 async fn stored_push(
@@ -83,14 +95,7 @@ async fn events_tail_prints_pushes_and_pokes_decoded() {
     let stack = Stack::start(&nats.url()).await;
     stored_push(&stack, 70, "a", "tail-1").await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    until("the poke is stored", || {
-        let js = js.clone();
-        async move {
-            let mut s = js.get_stream(names::STREAM_POKES).await.unwrap();
-            s.info().await.is_ok_and(|i| i.state.messages == 1)
-        }
-    })
-    .await;
+    until_holds("the poke is stored", &js, names::STREAM_POKES, 1).await;
     let out = pushbus(
         &nats,
         &[
@@ -232,14 +237,7 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
         .unwrap()
         .await
         .unwrap();
-    until("two dead letters", || {
-        let js = js.clone();
-        async move {
-            let mut s = js.get_stream(names::STREAM_DLQ).await.unwrap();
-            s.info().await.is_ok_and(|i| i.state.messages == 2)
-        }
-    })
-    .await;
+    until_holds("two dead letters", &js, names::STREAM_DLQ, 2).await;
     let listed = json_lines(&pushbus(&nats, &["dlq", "list", "--json"]));
     assert_eq!(listed.len(), 2);
     let letter = listed
