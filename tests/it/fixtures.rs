@@ -1,6 +1,7 @@
 //! Small helpers several test modules share: for the bus layer, a bus with
-//! the pushes and dead-letter streams and a consumer on its own task; for
-//! real pushes, git as a test author and bare repositories with our hook.
+//! the pushes and dead-letter streams, a consumer on its own task, watches
+//! and what a stream holds; for real pushes, git as a test author, bare
+//! repositories with our hook, and commands fed on stdin.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
