@@ -11,7 +11,7 @@ use pushbus_shared::names::{self, headers};
 use pushbus_shared::proto::GitPushEvent;
 use pushbus_shared::testkit::{self, NatsServer};
 
-use crate::fixtures::{pushes_bus, spawn_consumer};
+use crate::fixtures::{pushes_bus, spawn_consumer, stream_messages};
 
 fn push(project_id: i64, n: u32) -> GitPushEvent {
     GitPushEvent {
@@ -87,17 +87,6 @@ async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("timed out waiting for {what}");
-}
-
-async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
-    js.get_stream(name)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
 }
 
 #[tokio::test]

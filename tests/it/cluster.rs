@@ -13,6 +13,7 @@ use pushbus_shared::proto::{AgentConfig, GitPushEvent, RefSelector, Watch, ref_s
 use pushbus_shared::testkit::{NatsCluster, stream_leader};
 use tokio_util::sync::CancellationToken;
 
+use crate::fixtures::stream_info;
 use crate::support::{SseReader, Stack, StackOptions};
 use crate::topology::{metrics, setup, stream_config};
 
@@ -245,9 +246,10 @@ fn figures(sent: &[Sent]) -> Figures {
 }
 
 /// Steady pushes through a stack on the cluster while `fault` runs; then
-/// checks that no acked push is lost, that pushes were accepted again, and
-/// that the agent ends on the newest SHA of every ref.
-async fn under_steady_pushes<F, Fut>(name: &str, fault: F) -> Figures
+/// checks that no acked push is lost, that pushes were accepted again, that
+/// the agent ends on the newest SHA of every ref, and that pushes were
+/// refused for less than `WINDOW_BOUND`.
+async fn under_steady_pushes<F, Fut>(name: &str, fault: F)
 where
     F: FnOnce(Arc<Mutex<NatsCluster>>, jetstream::Context) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -266,7 +268,7 @@ enum Scaled {
     ByHand,
 }
 
-async fn under_steady_pushes_scaled<F, Fut>(name: &str, scaled: Scaled, fault: F) -> Figures
+async fn under_steady_pushes_scaled<F, Fut>(name: &str, scaled: Scaled, fault: F)
 where
     F: FnOnce(Arc<Mutex<NatsCluster>>, jetstream::Context) -> Fut,
     Fut: std::future::Future<Output = ()>,
@@ -349,7 +351,7 @@ where
     agent_stop.cancel();
     let _ = agent.await;
     stack.stop().await;
-    f
+    assert!(f.refused_window < WINDOW_BOUND, "{f:?}");
 }
 
 /// SIGKILLs the node leading `stream`, waits for a new leader, starts the
@@ -439,7 +441,7 @@ async fn consumer_peers(js: &jetstream::Context, stream: &str, consumer: &str) -
 /// the PUSHBUS_PUSHES leader, if it is the same) stays down to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_scaled_by_hand_survives_the_loss_of_a_consumers_node() {
-    let f = under_steady_pushes_scaled(
+    under_steady_pushes_scaled(
         "node loss after scaling by hand",
         Scaled::ByHand,
         |c, js| async move {
@@ -464,40 +466,36 @@ async fn cluster_scaled_by_hand_survives_the_loss_of_a_consumers_node() {
         },
     )
     .await;
-    assert!(f.refused_window < WINDOW_BOUND, "{f:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_pushes_leader_sigkill_loses_no_acked_push() {
-    let f = under_steady_pushes("PUSHBUS_PUSHES leader kill", |c, js| async move {
+    under_steady_pushes("PUSHBUS_PUSHES leader kill", |c, js| async move {
         kill_leader_of(c, js, names::STREAM_PUSHES).await
     })
     .await;
-    assert!(f.refused_window < WINDOW_BOUND, "{f:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_pokes_leader_sigkill_agents_end_on_newest() {
-    let f = under_steady_pushes("PUSHBUS_POKES leader kill", |c, js| async move {
+    under_steady_pushes("PUSHBUS_POKES leader kill", |c, js| async move {
         kill_leader_of(c, js, names::STREAM_POKES).await
     })
     .await;
-    assert!(f.refused_window < WINDOW_BOUND, "{f:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_kv_leaders_sigkill_agents_end_on_newest() {
-    let f = under_steady_pushes("KV leaders kill", |c, js| async move {
+    under_steady_pushes("KV leaders kill", |c, js| async move {
         kill_leader_of(c.clone(), js.clone(), "KV_pushbus-ref-heads").await;
         kill_leader_of(c, js, "KV_pushbus-agents").await;
     })
     .await;
-    assert!(f.refused_window < WINDOW_BOUND, "{f:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_rolling_restart_loses_nothing() {
-    let f = under_steady_pushes("rolling restart", |c, js| async move {
+    under_steady_pushes("rolling restart", |c, js| async move {
         for i in 0..3 {
             c.lock().unwrap().nodes[i].restart();
             // Let the node catch up before the next goes down.
@@ -520,7 +518,6 @@ async fn cluster_rolling_restart_loses_nothing() {
         }
     })
     .await;
-    assert!(f.refused_window < WINDOW_BOUND, "{f:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -547,14 +544,7 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
     }
     assert!(all.len() >= 9, "{all:?}");
     for n in &all {
-        let info = js
-            .get_stream(n)
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
+        let info = stream_info(&js, n).await;
         assert_eq!(info.config.num_replicas, 3, "{n}");
     }
     // Consumers follow their streams (they inherit the replica count).
@@ -596,14 +586,7 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let js2 = jetstream::new(async_nats::connect(cluster.nodes[0].url()).await.unwrap());
-    let info = js2
-        .get_stream(names::STREAM_PUSHES)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = stream_info(&js2, names::STREAM_PUSHES).await;
     assert_eq!(info.config.num_replicas, 3);
     let text = metrics(&stack).await;
     assert!(

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
 use pushbus_shared::proto::hook_ingest_client::HookIngestClient;
 use pushbus_shared::proto::watch_event::Event;
-use pushbus_shared::proto::{AgentConfig, NotifyGitPushRequest, RefChange, WatchRequest};
+use pushbus_shared::proto::{
+    AgentConfig, NotifyGitPushRequest, RefChange, WatchEvent, WatchRequest,
+};
 use pushbus_shared::testkit::NatsServer;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -34,6 +36,39 @@ fn vm_rss_kib() -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// A secret file holding `contents`, in a folder that lives as long as the
+/// returned guard.
+fn secret_file(contents: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, contents).unwrap();
+    (dir, secret)
+}
+
+/// A JSON error body whose `error` mentions `needle`.
+async fn assert_error_mentions(resp: reqwest::Response, needle: &str) {
+    let err: serde_json::Value = resp.json().await.unwrap();
+    assert!(err["error"].as_str().unwrap().contains(needle), "{err}");
+}
+
+/// The next SSE event closes the stream, saying `why`.
+async fn assert_closed(sse: &mut SseReader, why: &str) {
+    let (event, data) = sse
+        .next_event(Duration::from_secs(3))
+        .await
+        .expect("closed event");
+    assert_eq!(event, "closed");
+    assert!(data.contains(why), "{data}");
+}
+
+/// A gRPC watch opens with its status event.
+async fn assert_status_first(stream: &mut tonic::Streaming<WatchEvent>) {
+    assert!(matches!(
+        stream.message().await.unwrap().unwrap().event,
+        Some(Event::Status(_))
+    ));
 }
 
 async fn post(addr: SocketAddr, body: &serde_json::Value) -> (reqwest::StatusCode, Duration) {
@@ -166,9 +201,7 @@ async fn connections_over_the_limit_are_closed_at_once_and_stalled_bodies_time_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_checks_header_credentials_before_reading_the_body() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cret\n").unwrap();
+    let (_dir, secret) = secret_file("s3cret\n");
     let (listener, addr) = bind_local().await;
     let mut cfg = ingest_config(addr);
     cfg.secret_file = Some(secret);
@@ -193,14 +226,7 @@ async fn ingest_checks_header_credentials_before_reading_the_body() {
     assert_eq!(resp.status(), 413);
     // The unread body is still on the connection: it must not be reused.
     assert_eq!(resp.headers()["connection"], "close");
-    let err: serde_json::Value = resp.json().await.unwrap();
-    assert!(
-        err["error"]
-            .as_str()
-            .unwrap()
-            .contains("Gitlab-Shell-Api-Request"),
-        "{err}"
-    );
+    assert_error_mentions(resp, "Gitlab-Shell-Api-Request").await;
     let mut small = push_body(4);
     small["secret_token"] = "s3cret".into();
     assert_eq!(
@@ -233,9 +259,7 @@ async fn ingest_checks_header_credentials_before_reading_the_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_ingest_takes_the_jwt_and_refuses_the_raw_secret() {
     let nats = NatsServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "s3cret").unwrap();
+    let (_dir, secret) = secret_file("s3cret");
     let stack = Stack::start_with_secret(&nats.url(), Some(secret)).await;
     let mut client = HookIngestClient::connect(format!("http://{}", stack.ingest))
         .await
@@ -343,14 +367,7 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     assert_eq!((a1.status().as_u16(), a2.status().as_u16()), (200, 200));
     let a3 = SseReader::connect(&url("a"), None).await;
     assert_eq!(a3.status(), 429);
-    let err: serde_json::Value = a3.json().await.unwrap();
-    assert!(
-        err["error"]
-            .as_str()
-            .unwrap()
-            .contains("--notifier-max-streams-per-agent"),
-        "{err}"
-    );
+    assert_error_mentions(a3, "--notifier-max-streams-per-agent").await;
     let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -361,14 +378,7 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     assert_eq!(b1.status(), 200);
     let b2 = SseReader::connect(&url("b"), None).await;
     assert_eq!(b2.status(), 503);
-    let err: serde_json::Value = b2.json().await.unwrap();
-    assert!(
-        err["error"]
-            .as_str()
-            .unwrap()
-            .contains("--notifier-max-streams"),
-        "{err}"
-    );
+    assert_error_mentions(b2, "--notifier-max-streams").await;
     let refused = grpc.watch(watch_req("b")).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     drop(a1);
@@ -423,21 +433,13 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(
-        stream.message().await.unwrap().unwrap().event,
-        Some(Event::Status(_))
-    ));
+    assert_status_first(&mut stream).await;
     // Same token, other watches: streams stay.
     put_agent(&kv, "ag", Some("old"), 2).await;
     assert!(sse.next_event(Duration::from_millis(700)).await.is_none());
 
     put_agent(&kv, "ag", Some("new"), 2).await;
-    let (event, data) = sse
-        .next_event(Duration::from_secs(3))
-        .await
-        .expect("closed event");
-    assert_eq!(event, "closed");
-    assert!(data.contains("token changed"), "{data}");
+    assert_closed(&mut sse, "token changed").await;
     let end = tokio::time::timeout(Duration::from_secs(3), stream.message())
         .await
         .unwrap()
@@ -452,12 +454,7 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
         "status"
     );
     kv.delete("ag").await.unwrap();
-    let (event, data) = sse
-        .next_event(Duration::from_secs(3))
-        .await
-        .expect("closed event");
-    assert_eq!(event, "closed");
-    assert!(data.contains("deleted"), "{data}");
+    assert_closed(&mut sse, "deleted").await;
     notifier.stop().await;
 }
 
@@ -569,10 +566,7 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
         .await
         .unwrap()
         .into_inner();
-    assert!(matches!(
-        stream.message().await.unwrap().unwrap().event,
-        Some(Event::Status(_))
-    ));
+    assert_status_first(&mut stream).await;
     drop(stream);
     notifier.stop().await;
     ingest.stop().await;
@@ -738,11 +732,7 @@ async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 431);
-    let err: serde_json::Value = resp.json().await.unwrap();
-    assert!(
-        err["error"].as_str().unwrap().contains("headers too large"),
-        "{err}"
-    );
+    assert_error_mentions(resp, "headers too large").await;
     // Too large: refused from the announced length, before the body.
     let mut raw = TcpStream::connect(addr).await.unwrap();
     raw.write_all(b"POST /api/v4/internal/post_receive HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 3145728\r\n\r\n")

@@ -6,27 +6,10 @@ use std::time::Duration;
 
 use pushbus_shared::testkit::NatsServer;
 
+use crate::fixtures::{bare_with_hook, clone, git};
 use crate::support::{SseReader, Stack};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
-
-fn git(dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// A bare repository for `project_id` whose post-receive hook runs
 /// `pushbus hook post-receive <hook_args>`, and a clone of it to push from.
@@ -37,7 +20,7 @@ fn repo_with_hook(
     config: &[(&str, &str)],
 ) -> (PathBuf, PathBuf) {
     let bare = dir.join("repo.git");
-    git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    bare_with_hook(dir, &bare, hook_args);
     git(
         &bare,
         &["config", "pushbus.projectId", &project_id.to_string()],
@@ -45,23 +28,8 @@ fn repo_with_hook(
     for (k, v) in config {
         git(&bare, &["config", k, v]);
     }
-    let hook = bare.join("hooks/post-receive");
-    std::fs::write(
-        &hook,
-        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive {hook_args}\n"),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
     let work = dir.join("work");
-    git(
-        dir,
-        &[
-            "clone",
-            "-q",
-            bare.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
-    );
+    clone(dir, &bare, &work);
     (bare, work)
 }
 

@@ -17,7 +17,7 @@ use pushbus_shared::proto::{ChangeKind, GitPushEvent, RefChange, RefKind, watch_
 use pushbus_shared::testkit::{self, NatsServer, free_port};
 use pushbus_shared::topology;
 
-use crate::fixtures::{pushes_bus, spawn_consumer, test_publisher};
+use crate::fixtures::{pushes_bus, spawn_consumer, stream_messages, test_publisher};
 use crate::notifier::{agent, drain, head_is, pokes, push, sha, watch};
 use crate::support::{Replica, SseReader, Stack, local, register};
 
@@ -97,6 +97,25 @@ pub(crate) async fn until<F: std::future::Future<Output = bool>>(
     }
 }
 
+/// `until` on what the server says of `consumer`.
+async fn until_consumer(
+    what: &str,
+    consumer: &PullConsumer,
+    done: impl Fn(&jetstream::consumer::Info) -> bool,
+) {
+    let done = &done;
+    until(what, || {
+        let mut c = consumer.clone();
+        async move { c.info().await.is_ok_and(done) }
+    })
+    .await;
+}
+
+/// At least two messages delivered and every one acked.
+fn done_with_two(i: &jetstream::consumer::Info) -> bool {
+    i.num_ack_pending == 0 && i.num_pending == 0 && i.delivered.stream_sequence >= 2
+}
+
 async fn consumer(js: &jetstream::Context, stream: &str, name: &str) -> PullConsumer {
     js.get_stream(stream)
         .await
@@ -142,9 +161,8 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     )
     .await;
     let filter = consumer(&js, names::STREAM_PUSHES, names::CONSUMER_FILTER).await;
-    until("replica A waits for a push", || {
-        let mut c = filter.clone();
-        async move { c.info().await.is_ok_and(|i| i.num_waiting >= 1) }
+    until_consumer("replica A waits for a push", &filter, |i| {
+        i.num_waiting >= 1
     })
     .await;
     a.signal(pushbus_shared::process::SIGSTOP);
@@ -158,9 +176,8 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
         )
         .await
         .unwrap();
-    until("push 1 is held by the frozen replica", || {
-        let mut c = filter.clone();
-        async move { c.info().await.is_ok_and(|i| i.num_ack_pending == 1) }
+    until_consumer("push 1 is held by the frozen replica", &filter, |i| {
+        i.num_ack_pending == 1
     })
     .await;
     let b = Replica::filter(&url).await;
@@ -177,34 +194,10 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     a.signal(pushbus_shared::process::SIGKILL);
     drop(a);
     // Push 1 comes back to B after ack_wait (2 s) and is handled.
-    until("push 1 handled again", || {
-        let mut c = filter.clone();
-        async move {
-            c.info().await.is_ok_and(|i| {
-                i.num_ack_pending == 0 && i.num_pending == 0 && i.delivered.stream_sequence >= 2
-            })
-        }
-    })
-    .await;
+    until_consumer("push 1 handled again", &filter, done_with_two).await;
     let pokes_consumer = consumer(&js, names::STREAM_POKES, names::CONSUMER_NOTIFIER).await;
-    until("every poke recorded", || {
-        let mut c = pokes_consumer.clone();
-        async move {
-            c.info().await.is_ok_and(|i| {
-                i.num_ack_pending == 0 && i.num_pending == 0 && i.delivered.stream_sequence >= 2
-            })
-        }
-    })
-    .await;
-    let pokes_stored = js
-        .get_stream(names::STREAM_POKES)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap()
-        .state
-        .messages;
+    until_consumer("every poke recorded", &pokes_consumer, done_with_two).await;
+    let pokes_stored = stream_messages(&js, names::STREAM_POKES).await;
     assert!(
         pokes_stored >= 2,
         "push 1 was not republished: {pokes_stored}"
@@ -262,25 +255,9 @@ async fn an_event_source_reconnecting_mid_window_misses_nothing_and_gets_nothing
     received.extend(next_pokes(&mut sse, 1).await);
     let last_id = sse.last_id.clone().expect("an id to resume from");
     drop(sse);
-    let resp = reqwest::Client::new()
-        .get(&url)
-        .header("Last-Event-ID", &last_id)
-        .send()
-        .await
-        .unwrap();
-    let mut sse = SseReader::new(resp);
-    while let Some((event, data)) = sse.next_event(Duration::from_millis(1500)).await {
-        if event == "poke" {
-            received.push(poke_of(&data));
-        }
-    }
-    let unique: HashSet<_> = received.iter().cloned().collect();
-    assert_eq!(
-        unique.len(),
-        received.len(),
-        "a poke came twice: {received:?}"
-    );
-    let newest: HashMap<String, String> = received.iter().cloned().collect();
+    let mut sse = resume(&url, Some(&last_id)).await;
+    received.extend(pokes_until_quiet(&mut sse, Duration::from_millis(1500)).await);
+    let newest = newest_without_repeats(&received);
     assert_eq!(newest.get("refs/heads/a"), Some(&sha(2)), "{received:?}");
     assert_eq!(newest.get("refs/heads/b"), Some(&sha(3)), "{received:?}");
     stack.stop().await;
@@ -292,6 +269,37 @@ fn poke_of(data: &str) -> (String, String) {
         v["ref"].as_str().unwrap().to_owned(),
         v["new_sha"].as_str().unwrap().to_owned(),
     )
+}
+
+/// The pokes `sse` brings until it is quiet for `quiet`.
+async fn pokes_until_quiet(sse: &mut SseReader, quiet: Duration) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some((event, data)) = sse.next_event(quiet).await {
+        if event == "poke" {
+            out.push(poke_of(&data));
+        }
+    }
+    out
+}
+
+/// An SSE stream of `url`, from `last_id` when there is one.
+async fn resume(url: &str, last_id: Option<&str>) -> SseReader {
+    let mut req = reqwest::Client::new().get(url);
+    if let Some(id) = last_id {
+        req = req.header("Last-Event-ID", id);
+    }
+    SseReader::new(req.send().await.unwrap())
+}
+
+/// Each ref's newest SHA in `received`, asserting no (ref, SHA) came twice.
+fn newest_without_repeats(received: &[(String, String)]) -> HashMap<String, String> {
+    let unique: HashSet<_> = received.iter().cloned().collect();
+    assert_eq!(
+        unique.len(),
+        received.len(),
+        "a poke came twice: {received:?}"
+    );
+    received.iter().cloned().collect()
 }
 
 async fn next_pokes(sse: &mut SseReader, n: usize) -> Vec<(String, String)> {
@@ -330,11 +338,7 @@ async fn reconnecting_at_random_points_ends_on_every_newest_sha_without_repeats(
     let mut round = 0u64;
     while !pusher.is_finished() || round < 3 {
         round += 1;
-        let mut req = reqwest::Client::new().get(&url);
-        if let Some(id) = &last_id {
-            req = req.header("Last-Event-ID", id);
-        }
-        let mut sse = SseReader::new(req.send().await.unwrap());
+        let mut sse = resume(&url, last_id.as_deref()).await;
         // Leave after a pseudo-random number of events (1..4) or a quiet spell.
         let leave_after = 1 + round * 5 % 4;
         let mut taken = 0;
@@ -350,23 +354,9 @@ async fn reconnecting_at_random_points_ends_on_every_newest_sha_without_repeats(
         last_id = sse.last_id.clone().or(last_id);
     }
     pusher.await.unwrap();
-    let mut req = reqwest::Client::new().get(&url);
-    if let Some(id) = &last_id {
-        req = req.header("Last-Event-ID", id);
-    }
-    let mut sse = SseReader::new(req.send().await.unwrap());
-    while let Some((event, data)) = sse.next_event(Duration::from_millis(1500)).await {
-        if event == "poke" {
-            received.push(poke_of(&data));
-        }
-    }
-    let unique: HashSet<_> = received.iter().cloned().collect();
-    assert_eq!(
-        unique.len(),
-        received.len(),
-        "a poke came twice: {received:?}"
-    );
-    let newest: HashMap<String, String> = received.iter().cloned().collect();
+    let mut sse = resume(&url, last_id.as_deref()).await;
+    received.extend(pokes_until_quiet(&mut sse, Duration::from_millis(1500)).await);
+    let newest = newest_without_repeats(&received);
     let mut expected = HashMap::new();
     for n in 1..=45u64 {
         expected.insert(
@@ -418,13 +408,7 @@ async fn the_status_of_a_fresh_system_is_a_resume_point() {
         .await;
     assert_eq!(resp.status(), 200);
     head_is(&nats, "early", 54, "main", &sha(7)).await;
-    let resp = reqwest::Client::new()
-        .get(&url)
-        .header("Last-Event-ID", &id)
-        .send()
-        .await
-        .unwrap();
-    let mut sse = SseReader::new(resp);
+    let mut sse = resume(&url, Some(&id)).await;
     let mut got = Vec::new();
     while let Some((event, data)) = sse.next_event(Duration::from_millis(800)).await {
         if event == "poke" {
@@ -485,14 +469,7 @@ fn ingest_body(project_id: i64, new_sha: &str) -> serde_json::Value {
 }
 
 async fn stored_pushes(js: &jetstream::Context) -> u64 {
-    js.get_stream(names::STREAM_PUSHES)
-        .await
-        .unwrap()
-        .get_info()
-        .await
-        .unwrap()
-        .state
-        .messages
+    stream_messages(js, names::STREAM_PUSHES).await
 }
 
 /// Shrinks the duplicate window, standing in for a replay that comes after

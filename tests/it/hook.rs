@@ -2,7 +2,7 @@
 //! Gitaly run it: real `git push`, real hook-ingest, real HTTP impostors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -10,60 +10,23 @@ use pushbus_shared::names;
 use pushbus_shared::proto::{GitPushEvent, RepositoryKind};
 use pushbus_shared::testkit::{NatsServer, free_port};
 
+use crate::fixtures::{bare_with_hook, clone, git, git_env, run_with_stdin};
 use crate::support::{Stack, stored_events};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
-
-pub fn git_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "Test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "Test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .envs(env.iter().copied())
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-pub fn git(dir: &Path, args: &[&str]) -> Output {
-    git_env(dir, args, &[])
-}
 
 /// A bare repository named `name` whose post-receive hook runs the hook
 /// command with `hook_args` and no git config of ours, HEAD on `head`, and a
 /// clone with one commit to push from.
 pub fn bare_repo(dir: &Path, name: &str, head: &str, hook_args: &str) -> (PathBuf, PathBuf) {
     let bare = dir.join(format!("{name}.git"));
-    git(dir, &["init", "--bare", "-q", bare.to_str().unwrap()]);
+    bare_with_hook(dir, &bare, hook_args);
     git(
         &bare,
         &["symbolic-ref", "HEAD", &format!("refs/heads/{head}")],
     );
-    let hook = bare.join("hooks/post-receive");
-    std::fs::write(
-        &hook,
-        format!("#!/bin/sh\nexec '{PUSHBUS}' hook post-receive {hook_args}\n"),
-    )
-    .unwrap();
-    Command::new("chmod").arg("+x").arg(&hook).status().unwrap();
     let work = dir.join(format!("{name}-work"));
-    git(
-        dir,
-        &[
-            "clone",
-            "-q",
-            bare.to_str().unwrap(),
-            work.to_str().unwrap(),
-        ],
-    );
+    clone(dir, &bare, &work);
     std::fs::write(work.join("f"), format!("{name}\n")).unwrap();
     git(&work, &["add", "f"]);
     git(&work, &["commit", "-q", "-m", "one"]);
@@ -76,23 +39,13 @@ fn stderr(out: &Output) -> String {
 
 /// Runs the hook command directly, with `stdin` as git would give it.
 fn hook(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(PUSHBUS)
-        .arg("hook")
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    run_with_stdin(
+        Command::new(PUSHBUS)
+            .arg("hook")
+            .args(args)
+            .envs(env.iter().copied()),
+        stdin,
+    )
 }
 
 fn spooled(dir: &Path) -> Vec<PathBuf> {

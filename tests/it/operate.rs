@@ -9,13 +9,11 @@ use std::time::Duration;
 use pushbus_shared::EventMeta;
 use pushbus_shared::bus::Publisher;
 use pushbus_shared::names;
-use pushbus_shared::proto::{
-    AgentConfig, AgentPoke, ChangeKind, RefKind, RefSelector, Source, Watch, Webhook,
-    ref_selector::Kind,
-};
+use pushbus_shared::proto::{AgentConfig, AgentPoke, ChangeKind, RefKind, Source, Webhook};
 use pushbus_shared::testkit::{self, NatsServer, free_port};
 use pushbus_shared::topology;
 
+use crate::fixtures::{any_ref_of, run_with_stdin};
 use crate::guarantees::{Process, until};
 use crate::support::{Replica, SseReader, Stack, local, register};
 
@@ -58,6 +56,36 @@ fn push_body(project_id: i64, new_sha: &str) -> serde_json::Value {
     })
 }
 
+/// `until` stream `name` holds `n` messages.
+async fn until_holds(what: &str, js: &async_nats::jetstream::Context, name: &str, n: u64) {
+    until(what, || {
+        let js = js.clone();
+        async move {
+            let mut s = js.get_stream(name).await.unwrap();
+            s.info().await.is_ok_and(|i| i.state.messages == n)
+        }
+    })
+    .await;
+}
+
+/// Posts a push of `project_id` to a SHA of `sha_char`s under
+/// `correlation_id`, and checks it was stored.
+async fn stored_push(
+    stack: &Stack,
+    project_id: i64,
+    sha_char: &str,
+    correlation_id: &str,
+) -> reqwest::Response {
+    let resp = stack
+        .post_receive(
+            &push_body(project_id, &sha_char.repeat(40)),
+            &[("X-Correlation-Id", correlation_id)],
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    resp
+}
+
 // One push and its poke, read back decoded: the push's refs, the poke's
 // agent, one correlation ID, the poke caused by the push.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,22 +93,9 @@ async fn events_tail_prints_pushes_and_pokes_decoded() {
     let nats = NatsServer::start();
     register(&nats, "tailer", 70..=70).await;
     let stack = Stack::start(&nats.url()).await;
-    let resp = stack
-        .post_receive(
-            &push_body(70, &"a".repeat(40)),
-            &[("X-Correlation-Id", "tail-1")],
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
+    stored_push(&stack, 70, "a", "tail-1").await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    until("the poke is stored", || {
-        let js = js.clone();
-        async move {
-            let mut s = js.get_stream(names::STREAM_POKES).await.unwrap();
-            s.info().await.is_ok_and(|i| i.state.messages == 1)
-        }
-    })
-    .await;
+    until_holds("the poke is stored", &js, names::STREAM_POKES, 1).await;
     let out = pushbus(
         &nats,
         &[
@@ -183,14 +198,7 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
         &AgentConfig {
             agent_id: "hooked".into(),
             public: true,
-            watches: vec![Watch {
-                project_id: 73,
-                refs: Some(RefSelector {
-                    kind: Kind::AnyRef as i32,
-                    pattern: String::new(),
-                }),
-                ..Default::default()
-            }],
+            watches: vec![any_ref_of(73)],
             webhook: Some(Webhook {
                 url: format!("http://{addr}/hook"),
                 ..Default::default()
@@ -229,14 +237,7 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
         .unwrap()
         .await
         .unwrap();
-    until("two dead letters", || {
-        let js = js.clone();
-        async move {
-            let mut s = js.get_stream(names::STREAM_DLQ).await.unwrap();
-            s.info().await.is_ok_and(|i| i.state.messages == 2)
-        }
-    })
-    .await;
+    until_holds("two dead letters", &js, names::STREAM_DLQ, 2).await;
     let listed = json_lines(&pushbus(&nats, &["dlq", "list", "--json"]));
     assert_eq!(listed.len(), 2);
     let letter = listed
@@ -371,13 +372,7 @@ async fn messages_read_back_with_a_cloudevents_sdk() {
     use futures::StreamExt;
     let nats = NatsServer::start();
     let stack = Stack::start(&nats.url()).await;
-    let resp = stack
-        .post_receive(
-            &push_body(75, &"b".repeat(40)),
-            &[("X-Correlation-Id", "ce-1")],
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
+    let resp = stored_push(&stack, 75, "b", "ce-1").await;
     let event_id = resp.json::<serde_json::Value>().await.unwrap()["event_ids"][0]
         .as_str()
         .unwrap()
@@ -416,21 +411,7 @@ async fn messages_read_back_with_a_cloudevents_sdk() {
         std::path::Path::new(python).exists(),
         "{python} missing: run `make tools` (it installs the CloudEvents SDK)"
     );
-    let mut child = Command::new(python)
-        .arg(script)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(Command::new(python).arg(script), &input.to_string());
     assert!(
         out.status.success(),
         "{}",

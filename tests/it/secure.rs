@@ -117,6 +117,18 @@ fn agents_list_as_svc(nats: &NatsServer, password_file: &std::path::Path) -> Vec
     list
 }
 
+/// `pushbus agents list` against `url`, with the file `secret` passed as `flag`.
+fn agents_list_with(url: &str, flag: &str, secret: &Path) -> (bool, String) {
+    pushbus(&args(&[
+        "agents",
+        "list",
+        "--nats-url",
+        url,
+        flag,
+        &secret.display().to_string(),
+    ]))
+}
+
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
@@ -198,37 +210,16 @@ fn token_nkey_and_seed_lists() {
     // A seed list whose first server is down still connects.
     let dead = format!("nats://127.0.0.1:{}", free_port());
     let seeds = format!("{dead}, {}", token_server.url());
-    let (success, stderr) = pushbus(&args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &seeds,
-        "--nats-token-file",
-        &token.display().to_string(),
-    ]));
+    let (success, stderr) = agents_list_with(&seeds, "--nats-token-file", &token);
     assert!(success, "{stderr}");
 
-    let (success, stderr) = pushbus(&args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &token_server.url(),
-        "--nats-token-file",
-        &wrong.display().to_string(),
-    ]));
+    let (success, stderr) = agents_list_with(&token_server.url(), "--nats-token-file", &wrong);
     assert!(!success);
     assert!(stderr.contains("token"), "{stderr}");
     assert!(!stderr.contains("other"), "{stderr}");
 
     // An empty secret file is an error before anything connects.
-    let (success, stderr) = pushbus(&args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &token_server.url(),
-        "--nats-token-file",
-        &blank.display().to_string(),
-    ]));
+    let (success, stderr) = agents_list_with(&token_server.url(), "--nats-token-file", &blank);
     assert!(!success);
     assert!(stderr.contains("is empty"), "{stderr}");
 
@@ -253,28 +244,14 @@ fn token_nkey_and_seed_lists() {
         false,
     );
     let seed = write(dir.path(), "seed", &user.seed().unwrap());
-    let (success, stderr) = pushbus(&args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &nkey_server.url(),
-        "--nats-nkey",
-        &seed.display().to_string(),
-    ]));
+    let (success, stderr) = agents_list_with(&nkey_server.url(), "--nats-nkey", &seed);
     assert!(success, "{stderr}");
     let other = write(
         dir.path(),
         "seed2",
         &nkeys::KeyPair::new_user().seed().unwrap(),
     );
-    let (success, stderr) = pushbus(&args(&[
-        "agents",
-        "list",
-        "--nats-url",
-        &nkey_server.url(),
-        "--nats-nkey",
-        &other.display().to_string(),
-    ]));
+    let (success, stderr) = agents_list_with(&nkey_server.url(), "--nats-nkey", &other);
     assert!(!success);
     assert!(stderr.contains("nkey"), "{stderr}");
 }

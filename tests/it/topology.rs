@@ -11,6 +11,7 @@ use async_nats::jetstream;
 use pushbus_shared::names;
 use pushbus_shared::testkit::NatsServer;
 
+use crate::fixtures::stream_info;
 use crate::support::Stack;
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
@@ -38,14 +39,7 @@ pub async fn metrics(stack: &Stack) -> String {
 }
 
 pub async fn stream_config(js: &jetstream::Context, name: &str) -> jetstream::stream::Config {
-    js.get_stream(name)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone()
+    stream_info(js, name).await.config
 }
 
 fn push_body(sha: &str) -> serde_json::Value {
@@ -148,15 +142,7 @@ async fn a_full_push_stream_refuses_new_pushes_keeps_old_ones_and_the_hook_spool
     }
     assert!(refused, "a 3000-byte stream took 100 pushes");
     assert!(stored >= 1, "not even one push fitted");
-    let state = js
-        .get_stream(names::STREAM_PUSHES)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .clone();
+    let state = stream_info(&js, names::STREAM_PUSHES).await.state;
     // Nothing older was dropped to make room.
     assert_eq!(state.first_sequence, 1);
     assert_eq!(state.messages, stored);

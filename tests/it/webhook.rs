@@ -12,12 +12,12 @@ use axum::http::{HeaderMap, StatusCode};
 use pushbus_gitops_notifier::webhook::WebhookConfig;
 use pushbus_shared::bus::Publisher;
 use pushbus_shared::proto::{
-    AgentConfig, AgentPoke, ChangeKind, GitPushEvent, RefChange, RefKind, RefSelector, Source,
-    Watch, Webhook, ref_selector::Kind,
+    AgentConfig, AgentPoke, ChangeKind, GitPushEvent, RefChange, RefKind, Source, Webhook,
 };
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
 
+use crate::fixtures::any_ref_of;
 use crate::support::Replica;
 
 const DLQ_SUBJECT: &str = "pushbus.dlq.gitops-notifier-webhooks";
@@ -190,14 +190,7 @@ async fn register_webhook(nats: &NatsServer, agent_id: &str, webhook: Webhook) {
         .unwrap();
     let cfg = AgentConfig {
         agent_id: agent_id.into(),
-        watches: vec![Watch {
-            project_id: 42,
-            refs: Some(RefSelector {
-                kind: Kind::AnyRef as i32,
-                pattern: String::new(),
-            }),
-            ..Default::default()
-        }],
+        watches: vec![any_ref_of(42)],
         webhook: Some(webhook),
         ..Default::default()
     };
@@ -293,6 +286,19 @@ async fn wait_dead_letters(
     .into_iter()
     .map(|(agent, reason, delivered)| (agent, (reason, delivered)))
     .collect()
+}
+
+/// The `/ok/<agent_id>` target of `Receiver` on `host`.
+fn ok_url(host: &str, port: u16, agent_id: &str) -> String {
+    format!("http://{host}:{port}/ok/{agent_id}")
+}
+
+/// A dead-letter reason that refuses `address` as a loopback one.
+fn assert_names_loopback(reason: &str, address: &str) {
+    assert!(
+        reason.contains(address) && reason.contains("loopback"),
+        "{reason}"
+    );
 }
 
 fn header<'a>(hit: &'a Hit, name: &str) -> &'a str {
@@ -413,14 +419,7 @@ async fn webhook_push_and_tag_push_carry_gitlabs_payload_and_headers() {
         &kv,
         &AgentConfig {
             agent_id: "hooked".into(),
-            watches: vec![Watch {
-                project_id: 42,
-                refs: Some(RefSelector {
-                    kind: Kind::AnyRef as i32,
-                    pattern: String::new(),
-                }),
-                ..Default::default()
-            }],
+            watches: vec![any_ref_of(42)],
             ..Default::default()
         },
     )
@@ -509,14 +508,9 @@ async fn webhook_retries_with_growing_delays_and_dead_letters_the_rest() {
 async fn webhook_to_private_address_is_refused_unless_allowed() {
     let (nats, receiver, addr, publisher) = setup().await;
     let port = addr.port();
-    register(
-        &nats,
-        "literal",
-        &format!("http://127.0.0.1:{port}/ok/literal"),
-    )
-    .await;
+    register(&nats, "literal", &ok_url("127.0.0.1", port, "literal")).await;
     // A name, checked at connection time by the resolver.
-    register(&nats, "named", &format!("http://localhost:{port}/ok/named")).await;
+    register(&nats, "named", &ok_url("localhost", port, "named")).await;
     register(&nats, "scheme", "file:///etc/passwd").await;
 
     let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(false)).await;
@@ -526,17 +520,11 @@ async fn webhook_to_private_address_is_refused_unless_allowed() {
     let by_agent = wait_dead_letters(&nats, 3, Duration::from_secs(15)).await;
     let (reason, delivered) = &by_agent["literal"];
     assert!(reason.starts_with("permanent"), "{reason}");
-    assert!(
-        reason.contains("127.0.0.1") && reason.contains("loopback"),
-        "{reason}"
-    );
+    assert_names_loopback(reason, "127.0.0.1");
     assert_eq!(delivered, "1");
     let (reason, _) = &by_agent["named"];
     assert!(reason.starts_with("permanent"), "{reason}");
-    assert!(
-        reason.contains("localhost") && reason.contains("loopback"),
-        "{reason}"
-    );
+    assert_names_loopback(reason, "localhost");
     assert!(
         reason.contains("127.0.0.1") || reason.contains("::1"),
         "{reason}"
@@ -951,7 +939,8 @@ async fn argo(secret: &'static str) -> (SocketAddr, Arc<Mutex<Vec<ArgoSaw>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_from_a_real_git_push_satisfies_argo_cds_gitlab_handler() {
-    use crate::hook::{bare_repo, git, git_env};
+    use crate::fixtures::{git, git_env};
+    use crate::hook::bare_repo;
     let nats = NatsServer::start();
     let (addr, saw) = argo("argo-secret").await;
     register_webhook(
@@ -1068,19 +1057,9 @@ async fn webhook_allowlist_admits_listed_networks_and_hosts_only() {
     let port = addr.port();
     // Every agent here carries a secret over plain http: only allowlisted
     // targets may get it.
-    register(
-        &nats,
-        "listed",
-        &format!("http://127.0.0.1:{port}/ok/listed"),
-    )
-    .await;
-    register(&nats, "named", &format!("http://localhost:{port}/ok/named")).await;
-    register(
-        &nats,
-        "unlisted",
-        &format!("http://127.0.0.2:{port}/ok/unlisted"),
-    )
-    .await;
+    register(&nats, "listed", &ok_url("127.0.0.1", port, "listed")).await;
+    register(&nats, "named", &ok_url("localhost", port, "named")).await;
+    register(&nats, "unlisted", &ok_url("127.0.0.2", port, "unlisted")).await;
     let allow = |entries: &[&str]| WebhookConfig {
         allow: entries.iter().map(|e| e.parse().unwrap()).collect(),
         ..fast(false)
@@ -1100,10 +1079,7 @@ async fn webhook_allowlist_admits_listed_networks_and_hosts_only() {
     let by_agent = wait_dead_letters(&nats, 1, Duration::from_secs(15)).await;
     let (reason, delivered) = &by_agent["unlisted"];
     assert!(reason.starts_with("permanent"), "{reason}");
-    assert!(
-        reason.contains("127.0.0.2") && reason.contains("loopback"),
-        "{reason}"
-    );
+    assert_names_loopback(reason, "127.0.0.2");
     assert_eq!(delivered, "1");
     assert!(receiver.hits("ok/unlisted").is_empty());
     notifier.stop().await;
@@ -1118,10 +1094,7 @@ async fn webhook_allowlist_admits_listed_networks_and_hosts_only() {
         .await;
     let by_agent = wait_dead_letters(&nats, 2, Duration::from_secs(15)).await;
     let (reason, _) = &by_agent["listed"];
-    assert!(
-        reason.contains("127.0.0.1") && reason.contains("loopback"),
-        "{reason}"
-    );
+    assert_names_loopback(reason, "127.0.0.1");
     assert_eq!(receiver.hits("ok/listed").len(), 1);
     notifier.stop().await;
 }
