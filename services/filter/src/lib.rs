@@ -108,10 +108,7 @@ impl pushbus_shared::service::Service for Filter {
     ) -> Result<(), Error> {
         // Its own child: stopping this service's tasks stops nothing else.
         let token = shutdown.child_token();
-        topology(&config)
-            .with(&ctx.topology)
-            .ensure(&ctx.js)
-            .await?;
+        ctx.ensure(topology(&config)).await?;
         let kv = ctx
             .js
             .get_key_value(names::BUCKET_AGENTS)

@@ -121,10 +121,7 @@ impl Service for GitopsNotifier {
             config.door.tls_key.as_deref(),
             ("--notifier-tls-cert", "--notifier-tls-key"),
         )?;
-        topology(&config)
-            .with(&ctx.topology)
-            .ensure(&ctx.js)
-            .await?;
+        ctx.ensure(topology(&config)).await?;
         let agents = ctx
             .js
             .get_key_value(names::BUCKET_AGENTS)

@@ -262,10 +262,7 @@ impl Service for HookIngest {
         if let (Some(""), Some(path)) = (secret.as_deref(), &config.secret_file) {
             return Err(Error::EmptySecret { path: path.clone() });
         }
-        topology_with(&config.routes)
-            .with(&ctx.topology)
-            .ensure(&ctx.js)
-            .await?;
+        ctx.ensure(topology_with(&config.routes)).await?;
         let routes = if config.geo_routes {
             let bucket = ctx
                 .js

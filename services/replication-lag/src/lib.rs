@@ -101,7 +101,7 @@ impl pushbus_shared::service::Service for ReplicationLag {
         (): (),
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
-        topology().with(&ctx.topology).ensure(&ctx.js).await?;
+        ctx.ensure(topology()).await?;
         let open = |what: &'static str| {
             move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
                 what,

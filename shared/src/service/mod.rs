@@ -277,6 +277,15 @@ impl ServiceContext {
         }
     }
 
+    /// Creates what `topology` lists and is missing, at this host's
+    /// replicas and limits; logs (never reverts) what an operator changed.
+    pub async fn ensure(
+        &self,
+        topology: Topology,
+    ) -> Result<Vec<crate::topology::Drift>, crate::topology::TopologyError> {
+        topology.with(&self.topology).ensure(&self.js).await
+    }
+
     /// Finishes a service's life on the bus: flushes what was published and
     /// drains subscriptions.
     pub async fn drain(&self) {
