@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-
 use crate::Step;
 
 use super::*;

@@ -41,10 +41,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            concurrency: 16,
-            ack_wait_secs: 30,
-        }
+        pushbus_shared::service::flag_defaults()
     }
 }
 

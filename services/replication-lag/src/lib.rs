@@ -47,10 +47,7 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            threshold_seconds: 1.0,
-            unhealthy_after_seconds: 60,
-        }
+        pushbus_shared::service::flag_defaults()
     }
 }
 

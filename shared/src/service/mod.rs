@@ -53,6 +53,17 @@ pub trait Service: 'static {
     ) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
+/// The values `C`'s flags default to, as if none were given and no
+/// `PUSHBUS_…` variable were set: a config's `Default` is its flags'
+/// defaults, written once, on the flags.
+pub fn flag_defaults<C: clap::Args + clap::FromArgMatches>() -> C {
+    let command = C::augment_args(clap::Command::new("defaults")).mut_args(|arg| arg.env(None));
+    command
+        .try_get_matches_from(["defaults"])
+        .and_then(|matches| C::from_arg_matches(&matches))
+        .expect("every flag of a service's config has a default")
+}
+
 /// Where a door listens: an address bound when the service starts, or a
 /// listener the caller bound already (tests bind port 0 and read the
 /// address back, so no port is picked and then lost to another process).
@@ -343,5 +354,27 @@ impl Launcher {
                 })
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[derive(clap::Args, Debug, PartialEq)]
+    struct Flags {
+        #[arg(long, env = "PUSHBUS_TEST_UNSET_FLAG", default_value_t = 7)]
+        count: u32,
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    }
+
+    #[test]
+    fn flag_defaults_are_what_the_flags_say() {
+        assert_eq!(
+            super::flag_defaults::<Flags>(),
+            Flags {
+                count: 7,
+                file: None
+            }
+        );
     }
 }

@@ -109,22 +109,18 @@ impl HeadIndex {
 
     /// The agent's refs `wanted` selects, by (ref key, revision, SHA).
     pub fn select(&self, agent_id: &str, wanted: impl Fn(&str, u64, &str) -> bool) -> Vec<RefKey> {
-        self.lock()
-            .by_id
-            .get(agent_id)
-            .map(|agent| {
-                agent
-                    .refs
-                    .iter()
-                    .filter(|(key, k)| wanted(key, k.revision, &k.sha))
-                    .map(|(key, _)| key.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.each_head(agent_id, |key, k| {
+            wanted(key, k.revision, &k.sha).then(|| key.clone())
+        })
     }
 
     /// (ref key, revision) of every head of the agent.
     pub fn heads_of(&self, agent_id: &str) -> Vec<(RefKey, u64)> {
+        self.each_head(agent_id, |key, k| Some((key.clone(), k.revision)))
+    }
+
+    /// What `pick` keeps of each of the agent's heads, under one lock.
+    fn each_head<T>(&self, agent_id: &str, pick: impl Fn(&RefKey, &Known) -> Option<T>) -> Vec<T> {
         self.lock()
             .by_id
             .get(agent_id)
@@ -132,7 +128,7 @@ impl HeadIndex {
                 agent
                     .refs
                     .iter()
-                    .map(|(key, k)| (key.clone(), k.revision))
+                    .filter_map(|(key, k)| pick(key, k))
                     .collect()
             })
             .unwrap_or_default()
