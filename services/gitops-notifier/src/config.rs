@@ -157,39 +157,23 @@ pub struct DoorArgs {
 
 impl Default for DoorArgs {
     fn default() -> Self {
-        DoorArgs {
-            tls_cert: None,
-            tls_key: None,
-            header_read_timeout_ms: 5000,
-            request_timeout_ms: 10_000,
-            max_connections: 20_000,
-            max_requests: 1024,
-            max_streams: 20_000,
-            max_streams_per_agent: 16,
-            login_failure_burst: 10,
-            login_failure_refill_ms: 1000,
-            login_cache_ms: 5000,
-        }
+        pushbus_shared::service::flag_defaults()
     }
 }
 
 /// The flags' defaults.
 impl Default for Config {
     fn default() -> Self {
-        Config::new(SocketAddr::from(([127, 0, 0, 1], 8081)))
+        pushbus_shared::service::flag_defaults()
     }
 }
 
 impl Config {
+    /// The flags' defaults, listening on `listen`.
     pub fn new(listen: SocketAddr) -> Config {
         Config {
             listen,
-            coalesce_ms: 500,
-            ack_wait_secs: 5,
-            deleted_ref_ttl_secs: heads::DELETED_REF_TTL.as_secs(),
-            prune_interval_secs: 300,
-            webhooks: Default::default(),
-            door: Default::default(),
+            ..Default::default()
         }
     }
 }

@@ -32,9 +32,7 @@ pub struct RouteTtlArgs {
 
 impl Default for RouteTtlArgs {
     fn default() -> Self {
-        Self {
-            geo_route_ttl_secs: DEFAULT_TTL_SECS,
-        }
+        pushbus_shared::service::flag_defaults()
     }
 }
 

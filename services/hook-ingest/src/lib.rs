@@ -137,15 +137,7 @@ pub struct DoorArgs {
 
 impl Default for DoorArgs {
     fn default() -> Self {
-        DoorArgs {
-            tls_cert: None,
-            tls_key: None,
-            header_read_timeout_ms: 5000,
-            request_timeout_ms: 10_000,
-            max_connections: 1024,
-            max_requests: 256,
-            unauthenticated_body_bytes: 64 * 1024,
-        }
+        pushbus_shared::service::flag_defaults()
     }
 }
 
@@ -154,14 +146,7 @@ impl Config {
     pub fn new(listen: SocketAddr) -> Config {
         Config {
             listen,
-            secret_file: None,
-            max_body_bytes: 8 * 1024 * 1024,
-            lag_budget_ms: 250,
-            geo_routes: false,
-            store_timeout_ms: 2000,
-            insecure_no_auth: false,
-            routes: Default::default(),
-            door: Default::default(),
+            ..pushbus_shared::service::flag_defaults()
         }
     }
 }

@@ -50,11 +50,7 @@ pub struct TopologyArgs {
 
 impl Default for TopologyArgs {
     fn default() -> Self {
-        Self {
-            replicas: 1,
-            stream_max_bytes: DEFAULT_STREAM_MAX_BYTES,
-            max_msg_size: DEFAULT_MAX_MSG_SIZE,
-        }
+        crate::service::flag_defaults()
     }
 }
 

@@ -98,18 +98,7 @@ pub struct WebhookConfig {
 
 impl Default for WebhookConfig {
     fn default() -> Self {
-        Self {
-            gitlab_url: "http://localhost".into(),
-            max_attempts: 8,
-            backoff_base_ms: 1000,
-            backoff_max_ms: 60_000,
-            timeout_ms: 10_000,
-            concurrency_per_target: 4,
-            concurrency: 32,
-            allow_private: false,
-            allow: Vec::new(),
-            config_cache_ms: 2000,
-        }
+        pushbus_shared::service::flag_defaults()
     }
 }
 
