@@ -100,6 +100,7 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_loris_and_a_connection_flood_leave_valid_pushes_answered_and_memory_bounded() {
+    let _memory = crate::fixtures::PROCESS_MEMORY.lock().await;
     let nats = NatsServer::start();
     let (listener, addr) = bind_local().await;
     let mut cfg = ingest_config(addr);

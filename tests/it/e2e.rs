@@ -139,6 +139,7 @@ async fn git_push_reaches_connected_agent_with_its_correlation_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_notifications_are_refused_with_field_and_nothing_published() {
+    let _memory = crate::fixtures::PROCESS_MEMORY.lock().await;
     let nats = NatsServer::start();
     let stack = Stack::start(&nats.url()).await;
     let url = format!("http://{}/api/v4/internal/post_receive", stack.ingest);

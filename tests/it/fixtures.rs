@@ -169,3 +169,8 @@ pub(crate) fn run_with_stdin(command: &mut Command, stdin: &str) -> Output {
         .unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// Held by the test that measures this process's memory and by the tests
+/// that make it allocate tens of megabytes: they share one process, so
+/// running them side by side would measure each other.
+pub static PROCESS_MEMORY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
