@@ -1,8 +1,5 @@
 //! Hosting services in a process: one NATS connection per service, the ops
 //! server, and one shutdown for all of them.
-
-use std::net::SocketAddr;
-
 use clap::{CommandFactory, FromArgMatches};
 use tokio_util::sync::CancellationToken;
 
@@ -17,8 +14,6 @@ use crate::ops::{self, Readiness, ReadyFlag};
 pub enum HostError {
     #[error("cannot serve ops: {0}")]
     OpsListen(#[source] super::ListenError),
-    #[error("cannot read the ops listener's address: {0}")]
-    OpsAddr(#[source] std::io::Error),
     #[error("service {name} cannot use nats: {source}")]
     Connect {
         name: &'static str,
@@ -50,8 +45,6 @@ pub async fn host(
     // cancelling the caller's token.
     let token = shutdown.child_token();
     let listener = ops.into().bind().await.map_err(HostError::OpsListen)?;
-    let ops_addr: SocketAddr = listener.local_addr().map_err(HostError::OpsAddr)?;
-    tracing::debug!(ops = %ops_addr, "ops server listening");
     let ops_token = token.clone();
     let ops_server = tokio::spawn({
         let app = ops::router(readiness.clone());
