@@ -36,9 +36,23 @@ pub struct Flat {
     pub step: Step,
     pub n: u64,
     pub failed: u64,
+    /// CPU of nats-server and of this client while it ran.
+    pub cpu: crate::CpuUse,
+}
+
+/// nats-server and this process, the client of the ceiling chains.
+fn ceiling_processes(nats_pid: Option<u32>) -> Vec<(&'static str, u32)> {
+    let mut pids: Vec<_> = nats_pid.map(|p| ("nats-server", p)).into_iter().collect();
+    pids.push(("client", std::process::id()));
+    pids
 }
 
 impl Flat {
+    /// How long the messages took at the rate achieved.
+    pub fn step_time(&self) -> Duration {
+        Duration::from_secs_f64(self.n as f64 / self.step.achieved().max(1.0))
+    }
+
     pub fn lost(&self) -> i64 {
         self.n as i64 - self.step.received as i64
     }
@@ -61,6 +75,7 @@ impl Mode {
 
 pub async fn run(
     url: &str,
+    nats_pid: Option<u32>,
     plan: &Plan,
     push_size: usize,
     poke_size: usize,
@@ -107,7 +122,10 @@ pub async fn run(
     }
     // A window near 1,000 keeps consumers of the same stream fed (see the
     // notes in BENCHMARKS.md).
-    let flat = chain.flat_out(lo, plan.flat_out, push_size, 1024).await;
+    let meter = || crate::CpuMeter::start(ceiling_processes(nats_pid));
+    let started = meter();
+    let mut flat = chain.flat_out(lo, plan.flat_out, push_size, 1024).await;
+    flat.cpu = started.read(Some(flat.step_time()));
     eprintln!(
         "ceiling flat out: {} messages at {:.0}/s, lost {}{}",
         flat.n,
@@ -121,7 +139,9 @@ pub async fn run(
         Ok(mut chain) => {
             // Under the context's 5,000 acks in flight (a publish past it waits
             // for one of ours to be awaited).
-            let flat = chain.flat_out(0, plan.flat_out, push_size, 4096).await;
+            let started = meter();
+            let mut flat = chain.flat_out(0, plan.flat_out, push_size, 4096).await;
+            flat.cpu = started.read(Some(flat.step_time()));
             eprintln!(
                 "physical ceiling flat out: {} messages at {:.0}/s, lost {}{}",
                 flat.n,
@@ -262,7 +282,12 @@ impl Chain {
         let step = self
             .settle(n, Instant::now() + Duration::from_secs(120))
             .await;
-        Flat { step, n, failed }
+        Flat {
+            step,
+            n,
+            failed,
+            cpu: crate::CpuUse::default(),
+        }
     }
 
     /// Ends the step once `expected` messages arrived, or once both

@@ -151,6 +151,14 @@ impl Stack {
             .collect()
     }
 
+    /// Each service's name and process ID.
+    pub fn pids(&self) -> Vec<(&'static str, u32)> {
+        self.children
+            .iter()
+            .filter_map(|s| Some((s.name, s.child.id()?)))
+            .collect()
+    }
+
     /// SIGKILLs `name` (no graceful anything: un-acked messages stay with
     /// the server) and starts a fresh process on the same ports.
     pub async fn kill_and_restart(&mut self, name: &str) -> anyhow::Result<Duration> {

@@ -134,6 +134,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server process's ID while it runs (for CPU and memory readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn spawn(&mut self) {
         self.spawn_no_wait();
         self.wait_listening();

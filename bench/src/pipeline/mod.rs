@@ -180,7 +180,15 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     // Flat out: as fast as hook-ingest takes them, 256 requests in flight.
+    // The CPU each process spends on it says what bounds throughput.
+    let mut processes = stack.pids();
+    processes.extend(nats.pid().map(|p| ("nats-server", p)));
+    processes.push(("load generator + agents", std::process::id()));
+    let meter = crate::CpuMeter::start(processes);
     let flat = flat_out(&load, &recorder, next_seq, plan.flat_out).await?;
+    let flat_cpu = meter.read(Some(Duration::from_secs_f64(
+        plan.flat_out as f64 / flat.step.achieved().max(1.0),
+    )));
     eprintln!(
         "pushbus flat out: {} pushes at {:.0}/s, lost {}",
         plan.flat_out,
@@ -240,7 +248,7 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     // Bounded: a stuck ceiling must not hold back the figures of the rest.
     let ceiling = tokio::time::timeout(
         Duration::from_secs(600),
-        super::ceiling::run(&url, &plan, push_size, poke_size),
+        super::ceiling::run(&url, nats.pid(), &plan, push_size, poke_size),
     )
     .await;
     let ceiling = match ceiling {
@@ -283,6 +291,7 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
             connect_time,
             ours: &ours,
             flat: &flat,
+            flat_cpu: &flat_cpu,
             restarts: &restarts,
             ceiling: ceiling.as_ref(),
             redis: redis.as_ref(),

@@ -13,6 +13,7 @@ pub struct Report<'a> {
     pub(super) connect_time: Duration,
     pub(super) ours: &'a [Outcome],
     pub(super) flat: &'a Outcome,
+    pub(super) flat_cpu: &'a crate::CpuUse,
     pub(super) restarts: &'a [(&'static str, Outcome, u64, u64)],
     pub(super) ceiling: Option<&'a crate::ceiling::Ceiling>,
     pub(super) redis: Option<&'a crate::redis::Baseline>,
@@ -76,6 +77,10 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
         "flat out ({} events each): pushbus {ours:.0}/s (lost {}, refused {})",
         plan.flat_out, r.flat.lost, r.flat.refused
     );
+    println!(
+        "  CPU per 1000 pushes flat out: {}",
+        r.flat_cpu.line(plan.flat_out, 1000)
+    );
     if let Some(c) = r.ceiling {
         let flats = [
             ("same-ack-mode ceiling", Some(&c.flat)),
@@ -93,6 +98,7 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
                 f.failed,
                 if rate > 0.0 { ours / rate } else { f64::NAN }
             );
+            println!("    CPU per 1000 messages: {}", f.cpu.line(f.n, 1000));
         }
         for o in r.ours {
             let Some(s) = c.steps.iter().find(|s| s.rate() == o.step_rate()) else {

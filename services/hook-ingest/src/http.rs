@@ -31,9 +31,11 @@ pub struct DoorState {
 }
 
 pub fn router(state: DoorState) -> Router {
+    // Behind an Arc: axum clones the state for every request, and a
+    // DoorState holds NATS clients and strings.
     Router::new()
         .route("/api/v4/internal/post_receive", post(post_receive))
-        .with_state(state)
+        .with_state(std::sync::Arc::new(state))
 }
 
 /// Deepest JSON nesting accepted anywhere in a body, unknown fields
@@ -115,7 +117,7 @@ struct Body {
 }
 
 async fn post_receive(
-    State(st): State<DoorState>,
+    State(st): State<std::sync::Arc<DoorState>>,
     headers: HeaderMap,
     body: RequestBody,
 ) -> Result<Response, ApiError> {

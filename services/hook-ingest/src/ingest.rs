@@ -144,7 +144,9 @@ impl Ingest {
         if self.client.connection_state() != async_nats::connection::State::Connected {
             return Err(IngestError::Unavailable("not connected to NATS".into()));
         }
-        let max_payload = self.client.server_info().max_payload.max(64 * 1024);
+        // `max_payload()` reads one atomic; `server_info()` would clone the
+        // whole INFO (URLs, names) on every push.
+        let max_payload = self.client.max_payload().max(64 * 1024);
         let parts = split(&push, max_payload - ENVELOPE_MARGIN);
         let part_count = parts.len() as u32;
         let deadline = tokio::time::Instant::now() + self.store_timeout;

@@ -150,11 +150,17 @@ impl Publisher {
             correlation_id = %meta.correlation_id,
         );
         let mut map = HeaderMap::new();
-        map.insert(headers::CORRELATION_ID, meta.correlation_id.as_str());
+        map.insert(
+            static_name(headers::CORRELATION_ID),
+            meta.correlation_id.as_str(),
+        );
         if !meta.causation_id.is_empty() {
-            map.insert(headers::CAUSATION_ID, meta.causation_id.as_str());
+            map.insert(
+                static_name(headers::CAUSATION_ID),
+                meta.causation_id.as_str(),
+            );
         }
-        map.insert(headers::EVENT_TYPE, M::full_name().as_str());
+        map.insert(static_name(headers::EVENT_TYPE), M::full_name().as_str());
         let trace = span.in_scope(|| trace::inject_current(&mut map));
         let env = envelope::seal(msg, meta, &self.source, trace);
         cloud_event_headers(&mut map, &env, &M::full_name(), &subject, &self.ce_source);
@@ -184,6 +190,12 @@ impl Publisher {
     }
 }
 
+/// A header name without the allocation and checks a `&str` name costs on
+/// every insert (these are constants, checked by the tests that read them).
+fn static_name(name: &'static str) -> async_nats::header::HeaderName {
+    async_nats::header::HeaderName::from_static(name)
+}
+
 /// `pushbus.push` of `pushbus.push.42.<id>`: a span name of low cardinality.
 fn subject_family(subject: &str) -> &str {
     match subject.match_indices('.').nth(1) {
@@ -203,22 +215,28 @@ fn cloud_event_headers(
     subject: &str,
     ce_source: &str,
 ) {
-    map.insert(headers::CONTENT_TYPE, "application/protobuf");
-    map.insert(headers::CE_SPECVERSION, "1.0");
-    map.insert(headers::CE_ID, env.event_id.as_str());
-    map.insert(headers::CE_TYPE, type_name);
-    map.insert(headers::CE_SOURCE, ce_source);
-    map.insert(headers::CE_SUBJECT, subject);
+    map.insert(static_name(headers::CONTENT_TYPE), "application/protobuf");
+    map.insert(static_name(headers::CE_SPECVERSION), "1.0");
+    map.insert(static_name(headers::CE_ID), env.event_id.as_str());
+    map.insert(static_name(headers::CE_TYPE), type_name);
+    map.insert(static_name(headers::CE_SOURCE), ce_source);
+    map.insert(static_name(headers::CE_SUBJECT), subject);
     map.insert(
         headers::CE_DATASCHEMA,
         "type.googleapis.com/pushbus.v1.Envelope",
     );
     if let Some(time) = env.occurred_at.as_ref().and_then(rfc3339) {
-        map.insert(headers::CE_TIME, time.as_str());
+        map.insert(static_name(headers::CE_TIME), time.as_str());
     }
-    map.insert(headers::CE_CORRELATIONID, env.correlation_id.as_str());
+    map.insert(
+        static_name(headers::CE_CORRELATIONID),
+        env.correlation_id.as_str(),
+    );
     if !env.causation_id.is_empty() {
-        map.insert(headers::CE_CAUSATIONID, env.causation_id.as_str());
+        map.insert(
+            static_name(headers::CE_CAUSATIONID),
+            env.causation_id.as_str(),
+        );
     }
 }
 

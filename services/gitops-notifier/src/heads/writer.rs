@@ -64,12 +64,12 @@ impl HeadWriter {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            last.to_string().as_str(),
+            last.to_string(),
         );
         if let Some(ttl) = ttl {
             headers.insert(
                 async_nats::header::NATS_MESSAGE_TTL,
-                ttl.as_secs().max(1).to_string().as_str(),
+                ttl.as_secs().max(1).to_string(),
             );
         }
         let subject = format!(

@@ -43,6 +43,8 @@ pub fn consumer_spec(config: &WebhookConfig) -> ConsumerSpec {
     spec.backoff_base = Duration::from_millis(config.backoff_base_ms);
     spec.backoff_max = Duration::from_millis(config.backoff_max_ms.max(config.backoff_base_ms));
     spec.concurrency = config.concurrency.max(1);
+    // A target may take seconds to answer: pull only what runs at once.
+    spec.pull_batch = spec.concurrency;
     spec.ack_wait = config.ack_wait();
     spec
 }

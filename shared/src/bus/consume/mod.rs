@@ -118,14 +118,12 @@ where
             }
         }
     };
-    let worker = Arc::new(Worker {
+    let worker = Arc::new(Worker::<M, H>::new(
         handler,
-        dead_letters: DeadLetters::new(js.clone(), &spec.durable),
-        epoch: std::sync::atomic::AtomicI64::new(epoch),
-        span_name: format!("process {}", spec.stream),
-        spec: spec.clone(),
-        _message: std::marker::PhantomData::<fn() -> M>,
-    });
+        DeadLetters::new(js.clone(), &spec.durable),
+        epoch,
+        spec.clone(),
+    ));
     let gauges = tokio::spawn(report_consumer(js.clone(), spec.clone(), shutdown.clone()));
     let lanes = spec.concurrency.max(1);
     let mut senders = Vec::with_capacity(lanes);
@@ -160,7 +158,7 @@ where
         }
         let mut messages = match consumer
             .stream()
-            .max_messages_per_batch(lanes)
+            .max_messages_per_batch(spec.pull_batch.max(lanes))
             .heartbeat(Duration::from_secs(5))
             .expires(Duration::from_secs(30))
             .messages()

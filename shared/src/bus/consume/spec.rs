@@ -14,6 +14,11 @@ pub struct ConsumerSpec {
     /// Messages with different subjects handled at once; one subject's
     /// messages are always handled one after another, in stream order.
     pub concurrency: usize,
+    /// Messages asked for per pull request (never fewer than `concurrency`).
+    /// Larger pulls cost the server fewer requests per message; the price is
+    /// that more pulled messages wait here with their ack_wait running, so
+    /// handlers that may take seconds (webhooks) pull only what they run.
+    pub pull_batch: usize,
     /// Deliveries before a message is dead-lettered. Decided here from the
     /// delivery count, never by the server (whose MaxDeliver would silently
     /// park a message with only an advisory).
@@ -36,6 +41,7 @@ impl ConsumerSpec {
             durable: durable.into(),
             filter_subjects: Vec::new(),
             concurrency: 16,
+            pull_batch: 64,
             max_deliver: 5,
             ack_wait: Duration::from_secs(30),
             backoff_base: Duration::from_millis(200),

@@ -28,13 +28,52 @@ fn jitter_seed(stream_sequence: u64, delivered: i64) -> u64 {
 }
 
 pub(super) struct Worker<M, H> {
-    pub(super) handler: H,
-    pub(super) dead_letters: DeadLetters,
+    handler: H,
+    dead_letters: DeadLetters,
     pub(super) epoch: std::sync::atomic::AtomicI64,
     /// `process <stream>`: the span name, made once rather than per message.
-    pub(super) span_name: String,
-    pub(super) spec: ConsumerSpec,
-    pub(super) _message: std::marker::PhantomData<fn() -> M>,
+    span_name: String,
+    spec: ConsumerSpec,
+    /// Metric handles, registered once: looking them up by name and label
+    /// costs a label allocation and a hash per message.
+    handle_seconds: metrics::Histogram,
+    outcomes: Outcomes,
+    _message: std::marker::PhantomData<fn() -> M>,
+}
+
+/// `pushbus_messages_total` of one consumer, by outcome.
+struct Outcomes {
+    ok: metrics::Counter,
+    retry: metrics::Counter,
+    dead_letter: metrics::Counter,
+}
+
+impl<M, H> Worker<M, H> {
+    pub(super) fn new(
+        handler: H,
+        dead_letters: DeadLetters,
+        epoch: i64,
+        spec: ConsumerSpec,
+    ) -> Self {
+        // Handles made before the recorder is installed would record nothing.
+        let _ = crate::ops::metrics_handle();
+        let consumer = spec.durable.clone();
+        let outcome = |outcome: &'static str| metrics::counter!("pushbus_messages_total", "consumer" => consumer.clone(), "outcome" => outcome);
+        Worker {
+            handler,
+            dead_letters,
+            epoch: std::sync::atomic::AtomicI64::new(epoch),
+            span_name: format!("process {}", spec.stream),
+            handle_seconds: metrics::histogram!("pushbus_handle_seconds", "consumer" => consumer.clone()),
+            outcomes: Outcomes {
+                ok: outcome("ok"),
+                retry: outcome("retry"),
+                dead_letter: outcome("dead_letter"),
+            },
+            spec,
+            _message: std::marker::PhantomData,
+        }
+    }
 }
 
 impl<M, H> Worker<M, H>
@@ -116,8 +155,7 @@ where
         let result = self
             .with_progress(&msg, self.handler.handle(delivery))
             .await;
-        metrics::histogram!("pushbus_handle_seconds", "consumer" => self.spec.durable.clone())
-            .record(started.elapsed().as_secs_f64());
+        self.handle_seconds.record(started.elapsed().as_secs_f64());
         let outcome = match result {
             Ok(()) => {
                 // A plain ack, not a confirmed one: the effect is durable
@@ -128,7 +166,7 @@ where
                 if let Err(err) = msg.ack().await {
                     tracing::warn!(error = %err, "ack not sent; message may be redelivered");
                 }
-                "ok"
+                &self.outcomes.ok
             }
             Err(HandleError::Retryable(reason)) if delivered < self.spec.max_deliver => {
                 let delay = self
@@ -138,7 +176,7 @@ where
                 if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
                 }
-                "retry"
+                &self.outcomes.retry
             }
             Err(HandleError::RetryAfter { reason, after }) if delivered < self.spec.max_deliver => {
                 let delay = self.spec.retry_after_delay(after);
@@ -146,21 +184,20 @@ where
                 if let Err(err) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(error = %err, "nak failed; redelivery after ack_wait");
                 }
-                "retry"
+                &self.outcomes.retry
             }
             Err(e @ (HandleError::Retryable(_) | HandleError::RetryAfter { .. })) => {
                 self.dead_letter(&msg, "max_deliveries", &e.to_string())
                     .await;
-                "dead_letter"
+                &self.outcomes.dead_letter
             }
             Err(HandleError::Permanent(reason)) => {
                 self.dead_letter(&msg, "permanent", &reason.to_string())
                     .await;
-                "dead_letter"
+                &self.outcomes.dead_letter
             }
         };
-        metrics::counter!("pushbus_messages_total", "consumer" => self.spec.durable.clone(), "outcome" => outcome)
-            .increment(1);
+        outcome.increment(1);
     }
 
     /// Runs `handling`, telling the server every third of ack_wait that the
