@@ -48,11 +48,6 @@ fn ceiling_processes(nats_pid: Option<u32>) -> Vec<(&'static str, u32)> {
 }
 
 impl Flat {
-    /// How long the messages took at the rate achieved.
-    pub fn step_time(&self) -> Duration {
-        Duration::from_secs_f64(self.n as f64 / self.step.achieved().max(1.0))
-    }
-
     pub fn lost(&self) -> i64 {
         self.n as i64 - self.step.received as i64
     }
@@ -125,7 +120,7 @@ pub async fn run(
     let meter = || crate::CpuMeter::start(ceiling_processes(nats_pid));
     let started = meter();
     let mut flat = chain.flat_out(lo, plan.flat_out, push_size, 1024).await;
-    flat.cpu = started.read(Some(flat.step_time()));
+    flat.cpu = started.read(flat.step.elapsed());
     eprintln!(
         "ceiling flat out: {} messages at {:.0}/s, lost {}{}",
         flat.n,
@@ -141,7 +136,7 @@ pub async fn run(
             // for one of ours to be awaited).
             let started = meter();
             let mut flat = chain.flat_out(0, plan.flat_out, push_size, 4096).await;
-            flat.cpu = started.read(Some(flat.step_time()));
+            flat.cpu = started.read(flat.step.elapsed());
             eprintln!(
                 "physical ceiling flat out: {} messages at {:.0}/s, lost {}{}",
                 flat.n,
@@ -361,9 +356,10 @@ async fn consumer(
 }
 
 /// Pulls a batch at a time and runs `work` on each message, acking after
-/// its work. Same-ack-mode: batches of 16 (the bus's lanes), at most 16 at
-/// once. Physical: batches of 512, no limit but the consumer's
-/// max_ack_pending, plain ack.
+/// its work. Same-ack-mode: batches of 16, at most 16 at once (the bus's
+/// lanes; the bus itself pulls 64 since 2026-12-02, and every ceiling
+/// figure in BENCHMARKS.md was taken with 16). Physical: batches of 512,
+/// no limit but the consumer's max_ack_pending, plain ack.
 ///
 /// Each batch is a fresh pull request with a short expiry, so the consumer
 /// is never left with messages pending and no pull outstanding (a long-

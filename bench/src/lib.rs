@@ -81,32 +81,24 @@ pub fn cpu_of(pid: u32) -> Duration {
 pub struct CpuMeter {
     pids: Vec<(&'static str, u32)>,
     start: Vec<Duration>,
-    started: Instant,
 }
 
 impl CpuMeter {
     pub fn start(pids: Vec<(&'static str, u32)>) -> CpuMeter {
         let start = pids.iter().map(|(_, p)| cpu_of(*p)).collect();
-        CpuMeter {
-            pids,
-            start,
-            started: Instant::now(),
-        }
+        CpuMeter { pids, start }
     }
 
     /// Each process's CPU since `start`, over `wall` (the stretch the
-    /// events took; the meter's own elapsed time when None).
-    pub fn read(&self, wall: Option<Duration>) -> CpuUse {
+    /// events took).
+    pub fn read(&self, wall: Duration) -> CpuUse {
         let used = self
             .pids
             .iter()
             .zip(&self.start)
             .map(|((name, pid), s)| (*name, cpu_of(*pid).saturating_sub(*s)))
             .collect();
-        CpuUse {
-            used,
-            wall: wall.unwrap_or_else(|| self.started.elapsed()),
-        }
+        CpuUse { used, wall }
     }
 }
 
@@ -347,9 +339,15 @@ impl Step {
     /// last arrival.
     pub fn achieved(&self) -> f64 {
         match self.last {
-            Some(last) => self.received as f64 / last.duration_since(self.t0).as_secs_f64(),
+            Some(_) => self.received as f64 / self.elapsed().as_secs_f64(),
             None => 0.0,
         }
+    }
+
+    /// From the first scheduled send to the last arrival (zero before any).
+    pub fn elapsed(&self) -> Duration {
+        self.last
+            .map_or(Duration::ZERO, |last| last.duration_since(self.t0))
     }
 
     pub fn rate(&self) -> f64 {

@@ -186,9 +186,7 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     processes.push(("load generator + agents", std::process::id()));
     let meter = crate::CpuMeter::start(processes);
     let flat = flat_out(&load, &recorder, next_seq, plan.flat_out).await?;
-    let flat_cpu = meter.read(Some(Duration::from_secs_f64(
-        plan.flat_out as f64 / flat.step.achieved().max(1.0),
-    )));
+    let flat_cpu = meter.read(flat.step.elapsed());
     eprintln!(
         "pushbus flat out: {} pushes at {:.0}/s, lost {}",
         plan.flat_out,
