@@ -380,6 +380,23 @@ async fn metrics_are_described_and_latencies_are_histograms() {
     }
     assert_eq!(typed["pushbus_push_to_poke_seconds"], "histogram");
     assert!(text.contains("pushbus_push_to_poke_seconds_bucket{le=\"0.005\"}"));
+    // The consumers' handles are registered before the first message: they
+    // must still count what was handled, not just be exported.
+    for consumer in ["filter", "gitops-notifier"] {
+        let handled = text
+            .lines()
+            .find(|l| {
+                l.starts_with("pushbus_messages_total{")
+                    && l.contains(&format!("consumer=\"{consumer}\""))
+                    && l.contains("outcome=\"ok\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok());
+        assert!(
+            handled.is_some_and(|n| n >= 1.0),
+            "{consumer} handled nothing by its metrics:\n{text}"
+        );
+    }
     stack.stop().await;
 }
 
