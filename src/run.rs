@@ -90,11 +90,7 @@ pub async fn run(args: RunArgs, nats: NatsArgs) -> anyhow::Result<()> {
         None => {
             let server = crate::embedded::start(&args.embedded)
                 .context("starting the embedded nats-server")?;
-            let bus = service::BusConfig {
-                connect: nats.connect_config_or(&server.url())?,
-                topology: nats.topology.clone(),
-            };
-            (bus, Some(server))
+            (nats.bus_or(&server.url())?, Some(server))
         }
     };
     let launchers = SERVICES

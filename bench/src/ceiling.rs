@@ -66,6 +66,13 @@ impl Mode {
             Mode::Physical => "PHYSICAL",
         }
     }
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::SameAck => "ceiling",
+            Mode::Physical => "physical ceiling",
+        }
+    }
 }
 
 pub async fn run(
@@ -117,33 +124,18 @@ pub async fn run(
     }
     // A window near 1,000 keeps consumers of the same stream fed (see the
     // notes in BENCHMARKS.md).
-    let meter = || crate::CpuMeter::start(ceiling_processes(nats_pid));
-    let started = meter();
-    let mut flat = chain.flat_out(lo, plan.flat_out, push_size, 1024).await;
-    flat.cpu = started.read(flat.step.elapsed());
-    eprintln!(
-        "ceiling flat out: {} messages at {:.0}/s, lost {}{}",
-        flat.n,
-        flat.step.achieved(),
-        flat.lost(),
-        refused(flat.failed)
-    );
+    let flat = chain
+        .flat_out(nats_pid, lo, plan.flat_out, push_size, 1024)
+        .await;
     chain.stop().await;
 
     let physical = match Chain::start(url, Mode::Physical, plan, poke_size).await {
         Ok(mut chain) => {
             // Under the context's 5,000 acks in flight (a publish past it waits
             // for one of ours to be awaited).
-            let started = meter();
-            let mut flat = chain.flat_out(0, plan.flat_out, push_size, 4096).await;
-            flat.cpu = started.read(flat.step.elapsed());
-            eprintln!(
-                "physical ceiling flat out: {} messages at {:.0}/s, lost {}{}",
-                flat.n,
-                flat.step.achieved(),
-                flat.lost(),
-                refused(flat.failed)
-            );
+            let flat = chain
+                .flat_out(nats_pid, 0, plan.flat_out, push_size, 4096)
+                .await;
             chain.stop().await;
             Some(flat)
         }
@@ -248,7 +240,17 @@ impl Chain {
     }
 
     /// `n` publishes with up to `window` acks outstanding; then settles.
-    async fn flat_out(&mut self, lo: u64, n: u64, push_size: usize, window: usize) -> Flat {
+    /// Publishes `n` as fast as `window` acks in flight allow; prints and
+    /// returns the figures, with the CPU the server and this client used.
+    async fn flat_out(
+        &mut self,
+        nats_pid: Option<u32>,
+        lo: u64,
+        n: u64,
+        push_size: usize,
+        window: usize,
+    ) -> Flat {
+        let meter = crate::CpuMeter::start(ceiling_processes(nats_pid));
         let t0 = Instant::now();
         self.recorder.begin(lo, n, t0, 1e12);
         let mut acks = FuturesUnordered::new();
@@ -277,12 +279,22 @@ impl Chain {
         let step = self
             .settle(n, Instant::now() + Duration::from_secs(120))
             .await;
-        Flat {
+        let cpu = meter.read(step.elapsed());
+        let flat = Flat {
             step,
             n,
             failed,
-            cpu: crate::CpuUse::default(),
-        }
+            cpu,
+        };
+        eprintln!(
+            "{} flat out: {} messages at {:.0}/s, lost {}{}",
+            self.mode.label(),
+            flat.n,
+            flat.step.achieved(),
+            flat.lost(),
+            refused(flat.failed)
+        );
+        flat
     }
 
     /// Ends the step once `expected` messages arrived, or once both

@@ -10,13 +10,29 @@ use async_nats::jetstream;
 use prost::{Message, Name};
 use pushbus_shared::bus::{ConsumeError, ConsumerSpec, Handler, Publisher, run_consumer};
 use pushbus_shared::proto::ref_selector::Kind;
-use pushbus_shared::proto::{RefSelector, Source, Watch};
+use pushbus_shared::proto::{AgentPoke, ChangeKind, RefKind, RefSelector, Source, Watch};
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::topology::{self, Topology};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
+
+/// A poke for an update of `refs/heads/main` of project `project_id`
+/// (`group/app`) from `1…1` to `new_sha`, as filter publishes it.
+pub(crate) fn main_branch_poke(agent_id: &str, project_id: i64, new_sha: String) -> AgentPoke {
+    AgentPoke {
+        agent_id: agent_id.into(),
+        project_id,
+        project_path: "group/app".into(),
+        r#ref: "refs/heads/main".into(),
+        ref_kind: RefKind::Branch as i32,
+        change_kind: ChangeKind::Update as i32,
+        old_sha: "1".repeat(40),
+        new_sha,
+        ..Default::default()
+    }
+}
 
 /// A JetStream context with PUSHBUS_PUSHES and the dead-letter stream, and a
 /// publisher on it (source `test`).

@@ -9,13 +9,13 @@ use std::time::Duration;
 use pushbus_shared::EventMeta;
 use pushbus_shared::bus::Publisher;
 use pushbus_shared::names;
-use pushbus_shared::proto::{AgentConfig, AgentPoke, ChangeKind, RefKind, Source, Webhook};
+use pushbus_shared::proto::{AgentConfig, Source, Webhook};
 use pushbus_shared::testkit::{self, NatsServer, free_port};
 use pushbus_shared::topology;
 
-use crate::fixtures::{any_ref_of, run_with_stdin};
+use crate::fixtures::{any_ref_of, main_branch_poke, run_with_stdin};
 use crate::guarantees::{Process, until};
-use crate::support::{Replica, SseReader, Stack, local, register};
+use crate::support::{Replica, SseReader, Stack, StackOptions, local, register};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
 
@@ -86,6 +86,35 @@ async fn stored_push(
     resp
 }
 
+/// `pushbus events tail` from the first message, stopping after `count`.
+fn events_tail(nats: &NatsServer, count: usize, args: &[&str]) -> String {
+    let count = count.to_string();
+    let mut all = vec!["events", "tail", "--since", "1", "--count", &count];
+    all.extend_from_slice(args);
+    pushbus(nats, &all)
+}
+
+/// The one push to `project` and the one poke of `agent`, as `pushbus
+/// events tail --json` prints them.
+fn push_and_poke_tailed(
+    nats: &NatsServer,
+    project: i64,
+    agent: &str,
+) -> (serde_json::Value, serde_json::Value) {
+    let (pushes, pokes) = (
+        format!("pushbus.push.{project}.*"),
+        format!("pushbus.poke.{agent}"),
+    );
+    let out = events_tail(nats, 2, &["--json", &pushes, &pokes]);
+    let events = json_lines(&out);
+    assert_eq!(events.len(), 2, "{out}");
+    let of_type = |t: &str| events.iter().find(|e| e["type"] == t).cloned().unwrap();
+    (
+        of_type("pushbus.v1.GitPushEvent"),
+        of_type("pushbus.v1.AgentPoke"),
+    )
+}
+
 // One push and its poke, read back decoded: the push's refs, the poke's
 // agent, one correlation ID, the poke caused by the push.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -96,30 +125,7 @@ async fn events_tail_prints_pushes_and_pokes_decoded() {
     stored_push(&stack, 70, "a", "tail-1").await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
     until_holds("the poke is stored", &js, names::STREAM_POKES, 1).await;
-    let out = pushbus(
-        &nats,
-        &[
-            "events",
-            "tail",
-            "--since",
-            "1",
-            "--count",
-            "2",
-            "--json",
-            "pushbus.push.70.*",
-            "pushbus.poke.tailer",
-        ],
-    );
-    let events = json_lines(&out);
-    assert_eq!(events.len(), 2, "{out}");
-    let push = events
-        .iter()
-        .find(|e| e["type"] == "pushbus.v1.GitPushEvent")
-        .unwrap();
-    let poke = events
-        .iter()
-        .find(|e| e["type"] == "pushbus.v1.AgentPoke")
-        .unwrap();
+    let (push, poke) = push_and_poke_tailed(&nats, 70, "tailer");
     assert_eq!(push["payload"]["changes"][0]["new_sha"], "a".repeat(40));
     assert_eq!(push["payload"]["changes"][0]["ref"], "refs/heads/main");
     assert_eq!(poke["payload"]["agent_id"], "tailer");
@@ -127,18 +133,7 @@ async fn events_tail_prints_pushes_and_pokes_decoded() {
     assert_eq!(poke["correlation_id"], "tail-1");
     assert_eq!(poke["causation_id"], push["event_id"]);
     // The human form names the same things on one line each.
-    let human = pushbus(
-        &nats,
-        &[
-            "events",
-            "tail",
-            "--since",
-            "1",
-            "--count",
-            "1",
-            "pushbus.poke.tailer",
-        ],
-    );
+    let human = events_tail(&nats, 1, &["pushbus.poke.tailer"]);
     assert!(
         human.contains("poke agent tailer refs/heads/main"),
         "{human}"
@@ -216,17 +211,7 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     let notifier = Replica::notifier_with_webhooks(&nats.url(), webhooks).await;
     let publisher = Publisher::new(js.clone(), Source::default());
     let meta = EventMeta::fresh("dlq-corr");
-    let poke = AgentPoke {
-        agent_id: "hooked".into(),
-        project_id: 73,
-        project_path: "group/app".into(),
-        r#ref: "refs/heads/main".into(),
-        ref_kind: RefKind::Branch as i32,
-        change_kind: ChangeKind::Update as i32,
-        old_sha: "1".repeat(40),
-        new_sha: "2".repeat(40),
-        ..Default::default()
-    };
+    let poke = main_branch_poke("hooked", 73, "2".repeat(40));
     publisher
         .publish(names::webhook_subject("hooked"), &poke, &meta)
         .await
@@ -364,12 +349,74 @@ async fn status_shows_streams_consumers_and_each_instance() {
     assert!(human.contains("consumer filter"), "{human}");
 }
 
+/// The headers (first value of each) and payload of a stream's first message.
+async fn first_message(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> (serde_json::Map<String, serde_json::Value>, bytes::Bytes) {
+    use futures::StreamExt;
+    let msg = js
+        .get_stream(stream)
+        .await
+        .unwrap()
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap()
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .unwrap()
+        .unwrap();
+    let headers = msg
+        .headers
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::json!(v[0].as_str())))
+        .collect();
+    (headers, msg.payload.clone())
+}
+
+// `--bus-no-cloudevents`: no `ce-*` header on what the services publish,
+// and the pipeline and the tools work as before, from the envelope and the
+// `Pushbus-*` headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cloudevents_headers_the_pipeline_runs_on_the_envelope() {
+    let nats = NatsServer::start();
+    register(&nats, "bare", 76..=76).await;
+    let opts = StackOptions {
+        no_cloudevents: true,
+        ..Default::default()
+    };
+    let stack = Stack::start_with(&nats.url(), opts).await;
+    stored_push(&stack, 76, "c", "bare-1").await;
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    until_holds("the poke is stored", &js, names::STREAM_POKES, 1).await;
+    for stream in [names::STREAM_PUSHES, names::STREAM_POKES] {
+        let (headers, _) = first_message(&js, stream).await;
+        assert!(
+            headers.keys().all(|k| !k.starts_with("ce-")),
+            "{stream}: {headers:?}"
+        );
+        assert_eq!(
+            headers[names::headers::CORRELATION_ID],
+            "bare-1",
+            "{stream}"
+        );
+    }
+    let (_, poke) = push_and_poke_tailed(&nats, 76, "bare");
+    assert_eq!(poke["payload"]["new_sha"], "c".repeat(40));
+    assert_eq!(poke["correlation_id"], "bare-1");
+    stack.stop().await;
+}
+
 // Every message carries CloudEvents binary-mode headers; the CloudEvents
 // Python SDK (installed by `make tools`) reads them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_read_back_with_a_cloudevents_sdk() {
     use base64::Engine;
-    use futures::StreamExt;
     let nats = NatsServer::start();
     let stack = Stack::start(&nats.url()).await;
     let resp = stored_push(&stack, 75, "b", "ce-1").await;
@@ -378,29 +425,10 @@ async fn messages_read_back_with_a_cloudevents_sdk() {
         .unwrap()
         .to_owned();
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .unwrap();
-    let msg = consumer
-        .messages()
-        .await
-        .unwrap()
-        .next()
-        .await
-        .unwrap()
-        .unwrap();
-    let headers: serde_json::Map<String, serde_json::Value> = msg
-        .headers
-        .as_ref()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.to_string(), serde_json::json!(v[0].as_str())))
-        .collect();
+    let (headers, payload) = first_message(&js, names::STREAM_PUSHES).await;
     let input = serde_json::json!({
         "headers": headers,
-        "body_b64": base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+        "body_b64": base64::engine::general_purpose::STANDARD.encode(&payload),
     });
     let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.tools/venv/bin/python");
     let script = concat!(

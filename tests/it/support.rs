@@ -20,6 +20,8 @@ pub struct StackOptions {
     pub geo_routes: bool,
     /// `--replicas` of every service.
     pub replicas: u8,
+    /// `--bus-no-cloudevents`.
+    pub no_cloudevents: bool,
 }
 
 impl Default for StackOptions {
@@ -30,6 +32,7 @@ impl Default for StackOptions {
             lag: Some(Default::default()),
             geo_routes: false,
             replicas: 1,
+            no_cloudevents: false,
         }
     }
 }
@@ -102,6 +105,7 @@ impl Stack {
         let token = CancellationToken::new();
         let mut bus = service::BusConfig::from(nats_url);
         bus.topology.replicas = opts.replicas;
+        bus.no_cloudevents = opts.no_cloudevents;
         let task = tokio::spawn({
             let token = token.clone();
             async move { service::host(bus, ops_listener, launchers, token).await }

@@ -17,7 +17,7 @@ use pushbus_shared::proto::{
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
 
-use crate::fixtures::any_ref_of;
+use crate::fixtures::{any_ref_of, main_branch_poke};
 use crate::support::Replica;
 
 const DLQ_SUBJECT: &str = "pushbus.dlq.gitops-notifier-webhooks";
@@ -221,17 +221,7 @@ async fn publisher(nats: &NatsServer) -> Publisher {
 /// Publishes a webhook delivery for `agent_id` straight onto its stream (as
 /// filter does for agents with a webhook).
 async fn poke(publisher: &Publisher, agent_id: &str, sha: u32) -> String {
-    let poke = AgentPoke {
-        agent_id: agent_id.into(),
-        project_id: 42,
-        project_path: "group/app".into(),
-        r#ref: "refs/heads/main".into(),
-        ref_kind: RefKind::Branch as i32,
-        change_kind: ChangeKind::Update as i32,
-        old_sha: "1".repeat(40),
-        new_sha: format!("{sha:040x}"),
-        ..Default::default()
-    };
+    let poke = main_branch_poke(agent_id, 42, format!("{sha:040x}"));
     let meta = EventMeta::fresh("corr-webhook-test");
     publisher
         .publish(names::webhook_subject(agent_id), &poke, &meta)

@@ -39,11 +39,7 @@ pub struct Config {
     pub ack_wait_secs: u64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        pushbus_shared::service::flag_defaults()
-    }
-}
+pushbus_shared::default_from_flags!(Config);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -155,18 +155,7 @@ pub struct DoorArgs {
     pub login_cache_ms: u64,
 }
 
-impl Default for DoorArgs {
-    fn default() -> Self {
-        pushbus_shared::service::flag_defaults()
-    }
-}
-
-/// The flags' defaults.
-impl Default for Config {
-    fn default() -> Self {
-        pushbus_shared::service::flag_defaults()
-    }
-}
+pushbus_shared::default_from_flags!(DoorArgs, Config);
 
 impl Config {
     /// The flags' defaults, listening on `listen`.

@@ -30,11 +30,7 @@ pub struct RouteTtlArgs {
     pub geo_route_ttl_secs: u64,
 }
 
-impl Default for RouteTtlArgs {
-    fn default() -> Self {
-        pushbus_shared::service::flag_defaults()
-    }
-}
+pushbus_shared::default_from_flags!(RouteTtlArgs);
 
 impl RouteTtlArgs {
     pub fn ttl(&self) -> Duration {

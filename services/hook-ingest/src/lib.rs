@@ -135,11 +135,7 @@ pub struct DoorArgs {
     pub unauthenticated_body_bytes: usize,
 }
 
-impl Default for DoorArgs {
-    fn default() -> Self {
-        pushbus_shared::service::flag_defaults()
-    }
-}
+pushbus_shared::default_from_flags!(DoorArgs);
 
 impl Config {
     /// The flags' defaults, listening on `listen`.

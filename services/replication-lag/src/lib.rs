@@ -45,18 +45,18 @@ pub struct Config {
     pub unhealthy_after_seconds: u64,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        pushbus_shared::service::flag_defaults()
-    }
-}
+pushbus_shared::default_from_flags!(Config);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Topology(#[from] topology::TopologyError),
-    #[error("cannot open {what}: {detail}")]
-    Open { what: &'static str, detail: String },
+    #[error("cannot open {what}: {source}")]
+    Open {
+        what: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
 }
 
 pub fn topology() -> Topology {
@@ -99,12 +99,8 @@ impl pushbus_shared::service::Service for ReplicationLag {
         shutdown: CancellationToken,
     ) -> Result<(), Error> {
         ctx.ensure(topology()).await?;
-        let open = |what: &'static str| {
-            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Open {
-                what,
-                detail: e.to_string(),
-            }
-        };
+        let open =
+            |what: &'static str| move |source: async_nats::Error| Error::Open { what, source };
         let lag = Lag {
             nodes: ctx
                 .js

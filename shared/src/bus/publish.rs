@@ -50,6 +50,8 @@ pub struct Publisher {
     source: Source,
     /// `ce-source`, made once rather than per message.
     ce_source: String,
+    /// Whether messages carry the CloudEvents `ce-*` headers.
+    cloud_events: bool,
 }
 
 /// A publish that was sent; its ack has not been awaited yet. Awaiting acks
@@ -83,7 +85,17 @@ impl Publisher {
             js,
             source,
             ce_source,
+            cloud_events: true,
         }
+    }
+
+    /// Leaves the CloudEvents headers off (`--bus-no-cloudevents`): every
+    /// reader of the bus parses each header of each message, and these are
+    /// most of them. The envelope and the `Pushbus-*` headers still carry
+    /// the same facts.
+    pub fn without_cloud_events(mut self) -> Self {
+        self.cloud_events = false;
+        self
     }
 
     pub fn jetstream(&self) -> &jetstream::Context {
@@ -163,7 +175,9 @@ impl Publisher {
         map.insert(static_name(headers::EVENT_TYPE), M::full_name().as_str());
         let trace = span.in_scope(|| trace::inject_current(&mut map));
         let env = envelope::seal(msg, meta, &self.source, trace);
-        cloud_event_headers(&mut map, &env, &M::full_name(), &subject, &self.ce_source);
+        if self.cloud_events {
+            cloud_event_headers(&mut map, &env, &M::full_name(), &subject, &self.ce_source);
+        }
         let mut publish = PublishMessage::build()
             .headers(map)
             .message_id(&meta.event_id)

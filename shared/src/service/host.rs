@@ -83,6 +83,9 @@ pub async fn host(
             tracing::info!(service = name, "starting");
             let mut ctx = ServiceContext::new(name, client, ready);
             ctx.topology = bus.topology.clone();
+            if bus.no_cloudevents {
+                ctx.publisher = ctx.publisher.without_cloud_events();
+            }
             let result = (launcher.start)(ctx, token).await;
             (name, result.map_err(ServiceFailure::Run))
         });

@@ -64,6 +64,19 @@ pub fn flag_defaults<C: clap::Args + clap::FromArgMatches>() -> C {
         .expect("every flag of a service's config has a default")
 }
 
+/// `impl Default` for flag structs, as [`flag_defaults`]: the defaults are
+/// written once, on the flags, and never again by hand.
+#[macro_export]
+macro_rules! default_from_flags {
+    ($($config:ty),+ $(,)?) => {$(
+        impl ::core::default::Default for $config {
+            fn default() -> Self {
+                $crate::service::flag_defaults()
+            }
+        }
+    )+};
+}
+
 /// Where a door listens: an address bound when the service starts, or a
 /// listener the caller bound already (tests bind port 0 and read the
 /// address back, so no port is picked and then lost to another process).
@@ -159,6 +172,15 @@ pub struct NatsArgs {
     /// Client key (PEM) for mutual TLS.
     #[arg(long = "nats-tls-key", env = "PUSHBUS_NATS_TLS_KEY", global = true)]
     pub nats_tls_key: Option<PathBuf>,
+    /// Publish without the CloudEvents `ce-*` headers: smaller messages and
+    /// less work for every reader, where nothing reads the bus as
+    /// CloudEvents (the envelope and `Pushbus-*` headers carry the same).
+    #[arg(
+        long = "bus-no-cloudevents",
+        env = "PUSHBUS_BUS_NO_CLOUDEVENTS",
+        global = true
+    )]
+    pub no_cloudevents: bool,
     #[command(flatten)]
     pub topology: TopologyArgs,
 }
@@ -193,9 +215,15 @@ impl NatsArgs {
 
     /// Everything `host` needs from these flags.
     pub fn bus(&self) -> Result<BusConfig, ConnectConfigError> {
+        self.bus_or(DEFAULT_NATS_URL)
+    }
+
+    /// Same, with `url` when no --nats-url was given (the embedded server).
+    pub fn bus_or(&self, url: &str) -> Result<BusConfig, ConnectConfigError> {
         Ok(BusConfig {
-            connect: self.connect_config()?,
+            connect: self.connect_config_or(url)?,
             topology: self.topology.clone(),
+            no_cloudevents: self.no_cloudevents,
         })
     }
 }
@@ -205,13 +233,15 @@ impl NatsArgs {
 pub struct BusConfig {
     pub connect: ConnectConfig,
     pub topology: TopologyArgs,
+    /// `--bus-no-cloudevents`: publish without the `ce-*` headers.
+    pub no_cloudevents: bool,
 }
 
 impl From<&str> for BusConfig {
     fn from(urls: &str) -> Self {
         Self {
             connect: ConnectConfig::plain(urls),
-            topology: TopologyArgs::default(),
+            ..Self::default()
         }
     }
 }
@@ -238,7 +268,7 @@ impl From<ConnectConfig> for BusConfig {
     fn from(connect: ConnectConfig) -> Self {
         Self {
             connect,
-            topology: TopologyArgs::default(),
+            ..Self::default()
         }
     }
 }
@@ -376,5 +406,23 @@ mod tests {
                 file: None
             }
         );
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        nats: super::NatsArgs,
+    }
+
+    #[test]
+    fn cloudevents_headers_stay_unless_switched_off() {
+        use clap::Parser;
+        let bus = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("pushbus").chain(args.iter().copied()));
+            cli.unwrap().nats.bus_or("nats://127.0.0.1:4222").unwrap()
+        };
+        assert!(!bus(&[]).no_cloudevents);
+        assert!(bus(&["--bus-no-cloudevents"]).no_cloudevents);
+        assert!(!super::BusConfig::from("nats://127.0.0.1:4222").no_cloudevents);
     }
 }

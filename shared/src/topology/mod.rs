@@ -48,11 +48,7 @@ pub struct TopologyArgs {
     pub max_msg_size: i32,
 }
 
-impl Default for TopologyArgs {
-    fn default() -> Self {
-        crate::service::flag_defaults()
-    }
-}
+crate::default_from_flags!(TopologyArgs);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {

@@ -96,11 +96,7 @@ pub struct WebhookConfig {
     pub config_cache_ms: u64,
 }
 
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        pushbus_shared::service::flag_defaults()
-    }
-}
+pushbus_shared::default_from_flags!(WebhookConfig);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
