@@ -240,8 +240,8 @@ impl Chain {
     }
 
     /// `n` publishes with up to `window` acks outstanding; then settles.
-    /// Publishes `n` as fast as `window` acks in flight allow; prints and
-    /// returns the figures, with the CPU the server and this client used.
+    /// Prints and returns the figures, with the CPU the server and this
+    /// client used.
     async fn flat_out(
         &mut self,
         nats_pid: Option<u32>,
