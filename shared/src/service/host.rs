@@ -81,11 +81,7 @@ pub async fn host(
                 token.clone(),
             ));
             tracing::info!(service = name, "starting");
-            let mut ctx = ServiceContext::new(name, client, ready);
-            ctx.topology = bus.topology.clone();
-            if bus.no_cloudevents {
-                ctx.publisher = ctx.publisher.without_cloud_events();
-            }
+            let ctx = ServiceContext::new(name, client, ready, &bus);
             let result = (launcher.start)(ctx, token).await;
             (name, result.map_err(ServiceFailure::Run))
         });

@@ -301,20 +301,31 @@ pub struct ServiceContext {
 }
 
 impl ServiceContext {
-    pub fn new(service: &'static str, client: async_nats::Client, ready: ReadyFlag) -> Self {
+    /// `service`'s context on `client`, with `bus`'s topology and header
+    /// settings.
+    pub fn new(
+        service: &'static str,
+        client: async_nats::Client,
+        ready: ReadyFlag,
+        bus: &BusConfig,
+    ) -> Self {
         let js = jetstream::new(client.clone());
         let source = Source {
             service: service.into(),
             instance: instance_id(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
+        let mut publisher = Publisher::new(js.clone(), source);
+        if bus.no_cloudevents {
+            publisher = publisher.without_cloud_events();
+        }
         Self {
             service,
-            publisher: Publisher::new(js.clone(), source),
+            publisher,
             js,
             client,
             ready,
-            topology: TopologyArgs::default(),
+            topology: bus.topology.clone(),
         }
     }
 
