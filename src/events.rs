@@ -12,8 +12,10 @@ use crate::show;
 
 #[derive(clap::Args)]
 pub struct TailArgs {
-    /// Subjects to follow (wildcards allowed), e.g. `pushbus.push.42.*` or
-    /// `pushbus.poke.agent-1`. Default: every push, poke and webhook job.
+    /// Subjects to follow (wildcards allowed), e.g. `pushbus.push.42.*`, or
+    /// `pushbus.poke.agent-1` for that agent's ref heads (the pokes it is
+    /// sent; `$KV.pushbus-ref-heads.agent-1.>` says the same). Default: every
+    /// push, ref head and webhook job.
     subjects: Vec<String>,
     /// Start from here instead of from now: a stream sequence (`1` is the
     /// beginning), an RFC 3339 time, or an age such as `90s`, `10m`, `2h`, `1d`.
@@ -27,17 +29,25 @@ pub struct TailArgs {
     json: bool,
 }
 
-/// The stream a subject belongs to.
-fn stream_of(subject: &str) -> Option<&'static str> {
+/// The stream a subject belongs to, and the subject in that stream
+/// (`pushbus.poke.<agent>` names the agent's ref heads).
+fn stream_of(subject: &str) -> Option<(String, String)> {
+    let heads = show::heads_stream();
+    let heads_prefix = format!("$KV.{}.", names::BUCKET_REF_HEADS);
     let family: Vec<&str> = subject.splitn(4, '.').collect();
-    match family.as_slice() {
-        ["pushbus", "push", ..] => Some(names::STREAM_PUSHES),
-        ["pushbus", "poke", ..] => Some(names::STREAM_POKES),
-        ["pushbus", "webhook", ..] => Some(names::STREAM_WEBHOOKS),
-        ["pushbus", "dlq", ..] => Some(names::STREAM_DLQ),
-        ["pushbus", "geo", "status", ..] => Some(names::STREAM_GEO_STATUS),
-        _ => None,
-    }
+    let stream = match family.as_slice() {
+        ["pushbus", "push", ..] => names::STREAM_PUSHES,
+        ["pushbus", "poke", agent] if *agent == ">" => {
+            return Some((heads, format!("{heads_prefix}>")));
+        }
+        ["pushbus", "poke", agent] => return Some((heads, format!("{heads_prefix}{agent}.>"))),
+        _ if subject.starts_with(&heads_prefix) => return Some((heads, subject.to_owned())),
+        ["pushbus", "webhook", ..] => names::STREAM_WEBHOOKS,
+        ["pushbus", "dlq", ..] => names::STREAM_DLQ,
+        ["pushbus", "geo", "status", ..] => names::STREAM_GEO_STATUS,
+        _ => return None,
+    };
+    Some((stream.to_owned(), subject.to_owned()))
 }
 
 fn deliver_policy(since: Option<&str>) -> anyhow::Result<DeliverPolicy> {
@@ -70,29 +80,29 @@ pub async fn tail(js: jetstream::Context, args: TailArgs) -> anyhow::Result<()> 
     let subjects = if args.subjects.is_empty() {
         vec![
             names::SUBJECTS_PUSHES.to_owned(),
-            names::SUBJECTS_POKES.to_owned(),
+            "pushbus.poke.>".to_owned(),
             names::SUBJECTS_WEBHOOKS.to_owned(),
         ]
     } else {
         args.subjects.clone()
     };
-    let mut by_stream: Vec<(&'static str, Vec<String>)> = Vec::new();
+    let mut by_stream: Vec<(String, Vec<String>)> = Vec::new();
     for s in subjects {
-        let Some(stream) = stream_of(&s) else {
+        let Some((stream, subject)) = stream_of(&s) else {
             bail!(
-                "{s}: not a pushbus subject (pushbus.push.…, pushbus.poke.…, pushbus.webhook.…, pushbus.dlq.…, pushbus.geo.status.…)"
+                "{s}: not a pushbus subject (pushbus.push.…, pushbus.poke.…, $KV.pushbus-ref-heads.…, pushbus.webhook.…, pushbus.dlq.…, pushbus.geo.status.…)"
             );
         };
         match by_stream.iter_mut().find(|(n, _)| *n == stream) {
-            Some((_, list)) => list.push(s),
-            None => by_stream.push((stream, vec![s])),
+            Some((_, list)) => list.push(subject),
+            None => by_stream.push((stream, vec![subject])),
         }
     }
     let policy = deliver_policy(args.since.as_deref())?;
     let mut feeds = Vec::new();
     for (name, filter_subjects) in by_stream {
         let stream = js
-            .get_stream(name)
+            .get_stream(&name)
             .await
             .with_context(|| format!("opening {name}"))?;
         let consumer = stream
@@ -103,7 +113,14 @@ pub async fn tail(js: jetstream::Context, args: TailArgs) -> anyhow::Result<()> 
             })
             .await
             .with_context(|| format!("following {name}"))?;
-        feeds.push(consumer.messages().await?.map(move |m| (name, m)).boxed());
+        let name: std::sync::Arc<str> = name.into();
+        feeds.push(
+            consumer
+                .messages()
+                .await?
+                .map(move |m| (name.clone(), m))
+                .boxed(),
+        );
     }
     let mut all = futures::stream::select_all(feeds);
     let mut shown = 0;
@@ -116,7 +133,7 @@ pub async fn tail(js: jetstream::Context, args: TailArgs) -> anyhow::Result<()> 
         let m = message?;
         let Ok(info) = m.info() else { continue };
         let v = show::message(
-            stream,
+            &stream,
             info.stream_sequence,
             m.subject.as_str(),
             show::rfc3339(info.published),

@@ -5,7 +5,7 @@ use async_nats::HeaderMap;
 use prost::{Message, Name};
 use pushbus_shared::names::headers;
 use pushbus_shared::proto::{
-    AgentPoke, Envelope, GitPushEvent, RefChange, ReplicationStatus, change_kind_name,
+    AgentPoke, Envelope, GitPushEvent, RefChange, RefHead, ReplicationStatus, change_kind_name,
     ref_kind_name,
 };
 use serde_json::{Value, json};
@@ -26,6 +26,10 @@ pub fn message(
         "subject": subject,
         "time": time,
     });
+    if stream == heads_stream() {
+        ref_head(&mut out, headers, payload);
+        return out;
+    }
     match pushbus_shared::envelope::decode(payload) {
         Ok(env) => {
             out["event_id"] = json!(env.event_id);
@@ -56,6 +60,38 @@ pub fn message(
         });
     }
     out
+}
+
+/// The stream behind the ref heads bucket.
+pub fn heads_stream() -> String {
+    format!("KV_{}", pushbus_shared::names::BUCKET_REF_HEADS)
+}
+
+/// A ref head is a plain `RefHead` (no envelope); a removal is an empty
+/// message whose headers say why.
+fn ref_head(out: &mut Value, headers: Option<&HeaderMap>, payload: &[u8]) {
+    let removed = headers.and_then(|h| {
+        h.get("KV-Operation")
+            .or_else(|| h.get(async_nats::header::NATS_MARKER_REASON))
+            .map(|v| v.as_str().to_owned())
+    });
+    if let Some(why) = removed {
+        out["type"] = json!("removed");
+        out["removed"] = json!(why);
+        return;
+    }
+    match RefHead::decode(payload) {
+        Ok(head) => {
+            out["event_id"] = json!(head.event_id);
+            out["correlation_id"] = json!(head.correlation_id);
+            // What the envelope's causation ID says elsewhere: the push.
+            out["causation_id"] = json!(head.poke.as_ref().map(|p| p.push_event_id.clone()));
+            out["type"] = json!(RefHead::full_name());
+            out["traceparent"] = json!(head.trace.as_ref().map(|t| t.traceparent.clone()));
+            out["payload"] = head.poke.as_ref().map_or(Value::Null, poke);
+        }
+        Err(err) => out["undecodable"] = json!(err.to_string()),
+    }
 }
 
 fn payload_json(env: &Envelope) -> Value {
@@ -147,12 +183,13 @@ pub fn line(v: &Value) -> String {
                 .unwrap_or_default();
             format!("push project {} {}", p["project_id"], refs.join(", "))
         }
-        Some("pushbus.v1.AgentPoke") => format!(
+        Some("pushbus.v1.AgentPoke" | "pushbus.v1.RefHead") => format!(
             "poke agent {} {} {}",
             p["agent_id"].as_str().unwrap_or(""),
             p["ref"].as_str().unwrap_or(""),
             short(p["new_sha"].as_str().unwrap_or(""))
         ),
+        Some("removed") => format!("removed ({})", s("removed")),
         Some(t) => t.to_owned(),
         None => "undecodable".to_owned(),
     };

@@ -21,7 +21,6 @@ pub struct StatusArgs {
 
 const STREAMS: &[&str] = &[
     names::STREAM_PUSHES,
-    names::STREAM_POKES,
     names::STREAM_WEBHOOKS,
     names::STREAM_DLQ,
     names::STREAM_GEO_STATUS,

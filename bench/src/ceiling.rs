@@ -1,7 +1,8 @@
 //! Two ceilings: plain async-nats moving the same number of same-size
-//! messages through the same JetStream hops as pushbus (publish -> durable
-//! pull consumer -> publish -> durable pull consumer), with no processing in
-//! between.
+//! messages through two JetStream hops (publish -> durable pull consumer ->
+//! publish -> durable pull consumer), with no processing in between. The
+//! issue's yardstick; pushbus's second hop is lighter (a compare-and-set KV
+//! write followed by an ordered consumer, with no acks).
 //!
 //! - same-ack-mode: acked the way the bus acks (each publish ack awaited
 //!   before the message is acked, a plain ack, 16 lanes per hop);
@@ -176,7 +177,7 @@ impl Chain {
         let (pushes, pokes) = (format!("{prefix}_PUSHES"), format!("{prefix}_POKES"));
         let push_subjects = format!("{}.push.>", prefix.to_lowercase());
         let poke_prefix = format!("{}.poke", prefix.to_lowercase());
-        // The same stream settings as PUSHBUS_PUSHES / PUSHBUS_POKES.
+        // The same stream settings as PUSHBUS_PUSHES.
         for (name, subjects) in [
             (&pushes, push_subjects),
             (&pokes, format!("{poke_prefix}.>")),

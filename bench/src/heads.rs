@@ -54,8 +54,8 @@ pub async fn heads(args: HeadsBenchArgs) -> anyhow::Result<()> {
             }),
             event_id: format!("{n:032x}"),
             correlation_id: format!("{n:032x}"),
-            poke_sequence: n + 1,
             trace: None,
+            ..Default::default()
         };
         let subject = format!(
             "$KV.{}.{}",

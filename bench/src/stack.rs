@@ -18,10 +18,6 @@ pub const SERVICES: [&str; 3] = ["hook-ingest", "filter", "gitops-notifier"];
 /// the restart run should not sit 30 s waiting for them.
 pub const FILTER_ACK_WAIT_SECS: u64 = 5;
 
-/// The notifier's ack wait (its default, said here so the restart run waits
-/// for it): a SIGKILLed notifier's pulled pokes come back after this.
-pub const NOTIFIER_ACK_WAIT_SECS: u64 = 5;
-
 pub struct Stack {
     pub nats_url: String,
     /// `--replicas` of every service (the cluster's size, or 1).
@@ -76,11 +72,7 @@ impl Stack {
             .stdin(std::process::Stdio::null());
         match name {
             "hook-ingest" => cmd.arg("--ingest-listen").arg(self.ingest.to_string()),
-            "gitops-notifier" => cmd
-                .arg("--notifier-listen")
-                .arg(self.notifier.to_string())
-                .arg("--notifier-ack-wait-secs")
-                .arg(NOTIFIER_ACK_WAIT_SECS.to_string()),
+            "gitops-notifier" => cmd.arg("--notifier-listen").arg(self.notifier.to_string()),
             _ => cmd
                 .arg("--filter-ack-wait-secs")
                 .arg(FILTER_ACK_WAIT_SECS.to_string()),

@@ -500,7 +500,7 @@ step metrics "each ops port is its own service's: the push shows in its /metrics
 # A metric shows only once it has a value, so this waits for the push.
 for check in "hook-ingest $INGEST_OPS_HOST_PORT pushbus_ingest_pushes_total" \
     "filter $FILTER_OPS_HOST_PORT pushbus_messages_total" \
-    "gitops-notifier $NOTIFIER_OPS_HOST_PORT pushbus_messages_total"; do
+    "gitops-notifier $NOTIFIER_OPS_HOST_PORT pushbus_notifier_heads_followed_total"; do
     read -r svc port metric <<<"$check"
     # A handler's metric is recorded after it acks, which may be just after
     # the poke reached the stream: allow a few seconds.
@@ -516,10 +516,10 @@ done
 step streams "docker-compose exec nats-box nats stream ls (as the admin user)"
 compose exec -T nats-box sh -c 'NATS_USER=admin NATS_PASSWORD="$(cat /run/secrets/admin)" nats stream ls' >"$WORK/streams"
 sed 's/^/    | /' "$WORK/streams"
-for stream in PUSHBUS_PUSHES PUSHBUS_POKES PUSHBUS_WEBHOOKS PUSHBUS_DLQ PUSHBUS_GEO_STATUS KV_pushbus-agents; do
+for stream in PUSHBUS_PUSHES PUSHBUS_WEBHOOKS PUSHBUS_DLQ PUSHBUS_GEO_STATUS KV_pushbus-agents KV_pushbus-ref-heads; do
     grep -q "^$stream " "$WORK/streams" || fail "stream $stream is not listed"
 done
-for stream in PUSHBUS_PUSHES PUSHBUS_POKES; do
+for stream in PUSHBUS_PUSHES KV_pushbus-ref-heads; do
     awk -v s="$stream" '$1 == s && $2 >= 1 { found = 1 } END { exit !found }' "$WORK/streams" ||
         fail "$stream holds no message after the push"
 done

@@ -7,6 +7,7 @@ pub mod bus;
 pub mod codec;
 pub mod envelope;
 pub mod fallback;
+pub mod heads;
 pub mod listen;
 pub mod names;
 pub mod ops;

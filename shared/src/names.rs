@@ -14,12 +14,8 @@ pub const SERVICE_REPLICATION_LAG: &str = "replication-lag";
 pub const STREAM_PUSHES: &str = "PUSHBUS_PUSHES";
 pub const SUBJECTS_PUSHES: &str = "pushbus.push.>";
 
-/// Pokes for agents, one subject per agent: `pushbus.poke.<agent_id>`.
-pub const STREAM_POKES: &str = "PUSHBUS_POKES";
-pub const SUBJECTS_POKES: &str = "pushbus.poke.>";
-
 /// Webhook deliveries, only for agents whose config names a webhook:
-/// `pushbus.webhook.<agent_id>` (an `AgentPoke`, same event ID as the poke).
+/// `pushbus.webhook.<agent_id>` (an `AgentPoke`, same event ID as the ref head).
 pub const STREAM_WEBHOOKS: &str = "PUSHBUS_WEBHOOKS";
 pub const SUBJECTS_WEBHOOKS: &str = "pushbus.webhook.>";
 
@@ -43,7 +39,8 @@ pub const AGENTS_API_PREFIX: &str = "pushbus.api.agents";
 /// KV bucket: agent ID -> `AgentConfig`.
 pub const BUCKET_AGENTS: &str = "pushbus-agents";
 /// KV bucket: `<agent_id>.<project_id>.<hex(ref)>` -> `RefHead`, the latest
-/// poke per agent and ref (gitops-notifier's catch-up and live feed).
+/// poke per agent and ref: filter writes it, gitops-notifier follows it
+/// (live feed) and reads it (catch-up).
 pub const BUCKET_REF_HEADS: &str = "pushbus-ref-heads";
 /// KV bucket: node ID -> `GeoNode`.
 pub const BUCKET_GEO_NODES: &str = "pushbus-geo-nodes";
@@ -53,9 +50,8 @@ pub const BUCKET_GEO_PUSH_ROUTES: &str = "pushbus-geo-push-routes";
 
 /// Durable consumer names (one per service that consumes a stream).
 pub const CONSUMER_FILTER: &str = "filter";
-pub const CONSUMER_NOTIFIER: &str = "gitops-notifier";
-/// gitops-notifier's second consumer on the pokes: webhook deliveries, kept
-/// apart so their slow retries never hold up streamed pokes.
+/// gitops-notifier's consumer of webhook deliveries (its streamed pokes
+/// follow the ref heads bucket, so slow retries never hold them up).
 pub const CONSUMER_NOTIFIER_WEBHOOKS: &str = "gitops-notifier-webhooks";
 
 /// Queue group of the agent registry API responders (filter replicas).
@@ -106,10 +102,6 @@ pub fn push_subject(project_id: i64, event_id: &str) -> String {
 /// Every push of one project.
 pub fn project_push_subjects(project_id: i64) -> String {
     format!("pushbus.push.{project_id}.*")
-}
-
-pub fn poke_subject(agent_id: &str) -> String {
-    format!("pushbus.poke.{agent_id}")
 }
 
 pub fn webhook_subject(agent_id: &str) -> String {

@@ -134,7 +134,7 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     (
         "pushbus_filter_pokes_total",
         Kind::Counter,
-        "Pokes filter published.",
+        "Pokes filter made: one per matched agent and ref.",
     ),
     (
         "pushbus_filter_registry_agents",
@@ -142,14 +142,19 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Agents in filter's in-memory registry.",
     ),
     (
+        "pushbus_filter_heads_written_total",
+        Kind::Counter,
+        "Ref heads filter wrote (none for a push older than its ref's head).",
+    ),
+    (
         "pushbus_filter_index_build_seconds",
         Kind::Histogram,
         "Time to build filter's match index.",
     ),
     (
-        "pushbus_notifier_pokes_total",
+        "pushbus_notifier_heads_followed_total",
         Kind::Counter,
-        "Pokes gitops-notifier recorded as ref heads.",
+        "New ref heads this notifier replica's feed read and offered to its agents.",
     ),
     (
         "pushbus_notifier_connections",

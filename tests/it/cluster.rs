@@ -437,31 +437,27 @@ async fn consumer_peers(js: &jetstream::Context, stream: &str, consumer: &str) -
 /// a node died, filter matched every push but no agent was poked again.
 /// Consumers pinned to their replica count at creation stayed R1 and died
 /// with their node; consumers that inherit the stream's replicas follow it
-/// to R3 and survive. The node holding the notifier's consumer (and with it
-/// the PUSHBUS_PUSHES leader, if it is the same) stays down to the end.
+/// to R3 and survive. The node holding filter's consumer (the one durable
+/// consumer between a push and its ref head) stays down to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_scaled_by_hand_survives_the_loss_of_a_consumers_node() {
     under_steady_pushes_scaled(
         "node loss after scaling by hand",
         Scaled::ByHand,
         |c, js| async move {
-            for (stream, consumer) in [
-                (names::STREAM_POKES, names::CONSUMER_NOTIFIER),
-                (names::STREAM_PUSHES, names::CONSUMER_FILTER),
-            ] {
-                let c = consumer_cluster(&js, stream, consumer).await;
-                eprintln!(
-                    "{stream}/{consumer}: {:?}",
-                    c.map(|c| (c.leader, c.replicas.len()))
-                );
-            }
-            let leader = consumer_cluster(&js, names::STREAM_POKES, names::CONSUMER_NOTIFIER)
-                .await
+            let cluster = consumer_cluster(&js, names::STREAM_PUSHES, names::CONSUMER_FILTER).await;
+            eprintln!(
+                "PUSHBUS_PUSHES/filter: {:?}",
+                cluster
+                    .as_ref()
+                    .map(|c| (c.leader.clone(), c.replicas.len()))
+            );
+            let leader = cluster
                 .and_then(|c| c.leader)
-                .expect("the notifier's consumer has a leader");
+                .expect("filter's consumer has a leader");
             let i = NatsCluster::index_of(&leader).unwrap();
             c.lock().unwrap().nodes[i].kill();
-            eprintln!("killed {leader}, the notifier's consumer leader");
+            eprintln!("killed {leader}, filter's consumer leader");
             tokio::time::sleep(Duration::from_secs(10)).await;
         },
     )
@@ -472,14 +468,6 @@ async fn cluster_scaled_by_hand_survives_the_loss_of_a_consumers_node() {
 async fn cluster_pushes_leader_sigkill_loses_no_acked_push() {
     under_steady_pushes("PUSHBUS_PUSHES leader kill", |c, js| async move {
         kill_leader_of(c, js, names::STREAM_PUSHES).await
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_pokes_leader_sigkill_agents_end_on_newest() {
-    under_steady_pushes("PUSHBUS_POKES leader kill", |c, js| async move {
-        kill_leader_of(c, js, names::STREAM_POKES).await
     })
     .await;
 }
@@ -502,11 +490,7 @@ async fn cluster_rolling_restart_loses_nothing() {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let mut ok = true;
-                for s in [
-                    names::STREAM_PUSHES,
-                    names::STREAM_POKES,
-                    "KV_pushbus-ref-heads",
-                ] {
+                for s in [names::STREAM_PUSHES, "KV_pushbus-ref-heads"] {
                     ok &= current_peers(&js, s).await.is_some();
                 }
                 if ok {
@@ -542,7 +526,7 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
     while let Some(n) = names_.next().await {
         all.push(n.unwrap());
     }
-    assert!(all.len() >= 9, "{all:?}");
+    assert!(all.len() >= 8, "{all:?}");
     for n in &all {
         let info = stream_info(&js, n).await;
         assert_eq!(info.config.num_replicas, 3, "{n}");
@@ -550,7 +534,7 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
     // Consumers follow their streams (they inherit the replica count).
     for (stream, consumer) in [
         (names::STREAM_PUSHES, names::CONSUMER_FILTER),
-        (names::STREAM_POKES, names::CONSUMER_NOTIFIER),
+        (names::STREAM_WEBHOOKS, names::CONSUMER_NOTIFIER_WEBHOOKS),
     ] {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -590,7 +574,7 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
     assert_eq!(info.config.num_replicas, 3);
     let text = metrics(&stack).await;
     assert!(
-        text.contains(r#"object="stream PUSHBUS_POKES",fields="num_replicas""#),
+        text.contains(r#"object="stream PUSHBUS_WEBHOOKS",fields="num_replicas""#),
         "{text}"
     );
     stack.stop().await;

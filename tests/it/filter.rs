@@ -1,5 +1,5 @@
 //! filter against a real nats-server: replicas and restarts never lose or
-//! double a poke.
+//! double a ref head (the poke an agent is sent).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -7,26 +7,28 @@ use std::time::Duration;
 use prost::Message;
 use pushbus_shared::bus::Publisher;
 use pushbus_shared::proto::{
-    AgentConfig, AgentPoke, AgentRegistryReply, AgentRegistryRequest, ChangeKind, GitPushEvent,
-    RefChange, RefKind, RefSelector, Source, Watch, ref_selector::Kind,
+    AgentConfig, AgentRegistryReply, AgentRegistryRequest, ChangeKind, GitPushEvent, RefChange,
+    RefKind, RefSelector, Source, Watch, ref_selector::Kind,
 };
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
 
-use crate::support::{Replica, register, stored_events};
+use crate::support::{Replica, register, stored_heads};
 
-/// Publishes pushes `range` (project = 1 + i % 20) and returns the poke IDs
-/// they must yield: agent-a watches every project, agent-b only project 1.
+/// Publishes pushes `range` (project = 1 + i % 20, each to a branch of its
+/// own, so every head stays in the bucket) and returns the head IDs they
+/// must yield: agent-a watches every project, agent-b only project 1.
 async fn publish(publisher: &Publisher, range: std::ops::Range<u32>) -> HashSet<String> {
     let mut expected = HashSet::new();
     for i in range {
         let project = 1 + (i % 20) as i64;
+        let branch = format!("refs/heads/b{i}");
         let push = GitPushEvent {
             project_id: project,
             changes: vec![RefChange {
                 old_sha: "1".repeat(40),
                 new_sha: format!("{i:040x}"),
-                r#ref: "refs/heads/main".into(),
+                r#ref: branch.clone(),
                 ..Default::default()
             }],
             ..Default::default()
@@ -38,34 +40,35 @@ async fn publish(publisher: &Publisher, range: std::ops::Range<u32>) -> HashSet<
             .unwrap();
         for agent in ["agent-a", "agent-b"] {
             if agent == "agent-a" || project == 1 {
-                expected
-                    .insert(EventMeta::derived_from(&meta, &[agent, "refs/heads/main"]).event_id);
+                expected.insert(EventMeta::derived_from(&meta, &[agent, &branch]).event_id);
             }
         }
     }
     expected
 }
 
-async fn pokes_once(nats: &NatsServer, expected: &HashSet<String>) {
+async fn head_ids(nats: &NatsServer) -> (Vec<String>, u64) {
+    let (heads, writes) = stored_heads(nats).await;
+    (heads.into_iter().map(|h| h.event_id).collect(), writes)
+}
+
+/// Every expected head written, each once.
+async fn heads_once(nats: &NatsServer, expected: &HashSet<String>) {
     let mut ids = Vec::new();
     for _ in 0..300 {
-        ids = stored_events::<AgentPoke>(nats, names::STREAM_POKES)
-            .await
-            .into_iter()
-            .map(|(m, _)| m.event_id)
-            .collect();
+        ids = head_ids(nats).await.0;
         if ids.len() >= expected.len() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Settle: late duplicates would show up now.
+    // Settle: late rewrites would show up now.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let again = stored_events::<AgentPoke>(nats, names::STREAM_POKES).await;
-    assert_eq!(again.len(), ids.len(), "pokes kept coming");
+    let (again, writes) = head_ids(nats).await;
+    assert_eq!(again.len(), ids.len(), "heads kept coming");
+    assert_eq!(writes, ids.len() as u64, "a head was written twice");
     let unique: HashSet<String> = ids.iter().cloned().collect();
-    assert_eq!(unique.len(), ids.len(), "duplicate pokes");
-    assert_eq!(&unique, expected, "missing or unexpected pokes");
+    assert_eq!(&unique, expected, "missing or unexpected heads");
 }
 
 async fn setup(nats: &NatsServer) -> Publisher {
@@ -89,7 +92,7 @@ async fn two_replicas_on_one_consumer_lose_and_double_nothing() {
     );
     let expected = publish(&publisher, 0..200).await;
     assert_eq!(expected.len(), 210);
-    pokes_once(&nats, &expected).await;
+    heads_once(&nats, &expected).await;
     r1.stop().await;
     r2.stop().await;
 }
@@ -108,7 +111,7 @@ async fn restart_mid_stream_yields_every_poke_exactly_once() {
     expected.extend(publish(&publisher, 100..150).await);
     let second = Replica::filter(&nats.url()).await;
     expected.extend(publish(&publisher, 150..200).await);
-    pokes_once(&nats, &expected).await;
+    heads_once(&nats, &expected).await;
     second.stop().await;
 }
 
@@ -118,7 +121,7 @@ async fn registry_updates_apply_to_later_pushes() {
     let publisher = setup(&nats).await;
     let replica = Replica::filter(&nats.url()).await;
     let mut expected = publish(&publisher, 0..20).await;
-    pokes_once(&nats, &expected).await;
+    heads_once(&nats, &expected).await;
     // agent-c appears while the filter runs; its watch applies to later pushes.
     register(&nats, "agent-c", 1..=20).await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
@@ -127,12 +130,13 @@ async fn registry_updates_apply_to_later_pushes() {
     let mut probe = 1000;
     loop {
         let meta = EventMeta::deterministic("probe", &[&probe.to_string()]);
+        let branch = format!("refs/heads/probe{probe}");
         let push = GitPushEvent {
             project_id: 2,
             changes: vec![RefChange {
                 old_sha: "1".repeat(40),
                 new_sha: "2".repeat(40),
-                r#ref: "refs/heads/main".into(),
+                r#ref: branch.clone(),
                 ..Default::default()
             }],
             ..Default::default()
@@ -141,11 +145,10 @@ async fn registry_updates_apply_to_later_pushes() {
             .publish(names::push_subject(2, "test"), &push, &meta)
             .await
             .unwrap();
-        expected.insert(EventMeta::derived_from(&meta, &["agent-a", "refs/heads/main"]).event_id);
-        let c_id = EventMeta::derived_from(&meta, &["agent-c", "refs/heads/main"]).event_id;
+        expected.insert(EventMeta::derived_from(&meta, &["agent-a", &branch]).event_id);
+        let c_id = EventMeta::derived_from(&meta, &["agent-c", &branch]).event_id;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let pokes = stored_events::<AgentPoke>(&nats, names::STREAM_POKES).await;
-        if pokes.iter().any(|(m, _)| m.event_id == c_id) {
+        if head_ids(&nats).await.0.contains(&c_id) {
             expected.insert(c_id);
             break;
         }
@@ -163,7 +166,7 @@ async fn registry_updates_apply_to_later_pushes() {
         .map(|i| {
             EventMeta::derived_from(
                 &EventMeta::deterministic("c", &[&i.to_string()]),
-                &["agent-c", "refs/heads/main"],
+                &["agent-c", &format!("refs/heads/b{i}")],
             )
             .event_id
         })
@@ -173,14 +176,14 @@ async fn registry_updates_apply_to_later_pushes() {
         .map(|i| {
             EventMeta::derived_from(
                 &EventMeta::deterministic("c", &[&i.to_string()]),
-                &["agent-b", "refs/heads/main"],
+                &["agent-b", &format!("refs/heads/b{i}")],
             )
             .event_id
         })
         .collect();
     expected.extend(c_expected);
     expected.retain(|id| !b_later.contains(id));
-    pokes_once(&nats, &expected).await;
+    heads_once(&nats, &expected).await;
     replica.stop().await;
 }
 
@@ -331,11 +334,13 @@ async fn registry_request_api_validates_writes_and_applies() {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let poked: HashSet<String> = stored_events::<AgentPoke>(&nats, names::STREAM_POKES)
+        let poked: HashSet<String> = stored_heads(&nats)
             .await
+            .0
             .into_iter()
-            .filter(|(_, m)| m.push_event_id == meta.event_id)
-            .map(|(_, m)| m.agent_id)
+            .filter_map(|h| h.poke)
+            .filter(|p| p.push_event_id == meta.event_id)
+            .map(|p| p.agent_id)
             .collect();
         if poked.iter().map(String::as_str).collect::<HashSet<_>>() == want {
             break;
@@ -418,19 +423,20 @@ async fn tag_delete_and_force_pushes_poke_marked_as_such() {
         .publish(names::push_subject(30, "test"), &push, &meta)
         .await
         .unwrap();
-    let mut pokes = Vec::new();
+    let mut heads = Vec::new();
     for _ in 0..100 {
-        pokes = stored_events::<AgentPoke>(&nats, names::STREAM_POKES).await;
-        if pokes.len() >= 3 {
+        heads = stored_heads(&nats).await.0;
+        if heads.len() >= 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut got: Vec<(String, i32, i32, bool, String)> = pokes
+    let mut got: Vec<(String, i32, i32, bool, String)> = heads
         .into_iter()
-        .map(|(m, p)| {
-            assert_eq!(m.correlation_id, meta.correlation_id);
-            assert_eq!(m.causation_id, meta.event_id);
+        .map(|h| {
+            assert_eq!(h.correlation_id, meta.correlation_id);
+            let p = h.poke.unwrap();
+            assert_eq!(p.push_event_id, meta.event_id);
             (p.r#ref, p.ref_kind, p.change_kind, p.forced, p.new_sha)
         })
         .collect();

@@ -144,8 +144,8 @@ fn branch_push(project_id: i64, branch: &str, new_sha: &str) -> GitPushEvent {
 
 // A filter replica frozen while it holds push 1, a second replica handles
 // the later push 2, then the first is killed: push 1 comes back after
-// ack_wait and is published as a *later* poke. Ordered by poke sequence
-// (before), the head moved back to push 1's SHA; ordered by push, it stays.
+// ack_wait and its head is written *later*. Ordered by write, the head
+// would move back to push 1's SHA; ordered by push, it stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     let nats = NatsServer::start();
@@ -194,14 +194,8 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     a.signal(pushbus_shared::process::SIGKILL);
     drop(a);
     // Push 1 comes back to B after ack_wait (2 s) and is handled.
+    // Acked only once its head write was tried: the write found push 2's.
     until_consumer("push 1 handled again", &filter, done_with_two).await;
-    let pokes_consumer = consumer(&js, names::STREAM_POKES, names::CONSUMER_NOTIFIER).await;
-    until_consumer("every poke recorded", &pokes_consumer, done_with_two).await;
-    let pokes_stored = stream_messages(&js, names::STREAM_POKES).await;
-    assert!(
-        pokes_stored >= 2,
-        "push 1 was not republished: {pokes_stored}"
-    );
     head_is(&nats, "stale", 50, "main", &sha(2)).await;
     // And an agent catching up from scratch ends on push 2.
     let mut stream = watch(notifier_addr, agent("stale", Some(0))).await;
@@ -211,10 +205,72 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     notifier.stop().await;
 }
 
-// Sequences of a recreated PUSHBUS_POKES start again at 1; heads ordered by
-// poke sequence then refused every new poke (acked, never delivered).
+// filter wrote a push's heads and died before its ack reached the server:
+// the push comes back and is handled again. Writing its heads again would
+// give them new revisions, and agents the same SHA a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_recreated_pokes_stream_still_moves_heads() {
+async fn a_push_redelivered_after_its_heads_were_written_writes_them_once() {
+    use pushbus_shared::heads::{HeadWriter, Pruning};
+    use pushbus_shared::proto::{AgentPoke, RefHead};
+    let nats = NatsServer::start();
+    register(&nats, "once-a", 52..=52).await;
+    register(&nats, "once-b", 52..=52).await;
+    let js = jetstream::new(testkit::client(&nats).await);
+    pushbus_filter::topology(&Default::default())
+        .ensure(&js)
+        .await
+        .unwrap();
+    let meta = EventMeta::fresh("c-once");
+    let ack = test_publisher(&js)
+        .publish(
+            names::push_subject(52, &meta.event_id),
+            &branch_push(52, "main", &sha(1)),
+            &meta,
+        )
+        .await
+        .unwrap();
+    // What the dead replica had written: both heads, at the push's position.
+    let created = js
+        .get_stream(names::STREAM_PUSHES)
+        .await
+        .unwrap()
+        .cached_info()
+        .created;
+    let kv = js.get_key_value(names::BUCKET_REF_HEADS).await.unwrap();
+    let writer = HeadWriter::new(kv, js.clone(), Pruning::default());
+    for agent_id in ["once-a", "once-b"] {
+        let head = RefHead {
+            poke: Some(AgentPoke {
+                agent_id: agent_id.into(),
+                project_id: 52,
+                r#ref: "refs/heads/main".into(),
+                new_sha: sha(1),
+                push_sequence: ack.sequence,
+                push_epoch: i64::try_from(created.unix_timestamp_nanos()).unwrap(),
+                ..Default::default()
+            }),
+            event_id: EventMeta::derived_from(&meta, &[agent_id, "refs/heads/main"]).event_id,
+            ..Default::default()
+        };
+        assert!(writer.record(&head).await.unwrap());
+    }
+    let replica = Replica::filter(&nats.url()).await;
+    let filter = consumer(&js, names::STREAM_PUSHES, names::CONSUMER_FILTER).await;
+    until_consumer("the push handled again", &filter, |i| {
+        i.num_ack_pending == 0 && i.num_pending == 0 && i.ack_floor.stream_sequence >= ack.sequence
+    })
+    .await;
+    let (heads, writes) = crate::support::stored_heads(&nats).await;
+    assert_eq!(heads.len(), 2);
+    assert_eq!(writes, 2, "a head was written again");
+    replica.stop().await;
+}
+
+// Sequences of a recreated PUSHBUS_PUSHES start again at 1; heads ordered
+// by push sequence alone would refuse every new push (acked, never
+// delivered). The stream's creation time orders before the sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_pushes_stream_still_moves_heads() {
     let nats = NatsServer::start();
     register(&nats, "reborn", 51..=51).await;
     let stack = Stack::start(&nats.url()).await;
@@ -223,9 +279,9 @@ async fn a_recreated_pokes_stream_still_moves_heads() {
     }
     head_is(&nats, "reborn", 51, "main", &sha(5)).await;
     let js = jetstream::new(testkit::client(&nats).await);
-    js.delete_stream(names::STREAM_POKES).await.unwrap();
-    js.create_stream(topology::pokes_stream()).await.unwrap();
-    // The notifier's consumer went with the stream; it creates it again.
+    js.delete_stream(names::STREAM_PUSHES).await.unwrap();
+    js.create_stream(topology::pushes_stream()).await.unwrap();
+    // filter's consumer went with the stream; it creates it again.
     push(&stack, 51, "main", &sha(6)).await;
     head_is(&nats, "reborn", 51, "main", &sha(6)).await;
     stack.stop().await;

@@ -505,8 +505,6 @@ async fn heads_only_move_forward_across_replicas() {
             push_epoch: 1,
             ..Default::default()
         }),
-        // The order a poke was published in does not count.
-        poke_sequence: 1_000 - seq,
         ..Default::default()
     };
     assert!(a.record(&head(100)).await.unwrap());

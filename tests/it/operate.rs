@@ -86,6 +86,9 @@ async fn stored_push(
     resp
 }
 
+/// The stream behind the pushbus-ref-heads bucket.
+const HEADS_STREAM: &str = "KV_pushbus-ref-heads";
+
 /// `pushbus events tail` from the first message, stopping after `count`.
 fn events_tail(nats: &NatsServer, count: usize, args: &[&str]) -> String {
     let count = count.to_string();
@@ -94,8 +97,8 @@ fn events_tail(nats: &NatsServer, count: usize, args: &[&str]) -> String {
     pushbus(nats, &all)
 }
 
-/// The one push to `project` and the one poke of `agent`, as `pushbus
-/// events tail --json` prints them.
+/// The one push to `project` and the one ref head of `agent` (the poke it
+/// is sent), as `pushbus events tail --json` prints them.
 fn push_and_poke_tailed(
     nats: &NatsServer,
     project: i64,
@@ -111,7 +114,7 @@ fn push_and_poke_tailed(
     let of_type = |t: &str| events.iter().find(|e| e["type"] == t).cloned().unwrap();
     (
         of_type("pushbus.v1.GitPushEvent"),
-        of_type("pushbus.v1.AgentPoke"),
+        of_type("pushbus.v1.RefHead"),
     )
 }
 
@@ -124,7 +127,7 @@ async fn events_tail_prints_pushes_and_pokes_decoded() {
     let stack = Stack::start(&nats.url()).await;
     stored_push(&stack, 70, "a", "tail-1").await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    until_holds("the poke is stored", &js, names::STREAM_POKES, 1).await;
+    until_holds("the head is stored", &js, HEADS_STREAM, 1).await;
     let (push, poke) = push_and_poke_tailed(&nats, 70, "tailer");
     assert_eq!(push["payload"]["changes"][0]["new_sha"], "a".repeat(40));
     assert_eq!(push["payload"]["changes"][0]["ref"], "refs/heads/main");
@@ -393,19 +396,10 @@ async fn without_cloudevents_headers_the_pipeline_runs_on_the_envelope() {
     let stack = Stack::start_with(&nats.url(), opts).await;
     stored_push(&stack, 76, "c", "bare-1").await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    until_holds("the poke is stored", &js, names::STREAM_POKES, 1).await;
-    for stream in [names::STREAM_PUSHES, names::STREAM_POKES] {
-        let (headers, _) = first_message(&js, stream).await;
-        assert!(
-            headers.keys().all(|k| !k.starts_with("ce-")),
-            "{stream}: {headers:?}"
-        );
-        assert_eq!(
-            headers[names::headers::CORRELATION_ID],
-            "bare-1",
-            "{stream}"
-        );
-    }
+    until_holds("the head is stored", &js, HEADS_STREAM, 1).await;
+    let (headers, _) = first_message(&js, names::STREAM_PUSHES).await;
+    assert!(headers.keys().all(|k| !k.starts_with("ce-")), "{headers:?}");
+    assert_eq!(headers[names::headers::CORRELATION_ID], "bare-1");
     let (_, poke) = push_and_poke_tailed(&nats, 76, "bare");
     assert_eq!(poke["payload"]["new_sha"], "c".repeat(40));
     assert_eq!(poke["correlation_id"], "bare-1");

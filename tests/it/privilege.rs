@@ -471,11 +471,15 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     lag.stop().await;
 }
 
+/// A ref head of agent-x (project 1, `main`) that only filter may write.
+const FAKE_HEAD: &str = "$KV.pushbus-ref-heads.agent-x.1.6d61696e";
+
 /// Outside its permissions a user is refused, and the log and metrics name
 /// the subject. Run after the pipeline, whose check that no service was
 /// refused anything would otherwise see these.
 async fn outside_permissions_refused_with_subject(secured: &Secured) {
-    // hook-ingest may not poke agents, nor read the agent registry.
+    // hook-ingest may not poke agents (write a ref head), nor read the agent
+    // registry.
     let ingest = bus::connect_once(
         &secured.connect_config("hook-ingest"),
         "pushbus-hook-ingest",
@@ -485,7 +489,7 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_millis(500))
         .build(ingest.clone());
-    let poke = js.publish("pushbus.poke.agent-x", "fake".into()).await;
+    let poke = js.publish(FAKE_HEAD, "fake".into()).await;
     if let Ok(ack) = poke {
         assert!(ack.await.is_err(), "a denied publish was acked");
     }
@@ -519,7 +523,7 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
     // Each refusal is logged and counted with its subject.
     let deadline = Instant::now() + Duration::from_secs(5);
     let want = [
-        ("pushbus-hook-ingest", "publish", "pushbus.poke.agent-x"),
+        ("pushbus-hook-ingest", "publish", FAKE_HEAD),
         (
             "pushbus-hook-ingest",
             "publish",
@@ -562,12 +566,12 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
         .await
         .unwrap();
     let ajs = async_nats::jetstream::new(admin);
-    let pokes = ajs.get_stream("PUSHBUS_POKES").await.unwrap();
+    let heads = ajs.get_stream("KV_pushbus-ref-heads").await.unwrap();
     assert!(
-        pokes
-            .get_last_raw_message_by_subject("pushbus.poke.agent-x")
+        heads
+            .get_last_raw_message_by_subject(FAKE_HEAD)
             .await
             .is_err(),
-        "a refused poke was stored"
+        "a refused ref head was stored"
     );
 }

@@ -120,7 +120,8 @@ async fn deleted_branch_leaves_no_head_and_a_late_older_push_does_not_resurrect_
     assert_eq!(live_keys(&kv).await, vec![key]);
 }
 
-/// hook-ingest, filter and `notifiers` notifiers, each its own process.
+/// hook-ingest, filter (with `filter_flags`) and `notifiers` notifiers, each
+/// its own process.
 struct Pipeline {
     nats: NatsServer,
     ingest: SocketAddr,
@@ -132,6 +133,7 @@ impl Pipeline {
     async fn start(
         notifiers: usize,
         notifier_flags: &[&str],
+        filter_flags: &[&str],
         marker_ttl: Option<Duration>,
     ) -> Self {
         let nats = NatsServer::start();
@@ -144,7 +146,7 @@ impl Pipeline {
             &["--ingest-listen", &ingest.to_string()],
         )
         .await;
-        let f = Process::start(&url, "filter", &[]).await;
+        let f = Process::start(&url, "filter", filter_flags).await;
         let mut ns = Vec::new();
         for _ in 0..notifiers {
             let listen = local(free_port());
@@ -247,7 +249,7 @@ async fn memory_is(p: &Process, want: f64, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_agents_heads_are_gone_from_the_bucket_and_every_replica() {
     use pushbus_shared::proto::ref_selector::Kind;
-    let p = Pipeline::start(2, &[], None).await;
+    let p = Pipeline::start(2, &[], &[], None).await;
     let agents = p.agents().await;
     register(&agents, "doomed", 61, Kind::AnyBranch as i32).await;
     register(&agents, "keeper", 61, Kind::AnyBranch as i32).await;
@@ -299,7 +301,7 @@ async fn deleted_agents_heads_are_gone_from_the_bucket_and_every_replica() {
 // an agent that is not registered (a poke in flight while it was deleted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_of_unregistered_agents_are_swept() {
-    let p = Pipeline::start(1, &["--notifier-prune-interval-secs", "1"], None).await;
+    let p = Pipeline::start(1, &["--notifier-prune-interval-secs", "1"], &[], None).await;
     let kv = p.heads().await;
     let js = jetstream::new(testkit::client(&p.nats).await);
     let writer = HeadWriter::new(kv.clone(), js, Pruning::default());
@@ -324,7 +326,8 @@ async fn pipeline_refs_do_not_pile_up() {
     use pushbus_shared::proto::ref_selector::Kind;
     let p = Pipeline::start(
         2,
-        &["--notifier-deleted-ref-ttl-secs", "2"],
+        &[],
+        &["--filter-deleted-ref-ttl-secs", "2"],
         Some(Duration::from_secs(1)),
     )
     .await;

@@ -245,6 +245,43 @@ pub async fn stored_events<M: prost::Message + prost::Name + Default>(
     out
 }
 
+/// Every ref head in pushbus-ref-heads (removal markers skipped), and how
+/// many writes the bucket has taken (its stream's last sequence): a write
+/// made twice shows as more writes than heads.
+pub async fn stored_heads(
+    nats: &pushbus_shared::testkit::NatsServer,
+) -> (Vec<pushbus_shared::proto::RefHead>, u64) {
+    use futures::StreamExt;
+    use prost::Message;
+    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(nats).await);
+    let stream = js
+        .get_stream(format!("KV_{}", pushbus_shared::names::BUCKET_REF_HEADS))
+        .await
+        .unwrap();
+    let state = stream.get_info().await.unwrap().state;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer
+        .messages()
+        .await
+        .unwrap()
+        .take(state.messages as usize);
+    let mut heads = Vec::new();
+    while let Some(m) = messages.next().await {
+        let m = m.unwrap();
+        if m.headers
+            .as_ref()
+            .is_some_and(|h| h.get("KV-Operation").is_some())
+        {
+            continue;
+        }
+        heads.push(pushbus_shared::proto::RefHead::decode(m.payload.as_ref()).unwrap());
+    }
+    (heads, state.last_sequence)
+}
+
 /// One filter replica, hosted like in production.
 pub struct Replica {
     token: CancellationToken,

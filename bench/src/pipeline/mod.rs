@@ -201,8 +201,8 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     let mut restarts = Vec::new();
     for victim in ["filter", "gitops-notifier"] {
         let n = (plan.restart_rate as f64 * plan.restart_seconds) as u64;
-        let first_poke = js
-            .get_stream(names::STREAM_POKES)
+        let first_head = js
+            .get_stream(heads_stream())
             .await?
             .info()
             .await?
@@ -220,12 +220,13 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
         .await;
         match outcome {
             Ok(outcome) => {
-                let stored = pokes_in_stream(&js, first_poke, next_seq, n)
-                    .await
-                    .unwrap_or_else(|err| {
-                        eprintln!("counting stored pokes failed: {err:#}");
-                        0
-                    });
+                let stored =
+                    heads_in_bucket(&js, first_head, (next_seq, n), &load, plan.restart_rate)
+                        .await
+                        .unwrap_or_else(|err| {
+                            eprintln!("counting stored heads failed: {err:#}");
+                            0
+                        });
                 let name = format!("pushbus, {victim} restarted");
                 eprintln!("{}", outcome.step.line(&name, outcome.lost));
                 restarts.push((victim, outcome, stored, n));
@@ -237,7 +238,7 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     }
 
     let push_size = mean_message_size(&js, names::STREAM_PUSHES).await?;
-    let poke_size = mean_message_size(&js, names::STREAM_POKES).await?;
+    let poke_size = mean_message_size(&js, &heads_stream()).await?;
     agents.stop().await;
     stack.stop().await;
 

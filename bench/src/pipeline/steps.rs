@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use async_nats::jetstream;
 use futures::StreamExt;
+use prost::Message;
 use pushbus_shared::names;
-use pushbus_shared::proto::AgentPoke;
+use pushbus_shared::proto::RefHead;
 
-use crate::stack::{FILTER_ACK_WAIT_SECS, NOTIFIER_ACK_WAIT_SECS, Stack};
+use crate::stack::{FILTER_ACK_WAIT_SECS, Stack};
 use crate::{Recorder, open_loop};
 
 use super::*;
@@ -167,10 +168,9 @@ pub(super) async fn run_step(
                 "all agents live again {:.2} s later",
                 started.elapsed().as_secs_f64()
             );
-            // The pokes the killed replica had pulled come back after its
-            // ack_wait; a shorter quiet spell counted them lost (they were
-            // only late).
-            quiet = Duration::from_secs(NOTIFIER_ACK_WAIT_SECS + 3);
+            // Heads written while it was down reach the agents through
+            // catch-up on reconnect; give the last of them a moment.
+            quiet = Duration::from_secs(3);
         } else {
             // A killed filter's un-acked pushes come back after ack_wait.
             quiet = Duration::from_secs(FILTER_ACK_WAIT_SECS + 3);
@@ -298,15 +298,17 @@ pub(super) async fn flat_out(
     ))
 }
 
-/// Distinct pushes of `lo..lo + n` with at least one poke stored in
-/// PUSHBUS_POKES from stream sequence `from` on.
-pub(super) async fn pokes_in_stream(
+/// Pushes of `lo..lo + n` (sent by `load` at `rate`) whose ref head, or a
+/// newer push's head of the same agent and ref, is stored in
+/// pushbus-ref-heads from revision `from` on: a newer push replaces the head.
+pub(super) async fn heads_in_bucket(
     js: &jetstream::Context,
     from: u64,
-    lo: u64,
-    n: u64,
+    (lo, n): (u64, u64),
+    load: &Load,
+    rate: u64,
 ) -> anyhow::Result<u64> {
-    let stream = js.get_stream(names::STREAM_POKES).await?;
+    let stream = js.get_stream(heads_stream()).await?;
     let last = stream.get_info().await?.state.last_sequence;
     if last < from {
         return Ok(0);
@@ -320,16 +322,18 @@ pub(super) async fn pokes_in_stream(
         })
         .await?;
     let mut messages = consumer.messages().await?;
-    let mut seen = std::collections::HashSet::new();
+    // The newest stored push per agent and ref.
+    let mut newest = std::collections::HashMap::new();
     while let Some(msg) = tokio::time::timeout(Duration::from_secs(5), messages.next())
         .await
-        .context("reading PUSHBUS_POKES")?
+        .context("reading pushbus-ref-heads")?
     {
         let msg = msg?;
-        let env = pushbus_shared::envelope::decode(&msg.payload)?;
-        let poke: AgentPoke = pushbus_shared::envelope::open(&env)?;
-        if let Some(seq) = seq_of(&poke.new_sha).filter(|s| (lo..lo + n).contains(s)) {
-            seen.insert(seq);
+        let head = RefHead::decode(msg.payload.as_ref()).unwrap_or_default();
+        let sha = head.poke.map(|p| p.new_sha).unwrap_or_default();
+        if let Some(seq) = seq_of(&sha).filter(|s| (lo..lo + n).contains(s)) {
+            let top = newest.entry(load.key(seq - lo, rate)).or_insert(seq);
+            *top = (*top).max(seq);
         }
         if msg
             .info()
@@ -340,7 +344,19 @@ pub(super) async fn pokes_in_stream(
             break;
         }
     }
-    Ok(seen.len() as u64)
+    let covered = (lo..lo + n)
+        .filter(|&seq| {
+            newest
+                .get(&load.key(seq - lo, rate))
+                .is_some_and(|&top| top >= seq)
+        })
+        .count();
+    Ok(covered as u64)
+}
+
+/// The stream behind the pushbus-ref-heads bucket.
+pub(super) fn heads_stream() -> String {
+    format!("KV_{}", names::BUCKET_REF_HEADS)
 }
 
 /// Mean stored message size of a stream (payload, subject and headers).

@@ -33,7 +33,7 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
         plan.agents, STREAMS_PER_CONNECTION
     );
     println!(
-        "stored sizes: push {} B, poke {} B (ceiling and Redis use the same)",
+        "stored sizes: push {} B, poke (ref head) {} B (ceiling and Redis use the same)",
         r.push_size, r.poke_size
     );
     println!(
@@ -145,7 +145,7 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
     );
     for (victim, o, stored, n) in r.restarts {
         println!(
-            "  pushbus, SIGKILL {victim:<16} pushes {n}, refused {}, pokes stored in PUSHBUS_POKES for {stored}, received by agents {}, superseded by a newer push of the ref {} -> lost at agents {}",
+            "  pushbus, SIGKILL {victim:<16} pushes {n}, refused {}, with a stored ref head (theirs or a newer one of the ref) {stored}, received by agents {}, superseded by a newer push of the ref {} -> lost at agents {}",
             o.refused, o.step.received, o.superseded, o.lost
         );
     }

@@ -10,10 +10,13 @@ pub mod registry;
 
 use tokio_util::sync::CancellationToken;
 
+use futures::StreamExt;
 use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
-use pushbus_shared::proto::{AgentPoke, GitPushEvent};
+use pushbus_shared::heads::{HeadWriter, HeadsError, Pruning};
+use pushbus_shared::proto::{AgentPoke, GitPushEvent, RefHead};
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{EventMeta, ServiceContext, names};
+use tracing::Instrument;
 
 pub use registry::{RegistryError, put_agent};
 
@@ -37,9 +40,25 @@ pub struct Config {
         default_value_t = 30
     )]
     pub ack_wait_secs: u64,
+    /// Seconds a deleted branch's or tag's tombstone head is kept: it must
+    /// outlive every older push that could still arrive (PUSHBUS_PUSHES
+    /// keeps pushes 7 days), or such a push brings the deleted ref back.
+    #[arg(
+        long = "filter-deleted-ref-ttl-secs",
+        env = "PUSHBUS_FILTER_DELETED_REF_TTL_SECS",
+        default_value_t = pushbus_shared::heads::DELETED_REF_TTL.as_secs()
+    )]
+    pub deleted_ref_ttl_secs: u64,
 }
 
 pushbus_shared::default_from_flags!(Config);
+
+fn pruning(config: &Config) -> Pruning {
+    Pruning {
+        deleted_ref_ttl: std::time::Duration::from_secs(config.deleted_ref_ttl_secs.max(1)),
+        ..Pruning::default()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,6 +68,8 @@ pub enum Error {
     Consume(#[from] bus::ConsumeError),
     #[error("cannot open the agent registry: {0}")]
     Registry(#[source] async_nats::jetstream::context::KeyValueError),
+    #[error("cannot open the ref heads bucket: {0}")]
+    Heads(#[source] async_nats::jetstream::context::KeyValueError),
     #[error("cannot open the agent registry: agent registry API: {0}")]
     RegistryApi(#[source] async_nats::Error),
 }
@@ -64,11 +85,10 @@ pub fn topology(config: &Config) -> Topology {
     Topology {
         streams: vec![
             topology::pushes_stream(),
-            topology::pokes_stream(),
             topology::webhooks_stream(),
             topology::dlq_stream(),
         ],
-        buckets: vec![topology::agents_bucket()],
+        buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
         consumers: vec![(
             names::STREAM_PUSHES.into(),
             consumer_spec(config).pull_config(),
@@ -107,6 +127,11 @@ impl pushbus_shared::service::Service for Filter {
             .get_key_value(names::BUCKET_AGENTS)
             .await
             .map_err(Error::Registry)?;
+        let heads = ctx
+            .js
+            .get_key_value(names::BUCKET_REF_HEADS)
+            .await
+            .map_err(Error::Heads)?;
 
         // Registrations are accepted even while the index is still loading:
         // they are KV writes, and the watch brings them into the index.
@@ -131,6 +156,7 @@ impl pushbus_shared::service::Service for Filter {
             let handler = PushHandler {
                 index,
                 publisher: ctx.publisher.clone(),
+                writer: HeadWriter::new(heads, ctx.js.clone(), pruning(&config)),
             };
             bus::run_consumer(
                 ctx.js.clone(),
@@ -151,9 +177,35 @@ impl pushbus_shared::service::Service for Filter {
     }
 }
 
+/// Heads of one push written at once (a push to a platform-wide project
+/// can concern hundreds of agents).
+const HEAD_WRITES_IN_FLIGHT: usize = 64;
+
+/// Writes every head, up to [`HEAD_WRITES_IN_FLIGHT`] at once (different
+/// keys: the writes need not wait for each other); how many it wrote.
+async fn record_all(writer: &HeadWriter, heads: &[RefHead]) -> Result<u64, HeadsError> {
+    let mut in_flight = futures::stream::FuturesUnordered::new();
+    let mut wrote = 0;
+    for head in heads {
+        if in_flight.len() == HEAD_WRITES_IN_FLIGHT
+            && let Some(done) = in_flight.next().await
+        {
+            wrote += u64::from(done?);
+        }
+        let agent_id = head.poke.as_ref().map_or("", |p| p.agent_id.as_str());
+        let span = tracing::info_span!("write ref head", %agent_id);
+        in_flight.push(writer.record(head).instrument(span));
+    }
+    while let Some(done) = in_flight.next().await {
+        wrote += u64::from(done?);
+    }
+    Ok(wrote)
+}
+
 struct PushHandler {
     index: registry::SharedIndex,
     publisher: pushbus_shared::bus::Publisher,
+    writer: HeadWriter,
 }
 
 impl Handler<GitPushEvent> for PushHandler {
@@ -178,7 +230,9 @@ impl Handler<GitPushEvent> for PushHandler {
             tracing::debug!(project_id = push.project_id, "push matches no agent");
             return Ok(());
         }
-        let mut pending = Vec::with_capacity(matches.len());
+        // Webhook jobs first, so their acks travel while the heads are written.
+        let mut hooks = Vec::new();
+        let mut heads = Vec::with_capacity(matches.len());
         for (m, hook) in &matches {
             let change = &push.changes[m.change];
             let poke = AgentPoke {
@@ -195,29 +249,41 @@ impl Handler<GitPushEvent> for PushHandler {
                 changed_paths: change.changed_paths.clone(),
                 paths_known: change.paths_known,
                 actor: push.actor.clone(),
-                // Heads order by the push, not by when its poke was
-                // published: a replica that died holding an older push
-                // republishes it late, and it must not win.
+                // Heads order by the push, not by when they are written: a
+                // replica that died holding an older push writes it late,
+                // and it must not win.
                 push_sequence: d.order_sequence,
                 push_epoch: d.stream_epoch,
                 pushed_at: d.occurred_at,
                 default_branch: push.default_branch.clone(),
             };
             // Derived from the push ID + agent + ref: a redelivered push
-            // republishes the same IDs and the stream drops the copies.
+            // derives the same IDs (webhook jobs are deduplicated by them).
             let meta = EventMeta::derived_from(&d.meta, &[&m.agent_id, &change.r#ref]);
             // Only agents with a webhook cost the webhook consumer anything.
-            let hook_subject = hook.then(|| names::webhook_subject(&m.agent_id));
-            for subject in std::iter::once(names::poke_subject(&m.agent_id)).chain(hook_subject) {
+            if *hook {
                 let sent = self
                     .publisher
-                    .send(subject, &poke, &meta)
+                    .send(names::webhook_subject(&m.agent_id), &poke, &meta)
                     .await
                     .map_err(HandleError::retryable)?;
-                pending.push(sent);
+                hooks.push(sent);
             }
+            heads.push(RefHead {
+                poke: Some(poke),
+                event_id: meta.event_id,
+                correlation_id: meta.correlation_id,
+                // This handler's span, child of the push's publish:
+                // delivering the head continues the push's trace from here.
+                trace: pushbus_shared::trace::current(),
+                ..Default::default()
+            });
         }
-        for p in pending {
+        let wrote = record_all(&self.writer, &heads)
+            .await
+            .map_err(HandleError::retryable)?;
+        metrics::counter!("pushbus_filter_heads_written_total").increment(wrote);
+        for p in hooks {
             p.wait().await.map_err(HandleError::retryable)?;
         }
         metrics::counter!("pushbus_filter_pokes_total").increment(matches.len() as u64);

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::{heads, webhook};
+use crate::webhook;
 
 #[derive(clap::Args, Clone, Debug)]
 #[group(id = "notifier")]
@@ -26,26 +26,6 @@ pub struct Config {
         default_value_t = 500
     )]
     pub coalesce_ms: u64,
-    /// Seconds before a poke pulled by a replica that died is handed to
-    /// another (recording a head takes milliseconds, so this can be short).
-    #[arg(
-        id = "notifier_ack_wait_secs",
-        long = "notifier-ack-wait-secs",
-        env = "PUSHBUS_NOTIFIER_ACK_WAIT_SECS",
-        default_value_t = 5
-    )]
-    pub ack_wait_secs: u64,
-    /// Seconds a deleted branch's or tag's tombstone head is kept: it must
-    /// outlive every older push that could still arrive (PUSHBUS_PUSHES
-    /// keeps pushes 7 days, PUSHBUS_POKES pokes 1 day), or such a push
-    /// brings the deleted ref back.
-    #[arg(
-        id = "notifier_deleted_ref_ttl_secs",
-        long = "notifier-deleted-ref-ttl-secs",
-        env = "PUSHBUS_NOTIFIER_DELETED_REF_TTL_SECS",
-        default_value_t = heads::DELETED_REF_TTL.as_secs()
-    )]
-    pub deleted_ref_ttl_secs: u64,
     /// Seconds between sweeps for ref heads of agents no longer registered.
     #[arg(
         id = "notifier_prune_interval_secs",

@@ -15,9 +15,8 @@ pub mod sse;
 pub mod webhook;
 
 use async_nats::jetstream::kv::Store;
-use pushbus_shared::bus::{self, ConsumerSpec, Delivery, HandleError, Handler};
+use pushbus_shared::bus;
 use pushbus_shared::proto::git_ops_notifier_server::GitOpsNotifierServer;
-use pushbus_shared::proto::{AgentPoke, RefHead};
 use pushbus_shared::service::{Listen, ListenError, Service};
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, names};
@@ -38,7 +37,7 @@ pub enum Error {
     Listen(#[from] ListenError),
     #[error("cannot read the listener's address: {0}")]
     ListenAddr(#[source] std::io::Error),
-    #[error("poke consumer task failed: {0}")]
+    #[error("webhook consumer task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Webhook(#[from] webhook::WebhookError),
@@ -57,33 +56,17 @@ pub struct AppState {
     pub gate: std::sync::Arc<auth::LoginGate>,
 }
 
-pub fn consumer_spec(config: &Config) -> ConsumerSpec {
-    let mut spec = ConsumerSpec::new(names::STREAM_POKES, names::CONSUMER_NOTIFIER);
-    spec.ack_wait = std::time::Duration::from_secs(config.ack_wait_secs.max(1));
-    spec
-}
-
 /// What the notifier needs; the webhook consumer follows `config`'s
 /// attempts and backoff (`pushbus setup` uses the defaults; a starting
 /// notifier updates the consumer to its own flags).
 pub fn topology(config: &Config) -> Topology {
     Topology {
-        streams: vec![
-            topology::pokes_stream(),
-            topology::webhooks_stream(),
-            topology::dlq_stream(),
-        ],
+        streams: vec![topology::webhooks_stream(), topology::dlq_stream()],
         buckets: vec![topology::agents_bucket(), topology::ref_heads_bucket()],
-        consumers: vec![
-            (
-                names::STREAM_POKES.into(),
-                consumer_spec(config).pull_config(),
-            ),
-            (
-                names::STREAM_WEBHOOKS.into(),
-                webhook::consumer_spec(&config.webhooks).pull_config(),
-            ),
-        ],
+        consumers: vec![(
+            names::STREAM_WEBHOOKS.into(),
+            webhook::consumer_spec(&config.webhooks).pull_config(),
+        )],
     }
 }
 
@@ -167,10 +150,7 @@ impl Service for GitopsNotifier {
                 std::time::Duration::from_millis(config.door.login_cache_ms),
             )),
         };
-        let pruning = heads::Pruning {
-            deleted_ref_ttl: std::time::Duration::from_secs(config.deleted_ref_ttl_secs.max(1)),
-            ..Default::default()
-        };
+        let pruning = heads::Pruning::default();
         let revoker = tokio::spawn(revoke::follow(
             state.agents.clone(),
             state.hub.clone(),
@@ -245,34 +225,21 @@ impl Service for GitopsNotifier {
         ));
         tracing::info!(%listen, tls = tls_on, "agents may connect");
 
-        let consumer = tokio::spawn(bus::run_consumer(
-            ctx.js.clone(),
-            consumer_spec(&config),
-            PokeHandler {
-                writer: heads::HeadWriter::new(heads, ctx.js.clone(), pruning),
-            },
-            token.clone(),
-        ));
         let webhooks = tokio::spawn(webhook::run(
             ctx.js.clone(),
             config.webhooks.clone(),
             token.clone(),
         ));
         ctx.ready.set(true);
-        let consumed = consumer.await;
+        let hooked = webhooks.await;
         token.cancel();
         ctx.ready.set(false);
-        let hooked = webhooks.await;
         let _ = server.await;
         let _ = feed.await;
         let _ = monitor.await;
         let _ = revoker.await;
         let _ = sweeper.await;
         ctx.drain().await;
-        match consumed {
-            Ok(result) => result.map_err(Error::from)?,
-            Err(join) => return Err(Error::Task(join)),
-        }
         match hooked {
             Ok(result) => result.map_err(Error::from),
             Err(join) => Err(Error::Task(join)),
@@ -308,34 +275,5 @@ async fn watch_bus(
         if changed {
             tracing::warn!(state = ?client.connection_state(), "bus state changed; agents told");
         }
-    }
-}
-
-/// Durable effect of a poke: its ref head. Every replica's feed then
-/// delivers it to the agent's connections, wherever they are.
-struct PokeHandler {
-    writer: heads::HeadWriter,
-}
-
-impl Handler<AgentPoke> for PokeHandler {
-    async fn handle(&self, d: Delivery<AgentPoke>) -> Result<(), HandleError> {
-        let agent_id = d.message.agent_id.clone();
-        let head = RefHead {
-            poke: Some(d.message),
-            event_id: d.meta.event_id.clone(),
-            correlation_id: d.meta.correlation_id.clone(),
-            poke_sequence: d.stream_sequence,
-            // This handler's span, child of the poke's publish: delivering
-            // the head continues the push's trace from here.
-            trace: pushbus_shared::trace::current(),
-        };
-        let wrote = self
-            .writer
-            .record(&head)
-            .await
-            .map_err(HandleError::retryable)?;
-        metrics::counter!("pushbus_notifier_pokes_total").increment(1);
-        tracing::debug!(%agent_id, wrote, "ref head recorded");
-        Ok(())
     }
 }

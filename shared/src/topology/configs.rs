@@ -42,15 +42,6 @@ pub fn pushes_stream() -> stream::Config {
     )
 }
 
-pub fn pokes_stream() -> stream::Config {
-    limits_stream(
-        names::STREAM_POKES,
-        names::SUBJECTS_POKES,
-        "pushbus: AgentPoke per agent and ref, subject per agent",
-        DAY,
-    )
-}
-
 pub fn webhooks_stream() -> stream::Config {
     limits_stream(
         names::STREAM_WEBHOOKS,

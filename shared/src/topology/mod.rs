@@ -12,7 +12,7 @@ mod server;
 
 pub use configs::{
     REF_HEAD_MARKER_TTL, agents_bucket, dlq_stream, geo_nodes_bucket, geo_push_routes_bucket,
-    geo_status_stream, pokes_stream, pushes_stream, ref_heads_bucket, webhooks_stream,
+    geo_status_stream, pushes_stream, ref_heads_bucket, webhooks_stream,
 };
 use drift::{bucket_drift, consumer_drift, stream_drift};
 use server::{

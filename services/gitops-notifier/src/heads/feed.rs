@@ -184,6 +184,7 @@ pub(super) fn deliver(hub: &Hub, head: &Head) {
     let _entered = span.enter();
     let took = hub.deliver(&head.agent_id, &head.key, head.revision, &head.event);
     span.record("connections", took);
+    metrics::counter!("pushbus_notifier_heads_followed_total").increment(1);
     if took > 0
         && let Some(Event::Poke(poke)) = &head.event.event
         && let Some(pushed) = poke

@@ -4,11 +4,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::names;
+use crate::proto::{ChangeKind, RefHead};
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::kv::{Operation, Store};
 use prost::Message;
-use pushbus_shared::names;
-use pushbus_shared::proto::{ChangeKind, RefHead};
 
 use super::{HeadsError, Pruning, allows_ttl, head_key, kv_err, push_order};
 
