@@ -66,10 +66,6 @@ pub enum Error {
     Topology(#[from] topology::TopologyError),
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
-    #[error("cannot open the agent registry: {0}")]
-    Registry(#[source] async_nats::jetstream::context::KeyValueError),
-    #[error("cannot open the ref heads bucket: {0}")]
-    Heads(#[source] async_nats::jetstream::context::KeyValueError),
     #[error("cannot open the agent registry: agent registry API: {0}")]
     RegistryApi(#[source] async_nats::Error),
 }
@@ -122,16 +118,8 @@ impl pushbus_shared::service::Service for Filter {
         // Its own child: stopping this service's tasks stops nothing else.
         let token = shutdown.child_token();
         ctx.ensure(topology(&config)).await?;
-        let kv = ctx
-            .js
-            .get_key_value(names::BUCKET_AGENTS)
-            .await
-            .map_err(Error::Registry)?;
-        let heads = ctx
-            .js
-            .get_key_value(names::BUCKET_REF_HEADS)
-            .await
-            .map_err(Error::Heads)?;
+        let kv = ctx.bucket(names::BUCKET_AGENTS).await?;
+        let heads = ctx.bucket(names::BUCKET_REF_HEADS).await?;
 
         // Registrations are accepted even while the index is still loading:
         // they are KV writes, and the watch brings them into the index.

@@ -31,8 +31,6 @@ pub enum Error {
     Topology(#[from] topology::TopologyError),
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
-    #[error("cannot open the agent registry: {0}")]
-    Registry(#[source] async_nats::jetstream::context::KeyValueError),
     #[error(transparent)]
     Listen(#[from] ListenError),
     #[error("cannot read the listener's address: {0}")]
@@ -105,16 +103,8 @@ impl Service for GitopsNotifier {
             ("--notifier-tls-cert", "--notifier-tls-key"),
         )?;
         ctx.ensure(topology(&config)).await?;
-        let agents = ctx
-            .js
-            .get_key_value(names::BUCKET_AGENTS)
-            .await
-            .map_err(Error::Registry)?;
-        let heads = ctx
-            .js
-            .get_key_value(names::BUCKET_REF_HEADS)
-            .await
-            .map_err(Error::Registry)?;
+        let agents = ctx.bucket(names::BUCKET_AGENTS).await?;
+        let heads = ctx.bucket(names::BUCKET_REF_HEADS).await?;
         // Every head's revision and SHA, before any agent connects, so catch-up
         // never asks the server per connection.
         let (index, after) = loop {

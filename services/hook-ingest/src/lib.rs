@@ -167,8 +167,6 @@ pub enum Error {
     Listen(#[from] ListenError),
     #[error("cannot read the listener's address: {0}")]
     ListenAddr(#[source] std::io::Error),
-    #[error("cannot open the Geo routes bucket: {0}")]
-    Routes(#[source] async_nats::jetstream::context::KeyValueError),
     #[error(transparent)]
     Tls(#[from] pushbus_shared::listen::TlsError),
 }
@@ -245,12 +243,10 @@ impl Service for HookIngest {
         }
         ctx.ensure(topology_with(&config.routes)).await?;
         let routes = if config.geo_routes {
-            let bucket = ctx
-                .js
-                .get_key_value(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
-                .await
-                .map_err(Error::Routes)?;
-            Some(bucket)
+            Some(
+                ctx.bucket(pushbus_shared::names::BUCKET_GEO_PUSH_ROUTES)
+                    .await?,
+            )
         } else {
             None
         };

@@ -102,11 +102,7 @@ impl pushbus_shared::service::Service for ReplicationLag {
         let open =
             |what: &'static str| move |source: async_nats::Error| Error::Open { what, source };
         let lag = Lag {
-            nodes: ctx
-                .js
-                .get_key_value(names::BUCKET_GEO_NODES)
-                .await
-                .map_err(|e| open("geo nodes")(e.into()))?,
+            nodes: ctx.bucket(names::BUCKET_GEO_NODES).await?,
             pushes: ctx
                 .js
                 .get_stream(names::STREAM_PUSHES)

@@ -338,6 +338,14 @@ impl ServiceContext {
         topology.with(&self.topology).ensure(&self.js).await
     }
 
+    /// Opens KV bucket `name` (its topology created it).
+    pub async fn bucket(
+        &self,
+        name: &str,
+    ) -> Result<jetstream::kv::Store, crate::topology::TopologyError> {
+        crate::topology::bucket(&self.js, name).await
+    }
+
     /// Finishes a service's life on the bus: flushes what was published and
     /// drains subscriptions.
     pub async fn drain(&self) {

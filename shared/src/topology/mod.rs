@@ -222,7 +222,15 @@ pub async fn open_bucket(
     .with(args)
     .ensure(js)
     .await?;
-    js.get_key_value(&name)
+    bucket(js, &name).await
+}
+
+/// Opens bucket `name` (which must exist), naming it in the error.
+pub async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, TopologyError> {
+    js.get_key_value(name)
         .await
-        .map_err(|source| TopologyError::Open { name, source })
+        .map_err(|source| TopologyError::Open {
+            name: name.to_owned(),
+            source,
+        })
 }

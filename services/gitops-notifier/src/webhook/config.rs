@@ -104,8 +104,8 @@ pub enum WebhookError {
     GitLabUrl(String),
     #[error("cannot build the webhook HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-    #[error("cannot open the agent registry: {0}")]
-    Registry(#[source] async_nats::jetstream::context::KeyValueError),
+    #[error(transparent)]
+    Open(#[from] pushbus_shared::topology::TopologyError),
     #[error(transparent)]
     Consume(#[from] bus::ConsumeError),
 }

@@ -70,10 +70,7 @@ async fn start(
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
     let site = GitLabSite::parse(&config.gitlab_url).map_err(WebhookError::GitLabUrl)?;
-    let agents = js
-        .get_key_value(names::BUCKET_AGENTS)
-        .await
-        .map_err(WebhookError::Registry)?;
+    let agents = pushbus_shared::topology::bucket(&js, names::BUCKET_AGENTS).await?;
     let handler = WebhookHandler::new(&config, site, agents)?;
     bus::run_consumer(js, consumer_spec(&config), handler, shutdown).await?;
     Ok(())
