@@ -32,7 +32,7 @@ pub struct TailArgs {
 /// The stream a subject belongs to, and the subject in that stream
 /// (`pushbus.poke.<agent>` names the agent's ref heads).
 fn stream_of(subject: &str) -> Option<(String, String)> {
-    let heads = show::heads_stream();
+    let heads = names::STREAM_REF_HEADS.to_owned();
     let heads_prefix = format!("$KV.{}.", names::BUCKET_REF_HEADS);
     let family: Vec<&str> = subject.splitn(4, '.').collect();
     let stream = match family.as_slice() {

@@ -26,7 +26,7 @@ pub fn message(
         "subject": subject,
         "time": time,
     });
-    if stream == heads_stream() {
+    if stream == pushbus_shared::names::STREAM_REF_HEADS {
         ref_head(&mut out, headers, payload);
         return out;
     }
@@ -60,11 +60,6 @@ pub fn message(
         });
     }
     out
-}
-
-/// The stream behind the ref heads bucket.
-pub fn heads_stream() -> String {
-    format!("KV_{}", pushbus_shared::names::BUCKET_REF_HEADS)
 }
 
 /// A ref head is a plain `RefHead` (no envelope); a removal is an empty

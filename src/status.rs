@@ -21,6 +21,7 @@ pub struct StatusArgs {
 
 const STREAMS: &[&str] = &[
     names::STREAM_PUSHES,
+    names::STREAM_REF_HEADS,
     names::STREAM_WEBHOOKS,
     names::STREAM_DLQ,
     names::STREAM_GEO_STATUS,

@@ -42,6 +42,9 @@ pub const BUCKET_AGENTS: &str = "pushbus-agents";
 /// poke per agent and ref: filter writes it, gitops-notifier follows it
 /// (live feed) and reads it (catch-up).
 pub const BUCKET_REF_HEADS: &str = "pushbus-ref-heads";
+/// The stream behind [`BUCKET_REF_HEADS`] (every KV bucket is a stream
+/// `KV_<bucket>`): what `pushbus status` and `nats stream` show.
+pub const STREAM_REF_HEADS: &str = "KV_pushbus-ref-heads";
 /// KV bucket: node ID -> `GeoNode`.
 pub const BUCKET_GEO_NODES: &str = "pushbus-geo-nodes";
 /// KV bucket: hex(correlation ID) -> Geo node ID, with a TTL; for front ends

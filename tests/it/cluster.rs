@@ -475,7 +475,7 @@ async fn cluster_pushes_leader_sigkill_loses_no_acked_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_kv_leaders_sigkill_agents_end_on_newest() {
     under_steady_pushes("KV leaders kill", |c, js| async move {
-        kill_leader_of(c.clone(), js.clone(), "KV_pushbus-ref-heads").await;
+        kill_leader_of(c.clone(), js.clone(), names::STREAM_REF_HEADS).await;
         kill_leader_of(c, js, "KV_pushbus-agents").await;
     })
     .await;
@@ -490,7 +490,7 @@ async fn cluster_rolling_restart_loses_nothing() {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let mut ok = true;
-                for s in [names::STREAM_PUSHES, "KV_pushbus-ref-heads"] {
+                for s in [names::STREAM_PUSHES, names::STREAM_REF_HEADS] {
                     ok &= current_peers(&js, s).await.is_some();
                 }
                 if ok {
@@ -615,7 +615,7 @@ async fn the_heads_feed_recovers_when_its_consumer_vanishes() {
     assert!(data.contains(&"a".repeat(40)), "{data}");
 
     let js = jetstream::new(pushbus_shared::testkit::client(&nats).await);
-    let stream = js.get_stream("KV_pushbus-ref-heads").await.unwrap();
+    let stream = js.get_stream(names::STREAM_REF_HEADS).await.unwrap();
     let mut names = stream.consumer_names();
     let mut deleted = 0;
     while let Some(name) = names.next().await {

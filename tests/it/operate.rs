@@ -86,9 +86,6 @@ async fn stored_push(
     resp
 }
 
-/// The stream behind the pushbus-ref-heads bucket.
-const HEADS_STREAM: &str = "KV_pushbus-ref-heads";
-
 /// `pushbus events tail` from the first message, stopping after `count`.
 fn events_tail(nats: &NatsServer, count: usize, args: &[&str]) -> String {
     let count = count.to_string();
@@ -127,7 +124,7 @@ async fn events_tail_prints_pushes_and_pokes_decoded() {
     let stack = Stack::start(&nats.url()).await;
     stored_push(&stack, 70, "a", "tail-1").await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    until_holds("the head is stored", &js, HEADS_STREAM, 1).await;
+    until_holds("the head is stored", &js, names::STREAM_REF_HEADS, 1).await;
     let (push, poke) = push_and_poke_tailed(&nats, 70, "tailer");
     assert_eq!(push["payload"]["changes"][0]["new_sha"], "a".repeat(40));
     assert_eq!(push["payload"]["changes"][0]["ref"], "refs/heads/main");
@@ -314,19 +311,26 @@ async fn status_shows_streams_consumers_and_each_instance() {
     );
     let report: serde_json::Value =
         serde_json::from_str(&pushbus(&nats, &["status", "--json"])).unwrap();
-    let pushes = report["streams"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stream"] == names::STREAM_PUSHES)
-        .unwrap();
-    assert!(
-        pushes["consumers"]
+    let stream = |name: &str| {
+        report["streams"]
             .as_array()
             .unwrap()
             .iter()
+            .find(|s| s["stream"] == name)
+            .unwrap()
+            .clone()
+    };
+    let consumers = |s: &serde_json::Value| s["consumers"].as_array().unwrap().clone();
+    let pushes = stream(names::STREAM_PUSHES);
+    assert!(
+        consumers(&pushes)
+            .iter()
             .any(|c| c["consumer"] == names::CONSUMER_FILTER)
     );
+    // The ref heads' stream is listed, with the notifier's feed following it.
+    let heads = stream(names::STREAM_REF_HEADS);
+    assert!(heads.get("missing").is_none(), "{heads}");
+    assert!(!consumers(&heads).is_empty(), "{heads}");
     let instances = report["instances"].as_array().unwrap();
     let services: std::collections::BTreeSet<&str> = instances
         .iter()
@@ -396,7 +400,7 @@ async fn without_cloudevents_headers_the_pipeline_runs_on_the_envelope() {
     let stack = Stack::start_with(&nats.url(), opts).await;
     stored_push(&stack, 76, "c", "bare-1").await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    until_holds("the head is stored", &js, HEADS_STREAM, 1).await;
+    until_holds("the head is stored", &js, names::STREAM_REF_HEADS, 1).await;
     let (headers, _) = first_message(&js, names::STREAM_PUSHES).await;
     assert!(headers.keys().all(|k| !k.starts_with("ce-")), "{headers:?}");
     assert_eq!(headers[names::headers::CORRELATION_ID], "bare-1");

@@ -566,7 +566,10 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
         .await
         .unwrap();
     let ajs = async_nats::jetstream::new(admin);
-    let heads = ajs.get_stream("KV_pushbus-ref-heads").await.unwrap();
+    let heads = ajs
+        .get_stream(pushbus_shared::names::STREAM_REF_HEADS)
+        .await
+        .unwrap();
     assert!(
         heads
             .get_last_raw_message_by_subject(FAKE_HEAD)

@@ -255,7 +255,7 @@ pub async fn stored_heads(
     use prost::Message;
     let js = async_nats::jetstream::new(pushbus_shared::testkit::client(nats).await);
     let stream = js
-        .get_stream(format!("KV_{}", pushbus_shared::names::BUCKET_REF_HEADS))
+        .get_stream(pushbus_shared::names::STREAM_REF_HEADS)
         .await
         .unwrap();
     let state = stream.get_info().await.unwrap().state;

@@ -202,7 +202,7 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     for victim in ["filter", "gitops-notifier"] {
         let n = (plan.restart_rate as f64 * plan.restart_seconds) as u64;
         let first_head = js
-            .get_stream(heads_stream())
+            .get_stream(names::STREAM_REF_HEADS)
             .await?
             .info()
             .await?
@@ -238,7 +238,7 @@ pub async fn pipeline(args: PipelineArgs) -> anyhow::Result<()> {
     }
 
     let push_size = mean_message_size(&js, names::STREAM_PUSHES).await?;
-    let poke_size = mean_message_size(&js, &heads_stream()).await?;
+    let poke_size = mean_message_size(&js, names::STREAM_REF_HEADS).await?;
     agents.stop().await;
     stack.stop().await;
 

@@ -308,7 +308,7 @@ pub(super) async fn heads_in_bucket(
     load: &Load,
     rate: u64,
 ) -> anyhow::Result<u64> {
-    let stream = js.get_stream(heads_stream()).await?;
+    let stream = js.get_stream(names::STREAM_REF_HEADS).await?;
     let last = stream.get_info().await?.state.last_sequence;
     if last < from {
         return Ok(0);
@@ -352,11 +352,6 @@ pub(super) async fn heads_in_bucket(
         })
         .count();
     Ok(covered as u64)
-}
-
-/// The stream behind the pushbus-ref-heads bucket.
-pub(super) fn heads_stream() -> String {
-    format!("KV_{}", names::BUCKET_REF_HEADS)
 }
 
 /// Mean stored message size of a stream (payload, subject and headers).
