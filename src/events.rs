@@ -149,3 +149,34 @@ pub async fn tail(js: jetstream::Context, args: TailArgs) -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poke_subjects_name_the_agents_ref_heads() {
+        let heads = |s: &str| Some((names::STREAM_REF_HEADS.to_owned(), s.to_owned()));
+        assert_eq!(
+            stream_of("pushbus.poke.agent-1"),
+            heads("$KV.pushbus-ref-heads.agent-1.>")
+        );
+        assert_eq!(
+            stream_of("pushbus.poke.>"),
+            heads("$KV.pushbus-ref-heads.>")
+        );
+        assert_eq!(
+            stream_of("$KV.pushbus-ref-heads.a.1.6d"),
+            heads("$KV.pushbus-ref-heads.a.1.6d")
+        );
+        assert_eq!(
+            stream_of("pushbus.push.42.*"),
+            Some((
+                names::STREAM_PUSHES.to_owned(),
+                "pushbus.push.42.*".to_owned()
+            ))
+        );
+        assert_eq!(stream_of("$KV.pushbus-agents.a"), None);
+        assert_eq!(stream_of("other.subject"), None);
+    }
+}

@@ -60,7 +60,7 @@ pub async fn heads(args: HeadsBenchArgs) -> anyhow::Result<()> {
         let subject = format!(
             "$KV.{}.{}",
             names::BUCKET_REF_HEADS,
-            heads::head_key(head.poke.as_ref().expect("set above"))
+            pushbus_shared::heads::head_key(head.poke.as_ref().expect("set above"))
         );
         window
             .push(js.publish(subject, head.encode_to_vec().into()).await?)

@@ -483,7 +483,7 @@ async fn a_replica_started_later_serves_catch_up_from_the_bucket() {
 // what it wrote: a head never moves back, replays write nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heads_only_move_forward_across_replicas() {
-    use pushbus_gitops_notifier::heads::HeadWriter;
+    use pushbus_shared::heads::HeadWriter;
     use pushbus_shared::proto::AgentPoke;
     let nats = NatsServer::start();
     let js = async_nats::jetstream::new(testkit::client(&nats).await);

@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use prost::Message;
-use pushbus_gitops_notifier::heads::{self, HeadWriter, Pruning};
+use pushbus_gitops_notifier::heads;
+use pushbus_shared::heads::{HeadWriter, Pruning};
 use pushbus_shared::names;
 use pushbus_shared::proto::{
     AgentConfig, AgentPoke, ChangeKind, RefHead, RefSelector, Watch, watch_event::Event,

@@ -23,10 +23,7 @@ mod index;
 
 pub use feed::{follow, load, read};
 pub use index::HeadIndex;
-pub use pushbus_shared::heads::{
-    DELETED_REF_TTL, HeadWriter, HeadsError, Pruning, allows_ttl, head_key, kv_err, push_order,
-    ref_key,
-};
+pub use pushbus_shared::heads::{HeadsError, Pruning, allows_ttl, kv_err, ref_key};
 
 /// One head read from the bucket, ready for an outbox.
 pub struct Head {
