@@ -1,9 +1,11 @@
-//! What every service is: the [`Service`] trait, the flags all of them
-//! share, and what a host hands each one ([`ServiceContext`]). Hosting
-//! them (connections, the ops server, shutdown) is in [`host`].
+//! What every service is: the [`Service`] trait and the flags all of them
+//! share. What a host hands each one is [`ServiceContext`] (in `context`);
+//! hosting them (connections, the ops server, shutdown) is in [`host`].
 
+mod context;
 mod host;
 
+pub use context::{ServiceContext, instance_id};
 pub use host::{HostError, host, run_single, shutdown_signal, shutdown_token};
 
 use std::future::Future;
@@ -11,12 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
-
-use crate::bus::Publisher;
-use crate::ops::ReadyFlag;
-use crate::proto::Source;
 
 pub use crate::bus::DEFAULT_NATS_URL;
 use crate::bus::{ConnectConfig, ConnectConfigError, ConnectFlags};
@@ -285,82 +282,6 @@ pub struct OpsArgs {
     /// Log as JSON lines instead of human-readable text.
     #[arg(long = "log-json", env = "PUSHBUS_LOG_JSON")]
     pub log_json: bool,
-}
-
-/// What a service gets from its host: its own NATS connection, a publisher
-/// stamped with its identity, and its readiness switch.
-#[derive(Clone)]
-pub struct ServiceContext {
-    pub service: &'static str,
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
-    pub publisher: Publisher,
-    pub ready: ReadyFlag,
-    /// Replicas and limits for what this service creates.
-    pub topology: TopologyArgs,
-}
-
-impl ServiceContext {
-    /// `service`'s context on `client`, with `bus`'s topology and header
-    /// settings.
-    pub fn new(
-        service: &'static str,
-        client: async_nats::Client,
-        ready: ReadyFlag,
-        bus: &BusConfig,
-    ) -> Self {
-        let js = jetstream::new(client.clone());
-        let source = Source {
-            service: service.into(),
-            instance: instance_id(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let mut publisher = Publisher::new(js.clone(), source);
-        if bus.no_cloudevents {
-            publisher = publisher.without_cloud_events();
-        }
-        Self {
-            service,
-            publisher,
-            js,
-            client,
-            ready,
-            topology: bus.topology.clone(),
-        }
-    }
-
-    /// Creates what `topology` lists and is missing, at this host's
-    /// replicas and limits; logs (never reverts) what an operator changed.
-    pub async fn ensure(
-        &self,
-        topology: Topology,
-    ) -> Result<Vec<crate::topology::Drift>, crate::topology::TopologyError> {
-        topology.with(&self.topology).ensure(&self.js).await
-    }
-
-    /// Opens KV bucket `name` (its topology created it).
-    pub async fn bucket(
-        &self,
-        name: &str,
-    ) -> Result<jetstream::kv::Store, crate::topology::TopologyError> {
-        crate::topology::bucket(&self.js, name).await
-    }
-
-    /// Finishes a service's life on the bus: flushes what was published and
-    /// drains subscriptions.
-    pub async fn drain(&self) {
-        if let Err(err) = self.client.flush().await {
-            tracing::warn!(service = self.service, error = %err, "flush on shutdown failed");
-        }
-        if let Err(err) = self.client.drain().await {
-            tracing::warn!(service = self.service, error = %err, "drain on shutdown failed");
-        }
-    }
-}
-
-pub fn instance_id() -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{host}-{}", std::process::id())
 }
 
 pub type ServiceError = Box<dyn std::error::Error + Send + Sync>;
