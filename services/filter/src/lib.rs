@@ -218,6 +218,9 @@ impl Handler<GitPushEvent> for PushHandler {
             tracing::debug!(project_id = push.project_id, "push matches no agent");
             return Ok(());
         }
+        // This handler's span, child of the push's publish: delivering a
+        // head continues the push's trace from here.
+        let trace = pushbus_shared::trace::current();
         // Webhook jobs first, so their acks travel while the heads are written.
         let mut hooks = Vec::new();
         let mut heads = Vec::with_capacity(matches.len());
@@ -261,9 +264,7 @@ impl Handler<GitPushEvent> for PushHandler {
                 poke: Some(poke),
                 event_id: meta.event_id,
                 correlation_id: meta.correlation_id,
-                // This handler's span, child of the push's publish:
-                // delivering the head continues the push's trace from here.
-                trace: pushbus_shared::trace::current(),
+                trace: trace.clone(),
                 ..Default::default()
             });
         }
