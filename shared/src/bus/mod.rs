@@ -37,6 +37,29 @@ pub enum ConnectError {
         method: String,
         source: async_nats::ConnectError,
     },
+    #[error(
+        "nats {servers} runs nats-server {version}; pushbus needs {}.{} or newer (per-message TTLs)",
+        MIN_SERVER.0,
+        MIN_SERVER.1
+    )]
+    ServerTooOld { servers: String, version: String },
+}
+
+/// The oldest nats-server pushbus works with: ref-head tombstones and
+/// removal markers use per-message TTLs (2.11). An older server refuses the
+/// bucket settings with a reply the client cannot even parse.
+pub const MIN_SERVER: (u32, u32) = (2, 11);
+
+/// Whether a server reporting `version` (`2.15.1`, `2.11.0-RC.2`) is new
+/// enough; a version that does not parse is given the benefit of the doubt.
+pub fn server_supported(version: &str) -> bool {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= MIN_SERVER,
+        _ => true,
+    }
 }
 
 /// Tries once: for CLI commands, which report and exit.
@@ -46,7 +69,7 @@ pub async fn connect_once(
 ) -> Result<async_nats::Client, ConnectError> {
     let addrs = config.server_addrs()?;
     let options = options(config, name).await?;
-    options.connect(addrs).await.map_err(|source| {
+    let client = options.connect(addrs).await.map_err(|source| {
         let servers = config.servers_for_log();
         let method = config.auth.describe();
         match source.kind() {
@@ -63,7 +86,15 @@ pub async fn connect_once(
                 source,
             },
         }
-    })
+    })?;
+    let version = client.server_info().version;
+    if !server_supported(&version) {
+        return Err(ConnectError::ServerTooOld {
+            servers: config.servers_for_log(),
+            version,
+        });
+    }
+    Ok(client)
 }
 
 /// Connects to NATS, retrying until it succeeds or `give_up` fires
@@ -144,5 +175,28 @@ fn log_event(client: &str, servers: &str, method: &str, event: async_nats::Event
             None => tracing::warn!(client, error = %message, "nats server error"),
         },
         other => tracing::info!(client, event = %other, "nats event"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_supported;
+
+    #[test]
+    fn servers_older_than_2_11_are_refused() {
+        for old in ["2.9.10", "2.10.24", "1.4.1", "2.10.0-beta.1"] {
+            assert!(!server_supported(old), "{old}");
+        }
+        for new in [
+            "2.11.0",
+            "2.11.0-RC.2",
+            "2.15.1",
+            "3.0.0",
+            "10.1.2",
+            "",
+            "unknown",
+        ] {
+            assert!(server_supported(new), "{new}");
+        }
     }
 }
