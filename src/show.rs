@@ -65,12 +65,7 @@ pub fn message(
 /// A ref head is a plain `RefHead` (no envelope); a removal is an empty
 /// message whose headers say why.
 fn ref_head(out: &mut Value, headers: Option<&HeaderMap>, payload: &[u8]) {
-    let removed = headers.and_then(|h| {
-        h.get("KV-Operation")
-            .or_else(|| h.get(async_nats::header::NATS_MARKER_REASON))
-            .map(|v| v.as_str().to_owned())
-    });
-    if let Some(why) = removed {
+    if let Some(why) = pushbus_shared::heads::removal(headers) {
         out["type"] = json!("removed");
         out["removed"] = json!(why);
         return;

@@ -142,6 +142,24 @@ fn branch_push(project_id: i64, branch: &str, new_sha: &str) -> GitPushEvent {
     }
 }
 
+/// Stores push `n` (SHA `sha(n)`) to `main` of `project_id` under `meta`,
+/// on the event's own subject, as hook-ingest would.
+async fn store_main_push(
+    publisher: &Publisher,
+    project_id: i64,
+    meta: &EventMeta,
+    n: u64,
+) -> async_nats::jetstream::publish::PublishAck {
+    publisher
+        .publish(
+            names::push_subject(project_id, &meta.event_id),
+            &branch_push(project_id, "main", &sha(n)),
+            meta,
+        )
+        .await
+        .unwrap()
+}
+
 // A filter replica frozen while it holds push 1, a second replica handles
 // the later push 2, then the first is killed: push 1 comes back after
 // ack_wait and its head is written *later*. Ordered by write, the head
@@ -168,28 +186,14 @@ async fn a_push_redelivered_after_a_replica_dies_never_moves_a_head_back() {
     a.signal(pushbus_shared::process::SIGSTOP);
     let pushes = test_publisher(&js);
     let first = EventMeta::fresh("c-1");
-    pushes
-        .publish(
-            names::push_subject(50, &first.event_id),
-            &branch_push(50, "main", &sha(1)),
-            &first,
-        )
-        .await
-        .unwrap();
+    store_main_push(&pushes, 50, &first, 1).await;
     until_consumer("push 1 is held by the frozen replica", &filter, |i| {
         i.num_ack_pending == 1
     })
     .await;
     let b = Replica::filter(&url).await;
     let second = EventMeta::fresh("c-2");
-    pushes
-        .publish(
-            names::push_subject(50, &second.event_id),
-            &branch_push(50, "main", &sha(2)),
-            &second,
-        )
-        .await
-        .unwrap();
+    store_main_push(&pushes, 50, &second, 2).await;
     head_is(&nats, "stale", 50, "main", &sha(2)).await;
     a.signal(pushbus_shared::process::SIGKILL);
     drop(a);
@@ -221,14 +225,7 @@ async fn a_push_redelivered_after_its_heads_were_written_writes_them_once() {
         .await
         .unwrap();
     let meta = EventMeta::fresh("c-once");
-    let ack = test_publisher(&js)
-        .publish(
-            names::push_subject(52, &meta.event_id),
-            &branch_push(52, "main", &sha(1)),
-            &meta,
-        )
-        .await
-        .unwrap();
+    let ack = store_main_push(&test_publisher(&js), 52, &meta, 1).await;
     // What the dead replica had written: both heads, at the push's position.
     let created = js
         .get_stream(names::STREAM_PUSHES)

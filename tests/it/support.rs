@@ -271,10 +271,7 @@ pub async fn stored_heads(
     let mut heads = Vec::new();
     while let Some(m) = messages.next().await {
         let m = m.unwrap();
-        if m.headers
-            .as_ref()
-            .is_some_and(|h| h.get("KV-Operation").is_some())
-        {
+        if pushbus_shared::heads::removal(m.headers.as_ref()).is_some() {
             continue;
         }
         heads.push(pushbus_shared::proto::RefHead::decode(m.payload.as_ref()).unwrap());

@@ -1,8 +1,9 @@
 //! Two ceilings: plain async-nats moving the same number of same-size
 //! messages through two JetStream hops (publish -> durable pull consumer ->
-//! publish -> durable pull consumer), with no processing in between. The
-//! issue's yardstick; pushbus's second hop is lighter (a compare-and-set KV
-//! write followed by an ordered consumer, with no acks).
+//! publish -> durable pull consumer), with no processing in between: the
+//! yardstick the throughput targets are set against. pushbus's second hop is
+//! lighter (a compare-and-set KV write followed by an ordered consumer, with
+//! no acks).
 //!
 //! - same-ack-mode: acked the way the bus acks (each publish ack awaited
 //!   before the message is acked, a plain ack, 16 lanes per hop);

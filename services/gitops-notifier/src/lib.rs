@@ -140,7 +140,8 @@ impl Service for GitopsNotifier {
                 std::time::Duration::from_millis(config.door.login_cache_ms),
             )),
         };
-        let pruning = heads::Pruning::default();
+        // How long a removal's marker lives (tombstones' TTL is filter's).
+        let marker_ttl = topology::REF_HEAD_MARKER_TTL;
         let revoker = tokio::spawn(revoke::follow(
             state.agents.clone(),
             state.hub.clone(),
@@ -148,7 +149,7 @@ impl Service for GitopsNotifier {
             revoke::HeadsOf {
                 kv: heads.clone(),
                 index: index.clone(),
-                marker_ttl: pruning.marker_ttl,
+                marker_ttl,
             },
             token.clone(),
         ));
@@ -157,7 +158,7 @@ impl Service for GitopsNotifier {
             heads.clone(),
             index.clone(),
             std::time::Duration::from_secs(config.prune_interval_secs.max(1)),
-            pruning.marker_ttl,
+            marker_ttl,
             token.clone(),
         ));
         // Every replica follows every head and keeps the ones for its agents.

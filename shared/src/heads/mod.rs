@@ -74,6 +74,22 @@ impl Default for Pruning {
 /// last day is still older than the tombstone.
 pub const DELETED_REF_TTL: Duration = Duration::from_secs(8 * 24 * 3600);
 
+/// Why a message of the bucket removes its ref's head, if it does: a delete
+/// or purge (`KV-Operation`), or the marker the server leaves when a
+/// tombstone expires (`Nats-Marker-Reason`).
+pub fn removal(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    let headers = headers?;
+    headers
+        .get("KV-Operation")
+        .map(|op| op.as_str())
+        .filter(|op| *op == "DEL" || *op == "PURGE")
+        .or_else(|| {
+            headers
+                .get(async_nats::header::NATS_MARKER_REASON)
+                .map(|r| r.as_str())
+        })
+}
+
 /// Whether the bucket accepts per-message TTLs (tombstones and markers
 /// expire only then).
 pub fn allows_ttl(kv: &Store) -> bool {

@@ -7,8 +7,8 @@
 //!
 //! The bucket stays bounded: a deleted ref's head is a tombstone (the
 //! deletion's poke, ordered like any head) that the server expires after
-//! [`Pruning::deleted_ref_ttl`], longer than any older push can still come
-//! back; a deleted agent's heads are purged. Either leaves a marker (itself
+//! [`pushbus_shared::heads::Pruning::deleted_ref_ttl`], longer than any
+//! older push can still come back; a deleted agent's heads are purged. Either leaves a marker (itself
 //! expiring) that every replica's feed sees and drops from memory.
 
 use async_nats::jetstream::message::Message as JsMessage;
@@ -23,7 +23,7 @@ mod index;
 
 pub use feed::{follow, load, read};
 pub use index::HeadIndex;
-pub use pushbus_shared::heads::{HeadsError, Pruning, allows_ttl, kv_err, ref_key};
+pub use pushbus_shared::heads::{HeadsError, allows_ttl, kv_err, ref_key};
 
 /// One head read from the bucket, ready for an outbox.
 pub struct Head {
@@ -50,11 +50,7 @@ enum Change {
 }
 
 fn parse(msg: &JsMessage) -> Option<Change> {
-    let headers = msg.headers.as_ref();
-    let removed = headers
-        .and_then(|h| h.get("KV-Operation"))
-        .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE")
-        || headers.is_some_and(|h| h.get(async_nats::header::NATS_MARKER_REASON).is_some());
+    let removed = pushbus_shared::heads::removal(msg.headers.as_ref()).is_some();
     let prefix = format!("$KV.{}.", names::BUCKET_REF_HEADS);
     let key = msg.subject.as_str().strip_prefix(&prefix)?;
     let revision = msg.info().ok()?.stream_sequence;
