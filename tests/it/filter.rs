@@ -75,7 +75,7 @@ async fn setup(nats: &NatsServer) -> Publisher {
     register(nats, "agent-a", 1..=20).await;
     register(nats, "agent-b", 1..=1).await;
     let js = async_nats::jetstream::new(testkit::client(nats).await);
-    pushbus_filter::topology(&Default::default())
+    pushbus_filter::topology(&crate::support::filter_config())
         .ensure(&js)
         .await
         .unwrap();

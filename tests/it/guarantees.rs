@@ -220,7 +220,7 @@ async fn a_push_redelivered_after_its_heads_were_written_writes_them_once() {
     register(&nats, "once-a", 52..=52).await;
     register(&nats, "once-b", 52..=52).await;
     let js = jetstream::new(testkit::client(&nats).await);
-    pushbus_filter::topology(&Default::default())
+    pushbus_filter::topology(&crate::support::filter_config())
         .ensure(&js)
         .await
         .unwrap();

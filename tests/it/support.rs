@@ -279,6 +279,18 @@ pub async fn stored_heads(
     (heads, state.last_sequence)
 }
 
+/// The filter of the tests. A stopped replica's in-flight pushes come back
+/// after ack_wait (so may a push the server handed to a replica as it
+/// stopped); keep it short so tests see them. A test that creates the
+/// consumer before any replica runs must create it with this, since a
+/// service leaves an existing consumer as it is.
+pub fn filter_config() -> pushbus_filter::Config {
+    pushbus_filter::Config {
+        ack_wait_secs: 2,
+        ..Default::default()
+    }
+}
+
 /// One filter replica, hosted like in production.
 pub struct Replica {
     token: CancellationToken,
@@ -287,13 +299,7 @@ pub struct Replica {
 
 impl Replica {
     pub async fn filter(nats_url: &str) -> Replica {
-        // A stopped replica's in-flight pushes come back after ack_wait;
-        // keep it short so tests see them.
-        let config = pushbus_filter::Config {
-            ack_wait_secs: 2,
-            ..Default::default()
-        };
-        Self::host(nats_url, Launcher::service::<Filter>(config)).await
+        Self::host(nats_url, Launcher::service::<Filter>(filter_config())).await
     }
 
     /// One gitops-notifier replica listening on `listen` (an address to

@@ -211,7 +211,7 @@ async fn publisher(nats: &NatsServer) -> Publisher {
     pushbus_gitops_notifier::topology(&pushbus_gitops_notifier::Config::new(
         ([127, 0, 0, 1], 0).into(),
     ))
-    .merge(pushbus_filter::topology(&Default::default()))
+    .merge(pushbus_filter::topology(&crate::support::filter_config()))
     .ensure(&js)
     .await
     .unwrap();
