@@ -77,11 +77,8 @@ impl Stack {
                 .arg("--filter-ack-wait-secs")
                 .arg(FILTER_ACK_WAIT_SECS.to_string()),
         };
-        // Services log every push and poke at info; at 10,000/s that is the
-        // terminal's cost, not theirs. RUST_LOG set for the bench wins.
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "warn");
-        }
+        // At the services' default level (info) unless RUST_LOG says
+        // otherwise: the bench measures what a deployment runs.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

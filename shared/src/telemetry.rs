@@ -9,6 +9,7 @@
 //! exported, but every span still has a W3C trace ID that travels in NATS
 //! headers and links logs across services.
 
+use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -47,7 +48,13 @@ pub fn init_with_default(service: &'static str, json: bool, default_filter: &str
             )
             .try_init()
     } else {
-        registry.with(tracing_subscriber::fmt::layer()).try_init()
+        // Colours only for a person at a terminal: a file, a pipe or
+        // `docker logs` gets plain text (and the escapes cost CPU per span).
+        let ansi = std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        registry
+            .with(tracing_subscriber::fmt::layer().with_ansi(ansi))
+            .try_init()
     };
     if let Some(err) = export_error {
         tracing::error!(error = %err, "OTLP trace export not started; spans are not exported");

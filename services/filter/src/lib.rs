@@ -276,7 +276,8 @@ impl Handler<GitPushEvent> for PushHandler {
             p.wait().await.map_err(HandleError::retryable)?;
         }
         metrics::counter!("pushbus_filter_pokes_total").increment(matches.len() as u64);
-        tracing::info!(
+        // Per push: debug, as hook-ingest's "push stored".
+        tracing::debug!(
             pokes = matches.len(),
             project_id = push.project_id,
             "push matched"

@@ -306,7 +306,8 @@ impl Handler<AgentPoke> for WebhookHandler {
         metrics::counter!("pushbus_webhook_deliveries_total", "outcome" => outcome).increment(1);
         match result {
             Ok(status) => {
-                tracing::info!(
+                // Per delivery: debug; failures are warnings.
+                tracing::debug!(
                     %agent_id,
                     status = status.as_u16(),
                     attempt = d.delivered,
