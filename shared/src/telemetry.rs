@@ -11,6 +11,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
@@ -18,6 +19,14 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
 
 static PROVIDER: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
+
+/// Whether [`init`] started span export.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process exports its spans (set by [`init`]).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// Installs the global subscriber: an env filter (`RUST_LOG`, default
 /// `info`), JSON or human logs, and the OpenTelemetry layer.
@@ -30,10 +39,21 @@ pub fn init_with_default(service: &'static str, json: bool, default_filter: &str
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (provider, export_error) = provider(service);
+    EXPORTING.store(
+        export_configured() && export_error.is_none(),
+        Ordering::Relaxed,
+    );
     let tracer = provider.tracer(service);
     opentelemetry::global::set_tracer_provider(provider.clone());
     *PROVIDER.lock().unwrap_or_else(|e| e.into_inner()) = Some(provider);
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    // Unexported spans only give trace IDs to carry across the bus: skip
+    // the timings, thread names and code locations each would record.
+    let exported = export_configured();
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_tracked_inactivity(exported)
+        .with_threads(exported)
+        .with_location(exported);
     let registry = tracing_subscriber::registry()
         .with(filter)
         .with(otel)

@@ -30,6 +30,22 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
+/// Adds OpenTelemetry's messaging attributes to `span`, when spans are
+/// exported. They repeat what pushbus's own fields say (`event_id`,
+/// `correlation_id`, `subject`, `consumer`) under the conventions' names,
+/// and a span's fields cost on every span, exported or not: each is
+/// formatted for the log lines inside it and recorded as an attribute.
+pub fn exported_attributes<const N: usize>(
+    span: &tracing::Span,
+    attributes: impl FnOnce() -> [(&'static str, String); N],
+) {
+    if crate::telemetry::exporting() {
+        for (key, value) in attributes() {
+            span.set_attribute(key, value);
+        }
+    }
+}
+
 /// Writes the current span's trace context into `headers` and returns it for
 /// the envelope. Returns `None` when there is no active trace (no
 /// OpenTelemetry layer installed), in which case nothing is written.

@@ -250,6 +250,18 @@ async fn one_push_is_one_trace_across_three_services_under_the_callers_trace_id(
     assert!(publish.attributes["messaging.destination.name"].starts_with("pushbus.push.60."));
     assert!(!publish.attributes["messaging.message.id"].is_empty());
     assert!(!publish.attributes["messaging.message.conversation_id"].is_empty());
+    let process = spans
+        .iter()
+        .find(|s| s.name == "process PUSHBUS_PUSHES")
+        .unwrap();
+    assert_eq!(
+        process.attributes["messaging.consumer.group.name"],
+        "filter"
+    );
+    assert_eq!(
+        process.attributes["messaging.message.id"],
+        publish.attributes["messaging.message.id"]
+    );
     assert!(
         spans
             .iter()

@@ -153,14 +153,22 @@ impl Publisher {
             "publish",
             otel.name = %format!("send {}", subject_family(&subject)),
             otel.kind = "producer",
-            messaging.system = "nats",
-            messaging.operation.type = "send",
-            messaging.destination.name = %subject,
-            messaging.message.id = %meta.event_id,
-            messaging.message.conversation_id = %meta.correlation_id,
             event_id = %meta.event_id,
             correlation_id = %meta.correlation_id,
+            %subject,
         );
+        trace::exported_attributes(&span, || {
+            [
+                ("messaging.system", "nats".into()),
+                ("messaging.operation.type", "send".into()),
+                ("messaging.destination.name", subject.clone()),
+                ("messaging.message.id", meta.event_id.clone()),
+                (
+                    "messaging.message.conversation_id",
+                    meta.correlation_id.clone(),
+                ),
+            ]
+        });
         let mut map = HeaderMap::new();
         map.insert(
             static_name(headers::CORRELATION_ID),

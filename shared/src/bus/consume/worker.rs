@@ -97,12 +97,6 @@ where
             "handle",
             otel.name = %self.span_name,
             otel.kind = "consumer",
-            messaging.system = "nats",
-            messaging.operation.type = "process",
-            messaging.destination.name = %msg.subject,
-            messaging.consumer.group.name = %self.spec.durable,
-            messaging.message.id = %env.event_id,
-            messaging.message.conversation_id = %env.correlation_id,
             consumer = %self.spec.durable,
             event_id = %env.event_id,
             correlation_id = %env.correlation_id,
@@ -110,6 +104,19 @@ where
             stream_sequence,
             delivered,
         );
+        trace::exported_attributes(&span, || {
+            [
+                ("messaging.system", "nats".into()),
+                ("messaging.operation.type", "process".into()),
+                ("messaging.destination.name", msg.subject.to_string()),
+                ("messaging.consumer.group.name", self.spec.durable.clone()),
+                ("messaging.message.id", env.event_id.clone()),
+                (
+                    "messaging.message.conversation_id",
+                    env.correlation_id.clone(),
+                ),
+            ]
+        });
         trace::continue_trace(&span, msg.headers.as_ref());
         self.process_envelope(msg, env, stream_sequence, delivered)
             .instrument(span)
