@@ -39,16 +39,13 @@ pub fn init_with_default(service: &'static str, json: bool, default_filter: &str
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (provider, export_error) = provider(service);
-    EXPORTING.store(
-        export_configured() && export_error.is_none(),
-        Ordering::Relaxed,
-    );
+    let exported = export_configured() && export_error.is_none();
+    EXPORTING.store(exported, Ordering::Relaxed);
     let tracer = provider.tracer(service);
     opentelemetry::global::set_tracer_provider(provider.clone());
     *PROVIDER.lock().unwrap_or_else(|e| e.into_inner()) = Some(provider);
     // Unexported spans only give trace IDs to carry across the bus: skip
     // the timings, thread names and code locations each would record.
-    let exported = export_configured();
     let otel = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_tracked_inactivity(exported)
