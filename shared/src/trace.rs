@@ -2,6 +2,7 @@
 //! extract and continue on consume. async-nats has nothing built in.
 
 use async_nats::HeaderMap;
+use async_nats::header::HeaderName;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -9,12 +10,20 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::names::headers;
 use crate::proto::TraceContext;
 
-struct HeaderInjector<'a>(&'a mut HeaderMap);
+/// What the propagator writes, kept as it comes (no scratch header map).
+#[derive(Default)]
+struct Captured {
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+}
 
-impl Injector for HeaderInjector<'_> {
+impl Injector for Captured {
     fn set(&mut self, key: &str, value: String) {
-        // Propagator keys are lowercase ("traceparent"), our chosen spelling.
-        self.0.insert(key, value.as_str());
+        match key {
+            headers::TRACEPARENT => self.traceparent = Some(value),
+            headers::TRACESTATE => self.tracestate = Some(value),
+            _ => {}
+        }
     }
 }
 
@@ -50,22 +59,18 @@ pub fn exported_attributes<const N: usize>(
 /// the envelope. Returns `None` when there is no active trace (no
 /// OpenTelemetry layer installed), in which case nothing is written.
 pub fn inject_current(map: &mut HeaderMap) -> Option<TraceContext> {
-    let cx = tracing::Span::current().context();
-    let mut carrier = HeaderMap::new();
-    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(&mut carrier));
-    let traceparent = carrier.get(headers::TRACEPARENT)?.as_str().to_owned();
-    let tracestate = carrier
-        .get(headers::TRACESTATE)
-        .map(|v| v.as_str().to_owned())
-        .unwrap_or_default();
-    map.insert(headers::TRACEPARENT, traceparent.as_str());
-    if !tracestate.is_empty() {
-        map.insert(headers::TRACESTATE, tracestate.as_str());
+    let trace = current()?;
+    map.insert(
+        HeaderName::from_static(headers::TRACEPARENT),
+        trace.traceparent.as_str(),
+    );
+    if !trace.tracestate.is_empty() {
+        map.insert(
+            HeaderName::from_static(headers::TRACESTATE),
+            trace.tracestate.as_str(),
+        );
     }
-    Some(TraceContext {
-        traceparent,
-        tracestate,
-    })
+    Some(trace)
 }
 
 /// Makes `span` a child of the trace carried in `map`, if any.
@@ -122,9 +127,16 @@ pub fn continue_stored(span: &tracing::Span, trace: Option<&TraceContext>) {
     });
 }
 
-/// The current span's trace context, for storing with a message.
+/// The current span's trace context, for storing with a message; `None`
+/// without an active trace.
 pub fn current() -> Option<TraceContext> {
-    inject_current(&mut HeaderMap::new())
+    let mut captured = Captured::default();
+    TraceContextPropagator::new()
+        .inject_context(&tracing::Span::current().context(), &mut captured);
+    Some(TraceContext {
+        traceparent: captured.traceparent?,
+        tracestate: captured.tracestate.unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]
