@@ -66,7 +66,7 @@ pub fn init_with_default(service: &'static str, json: bool, default_filter: &str
             .try_init()
     } else {
         // Colours only for a person at a terminal: a file, a pipe or
-        // `docker logs` gets plain text (and the escapes cost CPU per span).
+        // `docker logs` gets plain text, not escape codes.
         let ansi = std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         registry
