@@ -88,6 +88,8 @@ pub struct Outcome {
     pub step: Step,
     pub sent: u64,
     pub refused: u64,
+    /// Why: each distinct answer and how many pushes got it.
+    pub refusals: Vec<(String, u64)>,
     /// Pushes hook-ingest accepted whose poke never reached the agent,
     /// and no newer push of the same agent and ref did either.
     pub lost: i64,
@@ -99,6 +101,43 @@ pub struct Outcome {
     /// When a nats-server was killed during the step: how hook-ingest
     /// answered from then on.
     pub outage: Option<Outage>,
+}
+
+/// Why hook-ingest refused pushes, so a refused push says what refused
+/// it: the status and the `error` of the body, or the transport's failure.
+#[derive(Default)]
+pub struct Refusals(std::sync::Mutex<std::collections::BTreeMap<String, u64>>);
+
+impl Refusals {
+    /// Counts the answer if it is a refusal; whether the push was accepted.
+    pub async fn accepted(&self, answer: reqwest::Result<reqwest::Response>) -> bool {
+        let cause = match answer {
+            Ok(r) if r.status().is_success() => return true,
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                match body.get("error").and_then(|e| e.as_str()) {
+                    Some(error) => format!("{status} {error}"),
+                    None => status.to_string(),
+                }
+            }
+            Err(e) if e.is_timeout() => "no answer: timed out".to_owned(),
+            Err(e) if e.is_connect() => "no answer: could not connect".to_owned(),
+            Err(_) => "no answer: connection failed".to_owned(),
+        };
+        let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *causes.entry(cause).or_default() += 1;
+        false
+    }
+
+    pub fn total(&self) -> u64 {
+        self.causes().iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn causes(&self) -> Vec<(String, u64)> {
+        let causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        causes.iter().map(|(c, n)| (c.clone(), *n)).collect()
+    }
 }
 
 /// hook-ingest's answers after a stream leader was SIGKILLed.

@@ -80,7 +80,7 @@ pub(super) async fn run_step(
     let ok = Arc::new(AtomicU64::new(0));
     // When each push was answered, in µs after t0 (0: not yet).
     let answered: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| Default::default()).collect());
-    let refused = Arc::new(AtomicU64::new(0));
+    let refusals = Arc::new(Refusals::default());
     let in_flight = Arc::new(AtomicU64::new(0));
     let accepted_each: Arc<Vec<std::sync::atomic::AtomicBool>> =
         Arc::new((0..n).map(|_| Default::default()).collect());
@@ -94,7 +94,7 @@ pub(super) async fn run_step(
     let window = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let sender = {
         let (http, endpoint) = (load.http.clone(), load.endpoint.clone());
-        let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
+        let (ok, refusals, in_flight) = (ok.clone(), refusals.clone(), in_flight.clone());
         let (accepted_each, answered) = (accepted_each.clone(), answered.clone());
         let mut bodies = bodies.into_iter();
         tokio::spawn(async move {
@@ -103,21 +103,18 @@ pub(super) async fn run_step(
                     .post(&endpoint)
                     .header("x-request-id", format!("bench-{}", lo + j))
                     .json(&bodies.next().unwrap_or_default());
-                let (ok, refused, in_flight) = (ok.clone(), refused.clone(), in_flight.clone());
+                let (ok, refusals, in_flight) = (ok.clone(), refusals.clone(), in_flight.clone());
                 let (accepted_each, answered) = (accepted_each.clone(), answered.clone());
                 let window = window.clone();
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let _permit = window.acquire_owned().await;
-                    match req.send().await {
-                        Ok(r) if r.status().is_success() => {
-                            if let Some(a) = accepted_each.get(j as usize) {
-                                a.store(true, Ordering::Relaxed);
-                            }
-                            ok.fetch_add(1, Ordering::Relaxed)
+                    if refusals.accepted(req.send().await).await {
+                        if let Some(a) = accepted_each.get(j as usize) {
+                            a.store(true, Ordering::Relaxed);
                         }
-                        _ => refused.fetch_add(1, Ordering::Relaxed),
-                    };
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
                     if let Some(at) = answered.get(j as usize) {
                         at.store(t0.elapsed().as_micros().max(1) as u64, Ordering::Relaxed);
                     }
@@ -197,7 +194,7 @@ pub(super) async fn run_step(
             superseded += 1;
         }
     }
-    let mut outcome = Outcome::new(step, n, accepted, refused.load(Ordering::Relaxed));
+    let mut outcome = Outcome::new(step, n, accepted, &refusals);
     if let Some((at, old_leader, js)) = killed {
         let mut outage = outage_after(at, rate, &accepted_each, &answered);
         outage.old_leader = old_leader;
@@ -267,7 +264,7 @@ pub(super) async fn flat_out(
     const ASSUMED_MAX_RATE: u64 = 50_000;
     let window = Arc::new(tokio::sync::Semaphore::new(256));
     let ok = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
+    let refusals = Arc::new(Refusals::default());
     let t0 = Instant::now();
     recorder.begin(lo, n, t0, 1e12);
     for j in 0..n {
@@ -276,12 +273,11 @@ pub(super) async fn flat_out(
             .http
             .post(&load.endpoint)
             .json(&load.body(lo + j, j, ASSUMED_MAX_RATE));
-        let (ok, refused) = (ok.clone(), refused.clone());
+        let (ok, refusals) = (ok.clone(), refusals.clone());
         tokio::spawn(async move {
-            match req.send().await {
-                Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
-                _ => refused.fetch_add(1, Ordering::Relaxed),
-            };
+            if refusals.accepted(req.send().await).await {
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
             drop(permit);
         });
     }
@@ -290,12 +286,7 @@ pub(super) async fn flat_out(
     let step = recorder
         .finish(accepted, Duration::from_secs(3), Duration::from_secs(120))
         .await;
-    Ok(Outcome::new(
-        step,
-        n,
-        accepted,
-        refused.load(Ordering::Relaxed),
-    ))
+    Ok(Outcome::new(step, n, accepted, &refusals))
 }
 
 /// Pushes of `lo..lo + n` (sent by `load` at `rate`) whose ref head, or a

@@ -48,6 +48,7 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
                 o.refused, o.sent, o.step.duplicates
             );
         }
+        o.print_refusals();
     }
     for s in r.ceiling.iter().flat_map(|c| &c.steps) {
         println!("{}", s.line("ceiling (raw JetStream 2 hops)", s.lost()));
@@ -77,6 +78,7 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
         "flat out ({} events each): pushbus {ours:.0}/s (lost {}, refused {})",
         plan.flat_out, r.flat.lost, r.flat.refused
     );
+    r.flat.print_refusals();
     println!(
         "  CPU per 1000 pushes flat out: {}",
         r.flat_cpu.line(plan.flat_out, 1000)
@@ -148,6 +150,7 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
             "  pushbus, SIGKILL {victim:<16} pushes {n}, refused {}, with a stored ref head (theirs or a newer one of the ref) {stored}, received by agents {}, superseded by a newer push of the ref {} -> lost at agents {}",
             o.refused, o.step.received, o.superseded, o.lost
         );
+        o.print_refusals();
     }
     if let Some(redis) = r.redis {
         println!(
@@ -215,14 +218,21 @@ pub(super) fn report_cluster(plan: &Plan, r: &Report<'_>, c: &Clustered) {
 }
 
 impl Outcome {
-    pub(super) fn new(step: Step, sent: u64, accepted: u64, refused: u64) -> Outcome {
+    pub(super) fn new(step: Step, sent: u64, accepted: u64, refusals: &Refusals) -> Outcome {
         Outcome {
             lost: accepted as i64 - step.received as i64,
             superseded: 0,
             outage: None,
             sent,
-            refused,
+            refused: refusals.total(),
+            refusals: refusals.causes(),
             step,
+        }
+    }
+
+    fn print_refusals(&self) {
+        for (cause, n) in &self.refusals {
+            println!("      {n} answered {cause}");
         }
     }
 
