@@ -216,12 +216,17 @@ pub struct RequestLimits {
     /// Until the response head; `None` for none. Long-lived streams (SSE,
     /// gRPC watch) are not cut: their handler has answered by then.
     pub timeout: Option<Duration>,
-    /// Requests being handled at once; one over it is refused (503 /
-    /// RESOURCE_EXHAUSTED), not queued.
+    /// Requests being handled at once. One over it waits for a slot up to
+    /// `queue_wait`, then is refused (503 / RESOURCE_EXHAUSTED): a stall of
+    /// the bus for a moment must not turn into refused pushes, which a
+    /// caller like GitLab's post-receive does not retry. Waiting costs only
+    /// the request's head: the body is read once the request has its slot.
     pub max_in_flight: usize,
+    pub queue_wait: Duration,
     /// Flag names for the refusals, so an operator knows what to raise.
     pub timeout_flag: &'static str,
     pub in_flight_flag: &'static str,
+    pub queue_wait_flag: &'static str,
     /// Header names and values, summed; more is a 431 with the JSON error.
     pub max_header_bytes: usize,
 }
@@ -259,10 +264,24 @@ async fn guarded(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> R
             msg,
         );
     }
-    let Ok(_permit) = guard.in_flight.try_acquire() else {
+    let slot = match guard.in_flight.try_acquire() {
+        Ok(permit) => Some(permit),
+        Err(_) => {
+            metrics::counter!("pushbus_listener_queued_requests_total").increment(1);
+            tokio::time::timeout(guard.limits.queue_wait, guard.in_flight.acquire())
+                .await
+                .ok()
+                .and_then(Result::ok)
+        }
+    };
+    let Some(_permit) = slot else {
+        metrics::counter!("pushbus_listener_refused_requests_total").increment(1);
         let msg = format!(
-            "too many requests in flight (limit {}, {})",
-            guard.limits.max_in_flight, guard.limits.in_flight_flag
+            "too many requests in flight (limit {}, {}; none finished within {} ms, {})",
+            guard.limits.max_in_flight,
+            guard.limits.in_flight_flag,
+            guard.limits.queue_wait.as_millis(),
+            guard.limits.queue_wait_flag
         );
         return refusal(
             grpc,
@@ -407,5 +426,105 @@ mod tests {
             out.extend_from_slice(&buf[..n]);
         }
         assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+    }
+
+    /// A door of one slot, taken by a `/hold` request (`held`) until
+    /// `release` is notified.
+    struct OneSlot {
+        addr: SocketAddr,
+        held: tokio::task::JoinHandle<String>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    async fn one_slot(queue_wait: Duration) -> OneSlot {
+        let entered = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (e, r) = (entered.clone(), release.clone());
+        let app = Router::new()
+            .route(
+                "/hold",
+                axum::routing::get(move || async move {
+                    e.notify_one();
+                    r.notified().await
+                }),
+            )
+            .route("/quick", axum::routing::get(|| async { "quick" }));
+        let app = guard_requests(
+            app,
+            RequestLimits {
+                timeout: Some(Duration::from_secs(30)),
+                max_in_flight: 1,
+                queue_wait,
+                timeout_flag: "--x-request-timeout-ms",
+                in_flight_flag: "--x-max-requests",
+                queue_wait_flag: "--x-queue-wait-ms",
+                max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            },
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(
+            listener,
+            app,
+            Limits::default(),
+            None,
+            std::future::pending(),
+        ));
+        let held = get(addr, "/hold").await;
+        entered.notified().await;
+        OneSlot {
+            addr,
+            held,
+            release,
+        }
+    }
+
+    /// Sends `GET path` on a new connection; the whole answer once it comes.
+    async fn get(addr: SocketAddr, path: &str) -> tokio::task::JoinHandle<String> {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        })
+    }
+
+    /// The answer, which must come within 10 s.
+    async fn answer_within(answer: tokio::task::JoinHandle<String>, what: &str) -> String {
+        let answer = tokio::time::timeout(Duration::from_secs(10), answer).await;
+        answer
+            .unwrap_or_else(|_| panic!("no answer in time: {what}"))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_limit_waits_for_a_slot() {
+        let door = one_slot(Duration::from_secs(20)).await;
+        let waiting = get(door.addr, "/quick").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "answered while the slot was held");
+        door.release.notify_one();
+        assert!(door.held.await.unwrap().starts_with("HTTP/1.1 200"));
+        let answer = answer_within(waiting, "the waiting request got the freed slot").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("quick"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_limit_is_refused_once_its_wait_is_over() {
+        let door = one_slot(Duration::from_millis(100)).await;
+        let answer = get(door.addr, "/quick").await;
+        let answer =
+            answer_within(answer, "refused once its wait was over, not left waiting").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("limit 1, --x-max-requests"), "{answer}");
+        assert!(
+            answer.contains("within 100 ms, --x-queue-wait-ms"),
+            "{answer}"
+        );
+        door.release.notify_one();
+        assert!(door.held.await.unwrap().starts_with("HTTP/1.1 200"));
     }
 }

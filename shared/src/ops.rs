@@ -212,6 +212,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Connections closed at once because a listener was at its connection limit, by listener.",
     ),
     (
+        "pushbus_listener_queued_requests_total",
+        Kind::Counter,
+        "Requests that found every in-flight slot taken and waited for one.",
+    ),
+    (
+        "pushbus_listener_refused_requests_total",
+        Kind::Counter,
+        "Requests answered 503 / RESOURCE_EXHAUSTED because no in-flight slot freed within the queue wait.",
+    ),
+    (
         "pushbus_notifier_streams_refused_total",
         Kind::Counter,
         "Agent streams refused by the per-agent or total stream cap, by reason.",

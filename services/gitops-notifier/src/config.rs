@@ -84,7 +84,8 @@ pub struct DoorArgs {
     )]
     pub max_connections: usize,
     /// Requests being answered at once (open streams not counted); further
-    /// ones get 503 / RESOURCE_EXHAUSTED.
+    /// ones wait for a slot (see --notifier-queue-wait-ms), then get 503 /
+    /// RESOURCE_EXHAUSTED.
     #[arg(
         id = "notifier_max_requests",
         long = "notifier-max-requests",
@@ -92,6 +93,15 @@ pub struct DoorArgs {
         default_value_t = 1024
     )]
     pub max_requests: usize,
+    /// How long a request over --notifier-max-requests waits for a slot
+    /// before its 503 (0: refused at once).
+    #[arg(
+        id = "notifier_queue_wait_ms",
+        long = "notifier-queue-wait-ms",
+        env = "PUSHBUS_NOTIFIER_QUEUE_WAIT_MS",
+        default_value_t = 500
+    )]
+    pub queue_wait_ms: u64,
     /// Streams this replica holds in all; further ones get 503 / RESOURCE_EXHAUSTED.
     #[arg(
         id = "notifier_max_streams",

@@ -193,7 +193,9 @@ impl Service for GitopsNotifier {
                 )),
                 max_in_flight: config.door.max_requests,
                 timeout_flag: "--notifier-request-timeout-ms",
+                queue_wait: std::time::Duration::from_millis(config.door.queue_wait_ms),
                 in_flight_flag: "--notifier-max-requests",
+                queue_wait_flag: "--notifier-queue-wait-ms",
                 max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
             },
         );

@@ -115,7 +115,8 @@ pub struct DoorArgs {
         default_value_t = 1024
     )]
     pub max_connections: usize,
-    /// Requests handled at once; further ones are answered 503 (gRPC RESOURCE_EXHAUSTED).
+    /// Requests handled at once; further ones wait for a slot (see
+    /// --ingest-queue-wait-ms), then are answered 503 (gRPC RESOURCE_EXHAUSTED).
     #[arg(
         id = "ingest_max_requests",
         long = "ingest-max-requests",
@@ -123,6 +124,15 @@ pub struct DoorArgs {
         default_value_t = 256
     )]
     pub max_requests: usize,
+    /// How long a request over --ingest-max-requests waits for a slot
+    /// before its 503 (0: refused at once).
+    #[arg(
+        id = "ingest_queue_wait_ms",
+        long = "ingest-queue-wait-ms",
+        env = "PUSHBUS_INGEST_QUEUE_WAIT_MS",
+        default_value_t = 500
+    )]
+    pub queue_wait_ms: u64,
     /// Largest body read before the caller is authenticated (only the legacy
     /// secret_token body field needs it; the JWT and Gitlab-Shared-Secret
     /// headers are checked before any of the body is read).
@@ -281,7 +291,9 @@ impl Service for HookIngest {
                 timeout: Some(Duration::from_millis(config.door.request_timeout_ms.max(1))),
                 max_in_flight: config.door.max_requests,
                 timeout_flag: "--ingest-request-timeout-ms",
+                queue_wait: Duration::from_millis(config.door.queue_wait_ms),
                 in_flight_flag: "--ingest-max-requests",
+                queue_wait_flag: "--ingest-queue-wait-ms",
                 max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
             },
         );
