@@ -218,9 +218,9 @@ pub struct RequestLimits {
     pub timeout: Option<Duration>,
     /// Requests being handled at once. One over it waits for a slot up to
     /// `queue_wait`, then is refused (503 / RESOURCE_EXHAUSTED): a stall of
-    /// the bus for a moment must not turn into refused pushes, which a
-    /// caller like GitLab's post-receive does not retry. Waiting costs only
-    /// the request's head: the body is read once the request has its slot.
+    /// the bus for a moment must not turn into refused pushes, which only
+    /// a caller that spools (our hook) replays. Waiting costs only the
+    /// request's head: the body is read once the request has its slot.
     pub max_in_flight: usize,
     pub queue_wait: Duration,
     /// Flag names for the refusals, so an operator knows what to raise.
