@@ -172,11 +172,8 @@ async fn connections_over_the_limit_are_closed_at_once_and_stalled_bodies_time_o
     let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
 
     // A body that stops halfway: 408 with the JSON error naming the flag.
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"POST /api/v4/internal/post_receive HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"gl_rep")
-        .await
-        .unwrap();
     let started = Instant::now();
+    let mut s = body_stopped_halfway(addr).await;
     let (answer, _) = read_until_closed(&mut s, Duration::from_secs(3)).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("--ingest-request-timeout-ms"), "{answer}");
@@ -196,6 +193,58 @@ async fn connections_over_the_limit_are_closed_at_once_and_stalled_bodies_time_o
     drop(held);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(post(addr, &push_body(3)).await.0, 200);
+    ingest.stop().await;
+}
+
+/// A request whose body stops halfway; it keeps its request slot until it
+/// times out or the connection is dropped.
+async fn body_stopped_halfway(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /api/v4/internal/post_receive HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"gl_rep")
+        .await
+        .unwrap();
+    // Until its handler has the slot and waits for the rest of the body.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_over_the_in_flight_limit_waits_for_a_slot_before_its_503() {
+    let nats = NatsServer::start();
+    let (listener, addr) = bind_local().await;
+    let mut cfg = ingest_config(addr);
+    cfg.door.max_requests = 1;
+    cfg.door.queue_wait_ms = 1_500;
+    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
+
+    // No slot frees within the wait: 503 naming both flags.
+    let held = body_stopped_halfway(addr).await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/api/v4/internal/post_receive"))
+        .json(&push_body(5))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let err: serde_json::Value = resp.json().await.unwrap();
+    let err = err["error"].as_str().unwrap_or_default();
+    assert!(err.contains("limit 1, --ingest-max-requests"), "{err}");
+    assert!(
+        err.contains("within 1500 ms, --ingest-queue-wait-ms"),
+        "{err}"
+    );
+    drop(held);
+
+    // The slot frees while the push waits: it is stored and answered 200.
+    let held = body_stopped_halfway(addr).await;
+    let body = push_body(6);
+    let waiting = tokio::spawn(async move { post(addr, &body).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "answered while the slot was held");
+    drop(held);
+    let (status, _) = waiting.await.unwrap();
+    assert_eq!(status, 200);
     ingest.stop().await;
 }
 
