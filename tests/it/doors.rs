@@ -227,13 +227,11 @@ async fn a_push_over_the_in_flight_limit_waits_for_a_slot_before_its_503() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 503);
-    let err: serde_json::Value = resp.json().await.unwrap();
-    let err = err["error"].as_str().unwrap_or_default();
-    assert!(err.contains("limit 1, --ingest-max-requests"), "{err}");
-    assert!(
-        err.contains("within 1500 ms, --ingest-queue-wait-ms"),
-        "{err}"
-    );
+    assert_error_mentions(
+        resp,
+        "limit 1, --ingest-max-requests; none finished within 1500 ms, --ingest-queue-wait-ms",
+    )
+    .await;
     drop(held);
 
     // The slot frees while the push waits: it is stored and answered 200.

@@ -87,8 +87,8 @@ impl Plan {
 pub struct Outcome {
     pub step: Step,
     pub sent: u64,
-    pub refused: u64,
-    /// Why: each distinct answer and how many pushes got it.
+    /// The pushes hook-ingest refused, by answer: each distinct answer and
+    /// how many pushes got it.
     pub refusals: Vec<(String, u64)>,
     /// Pushes hook-ingest accepted whose poke never reached the agent,
     /// and no newer push of the same agent and ref did either.
@@ -128,10 +128,6 @@ impl Refusals {
         let mut causes = self.0.lock().unwrap_or_else(|p| p.into_inner());
         *causes.entry(cause).or_default() += 1;
         false
-    }
-
-    pub fn total(&self) -> u64 {
-        self.causes().iter().map(|(_, n)| n).sum()
     }
 
     pub fn causes(&self) -> Vec<(String, u64)> {

@@ -42,10 +42,12 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
     );
     for o in r.ours {
         println!("{}", o.step.line("pushbus", o.lost));
-        if o.refused > 0 || o.step.duplicates > 0 {
+        if o.refused() > 0 || o.step.duplicates > 0 {
             println!(
                 "    {} of {} pushes refused by hook-ingest, {} duplicate pokes",
-                o.refused, o.sent, o.step.duplicates
+                o.refused(),
+                o.sent,
+                o.step.duplicates
             );
         }
         o.print_refusals();
@@ -64,7 +66,7 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
         .iter()
         .filter(|o| {
             o.lost == 0
-                && o.refused == 0
+                && o.refused() == 0
                 && o.step.achieved() >= 0.95 * o.step_rate()
                 && o.step.ms(0.99) < 100.0
         })
@@ -76,7 +78,9 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
     let ours = r.flat.step.achieved();
     println!(
         "flat out ({} events each): pushbus {ours:.0}/s (lost {}, refused {})",
-        plan.flat_out, r.flat.lost, r.flat.refused
+        plan.flat_out,
+        r.flat.lost,
+        r.flat.refused()
     );
     r.flat.print_refusals();
     println!(
@@ -148,7 +152,10 @@ pub(super) fn report(plan: &Plan, r: &Report<'_>) {
     for (victim, o, stored, n) in r.restarts {
         println!(
             "  pushbus, SIGKILL {victim:<16} pushes {n}, refused {}, with a stored ref head (theirs or a newer one of the ref) {stored}, received by agents {}, superseded by a newer push of the ref {} -> lost at agents {}",
-            o.refused, o.step.received, o.superseded, o.lost
+            o.refused(),
+            o.step.received,
+            o.superseded,
+            o.lost
         );
         o.print_refusals();
     }
@@ -185,7 +192,7 @@ pub(super) fn report_cluster(plan: &Plan, r: &Report<'_>, c: &Clustered) {
             o.step.ms(0.99),
             o.step.hist.max() as f64 / 1000.0,
             o.lost,
-            o.refused
+            o.refused()
         )
     };
     if let Some(r1) = r.ours.iter().find(|o| o.step_rate() == 1_000.0) {
@@ -224,10 +231,13 @@ impl Outcome {
             superseded: 0,
             outage: None,
             sent,
-            refused: refusals.total(),
             refusals: refusals.causes(),
             step,
         }
+    }
+
+    pub(super) fn refused(&self) -> u64 {
+        self.refusals.iter().map(|(_, n)| n).sum()
     }
 
     fn print_refusals(&self) {
