@@ -28,6 +28,17 @@ pub struct Match {
 }
 
 impl Index {
+    /// An empty index with room for about `agents` agents, so a full load
+    /// allocates its maps once instead of doubling them as it goes (every
+    /// table it outgrows is freed memory the process keeps).
+    pub fn with_capacity(agents: usize) -> Index {
+        Index {
+            by_id: HashMap::with_capacity(agents),
+            agents: HashMap::with_capacity(agents),
+            ..Index::default()
+        }
+    }
+
     pub fn agent_count(&self) -> usize {
         self.agents.len()
     }
@@ -75,23 +86,34 @@ impl Index {
     pub fn put(&mut self, agent_id: &str, watches: Vec<CompiledWatch>) {
         self.remove(agent_id);
         let mut projects: Vec<ProjectKey> = Vec::new();
+        let mut id: Option<Arc<str>> = None;
         for CompiledWatch {
             project,
             mut matcher,
         } in watches
         {
             matcher.intern(&mut self.strings);
+            if id.is_none() && &*matcher.agent_id == agent_id {
+                id = Some(matcher.agent_id.clone());
+            }
+            // Most projects have one watcher: a list of one, not of four
+            // (`Vec`'s first growth) shrunk after the load.
+            let one = || Vec::with_capacity(1);
             match &project {
-                ProjectKey::Id(id) => self.by_id.entry(*id).or_default().push(matcher),
-                ProjectKey::Path(path) => {
-                    self.by_path.entry(path.clone()).or_default().push(matcher)
-                }
+                ProjectKey::Id(id) => self.by_id.entry(*id).or_insert_with(one).push(matcher),
+                ProjectKey::Path(path) => self
+                    .by_path
+                    .entry(path.clone())
+                    .or_insert_with(one)
+                    .push(matcher),
             }
             if !projects.contains(&project) {
                 projects.push(project);
             }
         }
-        self.agents.insert(agent_id.into(), projects.into());
+        // The watches' own copy of the ID, not another one.
+        let id = id.unwrap_or_else(|| agent_id.into());
+        self.agents.insert(id, projects.into());
     }
 
     pub fn remove(&mut self, agent_id: &str) {

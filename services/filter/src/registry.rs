@@ -54,7 +54,7 @@ async fn load(kv: &Store) -> Result<(Index, Watch, u64), async_nats::Error> {
     let state = kv.stream.get_info().await?.state;
     let last = state.last_sequence;
     let mut watch = kv.watch_with_history(">").await?;
-    let mut index = Index::default();
+    let mut index = Index::with_capacity(usize::try_from(state.messages).unwrap_or(0));
     if state.messages > 0 {
         while let Some(entry) = watch.next().await {
             let entry = entry?;
