@@ -54,7 +54,8 @@ async fn load(kv: &Store) -> Result<(Index, Watch, u64), async_nats::Error> {
     let state = kv.stream.get_info().await?.state;
     let last = state.last_sequence;
     let mut watch = kv.watch_with_history(">").await?;
-    let mut index = Index::with_capacity(usize::try_from(state.messages).unwrap_or(0));
+    // One entry per key (not per message: the bucket keeps some history).
+    let mut index = Index::with_capacity(usize::try_from(state.subjects_count).unwrap_or(0));
     if state.messages > 0 {
         while let Some(entry) = watch.next().await {
             let entry = entry?;
