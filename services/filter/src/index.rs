@@ -86,19 +86,22 @@ impl Index {
     pub fn put(&mut self, agent_id: &str, watches: Vec<CompiledWatch>) {
         self.remove(agent_id);
         let mut projects: Vec<ProjectKey> = Vec::new();
-        let mut id: Option<Arc<str>> = None;
+        // The watches' own copy of the ID (one `Arc` for all of them), not
+        // another one.
+        let agent_key: Arc<str> = watches
+            .first()
+            .map(|w| w.matcher.agent_id.clone())
+            .filter(|id| &**id == agent_id)
+            .unwrap_or_else(|| agent_id.into());
+        // Most projects have one watcher: a list of one, not of four
+        // (`Vec`'s first growth) shrunk after the load.
+        let one = || Vec::with_capacity(1);
         for CompiledWatch {
             project,
             mut matcher,
         } in watches
         {
             matcher.intern(&mut self.strings);
-            if id.is_none() && &*matcher.agent_id == agent_id {
-                id = Some(matcher.agent_id.clone());
-            }
-            // Most projects have one watcher: a list of one, not of four
-            // (`Vec`'s first growth) shrunk after the load.
-            let one = || Vec::with_capacity(1);
             match &project {
                 ProjectKey::Id(id) => self.by_id.entry(*id).or_insert_with(one).push(matcher),
                 ProjectKey::Path(path) => self
@@ -111,9 +114,7 @@ impl Index {
                 projects.push(project);
             }
         }
-        // The watches' own copy of the ID, not another one.
-        let id = id.unwrap_or_else(|| agent_id.into());
-        self.agents.insert(id, projects.into());
+        self.agents.insert(agent_key, projects.into());
     }
 
     pub fn remove(&mut self, agent_id: &str) {
