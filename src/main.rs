@@ -12,6 +12,8 @@ mod setup;
 mod show;
 mod status;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 use pushbus_shared::service::NatsArgs;
 
@@ -77,8 +79,20 @@ enum EventsCommand {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn main() -> ExitCode {
+    match dispatch(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // The cause chain, never a backtrace: with RUST_BACKTRACE set,
+            // resolving one takes seconds, which a hook's --timeout-ms does
+            // not allow, and it means nothing to a pusher or an operator.
+            eprintln!("Error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(*args, cli.nats).await,
         Command::Setup(args) => setup::run(&cli.nats, args).await,
