@@ -5,13 +5,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::publish::PublishAck;
 use pushbus_shared::EventMeta;
-use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler};
+use pushbus_shared::bus::{ConsumerSpec, Delivery, HandleError, Handler, Publisher};
 use pushbus_shared::names::{self, headers};
 use pushbus_shared::proto::GitPushEvent;
 use pushbus_shared::testkit::{self, NatsServer};
 
 use crate::fixtures::{pushes_bus, spawn_consumer, stream_messages};
+use crate::poll::until;
 
 fn push(project_id: i64, n: u32) -> GitPushEvent {
     GitPushEvent {
@@ -19,6 +21,16 @@ fn push(project_id: i64, n: u32) -> GitPushEvent {
         part: n,
         ..Default::default()
     }
+}
+
+/// Stores push `n` of `project` on the project's subject, as a fresh event.
+async fn publish_push(publisher: &Publisher, project: i64, n: u32) -> PublishAck {
+    let subject = names::push_subject(project, "test");
+    let meta = EventMeta::fresh("c");
+    publisher
+        .publish(subject, &push(project, n), &meta)
+        .await
+        .unwrap()
 }
 
 fn spec() -> ConsumerSpec {
@@ -79,16 +91,6 @@ impl Handler<GitPushEvent> for Recorder {
     }
 }
 
-async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..300 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test]
 async fn republished_event_id_is_dropped_by_the_stream() {
     let nats = NatsServer::start();
@@ -115,15 +117,8 @@ async fn retryable_error_is_redelivered_then_acked() {
         (d.delivered == 1).then(|| HandleError::Retryable("dependency down".into()))
     });
     let running = spawn_consumer(&js, spec(), rec.clone());
-    publisher
-        .publish(
-            names::push_subject(5, "test"),
-            &push(5, 1),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
-    wait_for("second delivery", || rec.seen().len() == 2).await;
+    publish_push(&publisher, 5, 1).await;
+    until("second delivery", async || rec.seen().len() == 2).await;
     assert_eq!(rec.seen(), vec![(5, 1, 1), (5, 1, 2)]);
     running.stop().await;
     let mut consumer: jetstream::consumer::PullConsumer = js
@@ -155,53 +150,20 @@ async fn poison_messages_are_dead_lettered_and_the_rest_flows() {
         .await
         .unwrap();
     client.flush().await.unwrap();
-    publisher
-        .publish(
-            names::push_subject(1, "test"),
-            &push(1, 1),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
-    publisher
-        .publish(
-            names::push_subject(3, "test"),
-            &push(3, 1),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
-    publisher
-        .publish(
-            names::push_subject(4, "test"),
-            &push(4, 1),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
-    publisher
-        .publish(
-            names::push_subject(1, "test"),
-            &push(1, 2),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
+    publish_push(&publisher, 1, 1).await;
+    publish_push(&publisher, 3, 1).await;
+    publish_push(&publisher, 4, 1).await;
+    publish_push(&publisher, 1, 2).await;
 
-    wait_for("three dead letters", || {
+    until("three dead letters", async || {
         let seen = rec.seen();
         seen.iter().filter(|s| s.0 == 3).count() == 3 && seen.iter().any(|s| s.0 == 1 && s.1 == 2)
     })
     .await;
-    let mut dlq_count = 0;
-    for _ in 0..100 {
-        dlq_count = stream_messages(&js, names::STREAM_DLQ).await;
-        if dlq_count == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(dlq_count, 3);
+    until("three messages in the DLQ", async || {
+        stream_messages(&js, names::STREAM_DLQ).await == 3
+    })
+    .await;
     let dlq = js.get_stream(names::STREAM_DLQ).await.unwrap();
     let mut reasons = Vec::new();
     for seq in 1..=3 {
@@ -269,7 +231,7 @@ async fn one_key_in_order_different_keys_in_parallel() {
     for p in pending {
         p.wait().await.unwrap();
     }
-    wait_for("all 320 handled", || rec.seen().len() == 320).await;
+    until("all 320 handled", async || rec.seen().len() == 320).await;
     let mut per_key: HashMap<i64, Vec<u32>> = HashMap::new();
     for (project, n, _) in rec.seen() {
         per_key.entry(project).or_default().push(n);
@@ -290,14 +252,7 @@ async fn one_key_in_order_different_keys_in_parallel() {
 async fn stored_events_survive_a_killed_and_restarted_server() {
     let mut nats = NatsServer::start();
     let (_, publisher) = pushes_bus(&nats).await;
-    let ack = publisher
-        .publish(
-            names::push_subject(9, "test"),
-            &push(9, 1),
-            &EventMeta::fresh("c"),
-        )
-        .await
-        .unwrap();
+    let ack = publish_push(&publisher, 9, 1).await;
     nats.kill();
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", nats.port())).is_err(),

@@ -14,6 +14,7 @@ use pushbus_shared::testkit::{NatsCluster, stream_leader};
 use tokio_util::sync::CancellationToken;
 
 use crate::fixtures::stream_info;
+use crate::poll::{poll, until_ok};
 use crate::support::{SseReader, Stack, StackOptions};
 use crate::topology::{metrics, setup, stream_config};
 
@@ -62,16 +63,13 @@ async fn stored_heads(js: &jetstream::Context) -> (HashMap<String, String>, Vec<
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
         .build(js.client());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        match try_stored_heads(&js).await {
-            Ok(found) => return found,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot read PUSHBUS_PUSHES: {e}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
+    poll(
+        "read of PUSHBUS_PUSHES",
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        async || try_stored_heads(&js).await.map_err(|e| e.to_string()),
+    )
+    .await
 }
 
 async fn try_stored_heads(
@@ -336,18 +334,16 @@ where
     assert_eq!(heads.len(), REFS);
 
     // Every ref ends on its newest stored SHA at the agent.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let what = format!("{name}: the agent on the newest SHAs {heads:?}");
+    until_ok(&what, async || {
         let now = seen.lock().unwrap().clone();
         if heads.iter().all(|(r, sha)| now.get(r) == Some(sha)) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("have {now:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{name}: agent did not reach the newest SHAs\nwant {heads:?}\nhave {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     agent_stop.cancel();
     let _ = agent.await;
     stack.stop().await;
@@ -361,17 +357,15 @@ async fn kill_leader_of(cluster: Arc<Mutex<NatsCluster>>, js: jetstream::Context
     let i = NatsCluster::index_of(&leader).unwrap();
     cluster.lock().unwrap().nodes[i].kill();
     let killed = Instant::now();
-    let deadline = killed + Duration::from_secs(30);
-    loop {
-        if let Some(l) = stream_leader(&js, stream).await
-            && l != leader
-        {
-            eprintln!("{stream}: new leader {l} after {:?}", killed.elapsed());
-            break;
-        }
-        assert!(Instant::now() < deadline, "no new leader for {stream}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("new leader for {stream}");
+    let new = until_ok(&what, async || {
+        let now = stream_leader(&js, stream).await;
+        now.clone()
+            .filter(|l| *l != leader)
+            .ok_or_else(|| format!("leader {now:?}"))
+    })
+    .await;
+    eprintln!("{stream}: new leader {new} after {:?}", killed.elapsed());
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.lock().unwrap().nodes[i].start_again();
 }
@@ -391,13 +385,16 @@ async fn scale_streams_by_hand(js: &jetstream::Context, replicas: usize) {
         cfg.num_replicas = replicas;
         js.update_stream(&cfg).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for n in &all {
-        while current_peers(js, n).await != Some(replicas) {
-            assert!(Instant::now() < deadline, "{n} did not reach R{replicas}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    let what = format!("every stream at R{replicas}");
+    until_ok(&what, async || {
+        for n in &all {
+            if current_peers(js, n).await != Some(replicas) {
+                return Err(format!("{n} is not"));
+            }
         }
-    }
+        Ok(())
+    })
+    .await;
 }
 
 /// How many nodes hold `stream` (leader and replicas), if it has a leader
@@ -487,18 +484,16 @@ async fn cluster_rolling_restart_loses_nothing() {
         for i in 0..3 {
             c.lock().unwrap().nodes[i].restart();
             // Let the node catch up before the next goes down.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let mut ok = true;
+            let what = format!("node n{i} caught up");
+            until_ok(&what, async || {
                 for s in [names::STREAM_PUSHES, names::STREAM_REF_HEADS] {
-                    ok &= current_peers(&js, s).await.is_some();
+                    if current_peers(&js, s).await.is_none() {
+                        return Err(format!("{s} has replicas behind"));
+                    }
                 }
-                if ok {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "node n{i} did not catch up");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+                Ok(())
+            })
+            .await;
         }
     })
     .await;
@@ -536,18 +531,17 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
         (names::STREAM_PUSHES, names::CONSUMER_FILTER),
         (names::STREAM_WEBHOOKS, names::CONSUMER_NOTIFIER_WEBHOOKS),
     ] {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let peers = consumer_peers(&js, stream, consumer).await;
-            if peers == Some(3) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{stream}/{consumer}: {peers:?} peers"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let what = format!("{stream}/{consumer} on 3 peers");
+        poll(
+            &what,
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            async || match consumer_peers(&js, stream, consumer).await {
+                Some(3) => Ok(()),
+                peers => Err(format!("{peers:?} peers")),
+            },
+        )
+        .await;
     }
     // Scaled in place: the message is still there, same sequence.
     let stream = js.get_stream(names::STREAM_PUSHES).await.unwrap();
@@ -564,11 +558,16 @@ async fn cluster_setup_scales_r1_to_r3_and_services_start_with_a_node_down() {
         "identifier": "user-1",
         "changes": format!("{} {} refs/heads/main", "0".repeat(40), "a".repeat(40)),
     });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while stack.post_receive(&body, &[]).await.status() != 200 {
-        assert!(Instant::now() < deadline, "no push stored with a node down");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll(
+        "push stored with a node down",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        async || match stack.post_receive(&body, &[]).await.status() {
+            reqwest::StatusCode::OK => Ok(()),
+            status => Err(format!("answered {status}")),
+        },
+    )
+    .await;
     let js2 = jetstream::new(async_nats::connect(cluster.nodes[0].url()).await.unwrap());
     let info = stream_info(&js2, names::STREAM_PUSHES).await;
     assert_eq!(info.config.num_replicas, 3);

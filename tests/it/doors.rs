@@ -15,6 +15,7 @@ use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::poll::until;
 use crate::support::{Replica, SseReader, Stack, bind_local};
 
 fn ingest_config(listen: SocketAddr) -> pushbus_hook_ingest::Config {
@@ -431,15 +432,10 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     drop(a1);
     // A freed stream can be taken again.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let again = SseReader::connect(&url("b"), None).await;
-        if again.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "a closed stream was never freed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("a closed stream freed", async || {
+        SseReader::connect(&url("b"), None).await.status() == 200
+    })
+    .await;
 
     // Failed logins: three 401s, then 429 with Retry-After, from this address.
     drop((a2, b1));

@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use pushbus_shared::testkit::NatsServer;
 
 use crate::fixtures::{bare_with_hook, clone, git};
+use crate::poll::{SETTLE, poll};
 use crate::support::{SseReader, Stack};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
@@ -402,15 +403,14 @@ async fn jetstream_down_means_503_with_a_reason() {
     );
     nats.start_again();
     // Back up: the same service stores pushes again without a restart.
-    let mut status = 0;
-    for _ in 0..100 {
-        status = stack.post_receive(&body, &[]).await.status().as_u16();
-        if status == 200 {
-            break;
+    let every = std::time::Duration::from_millis(100);
+    poll("push stored again", SETTLE, every, async || {
+        match stack.post_receive(&body, &[]).await.status() {
+            reqwest::StatusCode::OK => Ok(()),
+            status => Err(format!("answered {status}")),
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(status, 200);
+    })
+    .await;
     stack.stop().await;
 }
 

@@ -13,6 +13,7 @@ use pushbus_shared::proto::{
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
 
+use crate::poll::{eventually, poll};
 use crate::support::{Replica, register, stored_heads};
 
 /// Publishes pushes `range` (project = 1 + i % 20, each to a branch of its
@@ -54,14 +55,21 @@ async fn head_ids(nats: &NatsServer) -> (Vec<String>, u64) {
 
 /// Every expected head written, each once.
 async fn heads_once(nats: &NatsServer, expected: &HashSet<String>) {
-    let mut ids = Vec::new();
-    for _ in 0..300 {
-        ids = head_ids(nats).await.0;
-        if ids.len() >= expected.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{} heads", expected.len());
+    let ids = poll(
+        &what,
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        async || {
+            let ids = head_ids(nats).await.0;
+            if ids.len() >= expected.len() {
+                Ok(ids)
+            } else {
+                Err(format!("{ids:?}"))
+            }
+        },
+    )
+    .await;
     // Settle: late rewrites would show up now.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (again, writes) = head_ids(nats).await;
@@ -423,14 +431,10 @@ async fn tag_delete_and_force_pushes_poke_marked_as_such() {
         .publish(names::push_subject(30, "test"), &push, &meta)
         .await
         .unwrap();
-    let mut heads = Vec::new();
-    for _ in 0..100 {
-        heads = stored_heads(&nats).await.0;
-        if heads.len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let heads = eventually("three heads", Duration::from_secs(5), async || {
+        Some(stored_heads(&nats).await.0).filter(|h| h.len() >= 3)
+    })
+    .await;
     let mut got: Vec<(String, i32, i32, bool, String)> = heads
         .into_iter()
         .map(|h| {

@@ -19,6 +19,7 @@ use pushbus_shared::topology;
 
 use crate::fixtures::{pushes_bus, spawn_consumer, stream_messages, test_publisher};
 use crate::notifier::{agent, drain, head_is, pokes, push, sha, watch};
+use crate::poll::{poll, until, until_ready};
 use crate::support::{Replica, SseReader, Stack, local, register};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
@@ -57,15 +58,7 @@ impl Process {
     }
 
     async fn wait_ready(&self) {
-        let url = format!("http://{}/readyz", self.ops);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !reqwest::get(&url)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            assert!(Instant::now() < deadline, "{url} not ready within 30s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_ready(&format!("http://{}/readyz", self.ops)).await;
     }
 
     /// Its /metrics, /readyz address.
@@ -83,17 +76,6 @@ impl Drop for Process {
         self.signal(pushbus_shared::process::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-pub(crate) async fn until<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check().await {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -742,15 +724,23 @@ async fn a_stopping_replica_hands_its_unstarted_messages_back_at_once() {
     running.stop().await;
     let second = slow(Duration::ZERO);
     let running = spawn_consumer(&js, spec, second.clone());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while first.handled.load(Ordering::SeqCst) + second.handled.load(Ordering::SeqCst) < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "held messages waited for ack_wait: {} + {} handled",
-            first.handled.load(Ordering::SeqCst),
-            second.handled.load(Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = "all 20 handled long before ack_wait (30 s)";
+    poll(
+        what,
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        async || {
+            let handled = (
+                first.handled.load(Ordering::SeqCst),
+                second.handled.load(Ordering::SeqCst),
+            );
+            if handled.0 + handled.1 >= 20 {
+                Ok(())
+            } else {
+                Err(format!("{} + {} handled", handled.0, handled.1))
+            }
+        },
+    )
+    .await;
     running.stop().await;
 }

@@ -18,6 +18,7 @@ mod lag;
 mod notifier;
 mod observe;
 mod operate;
+mod poll;
 mod privilege;
 mod prune;
 mod secrets;

@@ -13,7 +13,8 @@ use pushbus_shared::proto::{
 use pushbus_shared::testkit::{self, NatsServer};
 use tonic::Streaming;
 
-use crate::support::{Replica, SseReader, Stack, bind_local, register};
+use crate::poll::{SETTLE, until};
+use crate::support::{Replica, SseReader, Stack, bind_local, push_stored, register};
 
 pub(crate) fn sha(n: u64) -> String {
     format!("{n:040x}")
@@ -27,15 +28,7 @@ pub(crate) async fn push(stack: &Stack, project_id: i64, branch: &str, new_sha: 
         "identifier": "user-1",
         "changes": format!("{} {new_sha} refs/heads/{branch}\n", "1".repeat(40)),
     });
-    for _ in 0..100 {
-        let resp = stack.post_receive(&body, &[]).await;
-        if resp.status() == 200 {
-            return;
-        }
-        assert_eq!(resp.status(), 503, "push refused");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    panic!("hook-ingest never took the push");
+    push_stored(stack.ingest, &body).await
 }
 
 pub(crate) async fn watch(addr: std::net::SocketAddr, req: WatchRequest) -> Streaming<WatchEvent> {
@@ -93,15 +86,11 @@ pub(crate) async fn head_is(
         "{agent_id}.{}",
         pushbus_gitops_notifier::heads::ref_key(project_id, &format!("refs/heads/{branch}"))
     );
-    for _ in 0..300 {
-        if let Ok(Some(v)) = kv.get(&key).await
-            && RefHead::decode(v.as_ref()).unwrap().poke.unwrap().new_sha == want
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("head of {branch} never became {want}");
+    until(&format!("head of {branch} at {want}"), async || {
+        let head = kv.get(&key).await.ok().flatten();
+        head.is_some_and(|v| RefHead::decode(v.as_ref()).unwrap().poke.unwrap().new_sha == want)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,8 +311,9 @@ async fn bus_loss_is_announced_and_nothing_is_missing_after_it() {
     assert_eq!(state(&down), Some(State::Degraded as i32), "{down:?}");
 
     nats.start_again();
+    // Read on until the stream says LIVE (not a poll: every read consumes).
     let mut up = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + SETTLE;
     while state(&up) != Some(State::Live as i32) {
         assert!(Instant::now() < deadline, "never live again: {up:?}");
         up = drain(&mut stream, Duration::from_secs(1)).await;

@@ -16,7 +16,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 use pushbus_shared::testkit::{NatsServer, free_port};
 
-use crate::guarantees::{Process, until};
+use crate::guarantees::Process;
+use crate::poll::until;
 use crate::support::{SseReader, local, register};
 
 /// One exported span: its service, trace ID (hex), name and attributes.

@@ -14,7 +14,8 @@ use pushbus_shared::testkit::{self, NatsServer, free_port};
 use pushbus_shared::topology;
 
 use crate::fixtures::{any_ref_of, main_branch_poke, run_with_stdin};
-use crate::guarantees::{Process, until};
+use crate::guarantees::Process;
+use crate::poll::until;
 use crate::support::{Replica, SseReader, Stack, StackOptions, local, register};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");

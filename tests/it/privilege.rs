@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pushbus_shared::bus::{self, ConnectConfig};
 use pushbus_shared::proto::git_ops_notifier_client::GitOpsNotifierClient;
@@ -16,6 +16,7 @@ use pushbus_shared::testkit::{NatsServer, free_port};
 use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
+use crate::poll::{poll, until};
 use crate::secure::Pki;
 use crate::support::SseReader;
 
@@ -128,15 +129,12 @@ async fn host(bus: BusConfig, launcher: Launcher) -> Hosted {
         let token = token.clone();
         async move { service::host(bus, ops_listener, vec![launcher], token).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !reqwest::get(format!("http://{ops}/readyz"))
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
+    until("the service ready", async || {
         assert!(!task.is_finished(), "service stopped before it was ready");
-        assert!(Instant::now() < deadline, "service not ready within 30s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let ready = reqwest::get(format!("http://{ops}/readyz")).await;
+        ready.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
     Hosted { token, task }
 }
 
@@ -364,28 +362,22 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     // Webhook delivery, and a dead letter for the target that fails.
     push(ingest_addr, 43, &"f".repeat(40)).await;
     push(ingest_addr, 44, &"a".repeat(40)).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !hits.lock().unwrap().iter().any(|p| p == "/ok") {
-        assert!(Instant::now() < deadline, "webhook never delivered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until("webhook delivered", async || {
+        hits.lock().unwrap().iter().any(|p| p == "/ok")
+    })
+    .await;
     let admin_js = async_nats::jetstream::new(
         bus::connect_once(&secured.connect_config("admin"), "pushbus-admin-test")
             .await
             .unwrap(),
     );
     let dlq = admin_js.get_stream("PUSHBUS_DLQ").await.unwrap();
-    while dlq
-        .get_last_raw_message_by_subject("pushbus.dlq.gitops-notifier-webhooks")
-        .await
-        .is_err()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no dead letter for the failing webhook"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until("a dead letter for the failing webhook", async || {
+        dlq.get_last_raw_message_by_subject("pushbus.dlq.gitops-notifier-webhooks")
+            .await
+            .is_ok()
+    })
+    .await;
     assert!(
         hits.lock()
             .unwrap()
@@ -415,13 +407,10 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    while heads_of("hooked").await > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "deleted agent's heads not purged"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until("the deleted agent's heads purged", async || {
+        heads_of("hooked").await == 0
+    })
+    .await;
 
     // The agents request API answers the admin (filter responds).
     let admin = bus::connect_once(&secured.connect_config("admin"), "pushbus-admin-test")
@@ -521,7 +510,6 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
     geo.flush().await.unwrap();
 
     // Each refusal is logged and counted with its subject.
-    let deadline = Instant::now() + Duration::from_secs(5);
     let want = [
         ("pushbus-hook-ingest", "publish", FAKE_HEAD),
         (
@@ -541,26 +529,32 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
         ),
         ("geo-2", "publish", "pushbus.geo.status.geo-1"),
     ];
-    loop {
-        let missing: Vec<_> = want
-            .iter()
-            .filter(|(client, op, subject)| {
-                !denials(client).iter().any(|l| {
-                    l.contains(&format!("operation=\"{op}\""))
-                        && l.contains(&format!("subject=\"{subject}\""))
+    let every = Duration::from_millis(100);
+    poll(
+        "every denial reported",
+        Duration::from_secs(5),
+        every,
+        async || {
+            let missing: Vec<_> = want
+                .iter()
+                .filter(|(client, op, subject)| {
+                    !denials(client).iter().any(|l| {
+                        l.contains(&format!("operation=\"{op}\""))
+                            && l.contains(&format!("subject=\"{subject}\""))
+                    })
                 })
-            })
-            .collect();
-        if missing.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "denials not reported: {missing:?}\n{}",
-            pushbus_shared::ops::metrics_handle().render()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "missing {missing:?}\n{}",
+                    pushbus_shared::ops::metrics_handle().render()
+                ))
+            }
+        },
+    )
+    .await;
     // Nothing was stored by the refused publish.
     let admin = bus::connect_once(&secured.connect_config("admin"), "pushbus-admin-test")
         .await

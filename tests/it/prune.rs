@@ -18,9 +18,10 @@ use pushbus_shared::proto::{
 };
 use pushbus_shared::testkit::{self, NatsServer, free_port};
 
-use crate::guarantees::{Process, until};
+use crate::guarantees::Process;
 use crate::notifier::{agent, drain, pokes, sha, watch};
-use crate::support::local;
+use crate::poll::until;
+use crate::support::{local, push_stored};
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
 
@@ -177,21 +178,7 @@ impl Pipeline {
             "identifier": "user-1",
             "changes": changes,
         });
-        let url = format!("http://{}/api/v4/internal/post_receive", self.ingest);
-        for _ in 0..100 {
-            let resp = reqwest::Client::new()
-                .post(&url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            if resp.status() == 200 {
-                return;
-            }
-            assert_eq!(resp.status(), 503, "push refused");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("hook-ingest never took the push");
+        push_stored(self.ingest, &body).await;
     }
 
     async fn agents(&self) -> kv::Store {

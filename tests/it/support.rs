@@ -1,7 +1,7 @@
 //! Running pushbus services in-process against a test nats-server.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pushbus_filter::Filter;
 use pushbus_gitops_notifier::GitopsNotifier;
@@ -9,6 +9,8 @@ use pushbus_hook_ingest::HookIngest;
 use pushbus_replication_lag::ReplicationLag;
 use pushbus_shared::service::{self, Launcher, Listen};
 use tokio_util::sync::CancellationToken;
+
+use crate::poll::{poll, until_ready};
 
 /// What `Stack::start_with` varies.
 pub struct StackOptions {
@@ -122,17 +124,7 @@ impl Stack {
     }
 
     async fn wait_ready(&self) {
-        let url = format!("http://{}/readyz", self.ops);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(&url).await
-                && r.status().is_success()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "stack not ready within 30s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_ready(&format!("http://{}/readyz", self.ops)).await;
     }
 
     /// Graceful stop; fails the test if any service failed.
@@ -207,17 +199,40 @@ impl Stack {
         body: &serde_json::Value,
         headers: &[(&str, &str)],
     ) -> reqwest::Response {
-        let mut req = reqwest::Client::new()
-            .post(format!(
-                "http://{}/api/v4/internal/post_receive",
-                self.ingest
-            ))
-            .json(body);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        req.send().await.expect("post_receive request")
+        post_receive(self.ingest, body, headers).await
     }
+}
+
+/// POSTs a post_receive body (plus headers) to the hook-ingest at `ingest`.
+pub async fn post_receive(
+    ingest: SocketAddr,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let url = format!("http://{ingest}/api/v4/internal/post_receive");
+    let mut req = reqwest::Client::new().post(url).json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.expect("post_receive request")
+}
+
+/// Posts `body` until hook-ingest stores it (200), retrying its 503s as the
+/// hook would (NATS still starting, or away); any other answer fails the test.
+pub async fn push_stored(ingest: SocketAddr, body: &serde_json::Value) {
+    let what = "push taken by hook-ingest";
+    let every = Duration::from_millis(200);
+    poll(
+        what,
+        Duration::from_secs(20),
+        every,
+        async || match post_receive(ingest, body, &[]).await.status() {
+            reqwest::StatusCode::OK => Ok(()),
+            reqwest::StatusCode::SERVICE_UNAVAILABLE => Err("503".into()),
+            refused => panic!("push refused: {refused}"),
+        },
+    )
+    .await
 }
 
 /// Every event of type `M` stored in `stream` so far, with its identity.
@@ -367,15 +382,7 @@ impl Replica {
             let token = token.clone();
             async move { service::host(&url, ops_listener, vec![launcher], token).await }
         });
-        let ready = format!("http://{ops}/readyz");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !reqwest::get(&ready)
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            assert!(Instant::now() < deadline, "replica not ready within 30s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        until_ready(&format!("http://{ops}/readyz")).await;
         Replica { token, task }
     }
 

@@ -18,6 +18,7 @@ use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names, topology};
 
 use crate::fixtures::{any_ref_of, main_branch_poke};
+use crate::poll::eventually;
 use crate::support::Replica;
 
 const DLQ_SUBJECT: &str = "pushbus.dlq.gitops-notifier-webhooks";
@@ -71,22 +72,6 @@ impl Receiver {
             Some(self.hits(path)).filter(|h| h.len() >= n)
         })
         .await
-    }
-}
-
-/// Polls `probe` until it yields, failing the test after `within`.
-async fn eventually<T>(
-    what: &str,
-    within: Duration,
-    mut probe: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(found) = probe().await {
-            return found;
-        }
-        assert!(Instant::now() < deadline, "no {what} within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
