@@ -86,7 +86,7 @@ async fn main() -> ExitCode {
             // The cause chain, never a backtrace: with RUST_BACKTRACE set,
             // resolving one takes seconds, which a hook's --timeout-ms does
             // not allow, and it means nothing to a pusher or an operator.
-            eprintln!("Error: {err:#}");
+            eprintln!("Error: {}", pushbus_shared::error::one_line(err.as_ref()));
             ExitCode::FAILURE
         }
     }

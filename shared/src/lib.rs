@@ -6,6 +6,7 @@
 pub mod bus;
 pub mod codec;
 pub mod envelope;
+pub mod error;
 pub mod fallback;
 pub mod heads;
 pub mod listen;

@@ -52,13 +52,7 @@ pub(super) fn classify_send_error(err: reqwest::Error) -> HandleError {
     // only the redacted form goes into logs and dead letters.
     let url = err.url().map(redact).unwrap_or_default();
     let bare = err.without_url();
-    let mut detail = bare.to_string();
-    let mut source = std::error::Error::source(&bare);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
+    let detail = pushbus_shared::error::one_line(&bare);
     HandleError::retryable(format!("{what} {url}: {detail}"))
 }
 

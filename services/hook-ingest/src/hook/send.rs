@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use pushbus_shared::error::one_line;
 use tokio::time::Instant;
 
 use super::{HookArgs, now_unix};
@@ -81,22 +82,11 @@ impl Sender {
         match tokio::time::timeout(left, sent).await {
             Ok(Ok((status, bytes))) => classify(status, &bytes),
             // Without the URL: it may carry credentials.
-            Ok(Err(err)) => Err(SendError::NotStored(describe(&err.without_url()))),
+            // "connection refused" hides in a source.
+            Ok(Err(err)) => Err(SendError::NotStored(one_line(&err.without_url()))),
             Err(_) => Err(SendError::NotStored("hook-ingest timed out".into())),
         }
     }
-}
-
-/// The error and its causes on one line ("connection refused" hides in a source).
-pub(super) fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Only hook-ingest's own answer counts: a 200 from anything else (a wrong
