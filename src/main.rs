@@ -80,16 +80,7 @@ enum EventsCommand {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match dispatch(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // The cause chain, never a backtrace: with RUST_BACKTRACE set,
-            // resolving one takes seconds, which a hook's --timeout-ms does
-            // not allow, and it means nothing to a pusher or an operator.
-            eprintln!("Error: {}", pushbus_shared::error::one_line(err.as_ref()));
-            ExitCode::FAILURE
-        }
-    }
+    pushbus_shared::error::exit_code(dispatch(Cli::parse()).await.err().as_deref())
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 //! say "connection refused" three times.
 
 use std::error::Error;
+use std::process::ExitCode;
 
 /// `err` and its causes, `": "`-separated, each cause left out when the line
 /// already holds its text.
@@ -19,6 +20,20 @@ pub fn one_line(err: &dyn Error) -> String {
         source = cause.source();
     }
     line
+}
+
+/// A binary's exit: success, or failure after `Error: <one line>` on
+/// stderr. Never a backtrace, even with RUST_BACKTRACE set: resolving one
+/// takes seconds (which a hook's --timeout-ms does not allow) and means
+/// nothing to a pusher or an operator.
+pub fn exit_code(failure: Option<impl Error>) -> ExitCode {
+    match failure {
+        None => ExitCode::SUCCESS,
+        Some(err) => {
+            eprintln!("Error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]

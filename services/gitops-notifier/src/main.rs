@@ -1,5 +1,6 @@
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    pushbus_shared::service::run_single::<pushbus_gitops_notifier::GitopsNotifier>().await?;
-    Ok(())
+async fn main() -> std::process::ExitCode {
+    let hosted =
+        pushbus_shared::service::run_single::<pushbus_gitops_notifier::GitopsNotifier>().await;
+    pushbus_shared::error::exit_code(hosted.err())
 }
