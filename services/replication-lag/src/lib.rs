@@ -6,6 +6,7 @@
 //! `ReplicationStatus` in `PUSHBUS_GEO_STATUS`, and its lag is the age of the
 //! oldest push in `PUSHBUS_PUSHES` it has not applied yet.
 
+pub mod config;
 pub mod nodes;
 
 use std::time::{Duration, SystemTime};
@@ -23,29 +24,10 @@ use pushbus_shared::{ServiceContext, envelope, names};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use config::Config;
+
 /// The NATS micro service name (`nats micro ls` shows it).
 pub const SERVICE_NAME: &str = "pushbus-geo-lag";
-
-#[derive(clap::Args, Clone, Debug)]
-#[group(id = "lag")]
-pub struct Config {
-    /// Lag below this many seconds is not worth telling the pusher.
-    #[arg(
-        long = "lag-threshold-seconds",
-        env = "PUSHBUS_LAG_THRESHOLD_SECONDS",
-        default_value_t = 1.0
-    )]
-    pub threshold_seconds: f64,
-    /// A secondary silent for this long is reported unhealthy.
-    #[arg(
-        long = "lag-unhealthy-after-seconds",
-        env = "PUSHBUS_LAG_UNHEALTHY_AFTER_SECONDS",
-        default_value_t = 60
-    )]
-    pub unhealthy_after_seconds: u64,
-}
-
-pushbus_shared::default_from_flags!(Config);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
