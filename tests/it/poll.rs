@@ -44,9 +44,8 @@ pub async fn until_ok<T, F: Future<Output = Result<T, String>>>(
     poll(what, SETTLE, Duration::from_millis(200), probe).await
 }
 
-/// Polls `probe` every `every` (for probes that load what they ask, such as
-/// a cluster right after a fault) until it yields `Ok`; fails the test with
-/// the last `Err`, which says what was seen instead.
+/// Polls `probe` every `every` until it yields `Ok`; fails the test after
+/// `within` with the last `Err`, which says what was seen instead.
 pub async fn poll<T, F: Future<Output = Result<T, String>>>(
     what: &str,
     within: Duration,
