@@ -41,7 +41,7 @@ fn vm_rss_kib() -> u64 {
 
 /// A secret file holding `contents`, in a folder that lives as long as the
 /// returned guard.
-fn secret_file(contents: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+pub(crate) fn secret_file(contents: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::write(&secret, contents).unwrap();

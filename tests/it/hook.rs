@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -165,6 +167,61 @@ async fn hook_spools_a_correlation_id_with_slashes_and_replays_it_under_the_same
     assert!(stderr(&out).contains("push announced"), "{}", stderr(&out));
     let again = pushes(&nats).await;
     assert_eq!(again.len(), 1, "replay and resend stored twice");
+    stack.stop().await;
+}
+
+/// A listener that only counts the connections it gets.
+async fn counting_listener() -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    (format!("http://{addr}"), count)
+}
+
+// A Git server's proxy variables are for its outbound traffic: the push,
+// and the JWT signed with the shell secret, go to hook-ingest directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hook_goes_to_hook_ingest_directly_whatever_the_proxy_variables_say() {
+    let nats = NatsServer::start();
+    let (_dir, secret) = crate::doors::secret_file("s3cret");
+    let stack = Stack::start_with_secret(&nats.url(), Some(secret.clone())).await;
+    let (proxy, via_proxy) = counting_listener().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let proxies: Vec<(&str, &str)> = ["http_proxy", "HTTP_PROXY", "https_proxy", "ALL_PROXY"]
+        .into_iter()
+        .map(|var| (var, proxy.as_str()))
+        .collect();
+    let out = hook(
+        &[
+            "post-receive",
+            "--ingest-url",
+            &format!("http://{}", stack.ingest),
+            "--project-id",
+            "5",
+            "--secret-file",
+            secret.to_str().unwrap(),
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ],
+        &proxies,
+        &change(1),
+    );
+    assert!(stderr(&out).contains("push announced"), "{}", stderr(&out));
+    assert_eq!(
+        via_proxy.load(Ordering::SeqCst),
+        0,
+        "the proxy got the push"
+    );
+    assert!(spooled(&spool).is_empty());
+    assert_eq!(pushes(&nats).await.len(), 1);
     stack.stop().await;
 }
 

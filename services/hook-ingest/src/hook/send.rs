@@ -35,8 +35,13 @@ impl Sender {
             None => None,
         };
         let timeout = Duration::from_millis(args.timeout_ms);
+        // Straight to hook-ingest, whatever http_proxy / HTTPS_PROXY the Git
+        // server sets for its own outbound traffic: a proxy would get the
+        // signed JWT, and its answer is not hook-ingest's, so the push would
+        // only ever be spooled.
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            .no_proxy()
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))?;
         Ok(Self {
