@@ -77,6 +77,17 @@ pub struct CpuUse {
 }
 
 impl CpuUse {
+    /// CPU-milliseconds per `per` events of the processes named in `names`.
+    pub fn ms_of(&self, names: &[&str], events: u64, per: u64) -> f64 {
+        let used: Duration = self
+            .used
+            .iter()
+            .filter(|(name, _)| names.contains(name))
+            .map(|(_, d)| *d)
+            .sum();
+        used.as_secs_f64() * 1e3 * per as f64 / events.max(1) as f64
+    }
+
     /// `name 12.3 ms (31%)` per process: CPU-milliseconds per `per` events
     /// and share of the total, then the total in cores.
     pub fn line(&self, events: u64, per: u64) -> String {
