@@ -355,6 +355,37 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
     stack.stop().await;
 }
 
+// Neither delivered nor spooled: the pusher is told where the spool failed
+// and which push it was, and the push itself is not failed for it.
+#[test]
+fn a_spool_that_cannot_be_written_is_named_with_the_push() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A directory cannot be made under a file, whoever runs the test.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let spool = file.join("spool");
+    let out = hook(
+        &[
+            "post-receive",
+            "--ingest-url",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "--project-id",
+            "5",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ],
+        &[("PUSHBUS_CORRELATION_ID", "lost-1")],
+        &change(1),
+    );
+    assert!(out.status.success(), "a hook failure would fail the push");
+    let said = stderr(&out);
+    assert!(
+        said.contains(&format!("not spooled to {}", spool.display()))
+            && said.contains("correlation ID lost-1"),
+        "{said}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_flush_and_post_receive_never_wait_past_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();

@@ -205,8 +205,11 @@ async fn announce(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -
                     path.display()
                 ));
             }
+            // Where and which push, so an operator can fix the spool and
+            // find the push again.
             Err(io) => outcome.lines.push(format!(
-                "pushbus: push not announced ({e}) and not spooled ({io})"
+                "pushbus: push not announced ({e}) and not spooled to {} ({io}), correlation ID {correlation_id}",
+                spool.display()
             )),
         },
     }
