@@ -128,6 +128,11 @@ pub async fn run(nats: &NatsArgs, command: AgentsCommand) -> anyhow::Result<()> 
             if !names::is_valid_token(&agent_id) {
                 bail!("invalid agent ID {agent_id:?}");
             }
+            // As the request API: deleting what is not there is an error,
+            // not a success that hides a mistyped ID.
+            kv.get(&agent_id)
+                .await?
+                .with_context(|| format!("no agent {agent_id:?}"))?;
             kv.delete(&agent_id).await?;
             eprintln!("agent {agent_id} deleted");
         }

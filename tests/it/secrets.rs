@@ -186,6 +186,29 @@ async fn agents_cli_generates_tokens_redacts_reads_and_refuses_tokenless_agents(
     stack.stop().await;
 }
 
+// `agents delete` of an ID that is not registered (mistyped, or deleted
+// already) fails, as the request API's delete does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_cli_delete_of_an_unknown_agent_fails() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let yaml = format!("agent_id: doomed\ntoken: t0ken\n{WATCHES}");
+    assert!(
+        put_file(&url, tmp.path(), "doomed.yaml", &yaml)
+            .status
+            .success()
+    );
+    let first = pushbus(&url, &["delete", "doomed"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(text(&first.stderr).contains("agent doomed deleted"));
+    let again = pushbus(&url, &["delete", "doomed"]);
+    assert!(!again.status.success(), "a second delete succeeded");
+    assert_eq!(text(&again.stderr).trim(), "Error: no agent \"doomed\"");
+    let typo = pushbus(&url, &["delete", "doomde"]);
+    assert!(!typo.status.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_api_reads_are_redacted() {
     let nats = NatsServer::start();
