@@ -92,15 +92,23 @@ async fn impostor(
 
 /// Accepts connections and never answers.
 pub async fn black_hole() -> String {
+    counted_black_hole().await.0
+}
+
+/// A black hole that counts the connections it was given.
+async fn counted_black_hole() -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((conn, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
             held.push(conn);
         }
     });
-    format!("http://{addr}")
+    (format!("http://{addr}"), count)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,21 +178,6 @@ async fn hook_spools_a_correlation_id_with_slashes_and_replays_it_under_the_same
     stack.stop().await;
 }
 
-/// A listener that only counts the connections it gets.
-async fn counting_listener() -> (String, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let counted = count.clone();
-    tokio::spawn(async move {
-        while let Ok((conn, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
-            drop(conn);
-        }
-    });
-    (format!("http://{addr}"), count)
-}
-
 // A Git server's proxy variables are for its outbound traffic: the push,
 // and the JWT signed with the shell secret, go to hook-ingest directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,7 +185,7 @@ async fn hook_goes_to_hook_ingest_directly_whatever_the_proxy_variables_say() {
     let nats = NatsServer::start();
     let (_dir, secret) = crate::doors::secret_file("s3cret");
     let stack = Stack::start_with_secret(&nats.url(), Some(secret.clone())).await;
-    let (proxy, via_proxy) = counting_listener().await;
+    let (proxy, via_proxy) = counted_black_hole().await;
     let tmp = tempfile::tempdir().unwrap();
     let spool = tmp.path().join("spool");
     let proxies: Vec<(&str, &str)> = ["http_proxy", "HTTP_PROXY", "https_proxy", "ALL_PROXY"]
