@@ -1,6 +1,6 @@
 //! Each running service instance answers NATS micro discovery as
 //! `pushbus-<service>` with one endpoint, `pushbus.status.<service>`, whose
-//! stats carry what `pushbus status` shows: readiness, the process's
+//! stats carry what `pushbus status` shows: readiness, the service's
 //! gauges (agents connected, …) and its last error.
 
 use std::sync::Mutex;
@@ -9,41 +9,90 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ops::Readiness;
 
-static LAST_ERROR: Mutex<Option<(String, String)>> = Mutex::new(None);
+/// The last error logged by each service of this process, and by code no
+/// service owns (`None`: shared code that logged without a `service` field).
+static LAST_ERRORS: Mutex<Vec<(Option<String>, LastError)>> = Mutex::new(Vec::new());
 
-/// Remembers the last error this process logged (time, message), for
-/// `pushbus status`.
-pub fn record_error(message: String) {
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    *LAST_ERROR.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, message));
+#[derive(Clone)]
+struct LastError {
+    at: time::OffsetDateTime,
+    message: String,
+}
+
+/// Remembers the last error this process logged for `pushbus status`:
+/// `service` is whose it is, from the event's `service` field, else its
+/// crate (`pushbus_filter::…` is filter's).
+pub fn record_error(service: Option<&str>, target: &str, message: String) {
+    let owner = service
+        .map(str::to_owned)
+        .or_else(|| service_of_target(target));
+    let error = LastError {
+        at: time::OffsetDateTime::now_utc(),
+        message,
+    };
+    let mut errors = LAST_ERRORS.lock().unwrap_or_else(|e| e.into_inner());
+    match errors.iter_mut().find(|(o, _)| *o == owner) {
+        Some((_, last)) => *last = error,
+        None => errors.push((owner, error)),
+    }
+}
+
+/// The service whose crate `target` (a module path) is in, if any.
+fn service_of_target(target: &str) -> Option<String> {
+    use crate::names::{
+        SERVICE_FILTER, SERVICE_GITOPS_NOTIFIER, SERVICE_HOOK_INGEST, SERVICE_REPLICATION_LAG,
+    };
+    let krate = target.split("::").next()?;
+    [
+        SERVICE_HOOK_INGEST,
+        SERVICE_FILTER,
+        SERVICE_GITOPS_NOTIFIER,
+        SERVICE_REPLICATION_LAG,
+    ]
+    .into_iter()
+    .find(|s| krate.strip_prefix("pushbus_") == Some(&s.replace('-', "_")))
+    .map(str::to_owned)
+}
+
+/// `service`'s last error: its own, or shared code's if that is newer
+/// (in a process hosting several services, shared code's is every one's).
+fn last_error(service: &str) -> Option<LastError> {
+    let errors = LAST_ERRORS.lock().unwrap_or_else(|e| e.into_inner());
+    errors
+        .iter()
+        .filter(|(owner, _)| owner.as_deref().is_none_or(|o| o == service))
+        .map(|(_, e)| e)
+        .max_by_key(|e| e.at)
+        .cloned()
 }
 
 /// What this instance says about itself.
 pub fn snapshot(service: &str, readiness: &Readiness) -> serde_json::Value {
-    let last_error = LAST_ERROR
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .map(|(at, message)| serde_json::json!({ "at": at, "message": message }));
+    let last_error = last_error(service).map(|e| {
+        let at =
+            e.at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+        serde_json::json!({ "at": at, "message": e.message })
+    });
     let waiting = readiness.waiting_for();
     serde_json::json!({
         "service": service,
         "instance": crate::service::instance_id(),
         "ready": waiting.is_empty(),
         "waiting_for": waiting,
-        "gauges": gauges(),
+        "gauges": gauges(service),
         "last_error": last_error,
     })
 }
 
-/// The process's unlabelled pushbus gauges, read from its own /metrics.
-fn gauges() -> serde_json::Map<String, serde_json::Value> {
+/// The service's own unlabelled gauges, read from its process's /metrics.
+/// Only its own: `pushbus run all` hosts every service in one process, and
+/// hook-ingest does not hold filter's registry.
+fn gauges(service: &str) -> serde_json::Map<String, serde_json::Value> {
     let text = crate::ops::metrics_handle().render();
     let mut out = serde_json::Map::new();
     for (name, kind, _) in crate::ops::METRICS {
-        if *kind != crate::ops::Kind::Gauge {
+        if *kind != crate::ops::Kind::Gauge || !gauge_of(service, name) {
             continue;
         }
         let value = text.lines().find_map(|l| {
@@ -51,10 +100,36 @@ fn gauges() -> serde_json::Map<String, serde_json::Value> {
             rest.trim().parse::<f64>().ok()
         });
         if let Some(v) = value {
-            out.insert((*name).to_owned(), serde_json::json!(v));
+            out.insert((*name).to_owned(), count_or_number(v));
         }
     }
     out
+}
+
+/// Whether an unlabelled gauge is `service`'s: its name says whose it is
+/// (`pushbus_filter_…`, `pushbus_notifier_…`), as its flags' prefix does.
+fn gauge_of(service: &str, gauge: &str) -> bool {
+    use crate::names::{
+        SERVICE_FILTER, SERVICE_GITOPS_NOTIFIER, SERVICE_HOOK_INGEST, SERVICE_REPLICATION_LAG,
+    };
+    let own = match service {
+        SERVICE_HOOK_INGEST => "pushbus_ingest_",
+        SERVICE_FILTER => "pushbus_filter_",
+        SERVICE_GITOPS_NOTIFIER => "pushbus_notifier_",
+        SERVICE_REPLICATION_LAG => "pushbus_lag_",
+        _ => return false,
+    };
+    gauge.starts_with(own)
+}
+
+/// Every gauge pushbus exports counts something, so a whole value is shown
+/// as one (`connections=3`, not `3.0`).
+fn count_or_number(v: f64) -> serde_json::Value {
+    if v.fract() == 0.0 && v.abs() < 2f64.powi(53) {
+        serde_json::json!(v as i64)
+    } else {
+        serde_json::json!(v)
+    }
 }
 
 /// Serves `pushbus-<service>` until `stop`. Each instance is its own queue
@@ -106,4 +181,51 @@ pub async fn announce(
     }
     drop(requests);
     let _ = service_handle.stop().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // One process hosting several services (`pushbus run all`): each shows
+    // its own last error, and shared code's (owner unknown) to all of them.
+    #[test]
+    fn each_service_shows_its_own_last_error() {
+        record_error(None, "pushbus_filter::registry", "filter broke".into());
+        record_error(
+            Some("gitops-notifier"),
+            "pushbus_shared::service::host",
+            "notifier failed".into(),
+        );
+        let message = |s: &str| last_error(s).map(|e| e.message);
+        assert_eq!(message("filter").as_deref(), Some("filter broke"));
+        assert_eq!(
+            message("gitops-notifier").as_deref(),
+            Some("notifier failed")
+        );
+        assert_eq!(message("hook-ingest"), None);
+        record_error(None, "pushbus_shared::bus", "bus lost".into());
+        assert_eq!(message("hook-ingest").as_deref(), Some("bus lost"));
+        assert_eq!(message("filter").as_deref(), Some("bus lost"));
+    }
+
+    #[test]
+    fn a_crate_names_its_service() {
+        assert_eq!(
+            service_of_target("pushbus_replication_lag::lag").as_deref(),
+            Some("replication-lag")
+        );
+        assert_eq!(
+            service_of_target("pushbus_hook_ingest").as_deref(),
+            Some("hook-ingest")
+        );
+        assert_eq!(service_of_target("pushbus_shared::bus"), None);
+        assert_eq!(service_of_target("async_nats"), None);
+    }
+
+    #[test]
+    fn whole_gauges_are_counts() {
+        assert_eq!(count_or_number(3.0), serde_json::json!(3));
+        assert_eq!(count_or_number(0.5), serde_json::json!(0.5));
+    }
 }

@@ -198,7 +198,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastError {
         event.record(&mut text);
         let mut line = text.message;
         line.push_str(&text.fields);
-        crate::status::record_error(line);
+        crate::status::record_error(text.service.as_deref(), event.metadata().target(), line);
     }
 }
 
@@ -206,6 +206,8 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastError {
 struct Text {
     message: String,
     fields: String,
+    /// The event's `service` field, if it names one.
+    service: Option<String>,
 }
 
 impl tracing::field::Visit for Text {
@@ -223,6 +225,9 @@ impl tracing::field::Visit for Text {
         if field.name() == "message" {
             self.message.push_str(value);
         } else {
+            if field.name() == "service" {
+                self.service = Some(value.to_owned());
+            }
             let _ = write!(self.fields, " {}={value}", field.name());
         }
     }

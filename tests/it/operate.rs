@@ -352,9 +352,31 @@ async fn status_shows_streams_consumers_and_each_instance() {
         .find(|i| i["service"] == "gitops-notifier")
         .unwrap();
     assert_eq!(notifier["ready"], true);
-    assert_eq!(notifier["gauges"]["pushbus_notifier_connections"], 1.0);
+    assert_eq!(notifier["gauges"]["pushbus_notifier_connections"], 1);
+    // One process hosts all four, yet each instance shows only its own
+    // gauges: hook-ingest holds no registry, filter no connections.
+    let gauges = |service: &str| {
+        let i = instances.iter().find(|i| i["service"] == service).unwrap();
+        let names: std::collections::BTreeSet<String> =
+            i["gauges"].as_object().unwrap().keys().cloned().collect();
+        names
+    };
+    assert!(gauges("hook-ingest").is_empty(), "{report}");
+    assert!(gauges("replication-lag").is_empty(), "{report}");
+    assert_eq!(
+        gauges("filter"),
+        ["pushbus_filter_registry_agents".to_owned()].into()
+    );
+    assert!(
+        gauges("gitops-notifier")
+            .iter()
+            .all(|g| g.starts_with("pushbus_notifier_")),
+        "{report}"
+    );
     let human = pushbus(&nats, &["status"]);
     assert!(human.contains("consumer filter"), "{human}");
+    assert!(human.contains(" notifier_connections=1"), "{human}");
+    assert!(human.contains(" filter_registry_agents=1"), "{human}");
 }
 
 /// The headers (first value of each) and payload of a stream's first message.
