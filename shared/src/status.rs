@@ -19,12 +19,18 @@ struct LastError {
     message: String,
 }
 
-/// Remembers the last error this process logged for `pushbus status`:
-/// `service` is whose it is, from the event's `service` field, else its
-/// crate (`pushbus_filter::…` is filter's).
-pub fn record_error(service: Option<&str>, target: &str, message: String) {
-    let owner = service
-        .map(str::to_owned)
+/// Fields of a log event that say whose it is: `service` names the
+/// service, `client` its NATS client (`pushbus-filter`), `consumer` its
+/// durable consumer (`filter`, `gitops-notifier-webhooks`).
+pub const WHOSE_FIELDS: [&str; 3] = ["service", "client", "consumer"];
+
+/// Remembers the last error this process logged for `pushbus status`, as
+/// the error of the service its fields (`WHOSE_FIELDS`) or else its crate
+/// (`pushbus_filter::…`) name; shared code's is nobody's.
+pub fn record_error(target: &str, whose: &[(&str, String)], message: String) {
+    let owner = whose
+        .iter()
+        .find_map(|(field, value)| service_named(field, value))
         .or_else(|| service_of_target(target));
     let error = LastError {
         at: time::OffsetDateTime::now_utc(),
@@ -37,21 +43,34 @@ pub fn record_error(service: Option<&str>, target: &str, message: String) {
     }
 }
 
+const SERVICES: [&str; 4] = [
+    crate::names::SERVICE_HOOK_INGEST,
+    crate::names::SERVICE_FILTER,
+    crate::names::SERVICE_GITOPS_NOTIFIER,
+    crate::names::SERVICE_REPLICATION_LAG,
+];
+
+/// The service a `WHOSE_FIELDS` field names, if any.
+fn service_named(field: &str, value: &str) -> Option<String> {
+    let named = |s: &&str| match field {
+        "service" => value == *s,
+        "client" => value.strip_prefix("pushbus-") == Some(*s),
+        // Durable consumers are named for their service: `filter`,
+        // `gitops-notifier-webhooks`.
+        _ => value
+            .strip_prefix(*s)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('-')),
+    };
+    SERVICES.into_iter().find(named).map(str::to_owned)
+}
+
 /// The service whose crate `target` (a module path) is in, if any.
 fn service_of_target(target: &str) -> Option<String> {
-    use crate::names::{
-        SERVICE_FILTER, SERVICE_GITOPS_NOTIFIER, SERVICE_HOOK_INGEST, SERVICE_REPLICATION_LAG,
-    };
     let krate = target.split("::").next()?;
-    [
-        SERVICE_HOOK_INGEST,
-        SERVICE_FILTER,
-        SERVICE_GITOPS_NOTIFIER,
-        SERVICE_REPLICATION_LAG,
-    ]
-    .into_iter()
-    .find(|s| krate.strip_prefix("pushbus_") == Some(&s.replace('-', "_")))
-    .map(str::to_owned)
+    SERVICES
+        .into_iter()
+        .find(|s| krate.strip_prefix("pushbus_") == Some(&s.replace('-', "_")))
+        .map(str::to_owned)
 }
 
 /// `service`'s last error: its own, or shared code's if that is newer
@@ -191,11 +210,17 @@ mod tests {
     // its own last error, and shared code's (owner unknown) to all of them.
     #[test]
     fn each_service_shows_its_own_last_error() {
-        record_error(None, "pushbus_filter::registry", "filter broke".into());
+        let none: &[(&str, String)] = &[];
+        record_error("pushbus_filter::registry", none, "filter broke".into());
         record_error(
-            Some("gitops-notifier"),
             "pushbus_shared::service::host",
+            &[("service", "gitops-notifier".into())],
             "notifier failed".into(),
+        );
+        record_error(
+            "pushbus_shared::bus",
+            &[("client", "pushbus-replication-lag".into())],
+            "lag refused".into(),
         );
         let message = |s: &str| last_error(s).map(|e| e.message);
         assert_eq!(message("filter").as_deref(), Some("filter broke"));
@@ -203,14 +228,28 @@ mod tests {
             message("gitops-notifier").as_deref(),
             Some("notifier failed")
         );
+        assert_eq!(message("replication-lag").as_deref(), Some("lag refused"));
         assert_eq!(message("hook-ingest"), None);
-        record_error(None, "pushbus_shared::bus", "bus lost".into());
+        record_error("pushbus_shared::bus", none, "bus lost".into());
         assert_eq!(message("hook-ingest").as_deref(), Some("bus lost"));
         assert_eq!(message("filter").as_deref(), Some("bus lost"));
     }
 
     #[test]
-    fn a_crate_names_its_service() {
+    fn fields_and_crates_name_their_service() {
+        let named = |f: &str, v: &str| service_named(f, v);
+        assert_eq!(named("consumer", "filter").as_deref(), Some("filter"));
+        assert_eq!(
+            named("consumer", "gitops-notifier-webhooks").as_deref(),
+            Some("gitops-notifier")
+        );
+        assert_eq!(named("consumer", "filterx"), None);
+        assert_eq!(
+            named("client", "pushbus-hook-ingest").as_deref(),
+            Some("hook-ingest")
+        );
+        assert_eq!(named("client", "hook-ingest"), None);
+        assert_eq!(named("service", "nosuch"), None);
         assert_eq!(
             service_of_target("pushbus_replication_lag::lag").as_deref(),
             Some("replication-lag")

@@ -198,7 +198,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastError {
         event.record(&mut text);
         let mut line = text.message;
         line.push_str(&text.fields);
-        crate::status::record_error(text.service.as_deref(), event.metadata().target(), line);
+        crate::status::record_error(event.metadata().target(), &text.whose, line);
     }
 }
 
@@ -206,29 +206,31 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LastError {
 struct Text {
     message: String,
     fields: String,
-    /// The event's `service` field, if it names one.
-    service: Option<String>,
+    /// The fields that can say whose error it is (`service`, `client`,
+    /// `consumer`), for `pushbus status`.
+    whose: Vec<(&'static str, String)>,
+}
+
+impl Text {
+    fn field(&mut self, field: &tracing::field::Field, value: String) {
+        use std::fmt::Write;
+        if field.name() == "message" {
+            self.message.push_str(&value);
+            return;
+        }
+        let _ = write!(self.fields, " {}={value}", field.name());
+        if crate::status::WHOSE_FIELDS.contains(&field.name()) {
+            self.whose.push((field.name(), value));
+        }
+    }
 }
 
 impl tracing::field::Visit for Text {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        use std::fmt::Write;
-        if field.name() == "message" {
-            let _ = write!(self.message, "{value:?}");
-        } else {
-            let _ = write!(self.fields, " {}={value:?}", field.name());
-        }
+        self.field(field, format!("{value:?}"));
     }
 
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        use std::fmt::Write;
-        if field.name() == "message" {
-            self.message.push_str(value);
-        } else {
-            if field.name() == "service" {
-                self.service = Some(value.to_owned());
-            }
-            let _ = write!(self.fields, " {}={value}", field.name());
-        }
+        self.field(field, value.to_owned());
     }
 }

@@ -310,6 +310,18 @@ async fn status_shows_streams_consumers_and_each_instance() {
         sse.next_event(Duration::from_secs(5)).await.unwrap().0,
         "status"
     );
+    // A push filter cannot decode: dead-lettered, an error logged by the
+    // shared consumer code on filter's behalf.
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    js.publish(
+        names::push_subject(74, "undecodable"),
+        "not protobuf".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    until_holds("a dead letter", &js, names::STREAM_DLQ, 1).await;
     let report: serde_json::Value =
         serde_json::from_str(&pushbus(&nats, &["status", "--json"])).unwrap();
     let stream = |name: &str| {
@@ -373,6 +385,15 @@ async fn status_shows_streams_consumers_and_each_instance() {
             .all(|g| g.starts_with("pushbus_notifier_")),
         "{report}"
     );
+    let last_error = |service: &str| {
+        let i = instances.iter().find(|i| i["service"] == service).unwrap();
+        i["last_error"]["message"].as_str().map(str::to_owned)
+    };
+    let dead = last_error("filter").unwrap_or_default();
+    assert!(dead.contains("dead-lettering message"), "{report}");
+    for other in ["hook-ingest", "gitops-notifier", "replication-lag"] {
+        assert_eq!(last_error(other), None, "{other}: {report}");
+    }
     let human = pushbus(&nats, &["status"]);
     assert!(human.contains("consumer filter"), "{human}");
     assert!(human.contains(" notifier_connections=1"), "{human}");
