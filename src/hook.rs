@@ -3,6 +3,7 @@
 
 use clap::Subcommand;
 use pushbus_hook_ingest::hook::{self, HookArgs};
+use pushbus_shared::error::one_line;
 
 #[derive(Subcommand)]
 pub enum HookCommand {
@@ -39,7 +40,7 @@ async fn post_receive(args: HookArgs) {
 
 async fn flush(args: HookArgs) -> anyhow::Result<()> {
     let env = std::env::vars().collect();
-    let report = hook::flush(&args, &env).await.map_err(anyhow::Error::msg)?;
+    let report = hook::flush(&args, &env).await?;
     for line in &report.lines {
         eprintln!("{line}");
     }
@@ -49,7 +50,8 @@ async fn flush(args: HookArgs) -> anyhow::Result<()> {
     );
     if report.left > 0 {
         if let Some(why) = &report.stopped {
-            eprintln!("pushbus: stopped: {why}");
+            // With its causes: "connection refused" hides in a source.
+            eprintln!("pushbus: stopped: {}", one_line(why));
         }
         anyhow::bail!("hook-ingest still unreachable");
     }

@@ -74,7 +74,8 @@ pub fn init_with_default(service: &'static str, json: bool, default_filter: &str
             .try_init()
     };
     if let Some(err) = export_error {
-        tracing::error!(error = %err, "OTLP trace export not started; spans are not exported");
+        let error = crate::error::one_line(&err);
+        tracing::error!(%error, "OTLP trace export not started; spans are not exported");
     }
 }
 
@@ -98,7 +99,20 @@ pub fn export_configured() -> bool {
     .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()))
 }
 
-fn provider(service: &'static str) -> (SdkTracerProvider, Option<String>) {
+/// Why spans are not exported although the environment asks for it.
+#[derive(Debug, thiserror::Error)]
+enum ExportError {
+    #[error("unsupported OTEL_EXPORTER_OTLP_PROTOCOL {0:?} (grpc or http/protobuf)")]
+    Protocol(String),
+    #[error("OTLP over HTTP needs a Tokio runtime")]
+    NoRuntime(#[source] tokio::runtime::TryCurrentError),
+    #[error("cannot build the OTLP HTTP client")]
+    Client(#[source] reqwest::Error),
+    #[error(transparent)]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+fn provider(service: &'static str) -> (SdkTracerProvider, Option<ExportError>) {
     // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES (read by the builder)
     // win over the service's own name.
     let mut resource = Resource::builder();
@@ -117,7 +131,7 @@ fn provider(service: &'static str) -> (SdkTracerProvider, Option<String>) {
 
 /// The exporter the standard variables describe (gRPC when they name no
 /// protocol, as the OTLP specification's most common setting).
-fn exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
+fn exporter() -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
     use opentelemetry_otlp::{SpanExporter, WithHttpConfig};
     let protocol = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
@@ -128,13 +142,9 @@ fn exporter() -> Result<opentelemetry_otlp::SpanExporter, String> {
             .with_http()
             .with_http_client(RuntimeHttpClient::new()?)
             .build(),
-        other => {
-            return Err(format!(
-                "unsupported OTEL_EXPORTER_OTLP_PROTOCOL {other:?} (grpc or http/protobuf)"
-            ));
-        }
+        other => return Err(ExportError::Protocol(other.to_owned())),
     }
-    .map_err(|e| e.to_string())
+    .map_err(ExportError::from)
 }
 
 /// An HTTP client for the SDK's export thread that runs each request on
@@ -146,13 +156,12 @@ struct RuntimeHttpClient {
 }
 
 impl RuntimeHttpClient {
-    fn new() -> Result<RuntimeHttpClient, String> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| "OTLP over HTTP needs a Tokio runtime".to_owned())?;
+    fn new() -> Result<RuntimeHttpClient, ExportError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(ExportError::NoRuntime)?;
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(ExportError::Client)?;
         Ok(RuntimeHttpClient { runtime, client })
     }
 }

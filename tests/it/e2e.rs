@@ -397,8 +397,19 @@ async fn jetstream_down_means_503_with_a_reason() {
     let resp = stack.post_receive(&body, &[]).await;
     assert_eq!(resp.status(), 503);
     let json: serde_json::Value = resp.json().await.unwrap();
+    // The reason says which step failed: no connection, no room to send,
+    // or no ack from the stream.
+    let reasons = [
+        "not connected to NATS",
+        "timed out sending to the stream",
+        "the stream did not confirm in time",
+        "no publish ack for event",
+        "cannot publish event",
+    ];
     assert!(
-        json["error"].as_str().is_some_and(|e| !e.is_empty()),
+        json["error"]
+            .as_str()
+            .is_some_and(|e| reasons.iter().any(|r| e.starts_with(r))),
         "{json}"
     );
     nats.start_again();

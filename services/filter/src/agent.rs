@@ -19,11 +19,11 @@ pub enum AgentConfigError {
     #[error("watches[{0}].refs: a selector kind is required")]
     SelectorKind(usize),
     #[error("watches[{0}].refs.pattern: {1}")]
-    Pattern(usize, String),
+    Pattern(usize, #[source] PatternError),
     #[error("watches[{0}].kind: unknown watch kind {1}")]
     WatchKind(usize, i32),
     #[error("watches[{0}].paths[{1}]: {2}")]
-    PathGlob(usize, usize, String),
+    PathGlob(usize, usize, #[source] PatternError),
     // Never echo the value: it may be a secret pasted into the wrong field.
     #[error("token_sha256: must be the hex SHA-256 of the token (64 hex characters)")]
     TokenSha256,
@@ -37,6 +37,22 @@ pub enum AgentConfigError {
     SecretPlaceholder(&'static str),
 }
 
+/// Why a ref name or glob is refused. The enclosing `AgentConfigError`
+/// quotes it (which field), so a one-line chain (`error::one_line`) prints
+/// it once.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PatternError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0} bytes long; at most {MAX_PATTERN_BYTES} are allowed")]
+    TooLong(usize),
+    #[error("glob has {0} segments; at most {MAX_PATTERN_SEGMENTS} are allowed")]
+    TooManySegments(usize),
+    // globset's text names the pattern and the fault; shown as is.
+    #[error("{0}")]
+    Syntax(#[source] globset::Error),
+}
+
 /// Longest ref name or glob accepted, in bytes. Globs are matched for every
 /// push under the index lock: their size bounds the work (matching is
 /// O(pattern × path)) and the memory a registration can claim.
@@ -45,23 +61,18 @@ pub const MAX_PATTERN_BYTES: usize = 1024;
 pub const MAX_PATTERN_SEGMENTS: usize = 64;
 
 /// Checks the size limits, then compiles.
-fn glob(pattern: &str) -> Result<Glob, String> {
+fn glob(pattern: &str) -> Result<Glob, PatternError> {
     check_length(pattern)?;
     let segments = pattern.split('/').count();
     if segments > MAX_PATTERN_SEGMENTS {
-        return Err(format!(
-            "glob has {segments} segments; at most {MAX_PATTERN_SEGMENTS} are allowed"
-        ));
+        return Err(PatternError::TooManySegments(segments));
     }
-    Glob::new(pattern)
+    Glob::new(pattern).map_err(PatternError::Syntax)
 }
 
-fn check_length(pattern: &str) -> Result<(), String> {
+fn check_length(pattern: &str) -> Result<(), PatternError> {
     if pattern.len() > MAX_PATTERN_BYTES {
-        return Err(format!(
-            "{} bytes long; at most {MAX_PATTERN_BYTES} are allowed",
-            pattern.len()
-        ));
+        return Err(PatternError::TooLong(pattern.len()));
     }
     Ok(())
 }
@@ -184,7 +195,7 @@ fn compile_refs(i: usize, sel: Option<&RefSelector>) -> Result<RefMatcher, Agent
     let pattern = sel.pattern.as_str();
     let need_pattern = || {
         if pattern.is_empty() {
-            Err(AgentConfigError::Pattern(i, "must not be empty".into()))
+            Err(AgentConfigError::Pattern(i, PatternError::Empty))
         } else {
             check_length(pattern).map_err(|e| AgentConfigError::Pattern(i, e))?;
             Ok(pattern)
@@ -335,6 +346,29 @@ mod tests {
                 (got, want) => panic!("{cfg:?}: {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn pattern_errors_keep_their_cause() {
+        let err = compile(&with(Kind::AnyBranch, "", vec!["a[".into()])).unwrap_err();
+        let AgentConfigError::PathGlob(0, 0, PatternError::Syntax(cause)) = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(err.to_string(), format!("watches[0].paths[0]: {cause}"));
+        // The chain reaches globset's own error, and one line shows it once.
+        let innermost = std::error::Error::source(&err).and_then(|e| e.source());
+        assert_eq!(
+            innermost.and_then(|e| e.downcast_ref::<globset::Error>()),
+            Some(cause)
+        );
+        assert_eq!(pushbus_shared::error::one_line(&err), err.to_string());
+
+        let err = compile(&with(Kind::Branch, "", vec![])).unwrap_err();
+        assert_eq!(err, AgentConfigError::Pattern(0, PatternError::Empty));
+        assert_eq!(
+            err.to_string(),
+            "watches[0].refs.pattern: must not be empty"
+        );
     }
 
     #[test]

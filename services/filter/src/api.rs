@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use async_nats::jetstream::kv::{Operation, Store};
+use async_nats::jetstream::kv::{self, Operation, Store};
 use futures::{StreamExt, TryStreamExt};
 use prost::Message;
 use pushbus_shared::names;
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent;
-use crate::file::AgentFile;
+use crate::file::{AgentFile, AgentFileError};
 
 /// Requests answered at once; more wait in the subscription (bounds the
 /// tasks a request flood can spawn).
@@ -153,15 +153,70 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// Why a request is refused. Its text is the reply's `error`, made once
+/// (`refusal`) and byte-for-byte what clients and tests expect: variants
+/// show their cause in the text too, and relay ones (`{0}` alone) are
+/// exactly the cause's text.
+#[derive(Debug, thiserror::Error)]
+enum ApiError {
+    #[error("undecodable AgentRegistryRequest: {0}")]
+    Undecodable(#[source] prost::DecodeError),
+    #[error("cannot parse request: {0}")]
+    Parse(#[source] serde_json::Error),
+    #[error("{0}")]
+    AgentFile(#[source] AgentFileError),
+    #[error("unknown operation {0:?} (put, get, delete or list)")]
+    UnknownOperation(String),
+    #[error("agent: required for put")]
+    MissingAgent,
+    #[error("invalid agent config: {0}")]
+    Invalid(#[source] agent::AgentConfigError),
+    #[error("agent_id {0:?} must match [A-Za-z0-9_-]{{1,128}}")]
+    AgentId(String),
+    #[error("no agent {0:?}")]
+    NoAgent(String),
+    #[error("stored config of {agent_id:?} is undecodable: {source}")]
+    StoredUndecodable {
+        agent_id: String,
+        source: prost::DecodeError,
+    },
+    #[error("{0}")]
+    Put(#[source] kv::PutError),
+    #[error("cannot create agent {agent_id:?}: {source}")]
+    Create {
+        agent_id: String,
+        source: kv::CreateError,
+    },
+    #[error("cannot replace revision {revision} of {agent_id:?}: {source}")]
+    Replace {
+        revision: u64,
+        agent_id: String,
+        source: kv::UpdateError,
+    },
+    #[error("{0}")]
+    Entry(#[source] kv::EntryError),
+    #[error("{0}")]
+    Delete(#[source] kv::DeleteError),
+    #[error("{0}")]
+    Keys(#[source] kv::HistoryError),
+    #[error("{0}")]
+    NextKey(#[source] kv::WatcherError),
+}
+
+/// The reply to a refused request: the one place an error becomes text.
+fn refusal(err: &ApiError) -> AgentRegistryReply {
+    AgentRegistryReply {
+        error: err.to_string(),
+        ..Default::default()
+    }
+}
+
 /// The reply, and whether the request succeeded.
 async fn answer(kv: &Store, op: &str, payload: &[u8]) -> (bytes::Bytes, bool) {
     if is_json(payload) {
         let reply = match json_request(op, payload) {
             Ok(req) => execute(kv, op, req).await,
-            Err(error) => AgentRegistryReply {
-                error,
-                ..Default::default()
-            },
+            Err(err) => refusal(&err),
         };
         let ok = reply.error.is_empty();
         let json = JsonReply {
@@ -174,28 +229,24 @@ async fn answer(kv: &Store, op: &str, payload: &[u8]) -> (bytes::Bytes, bool) {
     } else {
         let reply = match AgentRegistryRequest::decode(payload) {
             Ok(req) => execute(kv, op, req).await,
-            Err(e) => AgentRegistryReply {
-                error: format!("undecodable AgentRegistryRequest: {e}"),
-                ..Default::default()
-            },
+            Err(e) => refusal(&ApiError::Undecodable(e)),
         };
         let ok = reply.error.is_empty();
         (reply.encode_to_vec().into(), ok)
     }
 }
 
-fn json_request(op: &str, payload: &[u8]) -> Result<AgentRegistryRequest, String> {
+fn json_request(op: &str, payload: &[u8]) -> Result<AgentRegistryRequest, ApiError> {
     if op == "put" {
         let agent = AgentFile::from_json(payload)
             .and_then(AgentFile::into_config)
-            .map_err(|e| e.to_string())?;
+            .map_err(ApiError::AgentFile)?;
         return Ok(AgentRegistryRequest {
             agent: Some(agent),
             ..Default::default()
         });
     }
-    let req: JsonIdRequest =
-        serde_json::from_slice(payload).map_err(|e| format!("cannot parse request: {e}"))?;
+    let req: JsonIdRequest = serde_json::from_slice(payload).map_err(ApiError::Parse)?;
     Ok(AgentRegistryRequest {
         agent_id: req.agent_id,
         ..Default::default()
@@ -212,9 +263,7 @@ async fn execute(kv: &Store, op: &str, req: AgentRegistryRequest) -> AgentRegist
         "get" => get(kv, &req.agent_id).await,
         "delete" => delete(kv, &req.agent_id).await,
         "list" => list(kv).await,
-        other => Err(format!(
-            "unknown operation {other:?} (put, get, delete or list)"
-        )),
+        other => Err(ApiError::UnknownOperation(other.to_owned())),
     };
     match result {
         Ok(reply) => {
@@ -223,33 +272,34 @@ async fn execute(kv: &Store, op: &str, req: AgentRegistryRequest) -> AgentRegist
         }
         Err(error) => {
             tracing::warn!(op, %agent_id, %error, "agent registry request refused");
-            AgentRegistryReply {
-                error,
-                ..Default::default()
-            }
+            refusal(&error)
         }
     }
 }
 
-type Answer = Result<AgentRegistryReply, String>;
+type Answer = Result<AgentRegistryReply, ApiError>;
 
 async fn put(kv: &Store, req: AgentRegistryRequest) -> Answer {
-    let cfg: AgentConfig = req.agent.ok_or("agent: required for put")?;
-    agent::compile(&cfg).map_err(|e| format!("invalid agent config: {e}"))?;
+    let cfg: AgentConfig = req.agent.ok_or(ApiError::MissingAgent)?;
+    agent::compile(&cfg).map_err(ApiError::Invalid)?;
     let value = cfg.encode_to_vec().into();
     let written = match req.expected_revision {
-        None => kv
-            .put(&cfg.agent_id, value)
-            .await
-            .map_err(|e| e.to_string()),
+        None => kv.put(&cfg.agent_id, value).await.map_err(ApiError::Put),
         Some(0) => kv
             .create(&cfg.agent_id, value)
             .await
-            .map_err(|e| format!("cannot create agent {:?}: {e}", cfg.agent_id)),
-        Some(rev) => kv
-            .update(&cfg.agent_id, value, rev)
+            .map_err(|source| ApiError::Create {
+                agent_id: cfg.agent_id.clone(),
+                source,
+            }),
+        Some(revision) => kv
+            .update(&cfg.agent_id, value, revision)
             .await
-            .map_err(|e| format!("cannot replace revision {rev} of {:?}: {e}", cfg.agent_id)),
+            .map_err(|source| ApiError::Replace {
+                revision,
+                agent_id: cfg.agent_id.clone(),
+                source,
+            }),
     };
     Ok(AgentRegistryReply {
         revision: written?,
@@ -257,23 +307,25 @@ async fn put(kv: &Store, req: AgentRegistryRequest) -> Answer {
     })
 }
 
-fn valid_id(agent_id: &str) -> Result<(), String> {
+fn valid_id(agent_id: &str) -> Result<(), ApiError> {
     if names::is_valid_token(agent_id) {
         Ok(())
     } else {
-        Err(format!(
-            "agent_id {agent_id:?} must match [A-Za-z0-9_-]{{1,128}}"
-        ))
+        Err(ApiError::AgentId(agent_id.to_owned()))
     }
 }
 
 async fn get(kv: &Store, agent_id: &str) -> Answer {
     valid_id(agent_id)?;
-    let entry = kv.entry(agent_id).await.map_err(|e| e.to_string())?;
+    let entry = kv.entry(agent_id).await.map_err(ApiError::Entry)?;
     match entry {
         Some(e) if e.operation == Operation::Put => {
-            let mut agent = AgentConfig::decode(e.value.as_ref())
-                .map_err(|err| format!("stored config of {agent_id:?} is undecodable: {err}"))?;
+            let mut agent = AgentConfig::decode(e.value.as_ref()).map_err(|source| {
+                ApiError::StoredUndecodable {
+                    agent_id: agent_id.to_owned(),
+                    source,
+                }
+            })?;
             // Readers of the registry never get its secrets.
             crate::file::redact(&mut agent);
             Ok(AgentRegistryReply {
@@ -282,20 +334,20 @@ async fn get(kv: &Store, agent_id: &str) -> Answer {
                 ..Default::default()
             })
         }
-        _ => Err(format!("no agent {agent_id:?}")),
+        _ => Err(ApiError::NoAgent(agent_id.to_owned())),
     }
 }
 
 async fn delete(kv: &Store, agent_id: &str) -> Answer {
     valid_id(agent_id)?;
     get(kv, agent_id).await?;
-    kv.delete(agent_id).await.map_err(|e| e.to_string())?;
+    kv.delete(agent_id).await.map_err(ApiError::Delete)?;
     Ok(AgentRegistryReply::default())
 }
 
 async fn list(kv: &Store) -> Answer {
-    let keys = kv.keys().await.map_err(|e| e.to_string())?;
-    let mut agent_ids: Vec<String> = keys.try_collect().await.map_err(|e| e.to_string())?;
+    let keys = kv.keys().await.map_err(ApiError::Keys)?;
+    let mut agent_ids: Vec<String> = keys.try_collect().await.map_err(ApiError::NextKey)?;
     agent_ids.sort();
     Ok(AgentRegistryReply {
         agent_ids,
@@ -306,6 +358,56 @@ async fn list(kv: &Store) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Clients and the README quote these replies: the typed errors must
+    /// read exactly as the strings they replaced.
+    #[test]
+    fn refusals_read_as_before() {
+        let put = || kv::PutError::new(kv::PutErrorKind::Publish);
+        let create = kv::CreateError::new(kv::CreateErrorKind::AlreadyExists);
+        let cases = [
+            (
+                ApiError::AgentId("a b".into()),
+                r#"agent_id "a b" must match [A-Za-z0-9_-]{1,128}"#,
+            ),
+            (ApiError::NoAgent("x".into()), r#"no agent "x""#),
+            (
+                ApiError::UnknownOperation("purge".into()),
+                r#"unknown operation "purge" (put, get, delete or list)"#,
+            ),
+            (ApiError::MissingAgent, "agent: required for put"),
+            (ApiError::Put(put()), "failed to put key into store"),
+            (
+                ApiError::Create {
+                    agent_id: "a".into(),
+                    source: create,
+                },
+                r#"cannot create agent "a": key already exists"#,
+            ),
+        ];
+        for (err, want) in cases {
+            assert_eq!(refusal(&err).error, want);
+            assert_eq!(pushbus_shared::error::one_line(&err), want);
+        }
+        // The KV error stays reachable as the cause.
+        let err = ApiError::Put(put());
+        let cause = std::error::Error::source(&err).and_then(|e| e.downcast_ref::<kv::PutError>());
+        assert_eq!(cause.map(|e| e.kind()), Some(kv::PutErrorKind::Publish));
+
+        let parse = json_request("get", b"{\"nope\": 1}").unwrap_err();
+        assert!(matches!(parse, ApiError::Parse(_)), "{parse:?}");
+        assert!(
+            parse
+                .to_string()
+                .starts_with("cannot parse request: unknown field `nope`"),
+            "{parse}"
+        );
+        let invalid = ApiError::Invalid(agent::AgentConfigError::NoWatches);
+        assert_eq!(
+            invalid.to_string(),
+            "invalid agent config: agent has no watches"
+        );
+    }
 
     #[test]
     fn json_is_told_from_protobuf() {

@@ -28,12 +28,11 @@ pub enum Glob {
 impl Glob {
     /// Parses `pattern` with globset's syntax (so errors read the same as
     /// everywhere else) and keeps the cheapest form that matches the same.
-    /// Callers bound the pattern's size first (see `agent`).
-    pub fn new(pattern: &str) -> Result<Glob, String> {
-        let glob = GlobBuilder::new(pattern)
-            .literal_separator(true)
-            .build()
-            .map_err(|e| e.to_string())?;
+    /// Callers bound the pattern's size first (see `agent`). The error is
+    /// globset's own: it already names the pattern and the fault, so there
+    /// is nothing to add here and callers wrap it with their context.
+    pub fn new(pattern: &str) -> Result<Glob, globset::Error> {
+        let glob = GlobBuilder::new(pattern).literal_separator(true).build()?;
         // Odd slashes are rare too; globset's reading of them is the rule.
         let odd_slashes =
             pattern.starts_with('/') || pattern.ends_with('/') || pattern.contains("//");

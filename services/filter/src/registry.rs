@@ -142,18 +142,27 @@ fn apply(index: &mut Index, entry: &Entry) {
     }
 }
 
+/// Why a stored value disables its agent.
+#[derive(Debug, thiserror::Error)]
+enum StoredAgentError {
+    #[error("undecodable AgentConfig: {0}")]
+    Undecodable(#[source] prost::DecodeError),
+    #[error("agent_id {0:?} does not match its key")]
+    KeyMismatch(String),
+    // The log line already says "invalid agent config".
+    #[error("{0}")]
+    Invalid(#[source] agent::AgentConfigError),
+}
+
 /// The agent's compiled watches, and whether it names a webhook.
-fn decode(entry: &Entry) -> Result<(Vec<agent::CompiledWatch>, bool), String> {
-    let cfg = AgentConfig::decode(entry.value.as_ref())
-        .map_err(|e| format!("undecodable AgentConfig: {e}"))?;
+fn decode(entry: &Entry) -> Result<(Vec<agent::CompiledWatch>, bool), StoredAgentError> {
+    let cfg = AgentConfig::decode(entry.value.as_ref()).map_err(StoredAgentError::Undecodable)?;
     if cfg.agent_id != entry.key {
-        return Err(format!(
-            "agent_id {:?} does not match its key",
-            cfg.agent_id
-        ));
+        return Err(StoredAgentError::KeyMismatch(cfg.agent_id));
     }
     let webhook = cfg.webhook.as_ref().is_some_and(|w| !w.url.is_empty());
-    Ok((agent::compile(&cfg).map_err(|e| e.to_string())?, webhook))
+    let watches = agent::compile(&cfg).map_err(StoredAgentError::Invalid)?;
+    Ok((watches, webhook))
 }
 
 pub fn write(index: &SharedIndex) -> std::sync::RwLockWriteGuard<'_, Index> {

@@ -77,7 +77,7 @@ impl HookIngest for HookIngestService {
             .accept(push, correlation_id)
             .instrument(span)
             .await
-            .map_err(|IngestError::Unavailable(reason)| Status::unavailable(reason))?;
+            .map_err(|e: IngestError| Status::unavailable(e.to_string()))?;
         Ok(Response::new(NotifyGitPushResponse {
             correlation_id: accepted.correlation_id,
             event_ids: accepted.event_ids,

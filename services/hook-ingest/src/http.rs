@@ -158,10 +158,8 @@ async fn post_receive(
         .accept(push, correlation_id)
         .instrument(span)
         .await
-        .map_err(|e| match e {
-            IngestError::Unavailable(reason) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, reason, None)
-            }
+        .map_err(|e: IngestError| {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None)
         })?;
     let body = json!({
         "reference_counter_decreased": true,

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use prost::Message;
-use pushbus_shared::bus::Publisher;
+use pushbus_shared::bus::{PublishError, Publisher};
 use pushbus_shared::proto::{GitPushEvent, HookMessage, RefChange, RepositoryKind};
 use pushbus_shared::{EventMeta, names};
 
@@ -95,11 +95,18 @@ pub struct Accepted {
     pub messages: Vec<HookMessage>,
 }
 
+/// Why a push was not stored. Every cause is answered 503 / UNAVAILABLE:
+/// the pusher's hook spools the push and replays it later.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// The push was not stored; the caller must answer 503 / UNAVAILABLE.
-    #[error("event store unavailable: {0}")]
-    Unavailable(String),
+    #[error("not connected to NATS")]
+    NotConnected,
+    #[error("timed out sending to the stream")]
+    SendTimeout,
+    #[error("the stream did not confirm in time")]
+    ConfirmTimeout,
+    #[error(transparent)]
+    Store(#[from] PublishError),
 }
 
 /// Room left for headers and the envelope around a part's payload.
@@ -142,7 +149,7 @@ impl Ingest {
         // A publish sent while disconnected would sit in the client's buffer
         // and might be stored long after we answered 503; refuse it now.
         if self.client.connection_state() != async_nats::connection::State::Connected {
-            return Err(IngestError::Unavailable("not connected to NATS".into()));
+            return Err(IngestError::NotConnected);
         }
         // `max_payload()` reads one atomic; `server_info()` would clone the
         // whole INFO (URLs, names) on every push.
@@ -174,10 +181,7 @@ impl Ingest {
             let sent =
                 tokio::time::timeout_at(deadline, self.publisher.send_once(subject, &event, &meta))
                     .await
-                    .map_err(|_| {
-                        IngestError::Unavailable("timed out sending to the stream".into())
-                    })?
-                    .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+                    .map_err(|_| IngestError::SendTimeout)??;
             event_ids.push(meta.event_id);
             pending.push(sent);
         }
@@ -187,12 +191,8 @@ impl Ingest {
                 Ok(Ok(_)) => {}
                 // Stored by an earlier attempt (a replay of a spooled push).
                 Ok(Err(e)) if e.is_already_stored() => replayed += 1,
-                Ok(Err(e)) => return Err(IngestError::Unavailable(e.to_string())),
-                Err(_) => {
-                    return Err(IngestError::Unavailable(
-                        "the stream did not confirm in time".into(),
-                    ));
-                }
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(IngestError::ConfirmTimeout),
             }
         }
         if replayed > 0 {

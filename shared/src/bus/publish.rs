@@ -170,16 +170,12 @@ impl Publisher {
             ]
         });
         let mut map = HeaderMap::new();
-        map.insert(
-            static_name(headers::CORRELATION_ID),
-            meta.correlation_id.as_str(),
+        insert_ids(
+            &mut map,
+            [headers::CORRELATION_ID, headers::CAUSATION_ID],
+            &meta.correlation_id,
+            &meta.causation_id,
         );
-        if !meta.causation_id.is_empty() {
-            map.insert(
-                static_name(headers::CAUSATION_ID),
-                meta.causation_id.as_str(),
-            );
-        }
         map.insert(static_name(headers::EVENT_TYPE), M::full_name().as_str());
         let trace = span.in_scope(|| trace::inject_current(&mut map));
         let env = envelope::seal(msg, meta, &self.source, trace);
@@ -250,15 +246,25 @@ fn cloud_event_headers(
     if let Some(time) = env.occurred_at.as_ref().and_then(rfc3339) {
         map.insert(static_name(headers::CE_TIME), time.as_str());
     }
-    map.insert(
-        static_name(headers::CE_CORRELATIONID),
-        env.correlation_id.as_str(),
+    insert_ids(
+        map,
+        [headers::CE_CORRELATIONID, headers::CE_CAUSATIONID],
+        &env.correlation_id,
+        &env.causation_id,
     );
-    if !env.causation_id.is_empty() {
-        map.insert(
-            static_name(headers::CE_CAUSATIONID),
-            env.causation_id.as_str(),
-        );
+}
+
+/// The correlation ID, and the causation ID unless the event is the first
+/// of its chain, under the header names `[correlation, causation]`.
+fn insert_ids(
+    map: &mut HeaderMap,
+    names: [&'static str; 2],
+    correlation_id: &str,
+    causation_id: &str,
+) {
+    map.insert(static_name(names[0]), correlation_id);
+    if !causation_id.is_empty() {
+        map.insert(static_name(names[1]), causation_id);
     }
 }
 

@@ -101,7 +101,7 @@ pushbus_shared::default_from_flags!(WebhookConfig);
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     #[error("invalid --notifier-gitlab-url {0}")]
-    GitLabUrl(String),
+    GitLabUrl(#[from] super::payload::SiteError),
     #[error("cannot build the webhook HTTP client: {0}")]
     Client(#[from] reqwest::Error),
     #[error(transparent)]

@@ -69,7 +69,7 @@ async fn start(
     config: WebhookConfig,
     shutdown: CancellationToken,
 ) -> Result<(), WebhookError> {
-    let site = GitLabSite::parse(&config.gitlab_url).map_err(WebhookError::GitLabUrl)?;
+    let site = GitLabSite::parse(&config.gitlab_url)?;
     let agents = pushbus_shared::topology::bucket(&js, names::BUCKET_AGENTS).await?;
     let handler = WebhookHandler::new(&config, site, agents)?;
     bus::run_consumer(js, consumer_spec(&config), handler, shutdown).await?;

@@ -54,12 +54,21 @@ pub struct GitLabSite {
     host: String,
 }
 
+/// Why `--notifier-gitlab-url` cannot be the base of payload URLs.
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("{0:?}: {1}")]
+    Parse(String, #[source] url::ParseError),
+    #[error("{0:?}: no host")]
+    NoHost(String),
+}
+
 impl GitLabSite {
-    pub fn parse(url: &str) -> Result<GitLabSite, String> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?}: {e}"))?;
+    pub fn parse(url: &str) -> Result<GitLabSite, SiteError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| SiteError::Parse(url.to_owned(), e))?;
         let host = parsed
             .host_str()
-            .ok_or_else(|| format!("{url:?}: no host"))?
+            .ok_or_else(|| SiteError::NoHost(url.to_owned()))?
             .to_owned();
         Ok(GitLabSite {
             base: url.trim_end_matches('/').to_owned(),
@@ -261,6 +270,19 @@ mod tests {
 
     fn site() -> GitLabSite {
         GitLabSite::parse("https://gitlab.example.com:8443/").unwrap()
+    }
+
+    #[test]
+    fn a_gitlab_url_without_scheme_or_host_is_refused_with_its_cause() {
+        let err = GitLabSite::parse("gitlab.example.com").unwrap_err();
+        assert!(matches!(err, SiteError::Parse(..)), "{err:?}");
+        assert!(std::error::Error::source(&err).is_some());
+        assert_eq!(
+            err.to_string(),
+            "\"gitlab.example.com\": relative URL without a base"
+        );
+        let err = GitLabSite::parse("unix:/run/gitlab.sock").unwrap_err();
+        assert_eq!(err.to_string(), "\"unix:/run/gitlab.sock\": no host");
     }
 
     #[test]

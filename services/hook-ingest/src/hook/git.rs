@@ -17,17 +17,43 @@ pub(super) struct Repo {
     pub(super) project_path: Option<String>,
 }
 
+/// Why the push's repository cannot be named. Each message says all a
+/// pusher needs; the sources keep the parse errors behind it.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RepoError {
+    // The reason only: the source names the field as hook-ingest's API
+    // does (gl_repository), not as the pusher's server sets it.
+    #[error("GL_REPOSITORY {value:?}: {}", source.reason)]
+    GlRepository {
+        value: String,
+        source: changes::Invalid,
+    },
+    #[error("git config pushbus.projectId {value:?} is not a number")]
+    ConfiguredProjectId {
+        value: String,
+        source: std::num::ParseIntError,
+    },
+    #[error("no project ID (no GL_REPOSITORY; set git config pushbus.projectId or --project-id)")]
+    NoProjectId,
+    #[error("project ID {0} must be positive")]
+    NotPositive(i64),
+}
+
 /// Flags and git config (plain git servers) win over the variables
 /// Gitaly sets for server hooks (GL_REPOSITORY, GL_PROJECT_PATH).
 pub(super) async fn repository(
     args: &HookArgs,
     env: &HashMap<String, String>,
-) -> Result<Repo, String> {
+) -> Result<Repo, RepoError> {
     let from_env = match env.get("GL_REPOSITORY").filter(|s| !s.is_empty()) {
-        Some(s) => Some(
-            changes::parse_gl_repository(s)
-                .map_err(|e| format!("GL_REPOSITORY {s:?}: {}", e.reason))?,
-        ),
+        Some(s) => {
+            Some(
+                changes::parse_gl_repository(s).map_err(|source| RepoError::GlRepository {
+                    value: s.clone(),
+                    source,
+                })?,
+            )
+        }
         None => None,
     };
     let configured = match args.project_id {
@@ -35,7 +61,10 @@ pub(super) async fn repository(
         None => match git_config("pushbus.projectId").await {
             Some(v) => Some(
                 v.parse::<i64>()
-                    .map_err(|_| format!("git config pushbus.projectId {v:?} is not a number"))?,
+                    .map_err(|source| RepoError::ConfiguredProjectId {
+                        value: v.clone(),
+                        source,
+                    })?,
             ),
             None => None,
         },
@@ -44,15 +73,10 @@ pub(super) async fn repository(
         (Some(id), Some((kind, _))) => (kind, id),
         (Some(id), None) => (RepositoryKind::Project, id),
         (None, Some(found)) => found,
-        (None, None) => {
-            return Err(
-                "no project ID (no GL_REPOSITORY; set git config pushbus.projectId or --project-id)"
-                    .into(),
-            );
-        }
+        (None, None) => return Err(RepoError::NoProjectId),
     };
     if id <= 0 {
-        return Err(format!("project ID {id} must be positive"));
+        return Err(RepoError::NotPositive(id));
     }
     let prefix = match kind {
         RepositoryKind::Wiki => "wiki",

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pushbus_shared::envelope;
+use pushbus_shared::error::one_line;
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -21,7 +22,8 @@ mod send;
 mod spool;
 
 use git::{actor, changed_paths, default_branch, push_options, repository};
-use send::{SendError, Sender};
+pub use send::SendError;
+use send::Sender;
 use spool::{flush_spool, write_spool};
 
 /// PUSHBUS_PUSHES' max age in hours: the spool's limit stays below it, so
@@ -71,15 +73,33 @@ pub struct HookArgs {
     pub spool_max_age_hours: u64,
 }
 
+/// Why the hook cannot send as configured. A message quotes its source
+/// where a person needs it; `one_line` then leaves the source out.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error(
+        "--spool-max-age-hours must be between 1 and {max} (below the PUSHBUS_PUSHES max age), not {given}"
+    )]
+    SpoolMaxAge { max: u64, given: u64 },
+    #[error("cannot read {}: {source}", path.display())]
+    SecretFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Held without its URL (`reqwest::Error::without_url`): a URL may
+    /// carry credentials, and this error reaches the pusher's terminal.
+    #[error("cannot build the HTTP client: {source}")]
+    HttpClient { source: reqwest::Error },
+}
+
 impl HookArgs {
-    fn spool_max_age(&self) -> Result<Duration, String> {
+    fn spool_max_age(&self) -> Result<Duration, HookError> {
         let stream = stream_max_age_hours();
         if self.spool_max_age_hours == 0 || self.spool_max_age_hours >= stream {
-            return Err(format!(
-                "--spool-max-age-hours must be between 1 and {} (below the PUSHBUS_PUSHES max age), not {}",
-                stream.saturating_sub(1),
-                self.spool_max_age_hours
-            ));
+            return Err(HookError::SpoolMaxAge {
+                max: stream.saturating_sub(1),
+                given: self.spool_max_age_hours,
+            });
         }
         Ok(Duration::from_secs(self.spool_max_age_hours * 3600))
     }
@@ -105,7 +125,7 @@ pub struct FlushReport {
     /// Moved to `<spool>/expired/`.
     pub expired: usize,
     /// Why the replay stopped early, when it did.
-    pub stopped: Option<String>,
+    pub stopped: Option<SendError>,
     /// What to tell the operator or pusher.
     pub lines: Vec<String>,
 }
@@ -137,11 +157,11 @@ async fn announce(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -
     };
     // A sender that cannot be built (unreadable secret file) still spools:
     // the push is replayed once the setup is fixed.
-    let sender = Sender::new(args);
+    let setup =
+        Sender::new(args).and_then(|sender| args.spool_max_age().map(|max_age| (sender, max_age)));
     let spool = spool_dir(args, env);
-    let repo = repository(args, env).await;
-    let body = match &repo {
-        Ok(repo) => Some(json!({
+    let body = match repository(args, env).await {
+        Ok(repo) => Ok(json!({
             "gl_repository": repo.gl_repository,
             "gl_project_path": repo.project_path,
             "identifier": actor(env),
@@ -151,35 +171,36 @@ async fn announce(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -
             "default_branch": default_branch().await,
             "pushbus_changed_paths": changed_paths(stdin, deadline).await,
         })),
-        Err(_) => None,
+        Err(e) => Err(e),
     };
-    // Older notifications first, so agents see pushes in order. `pending`:
-    // why this one cannot be sent now.
-    let pending = match (&sender, args.spool_max_age()) {
-        (Err(e), _) => Some(e.clone()),
-        (Ok(_), Err(e)) => Some(e),
-        (Ok(sender), Ok(max_age)) => {
-            let report = flush_spool(sender, &spool, max_age, deadline).await;
+    // Older notifications first, so agents see pushes in order. `behind`:
+    // why older ones still wait.
+    let behind = match &setup {
+        Ok((sender, max_age)) => {
+            let report = flush_spool(sender, &spool, *max_age, deadline).await;
             outcome.replayed = report.delivered;
             outcome.lines.extend(report.lines);
-            report
-                .stopped
-                .map(|r| format!("earlier notifications still spooled: {r}"))
+            report.stopped
         }
+        Err(_) => None,
     };
-    let Some(body) = body else {
-        let e = repo.err().unwrap_or_default();
-        outcome
-            .lines
-            .push(format!("pushbus: {e}; push not announced"));
-        return outcome;
+    let body = match body {
+        Ok(body) => body,
+        // Display, not `one_line`: the message already holds what its
+        // source says, which `one_line` would repeat in other words.
+        Err(e) => {
+            outcome
+                .lines
+                .push(format!("pushbus: {e}; push not announced"));
+            return outcome;
+        }
     };
     // Behind older notifications still waiting, this one waits too: a
     // replay must never overtake it.
-    let result = match (pending, &sender) {
-        (Some(reason), _) => Err(SendError::NotStored(reason)),
-        (None, Err(e)) => Err(SendError::NotStored(e.clone())),
-        (None, Ok(sender)) => sender.send(&body, &correlation_id, deadline).await,
+    let result = match (setup, behind) {
+        (Err(e), _) => Err(SendError::Setup(e)),
+        (Ok(_), Some(stopped)) => Err(SendError::Behind(Box::new(stopped))),
+        (Ok((sender, _)), None) => sender.send(&body, &correlation_id, deadline).await,
     };
     match result {
         Ok(json) => {
@@ -197,27 +218,34 @@ async fn announce(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -
         Err(SendError::Refused(e)) => outcome
             .lines
             .push(format!("pushbus: push not announced ({e})")),
-        Err(SendError::NotStored(e)) => match write_spool(&spool, &correlation_id, &body) {
-            Ok(path) => {
-                outcome.spooled = true;
-                outcome.lines.push(format!(
-                    "pushbus: push not announced yet ({e}); notification spooled for replay in {}, correlation ID {correlation_id}",
-                    path.display()
-                ));
+        Err(not_stored) => {
+            // With its causes: "connection refused" hides in a source.
+            let e = one_line(&not_stored);
+            match write_spool(&spool, &correlation_id, &body) {
+                Ok(path) => {
+                    outcome.spooled = true;
+                    outcome.lines.push(format!(
+                        "pushbus: push not announced yet ({e}); notification spooled for replay in {}, correlation ID {correlation_id}",
+                        path.display()
+                    ));
+                }
+                // Where and which push, so an operator can fix the spool and
+                // find the push again.
+                Err(io) => outcome.lines.push(format!(
+                    "pushbus: push not announced ({e}) and not spooled to {} ({io}), correlation ID {correlation_id}",
+                    spool.display()
+                )),
             }
-            // Where and which push, so an operator can fix the spool and
-            // find the push again.
-            Err(io) => outcome.lines.push(format!(
-                "pushbus: push not announced ({e}) and not spooled to {} ({io}), correlation ID {correlation_id}",
-                spool.display()
-            )),
-        },
+        }
     }
     outcome
 }
 
 /// `pushbus hook flush`: replays spooled notifications within `--timeout-ms`.
-pub async fn flush(args: &HookArgs, env: &HashMap<String, String>) -> Result<FlushReport, String> {
+pub async fn flush(
+    args: &HookArgs,
+    env: &HashMap<String, String>,
+) -> Result<FlushReport, HookError> {
     let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
     let max_age = args.spool_max_age()?;
     let sender = Sender::new(args)?;
@@ -277,6 +305,95 @@ mod tests {
     use super::spool::SpoolEntry;
     use super::*;
     use reqwest::StatusCode;
+    use std::error::Error as _;
+
+    fn args(ingest_url: &str) -> HookArgs {
+        HookArgs {
+            ingest_url: ingest_url.into(),
+            project_id: Some(5),
+            project_path: None,
+            timeout_ms: 3000,
+            secret_file: None,
+            spool_dir: None,
+            spool_max_age_hours: 144,
+        }
+    }
+
+    #[test]
+    fn setup_errors_keep_their_source_and_their_text() {
+        let mut a = args("http://127.0.0.1:1");
+        a.secret_file = Some("/nonexistent/pushbus-secret".into());
+        let Err(err) = Sender::new(&a) else {
+            panic!("read a missing secret file");
+        };
+        let io = err
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .unwrap();
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+        let want = format!("cannot read /nonexistent/pushbus-secret: {io}");
+        // Printed with its causes, the source is not said twice.
+        assert_eq!(one_line(&SendError::Setup(err)), want);
+
+        a.secret_file = None;
+        a.spool_max_age_hours = 0;
+        let err = a.spool_max_age().unwrap_err();
+        assert_eq!(
+            one_line(&err),
+            format!(
+                "--spool-max-age-hours must be between 1 and {} (below the PUSHBUS_PUSHES max age), not 0",
+                stream_max_age_hours() - 1
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_gl_repository_keeps_the_parse_error() {
+        let mut a = args("http://127.0.0.1:1");
+        a.project_id = None;
+        let env = [("GL_REPOSITORY".to_owned(), "repo-1".to_owned())].into();
+        let Err(err) = repository(&a, &env).await else {
+            panic!("accepted GL_REPOSITORY repo-1");
+        };
+        assert!(
+            err.to_string()
+                .starts_with("GL_REPOSITORY \"repo-1\": expected project-<id>"),
+            "{err}"
+        );
+        let invalid = err
+            .source()
+            .and_then(|s| s.downcast_ref::<crate::changes::Invalid>())
+            .unwrap();
+        assert_eq!(invalid.field, "gl_repository");
+    }
+
+    #[tokio::test]
+    async fn a_transport_error_keeps_its_cause_and_drops_the_url() {
+        // A port just freed: the connection is refused at once. The secret
+        // sits in the path: reqwest moves user:password out of the URL itself.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let sender = Sender::new(&args(&format!("http://127.0.0.1:{port}/s3cret"))).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let err = sender.send(&json!({}), "c-1", deadline).await.unwrap_err();
+        assert!(matches!(err, SendError::Transport(_)), "{err:?}");
+        let behind = SendError::Behind(Box::new(err));
+        let line = one_line(&behind);
+        assert!(
+            line.starts_with("earlier notifications still spooled: ")
+                && line.to_lowercase().contains("connection refused"),
+            "{line}"
+        );
+        // Nowhere in the chain, printed or debugged.
+        let mut cause: Option<&dyn std::error::Error> = Some(&behind);
+        while let Some(c) = cause {
+            assert!(!format!("{c} {c:?}").contains("s3cret"), "{c:?}");
+            cause = c.source();
+        }
+    }
 
     #[test]
     fn only_a_pushbus_reply_counts_as_delivered() {

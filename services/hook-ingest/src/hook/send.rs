@@ -3,17 +3,35 @@
 
 use std::time::Duration;
 
-use pushbus_shared::error::one_line;
 use tokio::time::Instant;
 
-use super::{HookArgs, now_unix};
+use super::{HookArgs, HookError, now_unix};
 
-#[derive(Debug)]
-pub(super) enum SendError {
-    /// hook-ingest refused the content itself: retrying the same body is useless.
+/// Why a notification was not delivered. Print it with
+/// `pushbus_shared::error::one_line`: a transport error's cause ("connection
+/// refused") is only in its sources.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// hook-ingest refused the content itself: retrying the same body is
+    /// useless. Holds hook-ingest's reason.
+    #[error("{0}")]
     Refused(String),
-    /// Not stored (unreachable, timed out, not a pushbus reply, 5xx): replay later.
+    /// Not stored (timed out, not a pushbus reply, 5xx): replay later.
+    /// Holds what answered, or why no answer counted.
+    #[error("{0}")]
     NotStored(String),
+    /// hook-ingest unreachable, or its answer cut off: replay later. Held
+    /// without its URL (`reqwest::Error::without_url`): it may carry
+    /// credentials.
+    #[error("{0}")]
+    Transport(#[source] reqwest::Error),
+    /// The hook cannot send as configured: replay once the setup is fixed.
+    #[error("{0}")]
+    Setup(#[source] HookError),
+    /// Older notifications still wait, for this reason; a newer one must
+    /// not overtake them.
+    #[error("earlier notifications still spooled: {0}")]
+    Behind(#[source] Box<SendError>),
 }
 
 pub(super) struct Sender {
@@ -24,11 +42,14 @@ pub(super) struct Sender {
 }
 
 impl Sender {
-    pub(super) fn new(args: &HookArgs) -> Result<Self, String> {
+    pub(super) fn new(args: &HookArgs) -> Result<Self, HookError> {
         let secret = match &args.secret_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                    .map_err(|source| HookError::SecretFile {
+                        path: path.clone(),
+                        source,
+                    })?
                     .trim()
                     .to_owned(),
             ),
@@ -43,7 +64,9 @@ impl Sender {
             .timeout(timeout)
             .no_proxy()
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {}", e.without_url()))?;
+            .map_err(|e| HookError::HttpClient {
+                source: e.without_url(),
+            })?;
         Ok(Self {
             url: format!(
                 "{}/api/v4/internal/post_receive",
@@ -87,8 +110,7 @@ impl Sender {
         match tokio::time::timeout(left, sent).await {
             Ok(Ok((status, bytes))) => classify(status, &bytes),
             // Without the URL: it may carry credentials.
-            // "connection refused" hides in a source.
-            Ok(Err(err)) => Err(SendError::NotStored(one_line(&err.without_url()))),
+            Ok(Err(err)) => Err(SendError::Transport(err.without_url())),
             Err(_) => Err(SendError::NotStored("hook-ingest timed out".into())),
         }
     }

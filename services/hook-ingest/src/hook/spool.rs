@@ -160,7 +160,7 @@ pub(super) async fn flush_spool(
         }
         if Instant::now() >= deadline {
             report.left = files.len() - i;
-            report.stopped = Some("--timeout-ms reached".into());
+            report.stopped = Some(SendError::NotStored("--timeout-ms reached".into()));
             break;
         }
         match sender.send(&entry.body, id, deadline).await {
@@ -186,7 +186,7 @@ pub(super) async fn flush_spool(
                 })
             }
             // Still unavailable: keep this and the rest for next time.
-            Err(SendError::NotStored(e)) => {
+            Err(e) => {
                 report.left = files.len() - i;
                 report.stopped = Some(e);
                 break;
