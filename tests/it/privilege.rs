@@ -463,21 +463,31 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
 /// A ref head of agent-x (project 1, `main`) that only filter may write.
 const FAKE_HEAD: &str = "$KV.pushbus-ref-heads.agent-x.1.6d61696e";
 
+/// Connected as `service`'s NATS user, as `pushbus-<service>`, with a
+/// JetStream context that gives up on a denied request in 500 ms.
+async fn connect_as(
+    secured: &Secured,
+    service: &str,
+) -> (async_nats::Client, async_nats::jetstream::Context) {
+    let client = bus::connect_once(
+        &secured.connect_config(service),
+        &format!("pushbus-{service}"),
+    )
+    .await
+    .unwrap();
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(client.clone());
+    (client, js)
+}
+
 /// Outside its permissions a user is refused, and the log and metrics name
 /// the subject. Run after the pipeline, whose check that no service was
 /// refused anything would otherwise see these.
 async fn outside_permissions_refused_with_subject(secured: &Secured) {
     // hook-ingest may not poke agents (write a ref head), nor read the agent
     // registry.
-    let ingest = bus::connect_once(
-        &secured.connect_config("hook-ingest"),
-        "pushbus-hook-ingest",
-    )
-    .await
-    .unwrap();
-    let js = async_nats::jetstream::ContextBuilder::new()
-        .timeout(Duration::from_millis(500))
-        .build(ingest.clone());
+    let (_ingest, js) = connect_as(secured, "hook-ingest").await;
     let poke = js.publish(FAKE_HEAD, "fake".into()).await;
     if let Ok(ack) = poke {
         assert!(ack.await.is_err(), "a denied publish was acked");
@@ -485,15 +495,7 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
     assert!(js.get_key_value("pushbus-agents").await.is_err());
 
     // gitops-notifier reads agents but may not write them or serve the API.
-    let notifier = bus::connect_once(
-        &secured.connect_config("gitops-notifier"),
-        "pushbus-gitops-notifier",
-    )
-    .await
-    .unwrap();
-    let njs = async_nats::jetstream::ContextBuilder::new()
-        .timeout(Duration::from_millis(500))
-        .build(notifier.clone());
+    let (notifier, njs) = connect_as(secured, "gitops-notifier").await;
     let kv = njs.get_key_value("pushbus-agents").await.unwrap();
     assert!(kv.get("agent-x").await.unwrap().is_none());
     assert!(kv.put("agent-x", "evil".into()).await.is_err());

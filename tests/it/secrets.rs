@@ -101,22 +101,16 @@ async fn agents_cli_generates_tokens_redacts_reads_and_refuses_tokenless_agents(
     assert_ne!(text(&again.stdout).trim(), token);
 
     // A token given, or public: nothing generated, nothing printed.
-    let given = put_file(
-        &url,
-        tmp.path(),
-        "given.yaml",
-        &format!("agent_id: given\ntoken: s3cret\n{WATCHES}"),
-    );
-    assert!(given.status.success(), "{}", text(&given.stderr));
-    assert_eq!(text(&given.stdout), "");
-    let open = put_file(
-        &url,
-        tmp.path(),
-        "open.yaml",
-        &format!("agent_id: open\npublic: true\n{WATCHES}"),
-    );
-    assert!(open.status.success(), "{}", text(&open.stderr));
-    assert_eq!(text(&open.stdout), "");
+    for (id, credential) in [("given", "token: s3cret"), ("open", "public: true")] {
+        let out = put_file(
+            &url,
+            tmp.path(),
+            &format!("{id}.yaml"),
+            &format!("agent_id: {id}\n{credential}\n{WATCHES}"),
+        );
+        assert!(out.status.success(), "{id}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "", "{id}");
+    }
     let both = put_file(
         &url,
         tmp.path(),
