@@ -9,7 +9,7 @@ use pushbus_shared::proto::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum AgentFileError {
     #[error("give token or token_sha256, not both")]
     TokenTwice,
@@ -17,11 +17,10 @@ pub enum AgentFileError {
     PublicWithToken,
     #[error("watches[{0}].kind: unknown kind {1:?} (gitops or configuration)")]
     Kind(usize, String),
-    #[error("cannot parse agent {format}: {detail}")]
-    Parse {
-        format: &'static str,
-        detail: String,
-    },
+    #[error("cannot parse agent JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    #[error("cannot parse agent YAML: {0}")]
+    Yaml(#[source] serde_norway::Error),
 }
 
 /// The file format (`agent.yaml`).
@@ -184,17 +183,11 @@ impl AgentFile {
 
 impl AgentFile {
     pub fn from_json(text: &[u8]) -> Result<Self, AgentFileError> {
-        serde_json::from_slice(text).map_err(|e| AgentFileError::Parse {
-            format: "JSON",
-            detail: e.to_string(),
-        })
+        serde_json::from_slice(text).map_err(AgentFileError::Json)
     }
 
     pub fn from_yaml(text: &str) -> Result<Self, AgentFileError> {
-        serde_norway::from_str(text).map_err(|e| AgentFileError::Parse {
-            format: "YAML",
-            detail: e.to_string(),
-        })
+        serde_norway::from_str(text).map_err(AgentFileError::Yaml)
     }
 
     /// The file form of a stored config (the token itself is never stored).
@@ -283,6 +276,23 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_does_not_parse_keeps_the_parser_error() {
+        use std::error::Error as _;
+        let err = AgentFile::from_yaml("agent_id: [a\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("cannot parse agent YAML: "),
+            "{err}"
+        );
+        assert!(err.source().is_some_and(|s| s.is::<serde_norway::Error>()));
+        let err = AgentFile::from_json(b"{\"agent_id\": 1}").unwrap_err();
+        assert!(
+            err.to_string().starts_with("cannot parse agent JSON: "),
+            "{err}"
+        );
+        assert!(err.source().is_some_and(|s| s.is::<serde_json::Error>()));
+    }
+
+    #[test]
     fn public_agents_and_redaction() {
         let yaml = "agent_id: a\npublic: true\nwatches:\n  - project_id: 1\n    refs: any_ref\n";
         let cfg = AgentFile::from_yaml(yaml).unwrap().into_config().unwrap();
@@ -292,7 +302,10 @@ mod tests {
         assert!(back.contains("public: true"), "{back}");
         for with_token in ["token: t\n", "token_sha256: abc\n"] {
             let file = AgentFile::from_yaml(&format!("{with_token}{yaml}")).unwrap();
-            assert_eq!(file.into_config(), Err(AgentFileError::PublicWithToken));
+            assert!(matches!(
+                file.into_config(),
+                Err(AgentFileError::PublicWithToken)
+            ));
         }
 
         let yaml = "agent_id: a\ntoken: s3cret\nwebhook: {url: \"https://x.example/h\", secret_token: hook-s3cret, hmac_secret: hmac-s3cret}\nwatches:\n  - project_id: 1\n    refs: any_ref\n";
