@@ -349,7 +349,8 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
 }
 
 // Neither delivered nor spooled: the pusher is told where the spool failed
-// and which push it was, and the push itself is not failed for it.
+// and which push it was, and the push itself is not failed for it. A spool
+// that cannot be read is said to be so, never taken for an empty one.
 #[test]
 fn a_spool_that_cannot_be_written_is_named_with_the_push() {
     let tmp = tempfile::tempdir().unwrap();
@@ -375,6 +376,30 @@ fn a_spool_that_cannot_be_written_is_named_with_the_push() {
     assert!(
         said.contains(&format!("not spooled to {}", spool.display()))
             && said.contains("correlation ID lost-1"),
+        "{said}"
+    );
+    // Nor could older notifications be read: said, not taken for an empty spool.
+    assert!(
+        said.contains(&format!("cannot read the spool {}", spool.display())),
+        "{said}"
+    );
+
+    // `hook flush` of such a spool fails, naming it.
+    let out = hook(
+        &[
+            "flush",
+            "--ingest-url",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ],
+        &[],
+        "",
+    );
+    let said = stderr(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("Error: cannot read the spool {}", spool.display())),
         "{said}"
     );
 }

@@ -73,7 +73,7 @@ pub struct HookArgs {
     pub spool_max_age_hours: u64,
 }
 
-/// Why the hook cannot send as configured. A message quotes its source
+/// Why the hook cannot send or replay as configured. A message quotes its source
 /// where a person needs it; `one_line` then leaves the source out.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -90,6 +90,11 @@ pub enum HookError {
     /// carry credentials, and this error reaches the pusher's terminal.
     #[error("cannot build the HTTP client: {source}")]
     HttpClient { source: reqwest::Error },
+    #[error("cannot read the spool {}: {source}", path.display())]
+    Spool {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl HookArgs {
@@ -176,12 +181,22 @@ async fn announce(args: &HookArgs, stdin: &str, env: &HashMap<String, String>) -
     // Older notifications first, so agents see pushes in order. `behind`:
     // why older ones still wait.
     let behind = match &setup {
-        Ok((sender, max_age)) => {
-            let report = flush_spool(sender, &spool, *max_age, deadline).await;
-            outcome.replayed = report.delivered;
-            outcome.lines.extend(report.lines);
-            report.stopped
-        }
+        Ok((sender, max_age)) => match flush_spool(sender, &spool, *max_age, deadline).await {
+            Ok(report) => {
+                outcome.replayed = report.delivered;
+                outcome.lines.extend(report.lines);
+                report.stopped
+            }
+            // Nothing in it can be replayed before this push, so holding the
+            // push back would only lose it too: sent, and the operator told.
+            Err(e) => {
+                outcome.lines.push(format!(
+                    "pushbus: {}; spooled notifications not replayed",
+                    one_line(&e)
+                ));
+                None
+            }
+        },
         Err(_) => None,
     };
     let body = match body {
@@ -249,7 +264,7 @@ pub async fn flush(
     let deadline = Instant::now() + Duration::from_millis(args.timeout_ms);
     let max_age = args.spool_max_age()?;
     let sender = Sender::new(args)?;
-    let mut report = flush_spool(&sender, &spool_dir(args, env), max_age, deadline).await;
+    let mut report = flush_spool(&sender, &spool_dir(args, env), max_age, deadline).await?;
     report.lines = terminal_lines(std::mem::take(&mut report.lines));
     Ok(report)
 }

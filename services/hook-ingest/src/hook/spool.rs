@@ -9,7 +9,7 @@ use pushbus_shared::envelope;
 use tokio::time::Instant;
 
 use super::send::{SendError, Sender};
-use super::{FlushReport, now_unix};
+use super::{FlushReport, HookError, now_unix};
 
 /// A spooled notification on disk.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -99,12 +99,14 @@ pub(super) fn age_of(entry: &SpoolEntry, path: &Path) -> Duration {
     now.duration_since(at).unwrap_or_default()
 }
 
+/// Replays what `dir` holds, oldest first. A spool that does not exist
+/// holds nothing; one that cannot be read is an error, not an empty spool.
 pub(super) async fn flush_spool(
     sender: &Sender,
     dir: &Path,
     max_age: Duration,
     deadline: Instant,
-) -> FlushReport {
+) -> Result<FlushReport, HookError> {
     let mut report = FlushReport::default();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
@@ -115,7 +117,13 @@ pub(super) async fn flush_spool(
                     .is_some_and(|n| n.to_string_lossy().starts_with('.'))
             })
             .collect(),
-        Err(_) => return report,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
+        Err(source) => {
+            return Err(HookError::Spool {
+                path: dir.to_owned(),
+                source,
+            });
+        }
     };
     // Names start with a UUIDv7: name order is spool order.
     files.sort();
@@ -193,5 +201,5 @@ pub(super) async fn flush_spool(
             }
         }
     }
-    report
+    Ok(report)
 }
