@@ -91,13 +91,10 @@ impl Service for HookIngest {
         let listen = listener.addr().map_err(Error::ListenAddr)?;
         let secret = match &config.secret_file {
             Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|source| Error::Secret {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned(),
+                auth::read_secret_file(path).map_err(|source| Error::Secret {
+                    path: path.clone(),
+                    source,
+                })?,
             ),
             None => {
                 // Open only where nobody else can reach it, unless told.

@@ -44,15 +44,12 @@ pub(super) struct Sender {
 impl Sender {
     pub(super) fn new(args: &HookArgs) -> Result<Self, HookError> {
         let secret = match &args.secret_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|source| HookError::SecretFile {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .trim()
-                    .to_owned(),
-            ),
+            Some(path) => Some(crate::auth::read_secret_file(path).map_err(|source| {
+                HookError::SecretFile {
+                    path: path.clone(),
+                    source,
+                }
+            })?),
             None => None,
         };
         let timeout = Duration::from_millis(args.timeout_ms);
