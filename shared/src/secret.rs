@@ -1,4 +1,11 @@
-//! Comparing secrets without leaking, through timing, how much matched.
+//! Secrets: read from files, compared without leaking, through timing, how
+//! much matched, and taken from bearer credentials.
+
+/// A secret file's content without the surrounding white space (the line
+/// end an editor or `echo` leaves); callers decide whether empty is allowed.
+pub fn read_file(path: &std::path::Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_owned())
+}
 
 /// Equal length and equal bytes, in time that depends only on the length.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

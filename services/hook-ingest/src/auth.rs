@@ -17,12 +17,6 @@ pub const CLOCK_SKEW_SECS: i64 = 30;
 /// GitLab's tokens live one minute; refuse longer-lived ones.
 pub const MAX_LIFETIME_SECS: i64 = 60;
 
-/// The shared secret held in `path` (the same file on both sides of the
-/// internal API), without the line end an editor or `echo` leaves.
-pub fn read_secret_file(path: &std::path::Path) -> std::io::Result<String> {
-    Ok(std::fs::read_to_string(path)?.trim().to_owned())
-}
-
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     #[error("missing credentials")]

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use pushbus_shared::secret;
 use pushbus_shared::service::{Listen, ListenError, Service};
 use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, names};
@@ -90,12 +91,10 @@ impl Service for HookIngest {
     ) -> Result<(), Error> {
         let listen = listener.addr().map_err(Error::ListenAddr)?;
         let secret = match &config.secret_file {
-            Some(path) => Some(
-                auth::read_secret_file(path).map_err(|source| Error::Secret {
-                    path: path.clone(),
-                    source,
-                })?,
-            ),
+            Some(path) => Some(secret::read_file(path).map_err(|source| Error::Secret {
+                path: path.clone(),
+                source,
+            })?),
             None => {
                 // Open only where nobody else can reach it, unless told.
                 if !listen.ip().is_loopback() && !config.insecure_no_auth {

@@ -304,19 +304,18 @@ fn require_file(what: &'static str, path: &Path) -> Result<(), ConnectConfigErro
 /// A secret file's content, trimmed; empty or whitespace-only is an error
 /// (it would otherwise mean "no password" silently).
 fn read_secret(what: &'static str, path: &Path) -> Result<Secret, ConnectConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConnectConfigError::Read {
+    let text = crate::secret::read_file(path).map_err(|source| ConnectConfigError::Read {
         what,
         path: path.to_owned(),
         source,
     })?;
-    let text = text.trim();
     if text.is_empty() {
         return Err(ConnectConfigError::Empty {
             what,
             path: path.to_owned(),
         });
     }
-    Ok(Secret(text.to_owned()))
+    Ok(Secret(text))
 }
 
 /// A permissions violation reported by the server: which operation on

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use pushbus_shared::secret;
 use tokio::time::Instant;
 
 use super::{HookArgs, HookError, now_unix};
@@ -43,15 +44,16 @@ pub(super) struct Sender {
 
 impl Sender {
     pub(super) fn new(args: &HookArgs) -> Result<Self, HookError> {
-        let secret = match &args.secret_file {
-            Some(path) => Some(crate::auth::read_secret_file(path).map_err(|source| {
-                HookError::SecretFile {
+        let secret = args
+            .secret_file
+            .as_ref()
+            .map(|path| {
+                secret::read_file(path).map_err(|source| HookError::SecretFile {
                     path: path.clone(),
                     source,
-                }
-            })?),
-            None => None,
-        };
+                })
+            })
+            .transpose()?;
         let timeout = Duration::from_millis(args.timeout_ms);
         // Straight to hook-ingest, whatever http_proxy / HTTPS_PROXY the Git
         // server sets for its own outbound traffic: a proxy would get the
