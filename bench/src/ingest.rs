@@ -28,17 +28,7 @@ pub async fn ingest(args: BenchArgs) -> anyhow::Result<()> {
     let url = nats.url();
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
     let ops = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = pushbus_hook_ingest::Config {
-        insecure_no_auth: false,
-        listen,
-        secret_file: None,
-        max_body_bytes: 8 << 20,
-        lag_budget_ms: 250,
-        geo_routes: false,
-        routes: Default::default(),
-        store_timeout_ms: 2000,
-        door: Default::default(),
-    };
+    let config = pushbus_hook_ingest::Config::new(listen);
     let stop = tokio_util::sync::CancellationToken::new();
     let host = tokio::spawn({
         let (url, stop) = (url.clone(), stop.clone());

@@ -404,10 +404,10 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     put_agent(&kv, "c", Some("right"), 1).await;
     let (listener, addr) = bind_local().await;
     let mut cfg = pushbus_gitops_notifier::Config::new(addr);
-    cfg.door.max_streams = 3;
-    cfg.door.max_streams_per_agent = 2;
-    cfg.door.login_failure_burst = 3;
-    cfg.door.login_failure_refill_ms = 60_000;
+    cfg.agent_limits.max_streams = 3;
+    cfg.agent_limits.max_streams_per_agent = 2;
+    cfg.agent_limits.login_failure_burst = 3;
+    cfg.agent_limits.login_failure_refill_ms = 60_000;
     let notifier = Replica::notifier_on(&nats.url(), cfg, listener).await;
     let url = |id: &str| format!("http://{addr}/v1/agents/{id}/pokes");
 

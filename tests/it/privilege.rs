@@ -272,15 +272,8 @@ async fn pipeline_with_least_privilege_users_over_mutual_tls_and_refusals_name_t
     let (ingest_listener, ingest_addr) = crate::support::bind_local().await;
     let (notifier_listener, notifier_addr) = crate::support::bind_local().await;
     let ingest_cfg = pushbus_hook_ingest::Config {
-        insecure_no_auth: false,
-        listen: ingest_addr,
-        secret_file: None,
-        max_body_bytes: 8 * 1024 * 1024,
-        lag_budget_ms: 250,
         geo_routes: true,
-        routes: Default::default(),
-        store_timeout_ms: 2000,
-        door: Default::default(),
+        ..pushbus_hook_ingest::Config::new(ingest_addr)
     };
     let notifier_cfg = pushbus_gitops_notifier::Config {
         webhooks: pushbus_gitops_notifier::webhook::WebhookConfig {

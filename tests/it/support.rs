@@ -85,15 +85,10 @@ impl Stack {
         let (notifier_listener, notifier) = bind_local().await;
         let (ops_listener, ops) = bind_local().await;
         let ingest_cfg = pushbus_hook_ingest::Config {
-            insecure_no_auth: false,
-            listen: ingest,
             secret_file: opts.secret_file,
-            max_body_bytes: 8 * 1024 * 1024,
             lag_budget_ms: opts.lag_budget_ms,
             geo_routes: opts.geo_routes,
-            routes: Default::default(),
-            store_timeout_ms: 2000,
-            door: Default::default(),
+            ..pushbus_hook_ingest::Config::new(ingest)
         };
         let notifier_cfg = pushbus_gitops_notifier::Config::new(notifier);
         let mut launchers = vec![

@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 
+use pushbus_shared::listen;
+
 use crate::webhook;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -37,71 +39,29 @@ pub struct Config {
     #[command(flatten)]
     pub webhooks: webhook::WebhookConfig,
     #[command(flatten)]
-    pub door: DoorArgs,
+    pub door: listen::DoorFlags<NotifierDoor>,
+    #[command(flatten)]
+    pub agent_limits: AgentLimits,
 }
 
-/// How the agents' listener bounds slow and greedy clients, and its TLS.
+/// The agents' door's limits and TLS: `--notifier-tls-cert`,
+/// `--notifier-max-requests`, ... (declared in `pushbus_shared::listen`).
+pub struct NotifierDoor;
+
+impl listen::Door for NotifierDoor {
+    const PREFIX: &'static str = "notifier";
+    const SERVES: &'static str = "SSE and gRPC";
+    const REQUEST_DEADLINE: &'static str = "A request must be answered (a stream opened, catch-up \
+         queued) within this; open streams are not cut";
+    const MAX_CONNECTIONS: usize = 20_000;
+    const MAX_REQUESTS: usize = 1024;
+}
+
+/// What one replica, and one agent on it, may hold: open streams, and
+/// failed logins before it is refused.
 #[derive(clap::Args, Clone, Debug)]
-#[group(id = "notifier_door")]
-pub struct DoorArgs {
-    /// PEM certificate chain: serve SSE and gRPC over TLS (with --notifier-tls-key).
-    #[arg(
-        id = "notifier_tls_cert",
-        long = "notifier-tls-cert",
-        env = "PUSHBUS_NOTIFIER_TLS_CERT"
-    )]
-    pub tls_cert: Option<std::path::PathBuf>,
-    /// PEM private key of --notifier-tls-cert.
-    #[arg(
-        id = "notifier_tls_key",
-        long = "notifier-tls-key",
-        env = "PUSHBUS_NOTIFIER_TLS_KEY"
-    )]
-    pub tls_key: Option<std::path::PathBuf>,
-    /// A connection must finish its TLS handshake and each request head within this.
-    #[arg(
-        id = "notifier_header_read_timeout_ms",
-        long = "notifier-header-read-timeout-ms",
-        env = "PUSHBUS_NOTIFIER_HEADER_READ_TIMEOUT_MS",
-        default_value_t = 5000
-    )]
-    pub header_read_timeout_ms: u64,
-    /// A request must be answered (a stream opened, catch-up queued) within
-    /// this; open streams are not cut.
-    #[arg(
-        id = "notifier_request_timeout_ms",
-        long = "notifier-request-timeout-ms",
-        env = "PUSHBUS_NOTIFIER_REQUEST_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub request_timeout_ms: u64,
-    /// Open connections; further ones are closed at once.
-    #[arg(
-        id = "notifier_max_connections",
-        long = "notifier-max-connections",
-        env = "PUSHBUS_NOTIFIER_MAX_CONNECTIONS",
-        default_value_t = 20_000
-    )]
-    pub max_connections: usize,
-    /// Requests being answered at once (open streams not counted); further
-    /// ones wait for a slot (see --notifier-queue-wait-ms), then get 503 /
-    /// RESOURCE_EXHAUSTED.
-    #[arg(
-        id = "notifier_max_requests",
-        long = "notifier-max-requests",
-        env = "PUSHBUS_NOTIFIER_MAX_REQUESTS",
-        default_value_t = 1024
-    )]
-    pub max_requests: usize,
-    /// How long a request over --notifier-max-requests waits for a slot
-    /// before its 503 (0: refused at once).
-    #[arg(
-        id = "notifier_queue_wait_ms",
-        long = "notifier-queue-wait-ms",
-        env = "PUSHBUS_NOTIFIER_QUEUE_WAIT_MS",
-        default_value_t = 500
-    )]
-    pub queue_wait_ms: u64,
+#[group(id = "notifier_agent_limits")]
+pub struct AgentLimits {
     /// Streams this replica holds in all; further ones get 503 / RESOURCE_EXHAUSTED.
     #[arg(
         id = "notifier_max_streams",
@@ -145,7 +105,7 @@ pub struct DoorArgs {
     pub login_cache_ms: u64,
 }
 
-pushbus_shared::default_from_flags!(DoorArgs, Config);
+pushbus_shared::default_from_flags!(AgentLimits, Config);
 
 impl Config {
     /// The flags' defaults, listening on `listen`.

@@ -22,7 +22,7 @@ use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, names};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, DoorArgs};
+pub use config::{AgentLimits, Config, NotifierDoor};
 pub use hub::Hub;
 
 #[derive(Debug, thiserror::Error)]
@@ -97,11 +97,7 @@ impl Service for GitopsNotifier {
         // Its own child: stopping this service's tasks stops nothing else.
         let token = shutdown.child_token();
         let listen = listener.addr().map_err(Error::ListenAddr)?;
-        let tls = pushbus_shared::listen::tls_from_flags(
-            config.door.tls_cert.as_deref(),
-            config.door.tls_key.as_deref(),
-            ("--notifier-tls-cert", "--notifier-tls-key"),
-        )?;
+        let tls = config.door.tls()?;
         ctx.ensure(topology(&config)).await?;
         let agents = ctx.bucket(names::BUCKET_AGENTS).await?;
         let heads = ctx.bucket(names::BUCKET_REF_HEADS).await?;
@@ -126,8 +122,8 @@ impl Service for GitopsNotifier {
             hub: Hub::with_caps(
                 std::time::Duration::from_millis(config.coalesce_ms),
                 hub::StreamCaps {
-                    total: config.door.max_streams,
-                    per_agent: config.door.max_streams_per_agent,
+                    total: config.agent_limits.max_streams,
+                    per_agent: config.agent_limits.max_streams_per_agent,
                 },
             ),
             agents,
@@ -135,9 +131,9 @@ impl Service for GitopsNotifier {
             index: index.clone(),
             shutdown: token.clone(),
             gate: std::sync::Arc::new(auth::LoginGate::new(
-                config.door.login_failure_burst,
-                std::time::Duration::from_millis(config.door.login_failure_refill_ms),
-                std::time::Duration::from_millis(config.door.login_cache_ms),
+                config.agent_limits.login_failure_burst,
+                std::time::Duration::from_millis(config.agent_limits.login_failure_refill_ms),
+                std::time::Duration::from_millis(config.agent_limits.login_cache_ms),
             )),
         };
         // How long a removal's marker lives (tombstones' TTL is filter's).
@@ -187,27 +183,9 @@ impl Service for GitopsNotifier {
             .fallback(pushbus_shared::fallback::not_found);
         let app = pushbus_shared::listen::guard_requests(
             pushbus_shared::listen::json_framework_errors(app),
-            pushbus_shared::listen::RequestLimits {
-                timeout: Some(std::time::Duration::from_millis(
-                    config.door.request_timeout_ms.max(1),
-                )),
-                max_in_flight: config.door.max_requests,
-                timeout_flag: "--notifier-request-timeout-ms",
-                queue_wait: std::time::Duration::from_millis(config.door.queue_wait_ms),
-                in_flight_flag: "--notifier-max-requests",
-                queue_wait_flag: "--notifier-queue-wait-ms",
-                max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
-            },
+            config.door.request_limits(),
         );
-        let limits = pushbus_shared::listen::Limits {
-            header_read_timeout: std::time::Duration::from_millis(
-                config.door.header_read_timeout_ms.max(1),
-            ),
-            max_connections: config.door.max_connections,
-            // The default (256) streams per HTTP/2 connection: a proxy or the
-            // pipeline bench multiplexes many agents over one connection.
-            ..Default::default()
-        };
+        let limits = config.door.limits();
         let tls_on = tls.is_some();
         let server = tokio::spawn(pushbus_shared::listen::serve(
             listener,

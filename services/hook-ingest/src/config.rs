@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use pushbus_shared::listen;
+
 use crate::geo_routes;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -25,6 +27,15 @@ pub struct Config {
     /// Largest accepted request body.
     #[arg(long = "ingest-max-body-bytes", env = "PUSHBUS_INGEST_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Largest body read before the caller is authenticated (only the legacy
+    /// secret_token body field needs it; the JWT and Gitlab-Shared-Secret
+    /// headers are checked before any of the body is read).
+    #[arg(
+        long = "ingest-unauthenticated-body-bytes",
+        env = "PUSHBUS_INGEST_UNAUTHENTICATED_BODY_BYTES",
+        default_value_t = 64 * 1024
+    )]
+    pub unauthenticated_body_bytes: usize,
     /// How long a Geo push may wait for its replication-lag message.
     #[arg(
         long = "ingest-lag-budget-ms",
@@ -56,82 +67,21 @@ pub struct Config {
     #[command(flatten)]
     pub routes: geo_routes::RouteTtlArgs,
     #[command(flatten)]
-    pub door: DoorArgs,
+    pub door: listen::DoorFlags<IngestDoor>,
 }
 
-/// How the ingest listener bounds slow and greedy clients, and its TLS.
-#[derive(clap::Args, Clone, Debug)]
-#[group(id = "ingest_door")]
-pub struct DoorArgs {
-    /// PEM certificate chain: serve HTTPS and gRPC over TLS (with --ingest-tls-key).
-    #[arg(
-        id = "ingest_tls_cert",
-        long = "ingest-tls-cert",
-        env = "PUSHBUS_INGEST_TLS_CERT"
-    )]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --ingest-tls-cert.
-    #[arg(
-        id = "ingest_tls_key",
-        long = "ingest-tls-key",
-        env = "PUSHBUS_INGEST_TLS_KEY"
-    )]
-    pub tls_key: Option<PathBuf>,
-    /// A connection must finish its TLS handshake and each request head within this.
-    #[arg(
-        id = "ingest_header_read_timeout_ms",
-        long = "ingest-header-read-timeout-ms",
-        env = "PUSHBUS_INGEST_HEADER_READ_TIMEOUT_MS",
-        default_value_t = 5000
-    )]
-    pub header_read_timeout_ms: u64,
-    /// A request (body read, store and answer) must complete within this (408).
-    #[arg(
-        id = "ingest_request_timeout_ms",
-        long = "ingest-request-timeout-ms",
-        env = "PUSHBUS_INGEST_REQUEST_TIMEOUT_MS",
-        default_value_t = 10_000
-    )]
-    pub request_timeout_ms: u64,
-    /// Open connections; further ones are closed at once.
-    #[arg(
-        id = "ingest_max_connections",
-        long = "ingest-max-connections",
-        env = "PUSHBUS_INGEST_MAX_CONNECTIONS",
-        default_value_t = 1024
-    )]
-    pub max_connections: usize,
-    /// Requests handled at once; further ones wait for a slot (see
-    /// --ingest-queue-wait-ms), then are answered 503 (gRPC RESOURCE_EXHAUSTED).
-    #[arg(
-        id = "ingest_max_requests",
-        long = "ingest-max-requests",
-        env = "PUSHBUS_INGEST_MAX_REQUESTS",
-        default_value_t = 256
-    )]
-    pub max_requests: usize,
-    /// How long a request over --ingest-max-requests waits for a slot
-    /// before its 503 (0: refused at once).
-    #[arg(
-        id = "ingest_queue_wait_ms",
-        long = "ingest-queue-wait-ms",
-        env = "PUSHBUS_INGEST_QUEUE_WAIT_MS",
-        default_value_t = 500
-    )]
-    pub queue_wait_ms: u64,
-    /// Largest body read before the caller is authenticated (only the legacy
-    /// secret_token body field needs it; the JWT and Gitlab-Shared-Secret
-    /// headers are checked before any of the body is read).
-    #[arg(
-        id = "ingest_unauthenticated_body_bytes",
-        long = "ingest-unauthenticated-body-bytes",
-        env = "PUSHBUS_INGEST_UNAUTHENTICATED_BODY_BYTES",
-        default_value_t = 64 * 1024
-    )]
-    pub unauthenticated_body_bytes: usize,
-}
+/// The ingest door's limits and TLS: `--ingest-tls-cert`,
+/// `--ingest-max-requests`, ... (declared in `pushbus_shared::listen`).
+pub struct IngestDoor;
 
-pushbus_shared::default_from_flags!(DoorArgs);
+impl listen::Door for IngestDoor {
+    const PREFIX: &'static str = "ingest";
+    const SERVES: &'static str = "HTTPS and gRPC";
+    const REQUEST_DEADLINE: &'static str =
+        "A request (body read, store and answer) must complete within this (408)";
+    const MAX_CONNECTIONS: usize = 1024;
+    const MAX_REQUESTS: usize = 256;
+}
 
 impl Config {
     /// The flags' defaults, listening on `listen`.

@@ -23,7 +23,7 @@ use pushbus_shared::topology::{self, Topology};
 use pushbus_shared::{ServiceContext, names};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Config, DoorArgs};
+pub use config::{Config, IngestDoor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -106,11 +106,7 @@ impl Service for HookIngest {
                 None
             }
         };
-        let tls = pushbus_shared::listen::tls_from_flags(
-            config.door.tls_cert.as_deref(),
-            config.door.tls_key.as_deref(),
-            ("--ingest-tls-cert", "--ingest-tls-key"),
-        )?;
+        let tls = config.door.tls()?;
         if let (Some(""), Some(path)) = (secret.as_deref(), &config.secret_file) {
             return Err(Error::EmptySecret { path: path.clone() });
         }
@@ -134,7 +130,7 @@ impl Service for HookIngest {
             },
             secret,
             max_body_bytes: config.max_body_bytes,
-            unauthenticated_body_bytes: config.door.unauthenticated_body_bytes,
+            unauthenticated_body_bytes: config.unauthenticated_body_bytes,
         };
         let grpc = tonic::service::Routes::new(
             pushbus_shared::proto::hook_ingest_server::HookIngestServer::new(
@@ -150,21 +146,9 @@ impl Service for HookIngest {
             .fallback(pushbus_shared::fallback::not_found);
         let app = pushbus_shared::listen::guard_requests(
             pushbus_shared::listen::json_framework_errors(app),
-            pushbus_shared::listen::RequestLimits {
-                timeout: Some(Duration::from_millis(config.door.request_timeout_ms.max(1))),
-                max_in_flight: config.door.max_requests,
-                timeout_flag: "--ingest-request-timeout-ms",
-                queue_wait: Duration::from_millis(config.door.queue_wait_ms),
-                in_flight_flag: "--ingest-max-requests",
-                queue_wait_flag: "--ingest-queue-wait-ms",
-                max_header_bytes: pushbus_shared::listen::DEFAULT_MAX_HEADER_BYTES,
-            },
+            config.door.request_limits(),
         );
-        let limits = pushbus_shared::listen::Limits {
-            header_read_timeout: Duration::from_millis(config.door.header_read_timeout_ms.max(1)),
-            max_connections: config.door.max_connections,
-            ..Default::default()
-        };
+        let limits = config.door.limits();
         ctx.ready.set(true);
         tracing::info!(%listen, tls = tls.is_some(), "accepting post-receive notifications");
         pushbus_shared::listen::serve(listener, app, limits, tls, shutdown.cancelled_owned()).await;

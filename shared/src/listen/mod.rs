@@ -23,6 +23,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
+mod flags;
+pub use flags::{Door, DoorFlags};
+
 /// Request headers (names and values) a door accepts, JSON 431 past it.
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 
@@ -60,7 +63,7 @@ pub enum TlsError {
     #[error("cannot read TLS key file {path}: {reason}")]
     Key { path: PathBuf, reason: String },
     #[error("{0} is set without {1}: give both the certificate and the key")]
-    Half(&'static str, &'static str),
+    Half(String, String),
     #[error("invalid TLS certificate or key: {0}")]
     Config(#[source] rustls::Error),
 }
@@ -97,20 +100,6 @@ pub fn tls_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, 
     .map_err(TlsError::Config)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Both or neither of `--…-tls-cert` / `--…-tls-key`.
-pub fn tls_from_flags(
-    cert: Option<&Path>,
-    key: Option<&Path>,
-    names: (&'static str, &'static str),
-) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
-    match (cert, key) {
-        (None, None) => Ok(None),
-        (Some(c), Some(k)) => tls_config(c, k).map(Some),
-        (Some(_), None) => Err(TlsError::Half(names.0, names.1)),
-        (None, Some(_)) => Err(TlsError::Half(names.1, names.0)),
-    }
 }
 
 /// Serves `app` on `listener` until `shutdown`, then lets open requests
@@ -224,9 +213,9 @@ pub struct RequestLimits {
     pub max_in_flight: usize,
     pub queue_wait: Duration,
     /// Flag names for the refusals, so an operator knows what to raise.
-    pub timeout_flag: &'static str,
-    pub in_flight_flag: &'static str,
-    pub queue_wait_flag: &'static str,
+    pub timeout_flag: String,
+    pub in_flight_flag: String,
+    pub queue_wait_flag: String,
     /// Header names and values, summed; more is a 431 with the JSON error.
     pub max_header_bytes: usize,
 }
@@ -247,67 +236,92 @@ pub fn guard_requests(router: Router, limits: RequestLimits) -> Router {
 
 async fn guarded(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
     let grpc = is_grpc(&req);
-    let header_bytes: usize = req
-        .headers()
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len())
-        .sum();
-    if header_bytes > guard.limits.max_header_bytes {
-        let msg = format!(
-            "request headers too large ({header_bytes} bytes, limit {})",
-            guard.limits.max_header_bytes
-        );
-        return refusal(
-            grpc,
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            tonic::Code::InvalidArgument,
-            msg,
-        );
-    }
-    let slot = match guard.in_flight.try_acquire() {
-        Ok(permit) => Some(permit),
-        Err(_) => {
-            metrics::counter!("pushbus_listener_queued_requests_total").increment(1);
-            tokio::time::timeout(guard.limits.queue_wait, guard.in_flight.acquire())
-                .await
-                .ok()
-                .and_then(Result::ok)
+    match guard.run(req, next).await {
+        Ok(response) => response,
+        Err(refused) => {
+            let (status, code) = refused.status();
+            refusal(grpc, status, code, refused.to_string())
         }
-    };
-    let Some(_permit) = slot else {
-        metrics::counter!("pushbus_listener_refused_requests_total").increment(1);
-        let msg = format!(
-            "too many requests in flight (limit {}, {}; none finished within {} ms, {})",
-            guard.limits.max_in_flight,
-            guard.limits.in_flight_flag,
-            guard.limits.queue_wait.as_millis(),
-            guard.limits.queue_wait_flag
-        );
-        return refusal(
-            grpc,
-            StatusCode::SERVICE_UNAVAILABLE,
-            tonic::Code::ResourceExhausted,
-            msg,
-        );
-    };
-    match guard.limits.timeout {
-        None => next.run(req).await,
-        Some(limit) => match tokio::time::timeout(limit, next.run(req)).await {
-            Ok(resp) => resp,
+    }
+}
+
+/// Why [`guard_requests`] answered instead of the handler; the texts name
+/// the flag an operator would raise.
+#[derive(Debug, thiserror::Error)]
+enum Refused<'a> {
+    #[error("request headers too large ({bytes} bytes, limit {limit})")]
+    HeadersTooLarge { bytes: usize, limit: usize },
+    #[error(
+        "too many requests in flight (limit {limit}, {flag}; none finished within {waited_ms} ms, {wait_flag})"
+    )]
+    Busy {
+        limit: usize,
+        flag: &'a str,
+        waited_ms: u128,
+        wait_flag: &'a str,
+    },
+    #[error("request not completed within {limit_ms} ms ({flag})")]
+    TooSlow { limit_ms: u128, flag: &'a str },
+}
+
+impl Refused<'_> {
+    fn status(&self) -> (StatusCode, tonic::Code) {
+        match self {
+            Refused::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                tonic::Code::InvalidArgument,
+            ),
+            Refused::Busy { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                tonic::Code::ResourceExhausted,
+            ),
+            Refused::TooSlow { .. } => (StatusCode::REQUEST_TIMEOUT, tonic::Code::DeadlineExceeded),
+        }
+    }
+}
+
+impl Guard {
+    async fn run(&self, req: Request, next: Next) -> Result<Response, Refused<'_>> {
+        let limits = &self.limits;
+        let bytes: usize = req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len())
+            .sum();
+        if bytes > limits.max_header_bytes {
+            return Err(Refused::HeadersTooLarge {
+                bytes,
+                limit: limits.max_header_bytes,
+            });
+        }
+        let slot = match self.in_flight.try_acquire() {
+            Ok(permit) => Some(permit),
             Err(_) => {
-                let msg = format!(
-                    "request not completed within {} ms ({})",
-                    limit.as_millis(),
-                    guard.limits.timeout_flag
-                );
-                refusal(
-                    grpc,
-                    StatusCode::REQUEST_TIMEOUT,
-                    tonic::Code::DeadlineExceeded,
-                    msg,
-                )
+                metrics::counter!("pushbus_listener_queued_requests_total").increment(1);
+                tokio::time::timeout(limits.queue_wait, self.in_flight.acquire())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
             }
-        },
+        };
+        let Some(_permit) = slot else {
+            metrics::counter!("pushbus_listener_refused_requests_total").increment(1);
+            return Err(Refused::Busy {
+                limit: limits.max_in_flight,
+                flag: &limits.in_flight_flag,
+                waited_ms: limits.queue_wait.as_millis(),
+                wait_flag: &limits.queue_wait_flag,
+            });
+        };
+        let Some(limit) = limits.timeout else {
+            return Ok(next.run(req).await);
+        };
+        tokio::time::timeout(limit, next.run(req))
+            .await
+            .map_err(|_| Refused::TooSlow {
+                limit_ms: limit.as_millis(),
+                flag: &limits.timeout_flag,
+            })
     }
 }
 
@@ -455,9 +469,9 @@ mod tests {
                 timeout: Some(Duration::from_secs(30)),
                 max_in_flight: 1,
                 queue_wait,
-                timeout_flag: "--x-request-timeout-ms",
-                in_flight_flag: "--x-max-requests",
-                queue_wait_flag: "--x-queue-wait-ms",
+                timeout_flag: "--x-request-timeout-ms".into(),
+                in_flight_flag: "--x-max-requests".into(),
+                queue_wait_flag: "--x-queue-wait-ms".into(),
                 max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             },
         );
