@@ -17,7 +17,7 @@ use prost::Message;
 use pushbus_shared::testkit::{NatsServer, free_port};
 
 use crate::guarantees::Process;
-use crate::poll::until;
+use crate::poll::until_ok;
 use crate::support::{SseReader, local, register};
 
 /// One exported span: its service, trace ID (hex), name and attributes.
@@ -211,38 +211,39 @@ async fn one_push_is_one_trace_across_three_services_under_the_callers_trace_id(
     let (event, _) = sse.next_event(Duration::from_secs(10)).await.unwrap();
     assert_eq!(event, "poke");
 
-    let wanted: BTreeSet<&str> = ["hook-ingest", "filter", "gitops-notifier"].into();
-    until("spans of all three services in the caller's trace", || {
-        let c = collector.clone();
-        let wanted = wanted.clone();
-        async move {
-            let seen: BTreeSet<String> = c
-                .of_trace(TRACE_ID)
-                .into_iter()
-                .map(|s| s.service)
-                .collect();
-            wanted.iter().all(|w| seen.contains(*w))
-        }
-    })
-    .await;
-    let spans = collector.of_trace(TRACE_ID);
-    let names: BTreeSet<(String, String)> = spans
-        .iter()
-        .map(|s| (s.service.clone(), s.name.clone()))
-        .collect();
-    for (service, name) in [
+    // A parent span ends (and is exported) after its children: wait for
+    // every span named here, not just for one span of each service.
+    let wanted: BTreeSet<(String, String)> = [
         ("hook-ingest", "POST /api/v4/internal/post_receive"),
         ("hook-ingest", "send pushbus.push"),
         ("filter", "process PUSHBUS_PUSHES"),
         ("filter", "match"),
         ("filter", "write ref head"),
         ("gitops-notifier", "deliver"),
-    ] {
-        assert!(
-            names.contains(&(service.to_owned(), name.to_owned())),
-            "no span {name:?} from {service}: {names:?}"
-        );
-    }
+    ]
+    .into_iter()
+    .map(|(service, name)| (service.to_owned(), name.to_owned()))
+    .collect();
+    let names_of = |collector: &Collector| -> BTreeSet<(String, String)> {
+        collector
+            .of_trace(TRACE_ID)
+            .into_iter()
+            .map(|s| (s.service, s.name))
+            .collect()
+    };
+    until_ok("every span of the push in the caller's trace", || {
+        let seen = names_of(&collector);
+        let missing: Vec<_> = wanted.difference(&seen).cloned().collect();
+        async move {
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?}"))
+            }
+        }
+    })
+    .await;
+    let spans = collector.of_trace(TRACE_ID);
     let publish = spans
         .iter()
         .find(|s| s.name == "send pushbus.push")

@@ -83,12 +83,14 @@ impl listen::Door for IngestDoor {
     const MAX_REQUESTS: usize = 256;
 }
 
+pushbus_shared::default_from_flags!(Config);
+
 impl Config {
     /// The flags' defaults, listening on `listen`.
     pub fn new(listen: SocketAddr) -> Config {
         Config {
             listen,
-            ..pushbus_shared::service::flag_defaults()
+            ..Default::default()
         }
     }
 }
