@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use pushbus_shared::names;
-use pushbus_shared::proto::{AgentConfig, GitPushEvent, RefSelector, Watch, ref_selector::Kind};
+use pushbus_shared::proto::{AgentConfig, GitPushEvent};
 use pushbus_shared::testkit::{NatsCluster, stream_leader};
 use tokio_util::sync::CancellationToken;
 
@@ -42,14 +42,7 @@ async fn register(js: &jetstream::Context, agent_id: &str, project: i64) {
     let kv = js.get_key_value(names::BUCKET_AGENTS).await.unwrap();
     let cfg = AgentConfig {
         agent_id: agent_id.into(),
-        watches: vec![Watch {
-            project_id: project,
-            refs: Some(RefSelector {
-                kind: Kind::AnyBranch as i32,
-                pattern: String::new(),
-            }),
-            ..Default::default()
-        }],
+        watches: vec![crate::fixtures::any_branch_of(project)],
         // No token: the agent's stream is opened without one.
         public: true,
         ..Default::default()

@@ -356,13 +356,6 @@ fn grpc_push(project: i64) -> NotifyGitPushRequest {
     }
 }
 
-async fn agents_kv(nats: &NatsServer) -> async_nats::jetstream::kv::Store {
-    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(nats).await);
-    js.create_or_update_key_value(pushbus_shared::topology::agents_bucket())
-        .await
-        .unwrap()
-}
-
 async fn put_agent(
     kv: &async_nats::jetstream::kv::Store,
     id: &str,
@@ -398,7 +391,7 @@ fn with_bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     let nats = NatsServer::start();
-    let kv = agents_kv(&nats).await;
+    let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent(&kv, "a", None, 1).await;
     put_agent(&kv, "b", None, 1).await;
     put_agent(&kv, "c", Some("right"), 1).await;
@@ -458,7 +451,7 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     let nats = NatsServer::start();
-    let kv = agents_kv(&nats).await;
+    let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent(&kv, "ag", Some("old"), 1).await;
     let (listener, addr) = bind_local().await;
     let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;
@@ -525,7 +518,7 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
     let nats = NatsServer::start();
     let dir = tempfile::tempdir().unwrap();
     let (ca_pem, cert, key) = test_certs(dir.path());
-    let kv = agents_kv(&nats).await;
+    let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent(&kv, "tls-agent", Some("t0ken"), 1).await;
     let (ingest_listener, ingest_addr) = bind_local().await;
     let (notifier_listener, notifier_addr) = bind_local().await;
@@ -861,7 +854,7 @@ async fn geo_lag_messages_reach_the_pusher_without_escape_sequences() {
 async fn a_watch_with_an_oversized_seen_list_is_refused() {
     use pushbus_shared::proto::SeenRef;
     let nats = NatsServer::start();
-    let kv = agents_kv(&nats).await;
+    let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent(&kv, "s", None, 1).await;
     let (listener, addr) = bind_local().await;
     let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;

@@ -11,7 +11,7 @@ use pushbus_shared::proto::{
     RefKind, RefSelector, Source, Watch, ref_selector::Kind,
 };
 use pushbus_shared::testkit::{self, NatsServer};
-use pushbus_shared::{EventMeta, names, topology};
+use pushbus_shared::{EventMeta, names};
 
 use crate::poll::{eventually, poll};
 use crate::support::{Replica, register, stored_heads};
@@ -372,11 +372,7 @@ async fn registry_request_api_validates_writes_and_applies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_load_sees_agents_written_after_the_handle_was_opened() {
     let nats = NatsServer::start();
-    let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    let early = js
-        .create_or_update_key_value(topology::agents_bucket())
-        .await
-        .unwrap();
+    let early = crate::fixtures::agents_kv(&nats).await;
     for i in 0..50 {
         register(&nats, &format!("late-{i}"), 1..=3).await;
     }

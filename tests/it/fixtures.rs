@@ -10,7 +10,9 @@ use async_nats::jetstream;
 use prost::{Message, Name};
 use pushbus_shared::bus::{ConsumeError, ConsumerSpec, Handler, Publisher, run_consumer};
 use pushbus_shared::proto::ref_selector::Kind;
-use pushbus_shared::proto::{AgentPoke, ChangeKind, RefKind, RefSelector, Source, Watch};
+use pushbus_shared::proto::{
+    AgentConfig, AgentPoke, ChangeKind, RefKind, RefSelector, Source, Watch,
+};
 use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::topology::{self, Topology};
 use tokio::task::JoinHandle;
@@ -32,6 +34,21 @@ pub(crate) fn main_branch_poke(agent_id: &str, project_id: i64, new_sha: String)
         new_sha,
         ..Default::default()
     }
+}
+
+/// The agent registry (KV pushbus-agents) on `nats`, created if need be.
+pub(crate) async fn agents_kv(nats: &NatsServer) -> jetstream::kv::Store {
+    jetstream::new(testkit::client(nats).await)
+        .create_or_update_key_value(topology::agents_bucket())
+        .await
+        .unwrap()
+}
+
+/// Registers `cfg` through filter's validation, as `pushbus agents put` does.
+pub(crate) async fn put_agent(nats: &NatsServer, cfg: &AgentConfig) {
+    pushbus_filter::put_agent(&agents_kv(nats).await, cfg)
+        .await
+        .unwrap();
 }
 
 /// A JetStream context with PUSHBUS_PUSHES and the dead-letter stream, and a
@@ -107,7 +124,8 @@ pub(crate) fn any_ref_of(project_id: i64) -> Watch {
     watch_of(project_id, Kind::AnyRef)
 }
 
-fn watch_of(project_id: i64, kind: Kind) -> Watch {
+/// A watch on the refs of `project_id` that `kind` selects.
+pub(crate) fn watch_of(project_id: i64, kind: Kind) -> Watch {
     Watch {
         project_id,
         refs: Some(RefSelector {

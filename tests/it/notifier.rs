@@ -336,11 +336,6 @@ async fn bus_loss_is_announced_and_nothing_is_missing_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_watcher_receives_pokes_with_correlation_id() {
     let nats = NatsServer::start();
-    let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    let kv = js
-        .create_or_update_key_value(pushbus_shared::topology::agents_bucket())
-        .await
-        .unwrap();
     let cfg = pushbus_shared::proto::AgentConfig {
         agent_id: "grpc-agent".into(),
         watches: vec![pushbus_shared::proto::Watch {
@@ -354,7 +349,7 @@ async fn grpc_watcher_receives_pokes_with_correlation_id() {
         public: true,
         ..Default::default()
     };
-    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+    crate::fixtures::put_agent(&nats, &cfg).await;
     let stack = Stack::start(&nats.url()).await;
     let mut client = GitOpsNotifierClient::connect(format!("http://{}", stack.notifier))
         .await

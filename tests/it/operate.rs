@@ -11,9 +11,8 @@ use pushbus_shared::bus::Publisher;
 use pushbus_shared::names;
 use pushbus_shared::proto::{AgentConfig, Source, Webhook};
 use pushbus_shared::testkit::{self, NatsServer, free_port};
-use pushbus_shared::topology;
 
-use crate::fixtures::{any_ref_of, main_branch_poke, run_with_stdin};
+use crate::fixtures::{any_ref_of, main_branch_poke, put_agent, run_with_stdin};
 use crate::guarantees::Process;
 use crate::poll::until;
 use crate::support::{Replica, SseReader, Stack, StackOptions, local, register};
@@ -185,12 +184,8 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     let hits = Arc::new(std::sync::Mutex::new(Vec::new()));
     let addr = target(healthy.clone(), hits.clone()).await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    let kv = js
-        .create_or_update_key_value(topology::agents_bucket())
-        .await
-        .unwrap();
-    pushbus_filter::put_agent(
-        &kv,
+    put_agent(
+        &nats,
         &AgentConfig {
             agent_id: "hooked".into(),
             public: true,
@@ -202,8 +197,7 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
             ..Default::default()
         },
     )
-    .await
-    .unwrap();
+    .await;
     let webhooks = pushbus_gitops_notifier::webhook::WebhookConfig {
         allow_private: true,
         config_cache_ms: 100,

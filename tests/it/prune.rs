@@ -14,7 +14,7 @@ use pushbus_gitops_notifier::heads;
 use pushbus_shared::heads::{HeadWriter, Pruning};
 use pushbus_shared::names;
 use pushbus_shared::proto::{
-    AgentConfig, AgentPoke, ChangeKind, RefHead, RefSelector, Watch, watch_event::Event,
+    AgentConfig, AgentPoke, ChangeKind, RefHead, ref_selector::Kind, watch_event::Event,
 };
 use pushbus_shared::testkit::{self, NatsServer, free_port};
 
@@ -196,17 +196,10 @@ impl Pipeline {
     }
 }
 
-async fn register(agents: &kv::Store, agent_id: &str, project_id: i64, kind: i32) {
+async fn register(agents: &kv::Store, agent_id: &str, project_id: i64, kind: Kind) {
     let cfg = AgentConfig {
         agent_id: agent_id.into(),
-        watches: vec![Watch {
-            project_id,
-            refs: Some(RefSelector {
-                kind,
-                pattern: String::new(),
-            }),
-            ..Default::default()
-        }],
+        watches: vec![crate::fixtures::watch_of(project_id, kind)],
         public: true,
         ..Default::default()
     };
@@ -236,11 +229,10 @@ async fn memory_is(p: &Process, want: f64, what: &str) {
 // nothing old, whatever cursor it brings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleted_agents_heads_are_gone_from_the_bucket_and_every_replica() {
-    use pushbus_shared::proto::ref_selector::Kind;
     let p = Pipeline::start(2, &[], &[], None).await;
     let agents = p.agents().await;
-    register(&agents, "doomed", 61, Kind::AnyBranch as i32).await;
-    register(&agents, "keeper", 61, Kind::AnyBranch as i32).await;
+    register(&agents, "doomed", 61, Kind::AnyBranch).await;
+    register(&agents, "keeper", 61, Kind::AnyBranch).await;
     let old = "1".repeat(40);
     for (n, branch) in ["a", "b", "c"].iter().enumerate() {
         p.push(
@@ -272,7 +264,7 @@ async fn deleted_agents_heads_are_gone_from_the_bucket_and_every_replica() {
     }
     assert_eq!(live_keys(&kv).await.len(), 3, "the other agent lost heads");
 
-    register(&agents, "doomed", 61, Kind::AnyBranch as i32).await;
+    register(&agents, "doomed", 61, Kind::AnyBranch).await;
     for since in [Some(0), Some(cursor), None] {
         let mut again = watch(p.notifiers[0].0, agent("doomed", since)).await;
         let got = drain(&mut again, Duration::from_secs(1)).await;
@@ -311,7 +303,6 @@ async fn heads_of_unregistered_agents_are_swept() {
 // has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_refs_do_not_pile_up() {
-    use pushbus_shared::proto::ref_selector::Kind;
     let p = Pipeline::start(
         2,
         &[],
@@ -320,7 +311,7 @@ async fn pipeline_refs_do_not_pile_up() {
     )
     .await;
     let agents = p.agents().await;
-    register(&agents, "runner", 62, Kind::AnyRef as i32).await;
+    register(&agents, "runner", 62, Kind::AnyRef).await;
     let mut live = watch(p.notifiers[0].0, agent("runner", Some(0))).await;
     let zero = "0".repeat(40);
     let old = "1".repeat(40);

@@ -397,26 +397,11 @@ pub async fn register(
     agent_id: &str,
     projects: impl Iterator<Item = i64>,
 ) {
-    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(nats).await);
-    let kv = js
-        .create_or_update_key_value(pushbus_shared::topology::agents_bucket())
-        .await
-        .unwrap();
-    use pushbus_shared::proto::{AgentConfig, RefSelector, Watch, ref_selector::Kind};
-    let cfg = AgentConfig {
+    let cfg = pushbus_shared::proto::AgentConfig {
         agent_id: agent_id.into(),
-        watches: projects
-            .map(|p| Watch {
-                project_id: p,
-                refs: Some(RefSelector {
-                    kind: Kind::AnyBranch as i32,
-                    pattern: String::new(),
-                }),
-                ..Default::default()
-            })
-            .collect(),
+        watches: projects.map(crate::fixtures::any_branch_of).collect(),
         public: true,
         ..Default::default()
     };
-    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+    crate::fixtures::put_agent(nats, &cfg).await;
 }

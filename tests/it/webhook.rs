@@ -15,9 +15,9 @@ use pushbus_shared::proto::{
     AgentConfig, AgentPoke, ChangeKind, GitPushEvent, RefChange, RefKind, Source, Webhook,
 };
 use pushbus_shared::testkit::{self, NatsServer};
-use pushbus_shared::{EventMeta, names, topology};
+use pushbus_shared::{EventMeta, names};
 
-use crate::fixtures::{any_ref_of, main_branch_poke};
+use crate::fixtures::{any_ref_of, main_branch_poke, put_agent};
 use crate::poll::eventually;
 use crate::support::Replica;
 
@@ -168,18 +168,13 @@ async fn register(nats: &NatsServer, agent_id: &str, url: &str) {
 
 /// Registers `agent_id` watching any ref of project 42, with `webhook`.
 async fn register_webhook(nats: &NatsServer, agent_id: &str, webhook: Webhook) {
-    let js = async_nats::jetstream::new(testkit::client(nats).await);
-    let kv = js
-        .create_or_update_key_value(topology::agents_bucket())
-        .await
-        .unwrap();
     let cfg = AgentConfig {
         agent_id: agent_id.into(),
         watches: vec![any_ref_of(42)],
         webhook: Some(webhook),
         ..Default::default()
     };
-    pushbus_filter::put_agent(&kv, &cfg).await.unwrap();
+    put_agent(nats, &cfg).await;
 }
 
 /// A server with the notifier's and filter's topology, a receiver, and a
@@ -388,18 +383,15 @@ async fn webhook_push_and_tag_push_carry_gitlabs_payload_and_headers() {
 
     // A config change applies within seconds: the webhook removed, pokes
     // for the agent are acked without a request.
-    let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    let kv = js.get_key_value(names::BUCKET_AGENTS).await.unwrap();
-    pushbus_filter::put_agent(
-        &kv,
+    put_agent(
+        &nats,
         &AgentConfig {
             agent_id: "hooked".into(),
             watches: vec![any_ref_of(42)],
             ..Default::default()
         },
     )
-    .await
-    .unwrap();
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     poke(&publisher, "hooked", 9).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
