@@ -55,6 +55,7 @@ impl listen::Door for NotifierDoor {
          queued) within this; open streams are not cut";
     const MAX_CONNECTIONS: usize = 20_000;
     const MAX_REQUESTS: usize = 1024;
+    const REQUESTS_NOT_COUNTED: &'static str = " (open streams not counted)";
 }
 
 /// What one replica, and one agent on it, may hold: open streams, and

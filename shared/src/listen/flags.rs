@@ -26,6 +26,9 @@ pub trait Door: 'static {
     const REQUEST_DEADLINE: &'static str;
     const MAX_CONNECTIONS: usize;
     const MAX_REQUESTS: usize;
+    /// Follows "Requests being answered at once" in the help of
+    /// `--<prefix>-max-requests`: what is not counted, if anything.
+    const REQUESTS_NOT_COUNTED: &'static str = "";
 }
 
 /// A door's shared flags; `D` names them.
@@ -62,9 +65,14 @@ fn id<D: Door>(field: &str) -> String {
     format!("{}_{field}", D::PREFIX)
 }
 
+/// `ingest-max-requests`: the long flag, without its dashes.
+fn long<D: Door>(field: &str) -> String {
+    format!("{}-{}", D::PREFIX, field.replace('_', "-"))
+}
+
 /// `--ingest-max-requests`, as an operator types it (and refusals name it).
 fn flag<D: Door>(field: &str) -> String {
-    format!("--{}-{}", D::PREFIX, field.replace('_', "-"))
+    format!("--{}", long::<D>(field))
 }
 
 impl<D: Door> DoorFlags<D> {
@@ -106,14 +114,13 @@ impl<D: Door> DoorFlags<D> {
 
 impl<D: Door> clap::Args for DoorFlags<D> {
     fn group_id() -> Option<clap::Id> {
-        Some(format!("{}_door", D::PREFIX).into())
+        Some(id::<D>("door").into())
     }
 
     fn augment_args(cmd: Command) -> Command {
-        let p = D::PREFIX;
         let arg = |field: &'static str, help: String| {
             Arg::new(id::<D>(field))
-                .long(flag::<D>(field)[2..].to_owned())
+                .long(long::<D>(field))
                 .env(format!("PUSHBUS_{}", id::<D>(field).to_uppercase()))
                 .value_name(field.to_uppercase())
                 .action(ArgAction::Set)
@@ -131,18 +138,22 @@ impl<D: Door> clap::Args for DoorFlags<D> {
                 .default_value(default.to_string())
         };
         cmd.group(
-            ArgGroup::new(format!("{p}_door"))
+            ArgGroup::new(id::<D>("door"))
                 .multiple(true)
                 .args(FIELDS.map(id::<D>)),
         )
         .arg(path(
             TLS_CERT,
             format!(
-                "PEM certificate chain: serve {} over TLS (with --{p}-tls-key)",
-                D::SERVES
+                "PEM certificate chain: serve {} over TLS (with {})",
+                D::SERVES,
+                flag::<D>(TLS_KEY)
             ),
         ))
-        .arg(path(TLS_KEY, format!("PEM private key of --{p}-tls-cert")))
+        .arg(path(
+            TLS_KEY,
+            format!("PEM private key of {}", flag::<D>(TLS_CERT)),
+        ))
         .arg(millis(
             HEADER_READ_TIMEOUT_MS,
             "A connection must finish its TLS handshake and each request head within this".into(),
@@ -161,16 +172,19 @@ impl<D: Door> clap::Args for DoorFlags<D> {
         .arg(count(
             MAX_REQUESTS,
             format!(
-                "Requests being answered at once; further ones wait for a slot \
-                 (see --{p}-queue-wait-ms), then get 503 / RESOURCE_EXHAUSTED"
+                "Requests being answered at once{}; further ones wait for a slot \
+                 (see {}), then get 503 / RESOURCE_EXHAUSTED",
+                D::REQUESTS_NOT_COUNTED,
+                flag::<D>(QUEUE_WAIT_MS)
             ),
             D::MAX_REQUESTS,
         ))
         .arg(millis(
             QUEUE_WAIT_MS,
             format!(
-                "How long a request over --{p}-max-requests waits for a slot \
-                 before its 503 (0: refused at once)"
+                "How long a request over {} waits for a slot before its 503 \
+                 (0: refused at once)",
+                flag::<D>(MAX_REQUESTS)
             ),
             500,
         ))
@@ -297,6 +311,8 @@ mod tests {
             front.get_env(),
             Some(std::ffi::OsStr::new("PUSHBUS_FRONT_MAX_REQUESTS"))
         );
+        let help = front.get_help().map(ToString::to_string).unwrap_or_default();
+        assert!(help.contains("(see --front-queue-wait-ms)"), "{help}");
         assert_eq!(
             arg("back_tls_cert").get_env(),
             Some(std::ffi::OsStr::new("PUSHBUS_BACK_TLS_CERT"))
