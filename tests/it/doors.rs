@@ -356,7 +356,7 @@ fn grpc_push(project: i64) -> NotifyGitPushRequest {
     }
 }
 
-async fn put_agent(
+async fn put_agent_with_token(
     kv: &async_nats::jetstream::kv::Store,
     id: &str,
     token: Option<&str>,
@@ -392,9 +392,9 @@ fn with_bearer<T>(msg: T, token: &str) -> tonic::Request<T> {
 async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     let nats = NatsServer::start();
     let kv = crate::fixtures::agents_kv(&nats).await;
-    put_agent(&kv, "a", None, 1).await;
-    put_agent(&kv, "b", None, 1).await;
-    put_agent(&kv, "c", Some("right"), 1).await;
+    put_agent_with_token(&kv, "a", None, 1).await;
+    put_agent_with_token(&kv, "b", None, 1).await;
+    put_agent_with_token(&kv, "c", Some("right"), 1).await;
     let (listener, addr) = bind_local().await;
     let mut cfg = pushbus_gitops_notifier::Config::new(addr);
     cfg.agent_limits.max_streams = 3;
@@ -452,7 +452,7 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
 async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     let nats = NatsServer::start();
     let kv = crate::fixtures::agents_kv(&nats).await;
-    put_agent(&kv, "ag", Some("old"), 1).await;
+    put_agent_with_token(&kv, "ag", Some("old"), 1).await;
     let (listener, addr) = bind_local().await;
     let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;
     let url = format!("http://{addr}/v1/agents/ag/pokes");
@@ -472,10 +472,10 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
         .into_inner();
     assert_status_first(&mut stream).await;
     // Same token, other watches: streams stay.
-    put_agent(&kv, "ag", Some("old"), 2).await;
+    put_agent_with_token(&kv, "ag", Some("old"), 2).await;
     assert!(sse.next_event(Duration::from_millis(700)).await.is_none());
 
-    put_agent(&kv, "ag", Some("new"), 2).await;
+    put_agent_with_token(&kv, "ag", Some("new"), 2).await;
     assert_closed(&mut sse, "token changed").await;
     let end = tokio::time::timeout(Duration::from_secs(3), stream.message())
         .await
@@ -519,7 +519,7 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let (ca_pem, cert, key) = test_certs(dir.path());
     let kv = crate::fixtures::agents_kv(&nats).await;
-    put_agent(&kv, "tls-agent", Some("t0ken"), 1).await;
+    put_agent_with_token(&kv, "tls-agent", Some("t0ken"), 1).await;
     let (ingest_listener, ingest_addr) = bind_local().await;
     let (notifier_listener, notifier_addr) = bind_local().await;
     let mut icfg = ingest_config(ingest_addr);
@@ -855,7 +855,7 @@ async fn a_watch_with_an_oversized_seen_list_is_refused() {
     use pushbus_shared::proto::SeenRef;
     let nats = NatsServer::start();
     let kv = crate::fixtures::agents_kv(&nats).await;
-    put_agent(&kv, "s", None, 1).await;
+    put_agent_with_token(&kv, "s", None, 1).await;
     let (listener, addr) = bind_local().await;
     let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;
     let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))

@@ -311,7 +311,10 @@ mod tests {
             front.get_env(),
             Some(std::ffi::OsStr::new("PUSHBUS_FRONT_MAX_REQUESTS"))
         );
-        let help = front.get_help().map(ToString::to_string).unwrap_or_default();
+        let help = front
+            .get_help()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         assert!(help.contains("(see --front-queue-wait-ms)"), "{help}");
         assert_eq!(
             arg("back_tls_cert").get_env(),
