@@ -46,6 +46,7 @@ pub struct Config {
 
 /// The agents' door's limits and TLS: `--notifier-tls-cert`,
 /// `--notifier-max-requests`, ... (declared in `pushbus_shared::listen`).
+#[derive(Clone, Debug)]
 pub struct NotifierDoor;
 
 impl listen::Door for NotifierDoor {

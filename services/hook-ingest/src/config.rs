@@ -72,6 +72,7 @@ pub struct Config {
 
 /// The ingest door's limits and TLS: `--ingest-tls-cert`,
 /// `--ingest-max-requests`, ... (declared in `pushbus_shared::listen`).
+#[derive(Clone, Debug)]
 pub struct IngestDoor;
 
 impl listen::Door for IngestDoor {

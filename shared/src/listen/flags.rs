@@ -16,8 +16,8 @@ use clap::{Arg, ArgAction, ArgGroup, ArgMatches, Command, FromArgMatches};
 
 use super::{DEFAULT_MAX_HEADER_BYTES, Limits, RequestLimits, TlsError};
 
-/// What sets one door's flags apart from another's.
-pub trait Door: 'static {
+/// What sets one door's flags apart from another's (a unit struct).
+pub trait Door: Clone + std::fmt::Debug + 'static {
     /// `ingest` → `--ingest-tls-cert`, `PUSHBUS_INGEST_TLS_CERT`.
     const PREFIX: &'static str;
     /// What is served over TLS, for the help: "HTTPS and gRPC".
@@ -32,6 +32,7 @@ pub trait Door: 'static {
 }
 
 /// A door's shared flags; `D` names them.
+#[derive(Clone, Debug)]
 pub struct DoorFlags<D> {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -248,33 +249,6 @@ impl<D: Door> Default for DoorFlags<D> {
     }
 }
 
-// By hand: the derives would ask `D` for Clone and Debug too.
-impl<D> Clone for DoorFlags<D> {
-    fn clone(&self) -> Self {
-        DoorFlags {
-            tls_cert: self.tls_cert.clone(),
-            tls_key: self.tls_key.clone(),
-            door: PhantomData,
-            ..*self
-        }
-    }
-}
-
-impl<D: Door> std::fmt::Debug for DoorFlags<D> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DoorFlags")
-            .field("prefix", &D::PREFIX)
-            .field("tls_cert", &self.tls_cert)
-            .field("tls_key", &self.tls_key)
-            .field("header_read_timeout_ms", &self.header_read_timeout_ms)
-            .field("request_timeout_ms", &self.request_timeout_ms)
-            .field("max_connections", &self.max_connections)
-            .field("max_requests", &self.max_requests)
-            .field("queue_wait_ms", &self.queue_wait_ms)
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Args;
@@ -284,6 +258,7 @@ mod tests {
     /// Two doors with their own names and defaults.
     macro_rules! door {
         ($name:ident, $prefix:literal, $connections:literal, $requests:literal) => {
+            #[derive(Clone, Debug)]
             struct $name;
             impl Door for $name {
                 const PREFIX: &'static str = $prefix;
