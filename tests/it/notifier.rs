@@ -464,6 +464,72 @@ async fn a_replica_started_later_serves_catch_up_from_the_bucket() {
     stack.stop().await;
 }
 
+// A cursor from a bucket that was since recreated points past every head
+// the notifier has: it is answered "poll everything" (after waiting a while
+// for the feed to reach it), not taken as a position, and the agent is live
+// on the new bucket's cursors from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_from_a_recreated_bucket_is_told_to_poll_everything_then_goes_live() {
+    let nats = NatsServer::start();
+    register(&nats, "reborn", 49..=49).await;
+    let stack = Stack::start(&nats.url()).await;
+    let mut first = watch(stack.notifier, agent("reborn", None)).await;
+    for (n, branch) in [(1, "main"), (2, "dev"), (3, "next")] {
+        push(&stack, 49, branch, &sha(n)).await;
+    }
+    head_is(&nats, "reborn", 49, "next", &sha(3)).await;
+    let seen = drain(&mut first, Duration::from_secs(1)).await;
+    assert_eq!(pokes(&seen).len(), 3, "{seen:?}");
+    let old_cursor = seen.iter().map(|e| e.cursor).max().unwrap();
+    drop(first);
+    stack.stop().await;
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    js.delete_key_value(names::BUCKET_REF_HEADS).await.unwrap();
+    let stack = Stack::start(&nats.url()).await;
+
+    let mut client = GitOpsNotifierClient::connect(format!("http://{}", stack.notifier))
+        .await
+        .unwrap();
+    let mut back = client
+        .watch(agent("reborn", Some(old_cursor)))
+        .await
+        .unwrap()
+        .into_inner();
+    // The notifier waits up to 3 s for its feed to reach the cursor first.
+    let told = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let ev = back.message().await.unwrap().expect("stream ended");
+            if let Some(Event::Status(s)) = &ev.event
+                && s.detail.contains("poll everything")
+            {
+                return ev;
+            }
+            assert!(
+                !matches!(ev.event, Some(Event::Poke(_))),
+                "a poke from a guessed position: {ev:?}"
+            );
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no \"poll everything\" status for cursor {old_cursor}"));
+    let Some(Event::Status(status)) = &told.event else {
+        unreachable!()
+    };
+    assert_eq!(status.state(), State::Live, "{told:?}");
+    assert!(told.cursor < old_cursor, "{told:?}");
+
+    push(&stack, 49, "main", &sha(4)).await;
+    head_is(&nats, "reborn", 49, "main", &sha(4)).await;
+    let live = drain(&mut back, Duration::from_secs(1)).await;
+    assert_eq!(pokes(&live), vec![("refs/heads/main".into(), sha(4))]);
+    let poke = live
+        .iter()
+        .find(|e| matches!(e.event, Some(Event::Poke(_))))
+        .unwrap();
+    assert!(poke.cursor > told.cursor, "{poke:?} after {told:?}");
+    stack.stop().await;
+}
+
 // Two replicas writing one agent's heads out of order, each remembering
 // what it wrote: a head never moves back, replays write nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
