@@ -21,7 +21,8 @@ use pushbus_shared::testkit::{self, NatsServer, free_port};
 use crate::guarantees::Process;
 use crate::notifier::{agent, drain, pokes, sha, watch};
 use crate::poll::until;
-use crate::support::{local, push_stored};
+use crate::support::{Stack, local, push_stored};
+use crate::topology::{metrics, setup};
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
 
@@ -39,6 +40,23 @@ fn poke(seq: u64, new_sha: &str, kind: ChangeKind) -> RefHead {
         }),
         ..Default::default()
     }
+}
+
+/// Writes `poke(seq, new_sha, kind)` with `writer`: whether the head moved.
+async fn moved(writer: &HeadWriter, seq: u64, new_sha: &str, kind: ChangeKind) -> bool {
+    writer.record(&poke(seq, new_sha, kind)).await.unwrap()
+}
+
+/// The SHA of the head stored at `key`, if any.
+async fn stored_sha(kv: &kv::Store, key: &str) -> Option<String> {
+    let value = kv.get(key).await.unwrap()?;
+    Some(
+        RefHead::decode(value.as_ref())
+            .unwrap()
+            .poke
+            .unwrap()
+            .new_sha,
+    )
 }
 
 async fn bucket(nats: &NatsServer, marker_ttl: Option<Duration>) -> kv::Store {
@@ -77,28 +95,17 @@ async fn deleted_branch_leaves_no_head_and_a_late_older_push_does_not_resurrect_
         HeadWriter::new(kv.clone(), js.clone(), pruning),
         HeadWriter::new(kv.clone(), js.clone(), pruning),
     );
-    assert!(
-        a.record(&poke(100, &sha(1), ChangeKind::Update))
-            .await
-            .unwrap()
-    );
-    assert!(
-        b.record(&poke(200, ZERO, ChangeKind::Delete))
-            .await
-            .unwrap()
-    );
+    assert!(moved(&a, 100, &sha(1), ChangeKind::Update).await);
+    assert!(moved(&b, 200, ZERO, ChangeKind::Delete).await);
     // `a` still remembers its own write at 100; the bucket says 200.
     assert!(
-        !a.record(&poke(150, &sha(2), ChangeKind::Update))
-            .await
-            .unwrap(),
+        !moved(&a, 150, &sha(2), ChangeKind::Update).await,
         "an older push overwrote the deletion"
     );
     let key = format!("pruned.{}", heads::ref_key(7, "refs/heads/gone"));
-    let stored = RefHead::decode(kv.get(&key).await.unwrap().unwrap().as_ref()).unwrap();
     assert_eq!(
-        stored.poke.unwrap().new_sha,
-        ZERO,
+        stored_sha(&kv, &key).await.as_deref(),
+        Some(ZERO),
         "the tombstone is the head"
     );
 
@@ -114,12 +121,70 @@ async fn deleted_branch_leaves_no_head_and_a_late_older_push_does_not_resurrect_
     })
     .await;
     // A ref created again later is an ordinary head.
-    assert!(
-        b.record(&poke(300, &sha(3), ChangeKind::Create))
-            .await
-            .unwrap()
-    );
+    assert!(moved(&b, 300, &sha(3), ChangeKind::Create).await);
     assert_eq!(live_keys(&kv).await, vec![key]);
+}
+
+// A ref-heads bucket made before tombstones expired (an older pushbus: no
+// per-message TTLs) keeps working: the services report it as drift and
+// leave it as it is, deletions still write tombstones (kept, not expired),
+// and after `pushbus setup` a restarted filter's tombstones expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_without_message_ttls_keeps_tombstones_until_setup_updates_it() {
+    let nats = NatsServer::start();
+    let js = jetstream::new(testkit::client(&nats).await);
+    let kv = js
+        .create_key_value(kv::Config {
+            limit_markers: None,
+            ..pushbus_shared::topology::ref_heads_bucket()
+        })
+        .await
+        .unwrap();
+    let allows_ttl = async || {
+        let info = js
+            .get_stream(format!("KV_{}", names::BUCKET_REF_HEADS))
+            .await;
+        info.unwrap().cached_info().config.allow_message_ttl
+    };
+
+    let stack = Stack::start(&nats.url()).await;
+    let text = metrics(&stack).await;
+    assert!(
+        text.contains(r#"object="bucket pushbus-ref-heads",fields="limit_markers""#),
+        "{text}"
+    );
+    stack.stop().await;
+    assert!(
+        !allows_ttl().await,
+        "a service rewrote the operator's bucket"
+    );
+
+    let pruning = Pruning {
+        deleted_ref_ttl: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let key = format!("pruned.{}", heads::ref_key(7, "refs/heads/gone"));
+    let old = HeadWriter::new(kv.clone(), js.clone(), pruning);
+    assert!(moved(&old, 100, &sha(1), ChangeKind::Create).await);
+    assert!(moved(&old, 200, ZERO, ChangeKind::Delete).await);
+    // Five times the TTL the writer would have given it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        stored_sha(&kv, &key).await.as_deref(),
+        Some(ZERO),
+        "the tombstone was lost"
+    );
+
+    setup(&nats.url(), &[]);
+    assert!(allows_ttl().await, "setup left the bucket without TTLs");
+    let kv = js.get_key_value(names::BUCKET_REF_HEADS).await.unwrap();
+    let restarted = HeadWriter::new(kv.clone(), js.clone(), pruning);
+    assert!(moved(&restarted, 300, &sha(2), ChangeKind::Create).await);
+    assert!(moved(&restarted, 400, ZERO, ChangeKind::Delete).await);
+    until("the tombstone written after setup expires", || async {
+        kv.get(&key).await.unwrap().is_none()
+    })
+    .await;
 }
 
 /// hook-ingest, filter (with `filter_flags`) and `notifiers` notifiers, each
