@@ -218,6 +218,57 @@ async fn hook_goes_to_hook_ingest_directly_whatever_the_proxy_variables_say() {
     stack.stop().await;
 }
 
+// A hook missing its secret file is refused as unauthenticated whatever the
+// size of its push: small or large, the push is spooled (401), to be
+// replayed once the secret is set, never dropped as refused content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_too_large_to_send_unauthenticated_is_spooled_then_replayed_with_the_secret() {
+    let nats = NatsServer::start();
+    let (_dir, secret) = crate::doors::secret_file("s3cret");
+    let stack = Stack::start_with_secret(&nats.url(), Some(secret.clone())).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let url = format!("http://{}", stack.ingest);
+    let args = ["--ingest-url", &url, "--spool-dir", spool.to_str().unwrap()];
+    // Over the 64 KiB hook-ingest reads before it knows the caller.
+    let many: String = (1..=1000)
+        .map(|n| format!("{} {n:040x} refs/heads/branch-{n}\n", "0".repeat(40)))
+        .collect();
+    assert!(many.len() > 64 * 1024);
+    // The large one first, so it meets hook-ingest rather than queueing
+    // behind a spooled one.
+    for (id, stdin) in [("large", many), ("small", change(1))] {
+        let mut run = vec!["post-receive", "--project-id", "5"];
+        run.extend(args);
+        let out = hook(&run, &[("CORRELATION_ID", id)], &stdin);
+        let text = stderr(&out);
+        assert!(out.status.success(), "{id}: {text}");
+        assert!(
+            text.contains("notification spooled for replay") && text.contains("401"),
+            "{id}: {text}"
+        );
+    }
+    assert_eq!(spooled(&spool).len(), 2);
+    assert!(pushes(&nats).await.is_empty());
+
+    let mut flush = vec!["flush", "--secret-file", secret.to_str().unwrap()];
+    flush.extend(args);
+    let out = hook(&flush, &[], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(spooled(&spool).is_empty());
+    assert!(!spool.join("refused").exists(), "a push was refused");
+    let stored = pushes(&nats).await;
+    let refs = |id: &str| -> usize {
+        stored
+            .iter()
+            .filter(|(m, _)| m.correlation_id == id)
+            .map(|(_, e)| e.changes.len())
+            .sum()
+    };
+    assert_eq!((refs("small"), refs("large")), (1, 1000));
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
     let nats = NatsServer::start();

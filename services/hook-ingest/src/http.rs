@@ -219,18 +219,27 @@ fn unauthorized(e: auth::AuthError) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, e.to_string(), e.field())
 }
 
-/// Reads at most `limit` bytes; a declared or actual larger body is a 413
-/// saying what would allow it.
+/// Reads at most `limit` bytes; a declared or actual larger body is refused
+/// saying what would allow it. Before authentication that is a 401, not a
+/// 413: the body is not at fault, its sender is not yet known, and a hook
+/// spools a 401 (its secret may be missing) where it drops a 413.
 fn too_large(limit: usize, authenticated: bool) -> ApiError {
-    let error = if authenticated {
-        format!("body larger than {limit} bytes (--ingest-max-body-bytes)")
+    let mut e = if authenticated {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {limit} bytes (--ingest-max-body-bytes)"),
+            None,
+        )
     } else {
-        format!(
-            "body larger than {limit} bytes before authentication: send the \
-             Gitlab-Shell-Api-Request JWT (or Gitlab-Shared-Secret) header"
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "body larger than {limit} bytes before authentication: send the \
+                 Gitlab-Shell-Api-Request JWT (or Gitlab-Shared-Secret) header"
+            ),
+            Some(auth::JWT_HEADER),
         )
     };
-    let mut e = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, error, None);
     e.close = true;
     e
 }
