@@ -242,6 +242,42 @@ async fn lag_grows_while_a_secondary_is_silent_and_drops_when_it_catches_up() {
     stack.stop().await;
 }
 
+// A secondary that reported once and then went quiet for longer than
+// --lag-unhealthy-after-seconds is unhealthy: its old report says nothing
+// about now. A fresh report makes it healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secondary_silent_past_the_unhealthy_limit_is_unhealthy_until_it_reports() {
+    let nats = NatsServer::start();
+    let stack = Stack::start_with(&nats.url(), generous(5000)).await;
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    register(&js, "primary", &["eu"]).await;
+    let unhealthy_after = pushbus_replication_lag::Config::default().unhealthy_after_seconds;
+    let status_aged = |age: u64| ReplicationStatus {
+        node_id: "eu".into(),
+        applied_sequence: u64::MAX,
+        reported_at: Some((SystemTime::now() - Duration::from_secs(age)).into()),
+        db_lag_seconds: Some(12.0),
+        ..Default::default()
+    };
+
+    report_status(&js, status_aged(unhealthy_after * 2)).await;
+    let quiet = messages(&post(&stack, Some("eu")).await);
+    assert_eq!(quiet.len(), 1, "{quiet:?}");
+    assert!(
+        quiet[0].contains("eu node is unhealthy: it has not reported for")
+            && quiet[0].contains("replication lag unknown"),
+        "{quiet:?}"
+    );
+
+    // Within the limit, the same report is believed.
+    report_status(&js, status_aged(unhealthy_after / 2)).await;
+    assert_eq!(
+        messages(&post(&stack, Some("eu")).await),
+        vec!["Current replication lag: 12 seconds"]
+    );
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_replication_lag_answers_as_before() {
     let nats = NatsServer::start();
