@@ -192,7 +192,8 @@ async fn letters(stream: &Stream, consumer: Option<&str>) -> anyhow::Result<Vec<
 /// `Pushbus-Replay-Of` (the DLQ sequence) and `Pushbus-Replay-Sequence`
 /// (where the original stood, so a replayed push orders as the push it
 /// was, not as a new one); its `Nats-Msg-Id` differs from the original's so
-/// the duplicate window does not drop it.
+/// the duplicate window does not drop it, and it is published without the
+/// original's `Nats-Expected-*` conditions.
 async fn replay(
     js: &jetstream::Context,
     stream: &Stream,
@@ -205,7 +206,13 @@ async fn replay(
     let mut out = HeaderMap::new();
     for (name, values) in l.headers.iter() {
         let name: &str = name.as_ref();
-        if name.starts_with("Pushbus-Dlq-") || name == headers::MSG_ID {
+        // The original's publish conditions held for the original only: a
+        // push's "nothing on this subject yet" would refuse every replay
+        // while the original is kept.
+        if name.starts_with("Pushbus-Dlq-")
+            || name == headers::MSG_ID
+            || name.starts_with("Nats-Expected-")
+        {
             continue;
         }
         for v in values {

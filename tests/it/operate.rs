@@ -9,13 +9,16 @@ use std::time::Duration;
 use pushbus_shared::EventMeta;
 use pushbus_shared::bus::Publisher;
 use pushbus_shared::names;
-use pushbus_shared::proto::{AgentConfig, Source, Webhook};
+use pushbus_shared::proto::{AgentConfig, GitPushEvent, Source, Webhook};
 use pushbus_shared::testkit::{self, NatsServer, free_port};
 
 use crate::fixtures::{any_ref_of, main_branch_poke, put_agent, run_with_stdin};
 use crate::guarantees::Process;
+use crate::notifier::head_is;
 use crate::poll::until;
-use crate::support::{Replica, SseReader, Stack, StackOptions, local, register};
+use crate::support::{
+    Replica, SseReader, Stack, StackOptions, local, push_stored, register, stored_events,
+};
 
 const PUSHBUS: &str = env!("CARGO_BIN_EXE_pushbus");
 
@@ -275,6 +278,89 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     pushbus(&nats, &["dlq", "purge", "--yes"]);
     assert!(json_lines(&pushbus(&nats, &["dlq", "list", "--json"])).is_empty());
     notifier.stop().await;
+}
+
+// A push filter could not finish (its webhook jobs had no room) is
+// dead-lettered; by the time it is replayed a newer push moved the ref. The
+// replay is ordered as the push it was, so it cannot move the head back,
+// and it says where it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_push_is_ordered_as_the_push_it_was_and_says_where_it_came_from() {
+    let nats = NatsServer::start();
+    let js = async_nats::jetstream::new(testkit::client(&nats).await);
+    pushbus(&nats, &["setup"]);
+    let set_webhook_room = async |max_messages: i64| {
+        let mut webhooks = js.get_stream(names::STREAM_WEBHOOKS).await.unwrap();
+        let mut cfg = webhooks.info().await.unwrap().config.clone();
+        cfg.max_messages = max_messages;
+        js.update_stream(cfg).await.unwrap();
+    };
+    // No notifier runs: one job fills the stream, which refuses the next.
+    set_webhook_room(1).await;
+    js.publish(names::webhook_subject("filler"), "job".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    put_agent(
+        &nats,
+        &AgentConfig {
+            agent_id: "replayed".into(),
+            public: true,
+            watches: vec![any_ref_of(77)],
+            webhook: Some(Webhook {
+                url: "https://ci.example.com/hook".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (listener, ingest_addr) = crate::support::bind_local().await;
+    let ingest = Replica::ingest(&nats.url(), listener).await;
+    let filter = Replica::filter(&nats.url()).await;
+    let (old, new) = ("a".repeat(40), "b".repeat(40));
+    push_stored(ingest_addr, &push_body(77, &old)).await;
+    until_holds("the push dead-lettered", &js, names::STREAM_DLQ, 1).await;
+    let letter = json_lines(&pushbus(&nats, &["dlq", "list", "--json"])).remove(0);
+    assert_eq!(letter["dead_letter"]["consumer"], names::CONSUMER_FILTER);
+    let original = letter["dead_letter"]["sequence"].as_u64().unwrap();
+
+    set_webhook_room(-1).await;
+    push_stored(ingest_addr, &push_body(77, &new)).await;
+    head_is(&nats, "replayed", 77, "main", &new).await;
+    let dlq_seq = letter["sequence"].as_u64().unwrap();
+    pushbus(&nats, &["dlq", "replay", &dlq_seq.to_string()]);
+
+    let mut pushes = js.get_stream(names::STREAM_PUSHES).await.unwrap();
+    let replay_seq = pushes.info().await.unwrap().state.last_sequence;
+    assert_eq!(replay_seq, 3, "the replay is the third push stored");
+    let replay = pushes.get_raw_message(replay_seq).await.unwrap();
+    let header = |name: &str| replay.headers.get(name).map(|v| v.as_str().to_owned());
+    use pushbus_shared::names::headers;
+    assert_eq!(header(headers::REPLAY_OF), Some(dlq_seq.to_string()));
+    assert_eq!(header(headers::REPLAY_SEQUENCE), Some(original.to_string()));
+    let stored = stored_events::<GitPushEvent>(&nats, names::STREAM_PUSHES).await;
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[2].0.event_id, stored[0].0.event_id, "a new event ID");
+    assert_eq!(stored[2].1.changes[0].new_sha, old);
+    until("filter handled the replay", || {
+        let pushes = pushes.clone();
+        async move {
+            let info = pushes.consumer_info(names::CONSUMER_FILTER).await.unwrap();
+            info.delivered.stream_sequence >= replay_seq
+                && info.num_pending == 0
+                && info.num_ack_pending == 0
+        }
+    })
+    .await;
+    head_is(&nats, "replayed", 77, "main", &new).await;
+    assert_eq!(
+        json_lines(&pushbus(&nats, &["dlq", "list", "--json"])).len(),
+        0
+    );
+    filter.stop().await;
+    ingest.stop().await;
 }
 
 // Streams and consumers with their backlog, and every service instance with
