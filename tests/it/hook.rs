@@ -455,6 +455,111 @@ fn a_spool_that_cannot_be_written_is_named_with_the_push() {
     );
 }
 
+// A spool nobody can read holds nothing this push could wait behind: the
+// push is sent (and stored) all the same, and the pusher is told the spool
+// was not replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_that_cannot_be_read_does_not_hold_the_push_back() {
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    // A directory cannot be read under a file, whoever runs the test.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let spool = file.join("spool");
+    let out = hook(
+        &[
+            "post-receive",
+            "--ingest-url",
+            &format!("http://{}", stack.ingest),
+            "--project-id",
+            "5",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ],
+        &[("CORRELATION_ID", "unheld")],
+        &change(1),
+    );
+    let said = stderr(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("cannot read the spool {}", spool.display()))
+            && said.contains("spooled notifications not replayed"),
+        "{said}"
+    );
+    assert!(said.contains("push announced"), "{said}");
+    let stored = pushes(&nats).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0.correlation_id, "unheld");
+    stack.stop().await;
+}
+
+// A spooled notification hook-ingest refuses as content (an invalid ref
+// name) will never be accepted: the replay sets it aside in refused/ and
+// goes on with the next one, which is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_notification_refused_as_content_moves_to_refused_and_the_rest_replay() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let spool_arg = spool.to_str().unwrap().to_owned();
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let bad = format!("{} {:040x} refs/heads/a..b\n", "0".repeat(40), 1);
+    for (id, stdin) in [("bad-ref", bad), ("good", change(2))] {
+        let out = hook(
+            &[
+                "post-receive",
+                "--ingest-url",
+                &dead,
+                "--project-id",
+                "5",
+                "--spool-dir",
+                &spool_arg,
+            ],
+            &[("CORRELATION_ID", id)],
+            &stdin,
+        );
+        assert!(
+            stderr(&out).contains("notification spooled for replay"),
+            "{id}: {}",
+            stderr(&out)
+        );
+    }
+    assert_eq!(spooled(&spool).len(), 2);
+
+    let stack = Stack::start(&nats.url()).await;
+    let out = hook(
+        &[
+            "flush",
+            "--ingest-url",
+            &format!("http://{}", stack.ingest),
+            "--spool-dir",
+            &spool_arg,
+        ],
+        &[],
+        "",
+    );
+    let said = stderr(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("spooled notification bad-ref refused (422")
+            && said.contains("must not contain '..'"),
+        "{said}"
+    );
+    assert!(spooled(&spool).is_empty(), "{said}");
+    let set_aside = spooled(&spool.join("refused"));
+    assert_eq!(set_aside.len(), 1, "{said}");
+    let kept = std::fs::read_to_string(&set_aside[0]).unwrap();
+    assert!(
+        kept.contains("refs/heads/a..b"),
+        "the entry is kept whole: {kept}"
+    );
+    let stored = pushes(&nats).await;
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0.correlation_id, "good");
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_flush_and_post_receive_never_wait_past_the_timeout() {
     let tmp = tempfile::tempdir().unwrap();
