@@ -18,8 +18,16 @@ use tokio::net::TcpStream;
 use crate::poll::until;
 use crate::support::{Replica, SseReader, Stack, bind_local};
 
-fn ingest_config(listen: SocketAddr) -> pushbus_hook_ingest::Config {
-    pushbus_hook_ingest::Config::new(listen)
+/// One hook-ingest on a free port, its default configuration changed by
+/// `tune`.
+async fn ingest_with(
+    nats: &NatsServer,
+    tune: impl FnOnce(&mut pushbus_hook_ingest::Config),
+) -> (Replica, SocketAddr) {
+    let (listener, addr) = bind_local().await;
+    let mut cfg = pushbus_hook_ingest::Config::new(addr);
+    tune(&mut cfg);
+    (Replica::ingest_on(&nats.url(), cfg, listener).await, addr)
 }
 
 fn push_body(project: i64) -> serde_json::Value {
@@ -103,10 +111,10 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool
 async fn slow_loris_and_a_connection_flood_leave_valid_pushes_answered_and_memory_bounded() {
     let _memory = crate::fixtures::PROCESS_MEMORY.lock().await;
     let nats = NatsServer::start();
-    let (listener, addr) = bind_local().await;
-    let mut cfg = ingest_config(addr);
-    cfg.door.header_read_timeout_ms = 1000;
-    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
+    let (ingest, addr) = ingest_with(&nats, |cfg| {
+        cfg.door.header_read_timeout_ms = 1000;
+    })
+    .await;
     assert_eq!(post(addr, &push_body(1)).await.0, 200);
     let rss_before = vm_rss_kib();
 
@@ -166,11 +174,11 @@ async fn slow_loris_and_a_connection_flood_leave_valid_pushes_answered_and_memor
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_are_closed_at_once_and_stalled_bodies_time_out() {
     let nats = NatsServer::start();
-    let (listener, addr) = bind_local().await;
-    let mut cfg = ingest_config(addr);
-    cfg.door.max_connections = 20;
-    cfg.door.request_timeout_ms = 800;
-    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
+    let (ingest, addr) = ingest_with(&nats, |cfg| {
+        cfg.door.max_connections = 20;
+        cfg.door.request_timeout_ms = 800;
+    })
+    .await;
 
     // A body that stops halfway: 408 with the JSON error naming the flag.
     let started = Instant::now();
@@ -212,11 +220,11 @@ async fn body_stopped_halfway(addr: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_over_the_in_flight_limit_waits_for_a_slot_before_its_503() {
     let nats = NatsServer::start();
-    let (listener, addr) = bind_local().await;
-    let mut cfg = ingest_config(addr);
-    cfg.door.max_requests = 1;
-    cfg.door.queue_wait_ms = 1_500;
-    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
+    let (ingest, addr) = ingest_with(&nats, |cfg| {
+        cfg.door.max_requests = 1;
+        cfg.door.queue_wait_ms = 1_500;
+    })
+    .await;
 
     // No slot frees within the wait: 503 naming both flags.
     let held = body_stopped_halfway(addr).await;
@@ -251,10 +259,10 @@ async fn a_push_over_the_in_flight_limit_waits_for_a_slot_before_its_503() {
 async fn ingest_checks_header_credentials_before_reading_the_body() {
     let nats = NatsServer::start();
     let (_dir, secret) = secret_file("s3cret\n");
-    let (listener, addr) = bind_local().await;
-    let mut cfg = ingest_config(addr);
-    cfg.secret_file = Some(secret);
-    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
+    let (ingest, addr) = ingest_with(&nats, |cfg| {
+        cfg.secret_file = Some(secret);
+    })
+    .await;
 
     // A bad JWT announcing 8 MB: refused before any of the body is sent.
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -520,15 +528,15 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
     let (ca_pem, cert, key) = test_certs(dir.path());
     let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent_with_token(&kv, "tls-agent", Some("t0ken"), 1).await;
-    let (ingest_listener, ingest_addr) = bind_local().await;
+    let (ingest, ingest_addr) = ingest_with(&nats, |cfg| {
+        cfg.door.tls_cert = Some(cert.clone());
+        cfg.door.tls_key = Some(key.clone());
+    })
+    .await;
     let (notifier_listener, notifier_addr) = bind_local().await;
-    let mut icfg = ingest_config(ingest_addr);
-    icfg.door.tls_cert = Some(cert.clone());
-    icfg.door.tls_key = Some(key.clone());
     let mut ncfg = pushbus_gitops_notifier::Config::new(notifier_addr);
     ncfg.door.tls_cert = Some(cert);
     ncfg.door.tls_key = Some(key);
-    let ingest = Replica::ingest_on(&nats.url(), icfg, ingest_listener).await;
     let notifier = Replica::notifier_on(&nats.url(), ncfg, notifier_listener).await;
 
     let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
@@ -717,10 +725,10 @@ fn hostile_inputs() -> Vec<Hostile> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_inputs_are_refused_alike_on_both_doors_with_json_errors() {
     let nats = NatsServer::start();
-    let (listener, addr) = bind_local().await;
-    let mut cfg = ingest_config(addr);
-    cfg.max_body_bytes = 2 * 1024 * 1024;
-    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
+    let (ingest, addr) = ingest_with(&nats, |cfg| {
+        cfg.max_body_bytes = 2 * 1024 * 1024;
+    })
+    .await;
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/api/v4/internal/post_receive");
     let mut grpc = HookIngestClient::connect(format!("http://{addr}"))
@@ -790,10 +798,10 @@ async fn geo_lag_messages_reach_the_pusher_without_escape_sequences() {
     use prost::Message;
     use pushbus_shared::proto::{HookMessage, LagReply, LagRequest};
     let nats = NatsServer::start();
-    let (listener, addr) = bind_local().await;
-    let mut cfg = ingest_config(addr);
-    cfg.lag_budget_ms = 2000;
-    let ingest = Replica::ingest_on(&nats.url(), cfg, listener).await;
+    let (ingest, addr) = ingest_with(&nats, |cfg| {
+        cfg.lag_budget_ms = 2000;
+    })
+    .await;
     // A lag responder whose text (from NATS / KV) is hostile.
     let client = pushbus_shared::testkit::client(&nats).await;
     let mut requests = client
@@ -879,4 +887,201 @@ async fn a_watch_with_an_oversized_seen_list_is_refused() {
     assert!(ok.message().await.unwrap().is_some());
     drop(ok);
     notifier.stop().await;
+}
+
+// The login cache holds an agent's entry as read at its last failed login,
+// and a cached entry also lets the token it names in. README: dropped at
+// once when the entry changes. The cache here lives a minute, so only that
+// drop (not its expiry) can refuse the old token and take the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_change_drops_the_cached_login_at_once_old_token_refused_new_one_taken() {
+    let nats = NatsServer::start();
+    let kv = crate::fixtures::agents_kv(&nats).await;
+    put_agent_with_token(&kv, "lc", Some("first"), 1).await;
+    let (listener, addr) = bind_local().await;
+    let mut cfg = pushbus_gitops_notifier::Config::new(addr);
+    cfg.agent_limits.login_cache_ms = 60_000;
+    let notifier = Replica::notifier_on(&nats.url(), cfg, listener).await;
+    let url = format!("http://{addr}/v1/agents/lc/pokes");
+    let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    // A wrong guess caches the entry naming the first token; both doors
+    // then let the first token in (from that entry).
+    assert_eq!(SseReader::connect(&url, Some("guess")).await.status(), 401);
+    let mut sse = SseReader::new(SseReader::connect(&url, Some("first")).await);
+    assert_eq!(
+        sse.next_event(Duration::from_secs(3)).await.unwrap().0,
+        "status"
+    );
+    let mut stream = grpc
+        .watch(with_bearer(watch_req("lc"), "first"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_status_first(&mut stream).await;
+
+    put_agent_with_token(&kv, "lc", Some("second"), 1).await;
+    // The open streams end (revoke.rs forgets the cached entry before it
+    // closes them, so from here on the change must be seen).
+    assert_closed(&mut sse, "token changed").await;
+    let end = tokio::time::timeout(Duration::from_secs(3), stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(end.code(), tonic::Code::Unauthenticated);
+    assert!(end.message().contains("token changed"), "{end:?}");
+    assert_eq!(SseReader::connect(&url, Some("first")).await.status(), 401);
+    let refused = grpc
+        .watch(with_bearer(watch_req("lc"), "first"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    assert_eq!(SseReader::connect(&url, Some("second")).await.status(), 200);
+    let mut stream = grpc
+        .watch(with_bearer(watch_req("lc"), "second"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_status_first(&mut stream).await;
+    drop(stream);
+    notifier.stop().await;
+}
+
+/// A hook-ingest whose request timeout (500 ms) is far below its store
+/// timeout (10 s), so a push the bus never acks is cut by the former.
+async fn ingest_timing_out_before_its_store(nats: &NatsServer) -> (Replica, SocketAddr) {
+    ingest_with(nats, |cfg| {
+        cfg.door.request_timeout_ms = 500;
+        cfg.store_timeout_ms = 10_000;
+    })
+    .await
+}
+
+// README: a request not answered within --ingest-request-timeout-ms gets
+// gRPC DEADLINE_EXCEEDED (408 JSON over HTTP). A frozen nats-server never
+// acks the publish, so the push is really still being stored at the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_still_storing_at_the_request_timeout_gets_deadline_exceeded_and_408() {
+    let nats = NatsServer::start();
+    let (ingest, addr) = ingest_timing_out_before_its_store(&nats).await;
+    let mut grpc = HookIngestClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    assert_eq!(post(addr, &push_body(51)).await.0, 200);
+
+    nats.pause();
+    let started = Instant::now();
+    let late = grpc.notify_git_push(grpc_push(52)).await.unwrap_err();
+    let took = started.elapsed();
+    let (status, http_took) = post(addr, &push_body(53)).await;
+    nats.resume();
+    assert_eq!(late.code(), tonic::Code::DeadlineExceeded, "{late:?}");
+    assert!(
+        late.message().contains("--ingest-request-timeout-ms"),
+        "{late:?}"
+    );
+    // Well before the 10 s store timeout, which would answer otherwise.
+    assert!(took < Duration::from_secs(8), "answered after {took:?}");
+    assert_eq!(status, 408);
+    assert!(
+        http_took < Duration::from_secs(8),
+        "answered after {http_took:?}"
+    );
+    // The bus back, the door stores pushes again.
+    crate::support::push_stored(addr, &push_body(54)).await;
+    ingest.stop().await;
+}
+
+// README: the notifier's request timeout runs until the answer starts; open
+// SSE and gRPC watch streams are not cut. Both outlive several timeouts and
+// still carry the next poke.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_streams_outlive_the_notifier_request_timeout_and_still_get_pokes() {
+    let nats = NatsServer::start();
+    let kv = crate::fixtures::agents_kv(&nats).await;
+    put_agent_with_token(&kv, "long", None, 61).await;
+    let (ingest_listener, ingest_addr) = bind_local().await;
+    let ingest = Replica::ingest(&nats.url(), ingest_listener).await;
+    let filter = Replica::filter(&nats.url()).await;
+    let (listener, addr) = bind_local().await;
+    let mut cfg = pushbus_gitops_notifier::Config::new(addr);
+    cfg.door.request_timeout_ms = 300;
+    let notifier = Replica::notifier_on(&nats.url(), cfg, listener).await;
+
+    let mut sse = SseReader::new(
+        SseReader::connect(&format!("http://{addr}/v1/agents/long/pokes"), None).await,
+    );
+    assert_eq!(
+        sse.next_event(Duration::from_secs(3)).await.unwrap().0,
+        "status"
+    );
+    let mut stream = GitOpsNotifierClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+        .watch(watch_req("long"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_status_first(&mut stream).await;
+    // Five timeouts pass with the streams open and idle.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    let new_sha = "2".repeat(40);
+    crate::support::push_stored(ingest_addr, &push_body(61)).await;
+    let (event, data) = sse
+        .next_event(Duration::from_secs(15))
+        .await
+        .expect("a poke on the SSE stream");
+    assert_eq!(event, "poke", "{data}");
+    let poke: serde_json::Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(poke["new_sha"], new_sha.as_str());
+    let ev = tokio::time::timeout(Duration::from_secs(15), stream.message())
+        .await
+        .expect("a poke on the gRPC stream within 15 s")
+        .expect("the gRPC stream still open")
+        .unwrap();
+    let Some(Event::Poke(poke)) = ev.event else {
+        panic!("expected a poke, got {ev:?}")
+    };
+    assert_eq!(poke.new_sha, new_sha);
+    drop(stream);
+    notifier.stop().await;
+    filter.stop().await;
+    ingest.stop().await;
+}
+
+// README: one request over --ingest-max-requests waits for a slot, then gets
+// gRPC RESOURCE_EXHAUSTED (the HTTP 503 is tested above); a slot freed while
+// it waits lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_push_over_the_in_flight_limit_gets_resource_exhausted() {
+    let nats = NatsServer::start();
+    let (ingest, addr) = ingest_with(&nats, |cfg| {
+        cfg.door.max_requests = 1;
+        cfg.door.queue_wait_ms = 3_000;
+    })
+    .await;
+    let mut grpc = HookIngestClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    let held = body_stopped_halfway(addr).await;
+    let busy = grpc.notify_git_push(grpc_push(71)).await.unwrap_err();
+    assert_eq!(busy.code(), tonic::Code::ResourceExhausted, "{busy:?}");
+    assert!(
+        busy.message().contains(
+            "limit 1, --ingest-max-requests; none finished within 3000 ms, --ingest-queue-wait-ms"
+        ),
+        "{busy:?}"
+    );
+
+    let waiting = tokio::spawn(async move { grpc.notify_git_push(grpc_push(72)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "answered while the slot was held");
+    drop(held);
+    let stored = waiting.await.unwrap().unwrap().into_inner();
+    assert_eq!(stored.event_ids.len(), 1);
+    ingest.stop().await;
 }

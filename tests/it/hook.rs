@@ -96,7 +96,7 @@ pub async fn black_hole() -> String {
 }
 
 /// A black hole that counts the connections it was given.
-async fn counted_black_hole() -> (String, Arc<AtomicUsize>) {
+pub async fn counted_black_hole() -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));

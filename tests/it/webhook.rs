@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,9 @@ use pushbus_shared::testkit::{self, NatsServer};
 use pushbus_shared::{EventMeta, names};
 
 use crate::fixtures::{any_ref_of, main_branch_poke, put_agent};
+use crate::guarantees::Process;
 use crate::poll::eventually;
-use crate::support::Replica;
+use crate::support::{Replica, local};
 
 const DLQ_SUBJECT: &str = "pushbus.dlq.gitops-notifier-webhooks";
 
@@ -32,10 +34,11 @@ struct Hit {
     body: serde_json::Value,
 }
 
-/// A local webhook receiver. Its answer depends on the path:
+/// A local webhook receiver, any method. Its answer depends on the path:
 /// `ok/…` 200, `fail-N/…` 500 for the first N requests then 200,
 /// `down/…` always 500, `missing/…` 404, `retry-after-N/…` and
-/// `retry-date-N/…` busy once with a Retry-After.
+/// `retry-date-N/…` busy once with a Retry-After, `once-C/…` status C
+/// once then 200, `redirect-P/…` always 302 to `127.0.0.1:P/ok/landed`.
 #[derive(Clone, Default)]
 struct Receiver {
     hits: Arc<Mutex<Vec<Hit>>>,
@@ -45,7 +48,7 @@ impl Receiver {
     async fn start() -> (Receiver, SocketAddr) {
         let receiver = Receiver::default();
         let app = axum::Router::new()
-            .route("/{*path}", axum::routing::post(receive))
+            .route("/{*path}", axum::routing::any(receive))
             .with_state(receiver.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -100,6 +103,10 @@ async fn receive(
                 .into_response();
         }
     }
+    if let Some(port) = first.strip_prefix("redirect-") {
+        let location = format!("http://127.0.0.1:{port}/ok/landed");
+        return (status, [("location", location)], text).into_response();
+    }
     (status, text).into_response()
 }
 
@@ -125,6 +132,17 @@ fn answer(r: &Receiver, path: &str, headers: HeaderMap, body: &[u8]) -> (StatusC
     } else if first.starts_with("retry-after-") || first.starts_with("retry-date-") {
         if seen == 1 {
             (StatusCode::SERVICE_UNAVAILABLE, "busy")
+        } else {
+            (StatusCode::OK, "{}")
+        }
+    } else if first.starts_with("redirect-") {
+        (StatusCode::FOUND, "moved elsewhere")
+    } else if let Some(code) = first.strip_prefix("once-") {
+        if seen == 1 {
+            (
+                StatusCode::from_u16(code.parse().unwrap()).unwrap(),
+                "not now",
+            )
         } else {
             (StatusCode::OK, "{}")
         }
@@ -555,6 +573,103 @@ async fn webhook_honours_retry_after_seconds_and_dates_within_the_cap() {
     );
     assert!(dead_letters(&nats).await.is_empty());
     notifier.stop().await;
+}
+
+// 408 and 429 without Retry-After are worth another try, like a 5xx: the
+// poke is redelivered after the backoff, under the same idempotency key
+// (the poke's event ID), so receivers can drop repeats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_retries_408_and_429_under_the_pokes_event_id() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    register(&nats, "timeout", &format!("http://{addr}/once-408/x")).await;
+    register(&nats, "busy", &format!("http://{addr}/once-429/x")).await;
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
+    let pokes = [
+        ("once-408/x", poke(&publisher, "timeout", 1).await),
+        ("once-429/x", poke(&publisher, "busy", 2).await),
+    ];
+    for (path, event_id) in &pokes {
+        let hits = receiver.wait_for(path, 2, Duration::from_secs(15)).await;
+        // Redelivered after the backoff (100 ms ± 20%), not at once.
+        let gap = hits[1].at - hits[0].at;
+        assert!(gap >= Duration::from_millis(80), "{path}: {gap:?}");
+        for hit in &hits {
+            assert_eq!(header(hit, "Idempotency-Key"), event_id, "{path}");
+            assert_eq!(header(hit, "X-Gitlab-Event-UUID"), event_id, "{path}");
+        }
+    }
+    // Delivered on the second attempt: nothing more, nothing dead.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (path, _) in &pokes {
+        assert_eq!(receiver.hits(path).len(), 2, "{path}");
+    }
+    assert!(dead_letters(&nats).await.is_empty());
+    notifier.stop().await;
+}
+
+// A redirect could lead anywhere, past the address check: a 302 is not
+// followed, not retried, but dead-lettered at once with status and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_redirect_is_dead_lettered_at_once_and_never_followed() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    let (elsewhere, elsewhere_addr) = Receiver::start().await;
+    let path = format!("redirect-{}/x", elsewhere_addr.port());
+    register(&nats, "moved", &format!("http://{addr}/{path}")).await;
+    let notifier = Replica::notifier_with_webhooks(&nats.url(), fast(true)).await;
+    poke(&publisher, "moved", 1).await;
+    let by_agent = wait_dead_letters(&nats, 1, Duration::from_secs(15)).await;
+    let (reason, delivered) = &by_agent["moved"];
+    assert!(reason.starts_with("permanent"), "{reason}");
+    assert!(reason.contains("HTTP 302"), "{reason}");
+    assert!(reason.contains("moved elsewhere"), "{reason}");
+    assert_eq!(delivered, "1");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.hits(&path).len(), 1, "a 302 was retried");
+    assert_eq!(elsewhere.all(), 0, "the redirect was followed");
+    notifier.stop().await;
+}
+
+// A proxy would resolve the target's name itself, past the address guard:
+// the notifier's own process, with every proxy variable set to a black
+// hole, calls the target directly (variables are process-wide, hence a
+// process of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_goes_to_the_target_directly_whatever_the_proxy_variables_say() {
+    let (nats, receiver, addr, publisher) = setup().await;
+    register(&nats, "direct", &ok_url("127.0.0.1", addr.port(), "direct")).await;
+    let (proxy, via_proxy) = crate::hook::counted_black_hole().await;
+    let mut env: Vec<(&str, &str)> = ["http_proxy", "HTTP_PROXY", "https_proxy", "ALL_PROXY"]
+        .into_iter()
+        .map(|var| (var, proxy.as_str()))
+        .collect();
+    // Nothing exempted from the proxy by the environment we run in.
+    env.extend([("NO_PROXY", ""), ("no_proxy", "")]);
+    let listen = local(testkit::free_port()).to_string();
+    let _notifier = Process::start_with_env(
+        &nats.url(),
+        "gitops-notifier",
+        &[
+            "--notifier-listen",
+            &listen,
+            "--webhook-allow",
+            "127.0.0.1/32",
+            "--webhook-backoff-base-ms",
+            "100",
+            "--webhook-timeout-ms",
+            "1000",
+        ],
+        &env,
+    )
+    .await;
+    poke(&publisher, "direct", 1).await;
+    receiver
+        .wait_for("ok/direct", 1, Duration::from_secs(15))
+        .await;
+    assert_eq!(
+        via_proxy.load(Ordering::SeqCst),
+        0,
+        "the proxy got the webhook"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
