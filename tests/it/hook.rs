@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use pushbus_shared::names;
-use pushbus_shared::proto::{GitPushEvent, RepositoryKind};
+use pushbus_shared::proto::{ChangeKind, GitPushEvent, RefChange, RepositoryKind};
 use pushbus_shared::testkit::{NatsServer, free_port};
 
 use crate::fixtures::{bare_with_hook, clone, git, git_env, run_with_stdin};
@@ -46,6 +46,23 @@ fn hook(args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
             .arg("hook")
             .args(args)
             .envs(env.iter().copied()),
+        stdin,
+    )
+}
+
+/// `hook post-receive` of project 5 against `url`, spooling to `spool`.
+fn post_receive(url: &str, spool: &str, env: &[(&str, &str)], stdin: &str) -> Output {
+    hook(
+        &[
+            "post-receive",
+            "--ingest-url",
+            url,
+            "--project-id",
+            "5",
+            "--spool-dir",
+            spool,
+        ],
+        env,
         stdin,
     )
 }
@@ -321,16 +338,9 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
         ),
     ];
     for (i, (url, why)) in impostors.iter().enumerate() {
-        let out = hook(
-            &[
-                "post-receive",
-                "--ingest-url",
-                url,
-                "--project-id",
-                "5",
-                "--spool-dir",
-                &spool_arg,
-            ],
+        let out = post_receive(
+            url,
+            &spool_arg,
             &[("CORRELATION_ID", &format!("impostor-{i}"))],
             &change(i as u32 + 1),
         );
@@ -467,16 +477,9 @@ async fn a_spool_that_cannot_be_read_does_not_hold_the_push_back() {
     let file = tmp.path().join("file");
     std::fs::write(&file, "").unwrap();
     let spool = file.join("spool");
-    let out = hook(
-        &[
-            "post-receive",
-            "--ingest-url",
-            &format!("http://{}", stack.ingest),
-            "--project-id",
-            "5",
-            "--spool-dir",
-            spool.to_str().unwrap(),
-        ],
+    let out = post_receive(
+        &format!("http://{}", stack.ingest),
+        spool.to_str().unwrap(),
         &[("CORRELATION_ID", "unheld")],
         &change(1),
     );
@@ -506,19 +509,7 @@ async fn a_spooled_notification_refused_as_content_moves_to_refused_and_the_rest
     let dead = format!("http://127.0.0.1:{}", free_port());
     let bad = format!("{} {:040x} refs/heads/a..b\n", "0".repeat(40), 1);
     for (id, stdin) in [("bad-ref", bad), ("good", change(2))] {
-        let out = hook(
-            &[
-                "post-receive",
-                "--ingest-url",
-                &dead,
-                "--project-id",
-                "5",
-                "--spool-dir",
-                &spool_arg,
-            ],
-            &[("CORRELATION_ID", id)],
-            &stdin,
-        );
+        let out = post_receive(&dead, &spool_arg, &[("CORRELATION_ID", id)], &stdin);
         assert!(
             stderr(&out).contains("notification spooled for replay"),
             "{id}: {}",
@@ -567,19 +558,7 @@ async fn hook_flush_and_post_receive_never_wait_past_the_timeout() {
     let spool_arg = spool.to_str().unwrap().to_owned();
     let dead = format!("http://127.0.0.1:{}", free_port());
     for i in 0..4 {
-        let out = hook(
-            &[
-                "post-receive",
-                "--ingest-url",
-                &dead,
-                "--project-id",
-                "5",
-                "--spool-dir",
-                &spool_arg,
-            ],
-            &[],
-            &change(i + 1),
-        );
+        let out = post_receive(&dead, &spool_arg, &[], &change(i + 1));
         assert!(stderr(&out).contains("spooled"), "{}", stderr(&out));
     }
     assert_eq!(spooled(&spool).len(), 4);
@@ -801,4 +780,137 @@ async fn hook_as_a_gitaly_server_hook_reads_gl_variables_and_head() {
     assert_eq!(event.actor, "username-bob");
     assert_eq!(event.protocol, "hook");
     stack.stop().await;
+}
+
+/// Every ref update (not create or delete) stored so far, by ref.
+async fn updates(nats: &NatsServer) -> std::collections::HashMap<String, RefChange> {
+    pushes(nats)
+        .await
+        .into_iter()
+        .flat_map(|(_, event)| event.changes)
+        .filter(|c| c.change_kind == ChangeKind::Update as i32)
+        .map(|c| (c.r#ref.clone(), c))
+        .collect()
+}
+
+// The hook diffs every updated ref for filters by path, within bounds so a
+// huge push never stalls the pusher: only the first 20 refs of a push, and
+// only refs with at most 2,000 changed paths. Past a bound the paths are
+// unknown (filters then match any path), never a truncated list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_paths_are_sent_for_the_first_20_refs_up_to_2000_paths_each() {
+    let nats = NatsServer::start();
+    let stack = Stack::start(&nats.url()).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let args = format!("--ingest-url http://{} --project-id 5", stack.ingest);
+    let (_, work) = bare_repo(tmp.path(), "paths", "main", &args);
+    let base = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap();
+    let base = base.trim();
+    let branches: Vec<String> = (1..=21).map(|n| format!("b{n:02}")).collect();
+    let mut refspecs: Vec<String> = branches
+        .iter()
+        .chain(["at-limit".to_owned(), "over-limit".to_owned()].iter())
+        .map(|b| format!("{base}:refs/heads/{b}"))
+        .collect();
+    // Created first: a create's paths are unknown anyway.
+    let mut push = vec!["push", "-q", "origin"];
+    push.extend(refspecs.iter().map(String::as_str));
+    git(&work, &push);
+
+    // 21 refs updated in one push, one file each.
+    for b in &branches {
+        git(&work, &["checkout", "-q", "-B", b, base]);
+        std::fs::write(work.join(b), "x\n").unwrap();
+        git(&work, &["add", b]);
+        git(&work, &["commit", "-q", "-m", b]);
+    }
+    refspecs = branches
+        .iter()
+        .map(|b| format!("{b}:refs/heads/{b}"))
+        .collect();
+    let mut push = vec!["push", "-q", "origin"];
+    push.extend(refspecs.iter().map(String::as_str));
+    git(&work, &push);
+    let got = updates(&nats).await;
+    assert_eq!(got.len(), 21);
+    let known: Vec<&String> = branches
+        .iter()
+        .filter(|b| got[&format!("refs/heads/{b}")].paths_known)
+        .collect();
+    assert_eq!(known.len(), 20, "{known:?}");
+    for b in known {
+        assert_eq!(
+            got[&format!("refs/heads/{b}")].changed_paths,
+            vec![b.clone()]
+        );
+    }
+
+    // 2,000 changed paths are sent; 2,001 are not, not even in part.
+    for (branch, files) in [("at-limit", 2000), ("over-limit", 2001)] {
+        git(&work, &["checkout", "-q", "-B", branch, base]);
+        std::fs::create_dir_all(work.join(branch)).unwrap();
+        for n in 0..files {
+            std::fs::write(work.join(branch).join(n.to_string()), "x\n").unwrap();
+        }
+        git(&work, &["add", branch]);
+        git(&work, &["commit", "-q", "-m", branch]);
+    }
+    git(
+        &work,
+        &[
+            "push",
+            "-q",
+            "origin",
+            "at-limit:refs/heads/at-limit",
+            "over-limit:refs/heads/over-limit",
+        ],
+    );
+    let got = updates(&nats).await;
+    let at = &got["refs/heads/at-limit"];
+    assert!(at.paths_known);
+    assert_eq!(at.changed_paths.len(), 2000);
+    let over = &got["refs/heads/over-limit"];
+    assert!(!over.paths_known);
+    assert!(over.changed_paths.is_empty());
+    stack.stop().await;
+}
+
+// Whatever a server answers reaches the pusher's terminal only as plain
+// text: escape sequences (a title change, a screen clear), other control
+// characters and bidirectional overrides are stripped, from a reply's
+// messages and from an error alike, and the words around them kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_text_reaches_the_pushers_terminal_without_escapes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let replies = [
+        impostor(
+            StatusCode::OK,
+            &[("content-type", "application/json")],
+            r#"{"reference_counter_decreased":true,"correlation_id":"c","event_ids":[],
+                "messages":[{"type":"basic","message":"lag \u001b]0;pwned\u0007\u001b[2Jhere\u202eevil\u0008"}]}"#,
+        )
+        .await,
+        impostor(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &[("content-type", "application/json")],
+            r#"{"error":"bad \u001b[31mred\u001b[0m \u009b2Jref","field":"changes"}"#,
+        )
+        .await,
+    ];
+    for (url, words) in replies
+        .iter()
+        .zip([["lag", "hereevil"], ["bad", "red ref"]])
+    {
+        let out = post_receive(url, spool.to_str().unwrap(), &[], &change(1));
+        let said = stderr(&out);
+        let unsafe_chars: Vec<char> = said
+            .chars()
+            .filter(|c| (c.is_control() && *c != '\n') || *c == '\u{202e}')
+            .collect();
+        assert!(unsafe_chars.is_empty(), "{unsafe_chars:?} in {said:?}");
+        for w in words {
+            assert!(said.contains(w), "{w:?} lost from {said:?}");
+        }
+    }
 }
