@@ -51,6 +51,9 @@ pub struct NatsServer {
     extra: Vec<String>,
     /// `nats://` or `tls://`.
     scheme: &'static str,
+    /// Where this start's lines begin in the log (it is appended across
+    /// restarts).
+    log_from: usize,
     /// Environment of the server process (config files may read it).
     env: Vec<(String, String)>,
 }
@@ -70,7 +73,18 @@ impl NatsServer {
             extra: Vec::new(),
             scheme: "nats",
             env: Vec::new(),
+            log_from: 0,
         };
+        // A port another test's process took between free_port() and the
+        // server's bind: nothing names this port yet, so take another.
+        for _ in 0..4 {
+            server.spawn_no_wait();
+            if server.wait_listening().is_ok() {
+                return server;
+            }
+            server.kill();
+            server.port = free_port();
+        }
         server.spawn();
         server
     }
@@ -112,6 +126,7 @@ impl NatsServer {
             child: None,
             extra: vec!["-c".into(), file.display().to_string()],
             scheme: if tls { "tls" } else { "nats" },
+            log_from: 0,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -141,7 +156,9 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         self.spawn_no_wait();
-        self.wait_listening();
+        if let Err(e) = self.wait_listening() {
+            panic!("{e}");
+        }
     }
 
     /// `-sd <temp dir>`, unless the config file names its own store.
@@ -170,6 +187,7 @@ impl NatsServer {
     }
 
     fn spawn_no_wait(&mut self) {
+        self.log_from = self.log().len();
         let child = Command::new(&self.bin)
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
@@ -183,22 +201,50 @@ impl NatsServer {
         self.child = Some(child);
     }
 
-    fn wait_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let log =
-            std::fs::read_to_string(self.store.path().join("nats-server.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(10).collect();
-        panic!(
-            "nats-server did not listen on port {} within 20s; its log ends:\n{}",
-            self.port,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    /// The server's log so far (every start of it).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.store.path().join("nats-server.log")).unwrap_or_default()
+    }
+
+    /// Waits until this start of the process says it listens for clients.
+    /// A connection alone would not do: when another test's server took
+    /// the port first, this one exits and the test would quietly use the
+    /// other one (and a freeze or kill of this one would change nothing).
+    fn wait_listening(&mut self) -> Result<(), String> {
+        let listening = format!(
+            "Listening for client connections on 127.0.0.1:{}",
+            self.port
         );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            let this_start = log.get(self.log_from..).unwrap_or_default();
+            let reachable = || std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+            if this_start.contains(&listening) && reachable() {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            let why = match exited {
+                Some(status) => format!("exited ({status})"),
+                None if Instant::now() >= deadline => "did not listen within 20s".to_owned(),
+                None => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            if exited.is_some() {
+                self.child = None;
+            }
+            let tail: Vec<&str> = this_start.lines().rev().take(10).collect();
+            return Err(format!(
+                "nats-server on port {} {why}; its log ends:\n{}",
+                self.port,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
     }
 
     /// Graceful stop (SIGTERM), as an operator would.
@@ -303,6 +349,7 @@ impl NatsCluster {
                     ],
                     scheme: "nats",
                     env: Vec::new(),
+                    log_from: 0,
                 }
             })
             .collect();
@@ -310,8 +357,10 @@ impl NatsCluster {
         for node in &mut nodes {
             node.spawn_no_wait();
         }
-        for node in &nodes {
-            node.wait_listening();
+        for node in &mut nodes {
+            if let Err(e) = node.wait_listening() {
+                panic!("{e}");
+            }
         }
         Self { nodes }
     }
@@ -373,4 +422,35 @@ pub async fn client(server: &NatsServer) -> async_nats::Client {
     async_nats::connect(server.url())
         .await
         .expect("connect to test nats-server")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Another server already on the port must not pass for this one: this
+    // one's start fails, naming why, instead of a test quietly using (and
+    // failing to freeze or kill) the other.
+    #[test]
+    fn a_server_whose_port_is_taken_does_not_pass_for_the_one_there() {
+        let first = NatsServer::start();
+        let mut second = NatsServer {
+            bin: first.bin.clone(),
+            port: first.port,
+            store: tempfile::tempdir().expect("temp store dir"),
+            child: None,
+            extra: Vec::new(),
+            scheme: "nats",
+            env: Vec::new(),
+            log_from: 0,
+        };
+        second.spawn_no_wait();
+        let why = second
+            .wait_listening()
+            .expect_err("started on a taken port");
+        assert!(why.contains("exited"), "{why}");
+        assert!(why.contains("address already in use"), "{why}");
+        assert!(!second.is_running());
+        assert!(first.is_running());
+    }
 }

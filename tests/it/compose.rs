@@ -22,7 +22,7 @@ const PUBLIC_LISTEN: [(&str, &str); 2] = [
     ("gitops-notifier", "PUSHBUS_NOTIFIER_LISTEN"),
 ];
 
-fn repo_file(name: &str) -> String {
+pub fn repo_file(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
@@ -104,7 +104,7 @@ fn contains_word(text: &str, word: &str) -> bool {
 }
 
 /// `pushbus run --help`, run without any `PUSHBUS_*` variables of ours.
-fn run_help() -> String {
+pub fn run_help() -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pushbus"));
     cmd.args(["run", "--help"]);
     for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("PUSHBUS_")) {

@@ -21,6 +21,7 @@ mod operate;
 mod poll;
 mod privilege;
 mod prune;
+mod readme;
 mod secrets;
 mod secure;
 mod support;
