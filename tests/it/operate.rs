@@ -540,6 +540,21 @@ async fn without_cloudevents_headers_the_pipeline_runs_on_the_envelope() {
 async fn messages_read_back_with_a_cloudevents_sdk() {
     use base64::Engine;
     let nats = NatsServer::start();
+    // An agent with a webhook, so the push causes a message of its own.
+    put_agent(
+        &nats,
+        &AgentConfig {
+            agent_id: "caused".into(),
+            public: true,
+            watches: vec![any_ref_of(75)],
+            webhook: Some(Webhook {
+                url: "https://ci.example.com/hook".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
     let stack = Stack::start(&nats.url()).await;
     let resp = stored_push(&stack, 75, "b", "ce-1").await;
     let event_id = resp.json::<serde_json::Value>().await.unwrap()["event_ids"][0]
@@ -576,5 +591,26 @@ async fn messages_read_back_with_a_cloudevents_sdk() {
     assert_eq!(event["datacontenttype"], "application/protobuf");
     assert_eq!(event["correlationid"], "ce-1");
     assert!(event["time"].as_str().unwrap().starts_with("20"));
+    // What an operator reads without decoding; the first event of a chain
+    // has no cause.
+    assert_eq!(headers["Nats-Msg-Id"], event_id.as_str());
+    assert_eq!(headers["Pushbus-Type"], "pushbus.v1.GitPushEvent");
+    assert_eq!(headers["Pushbus-Correlation-Id"], "ce-1");
+    assert_eq!(
+        headers["ce-dataschema"],
+        "type.googleapis.com/pushbus.v1.Envelope"
+    );
+    assert!(!headers.contains_key("Pushbus-Causation-Id"), "{headers:?}");
+    assert!(!headers.contains_key("ce-causationid"), "{headers:?}");
+
+    // The webhook job the push caused names it as its cause.
+    until_holds("the webhook job", &js, names::STREAM_WEBHOOKS, 1).await;
+    let (job, _) = first_message(&js, names::STREAM_WEBHOOKS).await;
+    assert_eq!(job["Pushbus-Type"], "pushbus.v1.AgentPoke");
+    assert_eq!(job["Pushbus-Correlation-Id"], "ce-1");
+    assert_eq!(job["Pushbus-Causation-Id"], event_id.as_str());
+    assert_eq!(job["ce-causationid"], event_id.as_str());
+    assert_eq!(job["ce-correlationid"], "ce-1");
+    assert_eq!(job["Nats-Msg-Id"], job["ce-id"], "{job:?}");
     stack.stop().await;
 }

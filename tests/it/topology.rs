@@ -172,3 +172,41 @@ async fn a_full_push_stream_refuses_new_pushes_keeps_old_ones_and_the_hook_spool
     assert_eq!(s.info().await.unwrap().state.messages, stored + 1);
     stack.stop().await;
 }
+
+// The limits README's "Names on the bus" and "Topology, limits and what a
+// full stream does" promise, as `pushbus setup` writes them: each stream's
+// subjects and age, the push stream's 2-minute duplicate window, the size
+// limits (and their flags), and which streams refuse new messages when full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_writes_each_streams_documented_limits() {
+    use jetstream::stream::DiscardPolicy::{New, Old};
+    const DAY: u64 = 24 * 3600;
+    let nats = NatsServer::start();
+    setup(&nats.url(), &[]);
+    let js = jetstream::new(pushbus_shared::testkit::client(&nats).await);
+    let streams = [
+        (names::STREAM_PUSHES, "pushbus.push.>", 7 * DAY, New),
+        (names::STREAM_WEBHOOKS, "pushbus.webhook.>", DAY, New),
+        (names::STREAM_DLQ, "pushbus.dlq.>", 30 * DAY, New),
+        (names::STREAM_GEO_STATUS, "pushbus.geo.status.>", DAY, Old),
+    ];
+    for (name, subjects, age_secs, discard) in streams {
+        let cfg = stream_config(&js, name).await;
+        assert_eq!(cfg.subjects, vec![subjects.to_owned()], "{name}");
+        assert_eq!(cfg.max_age, Duration::from_secs(age_secs), "{name}");
+        assert_eq!(cfg.discard, discard, "{name}");
+        assert_eq!(cfg.max_bytes, 1 << 30, "{name}");
+        assert_eq!(cfg.max_message_size, 1 << 20, "{name}");
+    }
+    let pushes = stream_config(&js, names::STREAM_PUSHES).await;
+    assert_eq!(pushes.duplicate_window, Duration::from_secs(120));
+
+    setup(&nats.url(), &["--stream-max-msg-size", "2048"]);
+    for (name, ..) in streams {
+        assert_eq!(
+            stream_config(&js, name).await.max_message_size,
+            2048,
+            "{name}"
+        );
+    }
+}
