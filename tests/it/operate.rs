@@ -59,6 +59,21 @@ fn push_body(project_id: i64, new_sha: &str) -> serde_json::Value {
     })
 }
 
+/// A public agent watching every ref of `project`, with a webhook to `url`.
+async fn put_webhook_agent(nats: &NatsServer, agent_id: &str, project: i64, url: &str) {
+    let config = AgentConfig {
+        agent_id: agent_id.into(),
+        public: true,
+        watches: vec![any_ref_of(project)],
+        webhook: Some(Webhook {
+            url: url.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    put_agent(nats, &config).await;
+}
+
 /// `until` stream `name` holds `n` messages.
 async fn until_holds(what: &str, js: &async_nats::jetstream::Context, name: &str, n: u64) {
     until(what, || {
@@ -187,20 +202,7 @@ async fn dlq_lists_shows_replays_and_purges_dead_letters() {
     let hits = Arc::new(std::sync::Mutex::new(Vec::new()));
     let addr = target(healthy.clone(), hits.clone()).await;
     let js = async_nats::jetstream::new(testkit::client(&nats).await);
-    put_agent(
-        &nats,
-        &AgentConfig {
-            agent_id: "hooked".into(),
-            public: true,
-            watches: vec![any_ref_of(73)],
-            webhook: Some(Webhook {
-                url: format!("http://{addr}/hook"),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
+    put_webhook_agent(&nats, "hooked", 73, &format!("http://{addr}/hook")).await;
     let webhooks = pushbus_gitops_notifier::webhook::WebhookConfig {
         allow_private: true,
         config_cache_ms: 100,
@@ -302,20 +304,7 @@ async fn a_replayed_push_is_ordered_as_the_push_it_was_and_says_where_it_came_fr
         .unwrap()
         .await
         .unwrap();
-    put_agent(
-        &nats,
-        &AgentConfig {
-            agent_id: "replayed".into(),
-            public: true,
-            watches: vec![any_ref_of(77)],
-            webhook: Some(Webhook {
-                url: "https://ci.example.com/hook".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
+    put_webhook_agent(&nats, "replayed", 77, "https://ci.example.com/hook").await;
     let (listener, ingest_addr) = crate::support::bind_local().await;
     let ingest = Replica::ingest(&nats.url(), listener).await;
     let filter = Replica::filter(&nats.url()).await;
@@ -541,20 +530,7 @@ async fn messages_read_back_with_a_cloudevents_sdk() {
     use base64::Engine;
     let nats = NatsServer::start();
     // An agent with a webhook, so the push causes a message of its own.
-    put_agent(
-        &nats,
-        &AgentConfig {
-            agent_id: "caused".into(),
-            public: true,
-            watches: vec![any_ref_of(75)],
-            webhook: Some(Webhook {
-                url: "https://ci.example.com/hook".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .await;
+    put_webhook_agent(&nats, "caused", 75, "https://ci.example.com/hook").await;
     let stack = Stack::start(&nats.url()).await;
     let resp = stored_push(&stack, 75, "b", "ce-1").await;
     let event_id = resp.json::<serde_json::Value>().await.unwrap()["event_ids"][0]
