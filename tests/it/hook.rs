@@ -87,6 +87,16 @@ async fn pushes(nats: &NatsServer) -> Vec<(pushbus_shared::EventMeta, GitPushEve
     stored_events(nats, names::STREAM_PUSHES).await
 }
 
+/// Exactly one push was stored, under `correlation_id`.
+async fn assert_only_stored(nats: &NatsServer, correlation_id: &str) {
+    let ids: Vec<String> = pushes(nats)
+        .await
+        .into_iter()
+        .map(|(meta, _)| meta.correlation_id)
+        .collect();
+    assert_eq!(ids, vec![correlation_id.to_owned()]);
+}
+
 /// An HTTP server that answers every request with `status`, `headers` and `body`.
 async fn impostor(
     status: StatusCode,
@@ -491,9 +501,7 @@ async fn a_spool_that_cannot_be_read_does_not_hold_the_push_back() {
         "{said}"
     );
     assert!(said.contains("push announced"), "{said}");
-    let stored = pushes(&nats).await;
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].0.correlation_id, "unheld");
+    assert_only_stored(&nats, "unheld").await;
     stack.stop().await;
 }
 
@@ -545,9 +553,7 @@ async fn a_spooled_notification_refused_as_content_moves_to_refused_and_the_rest
         kept.contains("refs/heads/a..b"),
         "the entry is kept whole: {kept}"
     );
-    let stored = pushes(&nats).await;
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].0.correlation_id, "good");
+    assert_only_stored(&nats, "good").await;
     stack.stop().await;
 }
 
@@ -696,9 +702,7 @@ async fn hook_spool_entries_past_the_max_age_move_to_expired_not_replayed() {
     let expired = spooled(&spool.join("expired"));
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].file_name(), files[0].file_name());
-    let stored = pushes(&nats).await;
-    assert_eq!(stored.len(), 1);
-    assert_eq!(stored[0].0.correlation_id, "fresh-one");
+    assert_only_stored(&nats, "fresh-one").await;
     stack.stop().await;
 }
 
