@@ -918,3 +918,84 @@ async fn server_text_reaches_the_pushers_terminal_without_escapes() {
         }
     }
 }
+
+/// README's Gitaly `post-receive.d/pushbus` script, with its URL, secret
+/// file, spool and binary replaced by these.
+fn readmes_gitaly_script(url: &str, secret: &Path, spool: &Path) -> String {
+    let readme = crate::compose::repo_file("README.md");
+    let start = readme
+        .find("#!/bin/sh\n# post-receive.d/pushbus")
+        .expect("README's Gitaly script");
+    let script = &readme[start..start + readme[start..].find("```").unwrap()];
+    let mut out = script.to_owned();
+    for (theirs, ours) in [
+        ("https://pushbus-ingest.internal:8080", url),
+        (
+            "/etc/gitlab/pushbus-ingest-secret",
+            secret.to_str().unwrap(),
+        ),
+        (
+            "/var/opt/gitlab/gitaly/pushbus-spool",
+            spool.to_str().unwrap(),
+        ),
+        ("/usr/local/bin/pushbus", PUSHBUS),
+    ] {
+        assert!(
+            out.contains(theirs),
+            "README's script no longer names {theirs}"
+        );
+        out = out.replace(theirs, ours);
+    }
+    out
+}
+
+// README's Gitaly script, as written: its variables alone (no flags, no git
+// config) announce a push signed with the secret, spool it while
+// hook-ingest is away, and the next push replays it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_gitaly_script_announces_spools_and_replays_through_its_variables() {
+    let nats = NatsServer::start();
+    let (_dir, secret) = crate::doors::secret_file("s3cret");
+    let stack = Stack::start_with_secret(&nats.url(), Some(secret.clone())).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let live = format!("http://{}", stack.ingest);
+    let gitaly_env = |id: &'static str| {
+        [
+            ("GL_REPOSITORY", "project-44"),
+            ("GL_ID", "user-5"),
+            ("GL_PROTOCOL", "ssh"),
+            ("CORRELATION_ID", id),
+        ]
+    };
+    for (i, url) in [dead, live].iter().enumerate() {
+        let (bare, work) = bare_repo(tmp.path(), &format!("gitaly{i}"), "main", "");
+        let hook = bare.join("hooks/post-receive");
+        std::fs::write(&hook, readmes_gitaly_script(url, &secret, &spool)).unwrap();
+        let id = ["01gitaly-away", "01gitaly-back"][i];
+        let push = git_env(
+            &work,
+            &["push", "origin", "HEAD:refs/heads/main"],
+            &gitaly_env(id),
+        );
+        let said = stderr(&push);
+        if i == 0 {
+            assert!(said.contains("notification spooled for replay"), "{said}");
+            assert_eq!(spooled(&spool).len(), 1, "{said}");
+        } else {
+            assert!(said.contains("push announced"), "{said}");
+            assert!(spooled(&spool).is_empty(), "{said}");
+        }
+    }
+    let ids: Vec<String> = pushes(&nats)
+        .await
+        .into_iter()
+        .map(|(meta, event)| {
+            assert_eq!(event.project_id, 44);
+            meta.correlation_id
+        })
+        .collect();
+    assert_eq!(ids, ["01gitaly-away", "01gitaly-back"]);
+    stack.stop().await;
+}
