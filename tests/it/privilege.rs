@@ -495,6 +495,15 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
     let _sub = notifier.subscribe("pushbus.api.agents.*").await.unwrap();
     notifier.flush().await.unwrap();
 
+    // replication-lag only reads: it may not store a push, nor read
+    // another service's replies.
+    let (lag, ljs) = connect_as(secured, "replication-lag").await;
+    if let Ok(ack) = ljs.publish("pushbus.push.1.fake", "fake".into()).await {
+        assert!(ack.await.is_err(), "a denied publish was acked");
+    }
+    let _sub = lag.subscribe("_INBOX.pushbus-filter.>").await.unwrap();
+    lag.flush().await.unwrap();
+
     // A Geo node may report only as itself.
     let geo = bus::connect_once(&secured.connect_config("geo-2"), "geo-2")
         .await
@@ -521,6 +530,12 @@ async fn outside_permissions_refused_with_subject(secured: &Secured) {
             "pushbus-gitops-notifier",
             "subscription",
             "pushbus.api.agents.*",
+        ),
+        ("pushbus-replication-lag", "publish", "pushbus.push.1.fake"),
+        (
+            "pushbus-replication-lag",
+            "subscription",
+            "_INBOX.pushbus-filter.>",
         ),
         ("geo-2", "publish", "pushbus.geo.status.geo-1"),
     ];
