@@ -517,3 +517,94 @@ async fn request_apis_answer_nats_micro_discovery() {
     assert_eq!(lag_endpoint["num_errors"], 1);
     stack.stop().await;
 }
+
+/// `pushbus run hook-ingest,filter` as its own process with `flags` and
+/// `RUST_LOG` (unset: `None`), given `pushes` pushes, then stopped; what it
+/// wrote to stdout.
+async fn logs_of_a_run(flags: &[&str], rust_log: Option<&str>, pushes: u32) -> String {
+    let nats = NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("stdout");
+    let (ops, ingest) = (local(free_port()), local(free_port()));
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pushbus"));
+    cmd.args(["run", "hook-ingest,filter", "--nats-url", &nats.url()])
+        .args(["--ops-listen", &ops.to_string()])
+        .args(["--ingest-listen", &ingest.to_string()])
+        .args(flags)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::null());
+    if let Some(level) = rust_log {
+        cmd.env("RUST_LOG", level);
+    }
+    let mut child = cmd.spawn().unwrap();
+    crate::poll::until_ready(&format!("http://{ops}/readyz")).await;
+    for n in 1..=pushes {
+        let body = serde_json::json!({
+            "gl_repository": "project-9",
+            "identifier": "user-1",
+            "changes": format!("{} {n:040x} refs/heads/main", "0".repeat(40)),
+        });
+        crate::support::push_stored(ingest, &body).await;
+    }
+    // Filter's matches too, before the process stops.
+    crate::poll::until("every push matched", async || {
+        let metrics = reqwest::get(format!("http://{ops}/metrics")).await;
+        let text = metrics.unwrap().text().await.unwrap();
+        text.lines().any(|l| {
+            l.starts_with("pushbus_filter_pushes_total") && l.ends_with(&format!(" {pushes}"))
+        })
+    })
+    .await;
+    pushbus_shared::process::signal(child.id(), pushbus_shared::process::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(&out).unwrap()
+}
+
+// At the default level a service logs its life, not each push (a line per
+// push cost an eighth of the throughput); --log-json makes every line a
+// JSON object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_at_the_default_level_have_no_line_per_push() {
+    let logs = logs_of_a_run(&["--log-json"], None, 20).await;
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let messages: Vec<&str> = lines
+        .iter()
+        .map(|l| l["fields"]["message"].as_str().unwrap_or_default())
+        .collect();
+    assert!(
+        messages.contains(&"accepting post-receive notifications"),
+        "{messages:?}"
+    );
+    assert!(lines.iter().all(|l| l["level"].is_string()), "{logs}");
+    assert!(
+        !messages.iter().any(|m| m.starts_with("push ")),
+        "{messages:?}"
+    );
+    assert!(
+        lines.len() < 40,
+        "{} lines for 20 pushes: {logs}",
+        lines.len()
+    );
+}
+
+// With the per-push lines turned on, each carries its span's correlation
+// ID; written to a file, text logs carry no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_push_lines_at_debug_carry_the_correlation_id_and_no_colour() {
+    let level = "info,pushbus_hook_ingest=debug,pushbus_filter=debug";
+    let logs = logs_of_a_run(&[], Some(level), 3).await;
+    assert!(!logs.contains('\u{1b}'), "colour codes in a file: {logs}");
+    for what in ["push stored", "push matches no agent"] {
+        let lines: Vec<&str> = logs.lines().filter(|l| l.contains(what)).collect();
+        assert_eq!(lines.len(), 3, "{what}: {logs}");
+        assert!(
+            lines.iter().all(|l| l.contains("correlation_id=")),
+            "{what}: {lines:?}"
+        );
+    }
+}
