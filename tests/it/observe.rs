@@ -608,3 +608,41 @@ async fn per_push_lines_at_debug_carry_the_correlation_id_and_no_colour() {
         );
     }
 }
+
+// A dashboard's view of a durable consumer: its backlog gauges and its
+// dead letters, sampled every 10 s (README "Metrics").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_gauges_show_the_backlog_and_dead_letters_per_consumer() {
+    let nats = NatsServer::start();
+    let filter = Process::start(&nats.url(), "filter", &[]).await;
+    let js = async_nats::jetstream::new(pushbus_shared::testkit::client(&nats).await);
+    // Not an envelope: dead-lettered at its first delivery.
+    js.publish("pushbus.push.1.poison", "not protobuf".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let url = format!("http://{}/metrics", filter.ops());
+    until_ok("the filter consumer's gauges", async || {
+        let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+        let gauge = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}{{")) && l.contains("consumer=\"filter\""))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        let seen = [
+            gauge("pushbus_dlq_messages"),
+            gauge("pushbus_consumer_pending"),
+            gauge("pushbus_consumer_ack_pending"),
+            gauge("pushbus_consumer_redelivered"),
+        ];
+        let want = ["1", "0", "0", "0"].map(|v| Some(v.to_owned()));
+        if seen == want {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+}
