@@ -179,4 +179,28 @@ mod tests {
         assert_eq!(stream_of("$KV.pushbus-agents.a"), None);
         assert_eq!(stream_of("other.subject"), None);
     }
+
+    #[test]
+    fn since_takes_a_sequence_an_age_or_an_rfc3339_time() {
+        let start = |since: &str| match deliver_policy(Some(since)).unwrap() {
+            DeliverPolicy::ByStartTime { start_time } => start_time,
+            other => panic!("{since}: {other:?}"),
+        };
+        assert!(matches!(deliver_policy(None).unwrap(), DeliverPolicy::New));
+        assert!(matches!(
+            deliver_policy(Some("42")).unwrap(),
+            DeliverPolicy::ByStartSequence { start_sequence: 42 }
+        ));
+        for (age, secs) in [("30s", 30), ("10m", 600), ("2h", 7200), ("1d", 86_400)] {
+            let ago = time::OffsetDateTime::now_utc() - start(age);
+            let off = ago - time::Duration::seconds(secs);
+            assert!(off.abs() < time::Duration::seconds(5), "{age}: {ago}");
+        }
+        let at = start("2026-01-02T03:04:05Z");
+        assert_eq!(at.unix_timestamp(), 1_767_323_045);
+        for bad in ["yesterday", "10x", "-5m", ""] {
+            let e = deliver_policy(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("--since"), "{bad}: {e}");
+        }
+    }
 }
