@@ -304,3 +304,111 @@ fn hook_ingest_refuses_unauthenticated_calls_off_loopback() {
     // Told explicitly, it runs (and is still running when we stop looking).
     assert!(run(&["--ingest-insecure-no-auth"]).is_none());
 }
+
+/// A NATS JWT (v2) with `nats` as its claims' `nats` object, about `subject`,
+/// signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    use sha2::Digest;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let mut claims = serde_json::json!({
+        "iat": 1_700_000_000,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let jti = hex::encode_upper(sha2::Sha256::digest(claims.to_string().as_bytes()));
+    claims["jti"] = jti.into();
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let signature = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// A `.creds` file's text: the user's JWT and nkey seed.
+fn creds(jwt: &str, user: &nkeys::KeyPair) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    )
+}
+
+// Operator mode (decentralized JWT auth): the server trusts an operator, the
+// account is preloaded, and pushbus connects with a user's `.creds` file.
+// A user the account never signed is refused, and the seed never echoed.
+#[test]
+fn operator_mode_creds_connect_and_an_unsigned_user_is_refused() {
+    let operator = nkeys::KeyPair::new_operator();
+    let (account, system) = (nkeys::KeyPair::new_account(), nkeys::KeyPair::new_account());
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let account_jwt = |acct: &nkeys::KeyPair, name: &str, js: bool| {
+        let mut limits = unlimited.clone();
+        if !js {
+            for k in ["mem_storage", "disk_storage", "streams", "consumer"] {
+                limits[k] = 0.into();
+            }
+        }
+        nats_jwt(
+            &operator,
+            &acct.public_key(),
+            name,
+            serde_json::json!({"limits": limits, "type": "account", "version": 2}),
+        )
+    };
+    let config = format!(
+        "operator: {}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {}\n  {}: {}\n}}\n",
+        nats_jwt(
+            &operator,
+            &operator.public_key(),
+            "pushbus-test",
+            serde_json::json!({"type": "operator", "version": 2}),
+        ),
+        system.public_key(),
+        account.public_key(),
+        account_jwt(&account, "pushbus", true),
+        system.public_key(),
+        account_jwt(&system, "SYS", false),
+    );
+    let nats = NatsServer::start_with_config(&config, false);
+    let user_claims = serde_json::json!({
+        "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+        "type": "user", "version": 2,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let user = nkeys::KeyPair::new_user();
+    let signed = nats_jwt(&account, &user.public_key(), "svc", user_claims.clone());
+    let good = write(dir.path(), "svc.creds", &creds(&signed, &user));
+    let (success, stderr) = pushbus(&args(&[
+        "setup",
+        "--nats-url",
+        &nats.url(),
+        "--nats-creds",
+        &good.display().to_string(),
+    ]));
+    assert!(success, "{stderr}");
+    let (success, stderr) = agents_list_with(&nats.url(), "--nats-creds", &good);
+    assert!(success, "{stderr}");
+
+    // Without credentials, nothing.
+    let (success, stderr) = pushbus(&args(&["agents", "list", "--nats-url", &nats.url()]));
+    assert!(!success, "{stderr}");
+
+    // Signed by an account the operator never issued.
+    let stranger = nkeys::KeyPair::new_account();
+    let intruder = nkeys::KeyPair::new_user();
+    let forged = nats_jwt(&stranger, &intruder.public_key(), "svc", user_claims);
+    let bad = write(dir.path(), "bad.creds", &creds(&forged, &intruder));
+    let (success, stderr) = agents_list_with(&nats.url(), "--nats-creds", &bad);
+    assert!(!success);
+    assert!(stderr.to_lowercase().contains("authorization"), "{stderr}");
+    assert!(!stderr.contains(&intruder.seed().unwrap()), "{stderr}");
+}
