@@ -1085,3 +1085,24 @@ async fn a_grpc_push_over_the_in_flight_limit_gets_resource_exhausted() {
     assert_eq!(stored.event_ids.len(), 1);
     ingest.stop().await;
 }
+
+// Each HTTP/2 connection may carry at most 256 requests at once (README
+// "Doors"): the door announces the cap in its SETTINGS, so one connection
+// cannot open streams without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_told_the_stream_cap() {
+    let nats = NatsServer::start();
+    let (ingest, addr) = ingest_with(&nats, |_| {}).await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = axum::http::Request::get(format!("http://{addr}/healthz"))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).unwrap();
+    // An answer means the door's SETTINGS arrived before it.
+    response.await.unwrap();
+    assert_eq!(client.current_max_send_streams(), 256);
+    ingest.stop().await;
+}
