@@ -786,6 +786,25 @@ async fn hook_as_a_gitaly_server_hook_reads_gl_variables_and_head() {
     stack.stop().await;
 }
 
+/// Commits new files at `paths` on `branch`, made anew from `base`, in `work`.
+fn commit_on(work: &Path, branch: &str, base: &str, paths: &[String]) {
+    git(work, &["checkout", "-q", "-B", branch, base]);
+    for path in paths {
+        let file = work.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, "x\n").unwrap();
+    }
+    git(work, &["add", "-A"]);
+    git(work, &["commit", "-q", "-m", branch]);
+}
+
+/// One `git push` of every refspec in `refspecs`.
+fn push_refspecs(work: &Path, refspecs: &[String]) {
+    let mut push = vec!["push", "-q", "origin"];
+    push.extend(refspecs.iter().map(String::as_str));
+    git(work, &push);
+}
+
 /// Every ref update (not create or delete) stored so far, by ref.
 async fn updates(nats: &NatsServer) -> std::collections::HashMap<String, RefChange> {
     pushes(nats)
@@ -811,30 +830,24 @@ async fn changed_paths_are_sent_for_the_first_20_refs_up_to_2000_paths_each() {
     let base = String::from_utf8(git(&work, &["rev-parse", "HEAD"]).stdout).unwrap();
     let base = base.trim();
     let branches: Vec<String> = (1..=21).map(|n| format!("b{n:02}")).collect();
-    let mut refspecs: Vec<String> = branches
+    let limits = ["at-limit".to_owned(), "over-limit".to_owned()];
+    // Created first: a create's paths are unknown anyway.
+    let created: Vec<String> = branches
         .iter()
-        .chain(["at-limit".to_owned(), "over-limit".to_owned()].iter())
+        .chain(&limits)
         .map(|b| format!("{base}:refs/heads/{b}"))
         .collect();
-    // Created first: a create's paths are unknown anyway.
-    let mut push = vec!["push", "-q", "origin"];
-    push.extend(refspecs.iter().map(String::as_str));
-    git(&work, &push);
+    push_refspecs(&work, &created);
 
     // 21 refs updated in one push, one file each.
     for b in &branches {
-        git(&work, &["checkout", "-q", "-B", b, base]);
-        std::fs::write(work.join(b), "x\n").unwrap();
-        git(&work, &["add", b]);
-        git(&work, &["commit", "-q", "-m", b]);
+        commit_on(&work, b, base, std::slice::from_ref(b));
     }
-    refspecs = branches
+    let updated: Vec<String> = branches
         .iter()
         .map(|b| format!("{b}:refs/heads/{b}"))
         .collect();
-    let mut push = vec!["push", "-q", "origin"];
-    push.extend(refspecs.iter().map(String::as_str));
-    git(&work, &push);
+    push_refspecs(&work, &updated);
     let got = updates(&nats).await;
     assert_eq!(got.len(), 21);
     let known: Vec<&String> = branches
@@ -850,25 +863,15 @@ async fn changed_paths_are_sent_for_the_first_20_refs_up_to_2000_paths_each() {
     }
 
     // 2,000 changed paths are sent; 2,001 are not, not even in part.
-    for (branch, files) in [("at-limit", 2000), ("over-limit", 2001)] {
-        git(&work, &["checkout", "-q", "-B", branch, base]);
-        std::fs::create_dir_all(work.join(branch)).unwrap();
-        for n in 0..files {
-            std::fs::write(work.join(branch).join(n.to_string()), "x\n").unwrap();
-        }
-        git(&work, &["add", branch]);
-        git(&work, &["commit", "-q", "-m", branch]);
+    for (branch, files) in limits.iter().zip([2000, 2001]) {
+        let paths: Vec<String> = (0..files).map(|n| format!("{branch}/{n}")).collect();
+        commit_on(&work, branch, base, &paths);
     }
-    git(
-        &work,
-        &[
-            "push",
-            "-q",
-            "origin",
-            "at-limit:refs/heads/at-limit",
-            "over-limit:refs/heads/over-limit",
-        ],
-    );
+    let updated: Vec<String> = limits
+        .iter()
+        .map(|b| format!("{b}:refs/heads/{b}"))
+        .collect();
+    push_refspecs(&work, &updated);
     let got = updates(&nats).await;
     let at = &got["refs/heads/at-limit"];
     assert!(at.paths_known);
