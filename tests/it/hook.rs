@@ -67,6 +67,29 @@ fn post_receive(url: &str, spool: &str, env: &[(&str, &str)], stdin: &str) -> Ou
     )
 }
 
+/// `hook flush` of `spool` to `url`.
+fn flush(url: &str, spool: &str) -> Output {
+    hook(
+        &["flush", "--ingest-url", url, "--spool-dir", spool],
+        &[],
+        "",
+    )
+}
+
+/// A URL nothing listens on (a port just freed).
+fn dead_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
+/// A temporary directory and a spool path in it (not made yet), also as a
+/// string for `--spool-dir`.
+fn temp_spool() -> (tempfile::TempDir, PathBuf, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let arg = spool.to_str().unwrap().to_owned();
+    (tmp, spool, arg)
+}
+
 fn spooled(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| {
@@ -142,7 +165,7 @@ pub async fn counted_black_hole() -> (String, Arc<AtomicUsize>) {
 async fn hook_spools_a_correlation_id_with_slashes_and_replays_it_under_the_same_id() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = dead_url();
     let (bare, work) = bare_repo(
         tmp.path(),
         "repo",
@@ -213,8 +236,7 @@ async fn hook_goes_to_hook_ingest_directly_whatever_the_proxy_variables_say() {
     let (_dir, secret) = crate::doors::secret_file("s3cret");
     let stack = Stack::start_with_secret(&nats.url(), Some(secret.clone())).await;
     let (proxy, via_proxy) = counted_black_hole().await;
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
+    let (_tmp, spool, _) = temp_spool();
     let proxies: Vec<(&str, &str)> = ["http_proxy", "HTTP_PROXY", "https_proxy", "ALL_PROXY"]
         .into_iter()
         .map(|var| (var, proxy.as_str()))
@@ -253,8 +275,7 @@ async fn a_push_too_large_to_send_unauthenticated_is_spooled_then_replayed_with_
     let nats = NatsServer::start();
     let (_dir, secret) = crate::doors::secret_file("s3cret");
     let stack = Stack::start_with_secret(&nats.url(), Some(secret.clone())).await;
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
+    let (_tmp, spool, _) = temp_spool();
     let url = format!("http://{}", stack.ingest);
     let args = ["--ingest-url", &url, "--spool-dir", spool.to_str().unwrap()];
     // Over the 64 KiB hook-ingest reads before it knows the caller.
@@ -299,9 +320,7 @@ async fn a_push_too_large_to_send_unauthenticated_is_spooled_then_replayed_with_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
     let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
-    let spool_arg = spool.to_str().unwrap().to_owned();
+    let (_tmp, spool, spool_arg) = temp_spool();
     let impostors = [
         // A web server's page.
         (
@@ -395,17 +414,7 @@ async fn hook_spools_when_the_url_answers_but_is_not_hook_ingest() {
 
     // Pointed at hook-ingest, every one arrives, in spool order.
     let stack = Stack::start(&nats.url()).await;
-    let out = hook(
-        &[
-            "flush",
-            "--ingest-url",
-            &format!("http://{}", stack.ingest),
-            "--spool-dir",
-            &spool_arg,
-        ],
-        &[],
-        "",
-    );
+    let out = flush(&format!("http://{}", stack.ingest), &spool_arg);
     assert!(out.status.success(), "{}", stderr(&out));
     let stored = pushes(&nats).await;
     let ids: Vec<String> = stored
@@ -433,7 +442,7 @@ fn a_spool_that_cannot_be_written_is_named_with_the_push() {
         &[
             "post-receive",
             "--ingest-url",
-            &format!("http://127.0.0.1:{}", free_port()),
+            &dead_url(),
             "--project-id",
             "5",
             "--spool-dir",
@@ -456,17 +465,7 @@ fn a_spool_that_cannot_be_written_is_named_with_the_push() {
     );
 
     // `hook flush` of such a spool fails, naming it.
-    let out = hook(
-        &[
-            "flush",
-            "--ingest-url",
-            &format!("http://127.0.0.1:{}", free_port()),
-            "--spool-dir",
-            spool.to_str().unwrap(),
-        ],
-        &[],
-        "",
-    );
+    let out = flush(&dead_url(), spool.to_str().unwrap());
     let said = stderr(&out);
     assert!(!out.status.success(), "{said}");
     assert!(
@@ -511,10 +510,8 @@ async fn a_spool_that_cannot_be_read_does_not_hold_the_push_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spooled_notification_refused_as_content_moves_to_refused_and_the_rest_replay() {
     let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
-    let spool_arg = spool.to_str().unwrap().to_owned();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (_tmp, spool, spool_arg) = temp_spool();
+    let dead = dead_url();
     let bad = format!("{} {:040x} refs/heads/a..b\n", "0".repeat(40), 1);
     for (id, stdin) in [("bad-ref", bad), ("good", change(2))] {
         let out = post_receive(&dead, &spool_arg, &[("CORRELATION_ID", id)], &stdin);
@@ -527,17 +524,7 @@ async fn a_spooled_notification_refused_as_content_moves_to_refused_and_the_rest
     assert_eq!(spooled(&spool).len(), 2);
 
     let stack = Stack::start(&nats.url()).await;
-    let out = hook(
-        &[
-            "flush",
-            "--ingest-url",
-            &format!("http://{}", stack.ingest),
-            "--spool-dir",
-            &spool_arg,
-        ],
-        &[],
-        "",
-    );
+    let out = flush(&format!("http://{}", stack.ingest), &spool_arg);
     let said = stderr(&out);
     assert!(out.status.success(), "{said}");
     assert!(
@@ -559,10 +546,8 @@ async fn a_spooled_notification_refused_as_content_moves_to_refused_and_the_rest
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_flush_and_post_receive_never_wait_past_the_timeout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
-    let spool_arg = spool.to_str().unwrap().to_owned();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (_tmp, spool, spool_arg) = temp_spool();
+    let dead = dead_url();
     for i in 0..4 {
         let out = post_receive(&dead, &spool_arg, &[], &change(i + 1));
         assert!(stderr(&out).contains("spooled"), "{}", stderr(&out));
@@ -629,10 +614,8 @@ async fn hook_flush_and_post_receive_never_wait_past_the_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hook_spool_entries_past_the_max_age_move_to_expired_not_replayed() {
     let nats = NatsServer::start();
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
-    let spool_arg = spool.to_str().unwrap().to_owned();
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (_tmp, spool, spool_arg) = temp_spool();
+    let dead = dead_url();
     for (i, id) in ["old-one", "fresh-one"].iter().enumerate() {
         hook(
             &[
@@ -888,8 +871,7 @@ async fn changed_paths_are_sent_for_the_first_20_refs_up_to_2000_paths_each() {
 // messages and from an error alike, and the words around them kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_text_reaches_the_pushers_terminal_without_escapes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
+    let (_tmp, spool, _) = temp_spool();
     let replies = [
         impostor(
             StatusCode::OK,
@@ -960,9 +942,8 @@ async fn the_readmes_gitaly_script_announces_spools_and_replays_through_its_vari
     let nats = NatsServer::start();
     let (_dir, secret) = crate::doors::secret_file("s3cret");
     let stack = Stack::start_with_secret(&nats.url(), Some(secret.clone())).await;
-    let tmp = tempfile::tempdir().unwrap();
-    let spool = tmp.path().join("spool");
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (tmp, spool, _) = temp_spool();
+    let dead = dead_url();
     let live = format!("http://{}", stack.ingest);
     let gitaly_env = |id: &'static str| {
         [
