@@ -72,6 +72,17 @@ async fn assert_closed(sse: &mut SseReader, why: &str) {
     assert!(data.contains(why), "{data}");
 }
 
+/// An agent's SSE stream and gRPC watch both end, unauthenticated, for `why`.
+async fn assert_revoked(sse: &mut SseReader, stream: &mut tonic::Streaming<WatchEvent>, why: &str) {
+    assert_closed(sse, why).await;
+    let end = tokio::time::timeout(Duration::from_secs(3), stream.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(end.code(), tonic::Code::Unauthenticated);
+    assert!(end.message().contains(why), "{end:?}");
+}
+
 /// A gRPC watch opens with its status event.
 async fn assert_status_first(stream: &mut tonic::Streaming<WatchEvent>) {
     assert!(matches!(
@@ -220,11 +231,7 @@ async fn body_stopped_halfway(addr: SocketAddr) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_over_the_in_flight_limit_waits_for_a_slot_before_its_503() {
     let nats = NatsServer::start();
-    let (ingest, addr) = ingest_with(&nats, |cfg| {
-        cfg.door.max_requests = 1;
-        cfg.door.queue_wait_ms = 1_500;
-    })
-    .await;
+    let (ingest, addr) = ingest_with_one_slot(&nats, 1_500).await;
 
     // No slot frees within the wait: 503 naming both flags.
     let held = body_stopped_halfway(addr).await;
@@ -403,13 +410,13 @@ async fn stream_caps_and_failed_logins_are_refused_with_clear_statuses() {
     put_agent_with_token(&kv, "a", None, 1).await;
     put_agent_with_token(&kv, "b", None, 1).await;
     put_agent_with_token(&kv, "c", Some("right"), 1).await;
-    let (listener, addr) = bind_local().await;
-    let mut cfg = pushbus_gitops_notifier::Config::new(addr);
-    cfg.agent_limits.max_streams = 3;
-    cfg.agent_limits.max_streams_per_agent = 2;
-    cfg.agent_limits.login_failure_burst = 3;
-    cfg.agent_limits.login_failure_refill_ms = 60_000;
-    let notifier = Replica::notifier_on(&nats.url(), cfg, listener).await;
+    let (notifier, addr) = notifier_with(&nats, |cfg| {
+        cfg.agent_limits.max_streams = 3;
+        cfg.agent_limits.max_streams_per_agent = 2;
+        cfg.agent_limits.login_failure_burst = 3;
+        cfg.agent_limits.login_failure_refill_ms = 60_000;
+    })
+    .await;
     let url = |id: &str| format!("http://{addr}/v1/agents/{id}/pokes");
 
     let a1 = SseReader::connect(&url("a"), None).await;
@@ -461,8 +468,7 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     let nats = NatsServer::start();
     let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent_with_token(&kv, "ag", Some("old"), 1).await;
-    let (listener, addr) = bind_local().await;
-    let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;
+    let (notifier, addr) = notifier_with(&nats, |_| {}).await;
     let url = format!("http://{addr}/v1/agents/ag/pokes");
 
     let mut sse = SseReader::new(SseReader::connect(&url, Some("old")).await);
@@ -484,13 +490,7 @@ async fn streams_close_when_the_agent_token_changes_or_it_is_deleted() {
     assert!(sse.next_event(Duration::from_millis(700)).await.is_none());
 
     put_agent_with_token(&kv, "ag", Some("new"), 2).await;
-    assert_closed(&mut sse, "token changed").await;
-    let end = tokio::time::timeout(Duration::from_secs(3), stream.message())
-        .await
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(end.code(), tonic::Code::Unauthenticated);
-    assert!(end.message().contains("token changed"), "{end:?}");
+    assert_revoked(&mut sse, &mut stream, "token changed").await;
     assert_eq!(SseReader::connect(&url, Some("old")).await.status(), 401);
 
     let mut sse = SseReader::new(SseReader::connect(&url, Some("new")).await);
@@ -533,11 +533,11 @@ async fn tls_doors_serve_https_and_grpc_with_the_configured_certificate() {
         cfg.door.tls_key = Some(key.clone());
     })
     .await;
-    let (notifier_listener, notifier_addr) = bind_local().await;
-    let mut ncfg = pushbus_gitops_notifier::Config::new(notifier_addr);
-    ncfg.door.tls_cert = Some(cert);
-    ncfg.door.tls_key = Some(key);
-    let notifier = Replica::notifier_on(&nats.url(), ncfg, notifier_listener).await;
+    let (notifier, notifier_addr) = notifier_with(&nats, |cfg| {
+        cfg.door.tls_cert = Some(cert);
+        cfg.door.tls_key = Some(key);
+    })
+    .await;
 
     let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap();
     let https = reqwest::Client::builder()
@@ -864,8 +864,7 @@ async fn a_watch_with_an_oversized_seen_list_is_refused() {
     let nats = NatsServer::start();
     let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent_with_token(&kv, "s", None, 1).await;
-    let (listener, addr) = bind_local().await;
-    let notifier = Replica::notifier_on(&nats.url(), Default::default(), listener).await;
+    let (notifier, addr) = notifier_with(&nats, |_| {}).await;
     let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
@@ -898,10 +897,10 @@ async fn a_token_change_drops_the_cached_login_at_once_old_token_refused_new_one
     let nats = NatsServer::start();
     let kv = crate::fixtures::agents_kv(&nats).await;
     put_agent_with_token(&kv, "lc", Some("first"), 1).await;
-    let (listener, addr) = bind_local().await;
-    let mut cfg = pushbus_gitops_notifier::Config::new(addr);
-    cfg.agent_limits.login_cache_ms = 60_000;
-    let notifier = Replica::notifier_on(&nats.url(), cfg, listener).await;
+    let (notifier, addr) = notifier_with(&nats, |cfg| {
+        cfg.agent_limits.login_cache_ms = 60_000;
+    })
+    .await;
     let url = format!("http://{addr}/v1/agents/lc/pokes");
     let mut grpc = GitOpsNotifierClient::connect(format!("http://{addr}"))
         .await
@@ -925,13 +924,7 @@ async fn a_token_change_drops_the_cached_login_at_once_old_token_refused_new_one
     put_agent_with_token(&kv, "lc", Some("second"), 1).await;
     // The open streams end (revoke.rs forgets the cached entry before it
     // closes them, so from here on the change must be seen).
-    assert_closed(&mut sse, "token changed").await;
-    let end = tokio::time::timeout(Duration::from_secs(3), stream.message())
-        .await
-        .unwrap()
-        .unwrap_err();
-    assert_eq!(end.code(), tonic::Code::Unauthenticated);
-    assert!(end.message().contains("token changed"), "{end:?}");
+    assert_revoked(&mut sse, &mut stream, "token changed").await;
     assert_eq!(SseReader::connect(&url, Some("first")).await.status(), 401);
     let refused = grpc
         .watch(with_bearer(watch_req("lc"), "first"))
@@ -947,6 +940,28 @@ async fn a_token_change_drops_the_cached_login_at_once_old_token_refused_new_one
     assert_status_first(&mut stream).await;
     drop(stream);
     notifier.stop().await;
+}
+
+/// One gitops-notifier on a free port, its default configuration changed
+/// by `tune`.
+async fn notifier_with(
+    nats: &NatsServer,
+    tune: impl FnOnce(&mut pushbus_gitops_notifier::Config),
+) -> (Replica, SocketAddr) {
+    let (listener, addr) = bind_local().await;
+    let mut cfg = pushbus_gitops_notifier::Config::new(addr);
+    tune(&mut cfg);
+    (Replica::notifier_on(&nats.url(), cfg, listener).await, addr)
+}
+
+/// A hook-ingest answering one request at a time; one more waits
+/// `queue_wait_ms` for the slot.
+async fn ingest_with_one_slot(nats: &NatsServer, queue_wait_ms: u64) -> (Replica, SocketAddr) {
+    ingest_with(nats, |cfg| {
+        cfg.door.max_requests = 1;
+        cfg.door.queue_wait_ms = queue_wait_ms;
+    })
+    .await
 }
 
 /// A hook-ingest whose request timeout (500 ms) is far below its store
@@ -1005,10 +1020,10 @@ async fn watch_streams_outlive_the_notifier_request_timeout_and_still_get_pokes(
     let (ingest_listener, ingest_addr) = bind_local().await;
     let ingest = Replica::ingest(&nats.url(), ingest_listener).await;
     let filter = Replica::filter(&nats.url()).await;
-    let (listener, addr) = bind_local().await;
-    let mut cfg = pushbus_gitops_notifier::Config::new(addr);
-    cfg.door.request_timeout_ms = 300;
-    let notifier = Replica::notifier_on(&nats.url(), cfg, listener).await;
+    let (notifier, addr) = notifier_with(&nats, |cfg| {
+        cfg.door.request_timeout_ms = 300;
+    })
+    .await;
 
     let mut sse = SseReader::new(
         SseReader::connect(&format!("http://{addr}/v1/agents/long/pokes"), None).await,
@@ -1058,11 +1073,7 @@ async fn watch_streams_outlive_the_notifier_request_timeout_and_still_get_pokes(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_push_over_the_in_flight_limit_gets_resource_exhausted() {
     let nats = NatsServer::start();
-    let (ingest, addr) = ingest_with(&nats, |cfg| {
-        cfg.door.max_requests = 1;
-        cfg.door.queue_wait_ms = 3_000;
-    })
-    .await;
+    let (ingest, addr) = ingest_with_one_slot(&nats, 3_000).await;
     let mut grpc = HookIngestClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
